@@ -1,0 +1,832 @@
+"""Injection engine: find dropout sites in any ``nn.Module``, attach, replace, describe and undo (torch only).
+
+How sites are attached, and why the user's ``state_dict`` keys never change:
+
+* ``output`` / ``input`` sites register the variant as a child named ``ld_output`` / ``ld_input`` of the
+  target module and a forward hook (pre-hook) that runs it on the output (input). No module is wrapped or
+  renamed, so parameter names stay as they were; a parameter-free variant adds no key at all. When the
+  target is an ``nn.Sequential`` the variant is appended to it instead (a child of a Sequential is run by
+  its forward), which keeps the indices of the existing layers.
+* ``replace`` sites swap an existing dropout module for the variant under the same attribute name.
+* ``attribute`` sites set the float ``dropout`` of ``nn.MultiheadAttention`` or of a stacked RNN.
+* ``weight`` sites register a :class:`~lightning_dropout.variants.WeightDropout` child ``ld_weight`` and
+  a pre/post hook pair that feeds the layer a dropped copy of its weights for one call: for torch RNNs
+  through their flat weight list (the fused kernels read it), for other layers through their parameter
+  slot. The parameter object and its name never change, and gradients reach it.
+
+Every application is recorded on the root module, so :func:`undo` restores the original tree exactly and
+applying the same plan twice changes nothing.
+
+Example:
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> plan = inject(model, [Rule(match=nn.Linear, p=0.2)])
+    >>> [s.key for s in plan]  # the last Linear is the output layer: excluded by default
+    ['0:output']
+    >>> undo(model); len(model)
+    3
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import logging
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.utils.rnn import PackedSequence
+
+from lightning_dropout.errors import DropoutConfigError, check_rate, closest
+from lightning_dropout.plan import DropoutPlan, Site
+from lightning_dropout.variants import DropoutVariant, WeightDropout, build_variant, get_variant
+
+__all__ = [
+    "Rule",
+    "SiteHandle",
+    "SiteInfo",
+    "apply_plan",
+    "applied_plan",
+    "describe",
+    "existing_rate",
+    "format_sites",
+    "inject",
+    "is_dropout_module",
+    "output_layer",
+    "resolve",
+    "site_handles",
+    "undo",
+]
+
+log = logging.getLogger(__name__)
+
+OUTPUT_CHILD = "ld_output"
+INPUT_CHILD = "ld_input"
+WEIGHT_CHILD = "ld_weight"
+_CHILD_FOR = {"output": OUTPUT_CHILD, "input": INPUT_CHILD, "weight": WEIGHT_CHILD}
+_STATE_ATTR = "_lightning_dropout_records"
+_PLACEMENTS = ("output", "input", "both")
+_DEPTH_SCALINGS = ("none", "linear")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What counts as dropout in a model we did not write
+# ----------------------------------------------------------------------------------------------------------
+def is_dropout_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a dropout module: torch's ``nn.Dropout*``/``nn.AlphaDropout`` family, one of our
+    variants, or a module that carries a float ``drop_prob`` (timm's ``DropPath``/``DropBlock2d``) or is a
+    torchvision ``StochasticDepth``/``DropBlock`` (a float ``p`` from ``torchvision.ops``)."""
+    if isinstance(module, (_DropoutNd, DropoutVariant)):
+        return True
+    if isinstance(getattr(module, "drop_prob", None), float):
+        return True
+    return type(module).__module__.startswith("torchvision.ops") and isinstance(getattr(module, "p", None), float)
+
+
+def existing_rate(module: nn.Module) -> float | None:
+    """The rate an existing dropout module (or float-dropout owner) uses, or ``None``."""
+    if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+        return float(module.dropout)
+    for attr in ("p", "drop_prob"):
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _has_float_dropout(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    return isinstance(module, nn.RNNBase) and module.num_layers > 1
+
+
+def _user_children(module: nn.Module) -> list[nn.Module]:
+    return [c for c in module.children() if not isinstance(c, DropoutVariant)]
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return not _user_children(module)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules
+# ----------------------------------------------------------------------------------------------------------
+def _resolve_type(spec: Any, field_name: str) -> type[nn.Module]:
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return spec
+    if not isinstance(spec, str):
+        raise DropoutConfigError(f"`{field_name}` must name nn.Module classes, but got {spec!r}.")
+    if "." not in spec:
+        found = getattr(nn, spec, None)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found
+        choices = [n for n in dir(nn) if isinstance(getattr(nn, n), type) and issubclass(getattr(nn, n), nn.Module)]
+        raise DropoutConfigError(
+            f"`{field_name}` names a class in torch.nn or by its import path ('pkg.module.Class'), but got "
+            f"{spec!r}; nearest in torch.nn: {closest(spec, choices)}."
+        )
+    module_name, _, cls_name = spec.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError):
+        raise DropoutConfigError(f"`{field_name}` must be an importable nn.Module class, but got {spec!r}.") from None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise DropoutConfigError(f"`{field_name}` must be an nn.Module class, but {spec!r} is {found!r}.")
+    return found
+
+
+def _as_types(spec: Any, field_name: str) -> tuple[type[nn.Module], ...]:
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    if not items:
+        raise DropoutConfigError(f"`{field_name}` must name at least one class, but got {spec!r}.")
+    return tuple(_resolve_type(s, field_name) for s in items)
+
+
+def _as_globs(spec: Any, field_name: str) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not all(isinstance(s, str) for s in items):
+        raise DropoutConfigError(f"`{field_name}` must be a glob string or a list of them, but got {spec!r}.")
+    return tuple(items)
+
+
+@dataclass
+class Rule:
+    """Where dropout goes, which variant and which rate; resolved against a model into plan sites.
+
+    A rule either *injects* (give ``match``, ``name`` and/or ``regex``: every module passing all the given
+    filters gets a site) or *replaces* existing dropout (give ``replace``). Later rules override earlier
+    ones on the same site.
+
+    Args:
+        variant: a registered variant name (``"standard"``, ``"spatial"``, ...).
+        p: the rate. For ``replace`` rules ``None`` keeps each replaced module's own rate.
+        match: module class(es), as classes or names (``"Linear"`` for ``torch.nn.Linear``, or
+            ``"pkg.module.Class"``); subclasses match too.
+        name: glob(s) on qualified module names (``"encoder.layers.*.linear1"``).
+        regex: a regular expression that must match a whole qualified module name.
+        exclude: glob(s) of qualified names never to touch.
+        replace: ``True`` for every dropout the model has (``nn.Dropout*``, ``nn.AlphaDropout``, timm and
+            torchvision drop-path/drop-block modules, the float ``dropout`` of attention and stacked RNNs
+            where the variant can take it), or class(es) to replace, e.g. ``nn.Dropout`` or ``nn.Identity``
+            placeholders (combine the latter with ``name``).
+        where: ``"output"`` (default), ``"input"`` or ``"both"``; ignored by ``replace`` rules and by the
+            ``weight`` and ``attention`` variants, which act on weights and attention probabilities.
+        params: the variant's own parameters, e.g. ``{"block_size": 5}``.
+        exclude_output_layer: never put dropout after the model's final output layer (default ``True``).
+        depth_scaling: ``"linear"`` scales the rate of the rule's i-th site of n by ``i / (n - 1)``
+            (``linspace(0, p, n)``, timm's drop-path rule); ``"none"`` keeps ``p`` everywhere.
+
+    Example:
+        >>> Rule(match="Linear", p=0.2).match
+        (<class 'torch.nn.modules.linear.Linear'>,)
+    """
+
+    variant: str = "standard"
+    p: float | None = None
+    match: Any = None
+    name: Any = None
+    regex: str | None = None
+    exclude: Any = ()
+    replace: Any = None
+    where: str = "output"
+    params: dict[str, Any] = field(default_factory=dict)
+    exclude_output_layer: bool = True
+    depth_scaling: str = "none"
+
+    def __post_init__(self) -> None:
+        get_variant(self.variant)
+        if self.p is not None:
+            self.p = check_rate(self.p)
+        self.match = _as_types(self.match, "match") if self.match is not None else None
+        self.name = _as_globs(self.name, "name") or None
+        self.exclude = _as_globs(self.exclude, "exclude")
+        if self.regex is not None:
+            try:
+                self._regex = re.compile(self.regex)
+            except re.error as err:
+                raise DropoutConfigError(f"`regex` must be a valid regular expression, but got "
+                                         f"regex={self.regex!r} ({err}).") from None
+        if self.replace is not None and self.replace is not True:
+            if self.replace is False:
+                self.replace = None
+            else:
+                self.replace = _as_types(self.replace, "replace")
+        if self.replace is None:
+            if self.match is None and self.name is None and self.regex is None:
+                raise DropoutConfigError("a rule must select modules with `match`, `name` or `regex`, or replace "
+                                         f"existing dropout with `replace`, but got {self!r}.")
+            if self.p is None:
+                raise DropoutConfigError(f"an injecting rule needs a rate `p` with 0 <= p < 1, but got p=None in {self!r}.")
+        if self.where not in _PLACEMENTS:
+            raise DropoutConfigError(f"`where` must be one of {list(_PLACEMENTS)}, but got where={self.where!r}.")
+        if self.depth_scaling not in _DEPTH_SCALINGS:
+            raise DropoutConfigError(
+                f"`depth_scaling` must be one of {list(_DEPTH_SCALINGS)}, but got depth_scaling={self.depth_scaling!r}."
+            )
+        if not isinstance(self.params, Mapping):
+            raise DropoutConfigError(f"`params` must be a mapping, but got params={self.params!r}.")
+        self.params = dict(self.params)
+        build_variant(self.variant, self.p or 0.1, **self.params)  # validates the variant's parameters now
+
+    def label(self) -> str:
+        """A short human description used in messages."""
+        parts = []
+        if self.replace is True:
+            parts.append("replace=True")
+        elif self.replace:
+            parts.append(f"replace={[t.__name__ for t in self.replace]}")
+        if self.match:
+            parts.append(f"match={[t.__name__ for t in self.match]}")
+        if self.name:
+            parts.append(f"name={list(self.name)}")
+        if self.regex:
+            parts.append(f"regex={self.regex!r}")
+        return f"Rule({', '.join(parts)}, variant={self.variant!r})"
+
+    def _selects(self, qualname: str, module: nn.Module) -> bool:
+        if self.match is not None and not isinstance(module, self.match):
+            return False
+        if self.name is not None and not any(fnmatch.fnmatchcase(qualname, g) for g in self.name):
+            return False
+        if self.regex is not None and not self._regex.fullmatch(qualname):
+            return False
+        return not any(fnmatch.fnmatchcase(qualname, g) for g in self.exclude)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tracing an example input: call order and shapes
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class _Trace:
+    order: list[str]  # leaf module names in call order
+    out_shapes: dict[str, tuple[int, ...]]
+    in_shapes: dict[str, tuple[int, ...]]
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, PackedSequence):
+        return value.data
+    if isinstance(value, (tuple, list)) and value:
+        return _first_tensor(value[0])
+    return None
+
+
+def _call(model: nn.Module, example_input: Any) -> Any:
+    if isinstance(example_input, Mapping):
+        return model(**example_input)
+    if isinstance(example_input, tuple):
+        return model(*example_input)
+    return model(example_input)
+
+
+def _trace(model: nn.Module, example_input: Any) -> _Trace:
+    """Run ``example_input`` through ``model`` in eval mode with grad on (torch's Transformer inference fast
+    path would skip submodules), recording leaf call order and the shapes each module sees."""
+    trace = _Trace([], {}, {})
+    names = {}
+    for qualname, mod in model.named_modules():
+        names.setdefault(id(mod), qualname)
+    handles = []
+
+    def record(mod: nn.Module, args: tuple, out: Any) -> None:
+        qualname = names.get(id(mod))
+        if qualname is None or isinstance(mod, DropoutVariant):
+            return
+        if _is_leaf(mod):
+            trace.order.append(qualname)
+        inp, res = _first_tensor(args), _first_tensor(out)
+        if inp is not None:
+            trace.in_shapes.setdefault(qualname, tuple(inp.shape))
+        if res is not None:
+            trace.out_shapes.setdefault(qualname, tuple(res.shape))
+
+    flags = {mod: mod.training for mod in model.modules()}
+    for mod in model.modules():
+        handles.append(mod.register_forward_hook(record))
+    try:
+        model.eval()
+        with torch.enable_grad():
+            _call(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for mod, flag in flags.items():
+            mod.training = flag
+    return trace
+
+
+def _definition_order(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if _is_leaf(m) and not isinstance(m, DropoutVariant)]
+
+
+def output_layer(model: nn.Module, example_input: Any = None) -> str | None:
+    """The qualified name of the model's final output layer: the last leaf module with parameters to run on
+    ``example_input`` when given, else the last one defined."""
+    order = _trace(model, example_input).order if example_input is not None else _definition_order(model)
+    for qualname in reversed(order):
+        if any(True for _ in model.get_submodule(qualname).parameters(recurse=False)):
+            return qualname
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules -> plan
+# ----------------------------------------------------------------------------------------------------------
+def _weight_names(module: nn.Module, params: Mapping[str, Any]) -> list[str]:
+    names = params.get("weights")
+    if names is None:
+        if isinstance(module, nn.RNNBase):
+            names = [n for n in module._flat_weights_names if n.startswith("weight_hh")]
+        else:
+            names = ["weight"]
+    present = [n for n, _ in module.named_parameters(recurse=False)]
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise DropoutConfigError(f"variant 'weight' needs parameters {missing} on {type(module).__name__}, which "
+                                 f"has {present}.")
+    return list(names)
+
+
+def _complete_params(site_variant: str, where: str, module: nn.Module, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill the parameters a site can read off its target (RNN layout, weight names)."""
+    out = dict(params)
+    if site_variant == "variational" and "batch_first" not in out and isinstance(module, nn.RNNBase):
+        out["batch_first"] = bool(module.batch_first)
+    if where == "weight":
+        out["weights"] = _weight_names(module, out)
+    return out
+
+
+def _attention_targets(qualname: str, module: nn.Module) -> list[str]:
+    if isinstance(module, nn.MultiheadAttention):
+        return [qualname]
+    prefix = f"{qualname}." if qualname else ""
+    return [f"{prefix}{n}" for n, c in module.named_children() if isinstance(c, nn.MultiheadAttention)]
+
+
+def _float_variant(module: nn.Module) -> str:
+    return "attention" if isinstance(module, nn.MultiheadAttention) else "standard"
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that may carry a site: not our own variants, not the insides of nn.MultiheadAttention (its
+    forward calls no submodule), not containers without a forward."""
+    inside_mha = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.modules()
+                  if c is not m}
+    out = []
+    for qualname, module in model.named_modules():
+        if isinstance(module, (DropoutVariant, nn.ModuleList, nn.ModuleDict)) or id(module) in inside_mha:
+            continue
+        out.append((qualname, module))
+    return out
+
+
+def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]:
+    assert rule.p is not None  # guaranteed by Rule.__post_init__ for injecting rules
+    if rule.variant == "attention":
+        targets = _attention_targets(qualname, module)
+        if not targets:
+            raise DropoutConfigError(
+                f"variant 'attention' applies to nn.MultiheadAttention or a layer holding one (nn.Transformer*Layer),"
+                f" but {rule.label()} selected {qualname!r} ({type(module).__name__})."
+            )
+        return [Site(t, "attribute", "attention", rule.p) for t in targets]
+    if rule.variant == "weight":
+        return [Site(qualname, "weight", "weight", rule.p, _complete_params("weight", "weight", module, rule.params))]
+    places = ("input", "output") if rule.where == "both" else (rule.where,)
+    if "input" in places and isinstance(module, nn.Sequential):
+        raise DropoutConfigError(f"where='input' is not supported on nn.Sequential {qualname!r}: target its first "
+                                 "module instead.")
+    params = _complete_params(rule.variant, rule.where, module, rule.params)
+    return [Site(qualname, w, rule.variant, rule.p, params) for w in places]
+
+
+def _replacement_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]:
+    float_site = _has_float_dropout(module)
+    explicit = rule.replace is not True
+    if float_site:
+        kind = _float_variant(module)
+        if rule.variant not in (kind, "standard"):
+            if explicit:
+                raise DropoutConfigError(
+                    f"the float `dropout` of {type(module).__name__} {qualname!r} runs inside torch's kernel and takes "
+                    f"only variant {kind!r}, but {rule.label()} asks for {rule.variant!r}."
+                )
+            return []
+        p = rule.p if rule.p is not None else existing_rate(module)
+        return [Site(qualname, "attribute", kind, p)]
+    p = rule.p if rule.p is not None else (existing_rate(module) or 0.0)
+    return [Site(qualname, "replace", rule.variant, p, _complete_params(rule.variant, "replace", module, rule.params))]
+
+
+def _selected(rule: Rule, model: nn.Module, excluded: set[str]) -> list[tuple[str, nn.Module]]:
+    picked = []
+    for qualname, module in _candidates(model):
+        if rule.replace is None:
+            if qualname in excluded or is_dropout_module(module) or (qualname == "" and rule.name is None):
+                continue
+        elif rule.replace is True:
+            if not (is_dropout_module(module) or _has_float_dropout(module)):
+                continue
+        elif not isinstance(module, rule.replace):
+            continue
+        if rule.replace is not None and qualname == "":
+            continue
+        if rule._selects(qualname, module) if (rule.match or rule.name or rule.regex or rule.exclude) else True:
+            picked.append((qualname, module))
+    return picked
+
+
+def _no_match_error(rule: Rule, index: int, model: nn.Module) -> DropoutConfigError:
+    names = [n for n, _ in model.named_modules() if n]
+    probe = (rule.name or [rule.regex or ""])[0] if (rule.name or rule.regex) else ""
+    probe = probe.replace("*", "").replace("?", "").strip(".") if probe else ""
+    near = closest(probe, names) if probe else names[:5]
+    types = sorted({type(m).__name__ for _, m in model.named_modules()})
+    return DropoutConfigError(
+        f"rules[{index}] {rule.label()} must match at least one module of {type(model).__name__}, but matches none;"
+        f" closest module names: {near}; module types present: {types}."
+    )
+
+
+def resolve(model: nn.Module, rules: Sequence[Rule], example_input: Any = None) -> DropoutPlan:
+    """Turn ``rules`` into a :class:`~lightning_dropout.plan.DropoutPlan` for ``model`` (nothing is changed).
+
+    Args:
+        model: any ``nn.Module`` (already injected modules are looked through).
+        rules: the rules, applied in order; a later rule overrides an earlier one on the same site.
+        example_input: optional input (tensor, tuple of positional args, or dict of kwargs); when given, the
+            output layer is found by execution order.
+
+    Raises:
+        DropoutConfigError: a rule matches nothing (with the closest module names) or a variant cannot
+            apply to a selected module.
+    """
+    if isinstance(rules, Rule):
+        rules = [rules]
+    rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
+    head = output_layer(model, example_input) if any(r.exclude_output_layer for r in rules) else None
+    sites: list[Site] = []
+    for index, rule in enumerate(rules):
+        excluded = {head} if (rule.exclude_output_layer and head is not None) else set()
+        picked = _selected(rule, model, excluded)
+        new: list[Site] = []
+        for qualname, module in picked:
+            make = _injection_sites if rule.replace is None else _replacement_sites
+            new.extend(make(rule, qualname, module))
+        if not new:
+            raise _no_match_error(rule, index, model)
+        if rule.depth_scaling == "linear" and len(new) > 1:
+            n = len(new)
+            new = [Site(s.target, s.where, s.variant, s.p * i / (n - 1), s.params) for i, s in enumerate(new)]
+        sites.extend(new)
+    plan = DropoutPlan(sites)
+    log.debug("resolved %d rules into %d sites", len(rules), len(plan))
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hooks
+# ----------------------------------------------------------------------------------------------------------
+class _SiteHook:
+    """Base of every hook lightning-dropout installs (so undo can find exactly its own)."""
+
+    def __init__(self, key: str, child: str) -> None:
+        self.key = key
+        self.child = child
+
+    def _fail(self, err: DropoutConfigError) -> DropoutConfigError:
+        return DropoutConfigError(f"dropout site {self.key!r}: {err}")
+
+
+class _OutputHook(_SiteHook):
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        drop = module._modules[self.child]
+        try:
+            if isinstance(output, tuple):  # recurrent modules: (sequence, state); the sequence is dropped
+                return (drop(output[0]), *output[1:])
+            return drop(output)
+        except DropoutConfigError as err:
+            raise self._fail(err) from None
+
+
+class _InputHook(_SiteHook):
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not args:
+            return None
+        drop = module._modules[self.child]
+        try:
+            return (drop(args[0]), *args[1:])
+        except DropoutConfigError as err:
+            raise self._fail(err) from None
+
+
+class _WeightPreHook(_SiteHook):
+    """Give the module dropped weights for one call; the parameters themselves are never re-registered."""
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        drop: WeightDropout = module._modules[self.child]  # type: ignore[assignment]
+        _restore_weights(module, drop)
+        if not drop.training or drop.p == 0.0:
+            return
+        for name in drop.weights or ():
+            dropped = drop(module._parameters[name])
+            if isinstance(module, nn.RNNBase):
+                module._flat_weights[module._flat_weights_names.index(name)] = dropped
+            else:
+                drop.__dict__.setdefault("_stash", {})[name] = module._parameters[name]
+                module._parameters[name] = dropped  # type: ignore[assignment]
+
+
+class _WeightPostHook(_SiteHook):
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        _restore_weights(module, module._modules[self.child])  # type: ignore[arg-type]
+
+
+def _restore_weights(module: nn.Module, drop: WeightDropout) -> None:
+    stash = drop.__dict__.get("_stash") or {}
+    for name in drop.weights or ():
+        if name in stash:
+            module._parameters[name] = stash.pop(name)
+        if isinstance(module, nn.RNNBase):
+            module._flat_weights[module._flat_weights_names.index(name)] = module._parameters[name]
+
+
+def _remove_hooks(module: nn.Module, key: str) -> None:
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for hook_id in [i for i, h in hooks.items() if isinstance(h, _SiteHook) and h.key == key]:
+            del hooks[hook_id]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Applying, undoing, inspecting
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class _Record:
+    site: Site
+    original: Any = None  # the replaced module, or the original float of an attribute site
+
+
+def _records(model: nn.Module) -> dict[str, _Record]:
+    return model.__dict__.setdefault(_STATE_ATTR, {})
+
+
+def _get(model: nn.Module, target: str, site: Site) -> nn.Module:
+    try:
+        return model.get_submodule(target)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules()]
+        raise DropoutConfigError(
+            f"site {site.key!r} targets a module that must exist in {type(model).__name__}, but there is no "
+            f"{target!r}; nearest: {closest(target, names)}."
+        ) from None
+
+
+def _check_site(model: nn.Module, site: Site, module: nn.Module) -> None:
+    """Refuse sites whose target cannot take them, naming the site."""
+    if site.where == "attribute":
+        if not _has_float_dropout(module):
+            raise DropoutConfigError(f"site {site.key!r}: where='attribute' needs nn.MultiheadAttention or an RNN with "
+                                     f"num_layers > 1, but the target is {type(module).__name__}.")
+        if site.variant != _float_variant(module):
+            raise DropoutConfigError(f"site {site.key!r}: the float dropout of {type(module).__name__} takes only "
+                                     f"variant {_float_variant(module)!r}, but got {site.variant!r}.")
+    elif site.variant == "attention":
+        raise DropoutConfigError(f"site {site.key!r}: variant 'attention' is applied with where='attribute' on "
+                                 f"nn.MultiheadAttention, but got where={site.where!r}.")
+    if site.where == "weight" and site.variant != "weight":
+        raise DropoutConfigError(f"site {site.key!r}: where='weight' takes only variant 'weight', but got "
+                                 f"{site.variant!r}.")
+    if site.where == "input" and isinstance(module, nn.Sequential):
+        raise DropoutConfigError(f"site {site.key!r}: where='input' is not supported on nn.Sequential; target its "
+                                 "first module instead.")
+    if site.where == "replace" and site.target == "":
+        raise DropoutConfigError(f"site {site.key!r}: the root module cannot be replaced.")
+
+
+def _check_shapes(plan: DropoutPlan, trace: _Trace) -> None:
+    for site in plan:
+        shape = {"output": trace.out_shapes, "input": trace.in_shapes,
+                 "replace": trace.in_shapes}.get(site.where, {}).get(site.target)
+        if shape is None:
+            continue
+        reason = build_variant(site.variant, site.p, **site.params).check_input(torch.Size(shape))
+        if reason is not None:
+            raise DropoutConfigError(f"site {site.key!r}: variant {site.variant!r} {reason}, but the site sees shape "
+                                     f"{shape}; choose a variant that fits, or another site.")
+
+
+def _warn_before_batchnorm(model: nn.Module, plan: DropoutPlan, order: list[str]) -> None:
+    for site in plan:
+        if site.where not in ("output", "input"):
+            continue
+        if site.where == "input":
+            following = site.target
+        else:
+            inside = [i for i, n in enumerate(order) if n == site.target or n.startswith(f"{site.target}.")
+                      or site.target == ""]
+            if not inside or inside[-1] + 1 >= len(order):
+                continue
+            following = order[inside[-1] + 1]
+        if isinstance(model.get_submodule(following), _BatchNorm):
+            warnings.warn(
+                f"dropout site {site.key!r} feeds the BatchNorm {following!r}: dropout before BatchNorm shifts the "
+                "variance between training and inference (Li et al., CVPR 2019); prefer a site after the "
+                "normalization.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _attach(model: nn.Module, site: Site) -> _Record:
+    module = _get(model, site.target, site)
+    _check_site(model, site, module)
+    if site.where == "attribute":
+        record = _Record(site, float(module.dropout))
+        module.dropout = site.p
+        return record
+    params = _complete_params(site.variant, site.where, module, site.params)
+    drop = build_variant(site.variant, site.p, **params)
+    if site.where == "replace":
+        parent_name, _, child = site.target.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        record = _Record(site, parent._modules[child])
+        setattr(parent, child, drop)
+        return record
+    if site.where == "output" and isinstance(module, nn.Sequential):
+        module.append(drop)
+        return _Record(site, len(module) - 1)
+    child = _CHILD_FOR[site.where]
+    if child in module._modules:
+        raise DropoutConfigError(f"site {site.key!r}: {site.target!r} already has a child {child!r}; undo first.")
+    module.add_module(child, drop)
+    if site.where == "output":
+        module.register_forward_hook(_OutputHook(site.key, child))
+    elif site.where == "input":
+        module.register_forward_pre_hook(_InputHook(site.key, child))
+    else:
+        module.register_forward_pre_hook(_WeightPreHook(site.key, child))
+        module.register_forward_hook(_WeightPostHook(site.key, child))
+    return _Record(site)
+
+
+def _detach(model: nn.Module, record: _Record) -> None:
+    site = record.site
+    module = model.get_submodule(site.target)
+    if site.where == "attribute":
+        module.dropout = record.original
+    elif site.where == "replace":
+        parent_name, _, child = site.target.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, record.original)
+    elif isinstance(module, nn.Sequential) and site.where == "output":
+        del module[record.original]
+    else:
+        if site.where == "weight":
+            _restore_weights(module, module._modules[WEIGHT_CHILD])  # type: ignore[arg-type]
+        _remove_hooks(module, site.key)
+        del module._modules[_CHILD_FOR[site.where]]
+
+
+def apply_plan(model: nn.Module, plan: DropoutPlan, example_input: Any = None) -> DropoutPlan:
+    """Apply ``plan`` to ``model`` in place; return the plan now in effect (see :func:`applied_plan`).
+
+    Sites already applied identically are left alone (applying a plan twice changes nothing); a site applied
+    with other settings is re-applied with the new ones. With ``example_input``, each site is first checked
+    against the shape it will see, and the BatchNorm warning follows execution order.
+    """
+    if not isinstance(plan, DropoutPlan):
+        raise DropoutConfigError(f"`plan` must be a DropoutPlan, but got {type(plan).__name__}.")
+    records = _records(model)
+    todo = [s for s in plan if not (s.key in records and records[s.key].site == s)]
+    if not todo:
+        return applied_plan(model)
+    trace = _trace(model, example_input) if example_input is not None else None
+    pending = DropoutPlan(todo)
+    if trace is not None:
+        _check_shapes(pending, trace)
+    for site in pending:  # validate every site before touching the model
+        _check_site(model, site, _get(model, site.target, site))
+    _warn_before_batchnorm(model, pending, trace.order if trace else _definition_order(model))
+    for site in pending:
+        if site.key in records:
+            _detach(model, records.pop(site.key))
+        records[site.key] = _attach(model, site)
+    log.debug("applied %d dropout sites to %s", len(pending), type(model).__name__)
+    return applied_plan(model)
+
+
+def inject(model: nn.Module, rules: Sequence[Rule] | Rule | None = None, plan: DropoutPlan | None = None,
+           example_input: Any = None) -> DropoutPlan:
+    """Resolve ``rules`` (or take ``plan``) and apply it to ``model`` in place; returns the applied plan.
+
+    Exactly one of ``rules`` and ``plan`` must be given.
+    """
+    if (rules is None) == (plan is None):
+        raise DropoutConfigError("give exactly one of `rules` and `plan`, but got "
+                                 f"rules={'set' if rules is not None else None}, plan={'set' if plan is not None else None}.")
+    if rules is not None:
+        plan = resolve(model, [rules] if isinstance(rules, Rule) else rules, example_input)
+    assert plan is not None
+    return apply_plan(model, plan, example_input)
+
+
+def undo(model: nn.Module) -> None:
+    """Remove every site lightning-dropout applied to ``model``, restoring the original modules exactly."""
+    records = model.__dict__.get(_STATE_ATTR, {})
+    for key in reversed(list(records)):
+        _detach(model, records.pop(key))
+    model.__dict__.pop(_STATE_ATTR, None)
+
+
+def applied_plan(model: nn.Module) -> DropoutPlan:
+    """The plan currently applied to ``model`` (empty when nothing is)."""
+    return DropoutPlan(r.site for r in model.__dict__.get(_STATE_ATTR, {}).values())
+
+
+@dataclass
+class SiteHandle:
+    """A live site: its plan entry, the variant module (``None`` for attribute sites) and its owner."""
+
+    site: Site
+    module: DropoutVariant | None
+    owner: nn.Module
+
+    @property
+    def rate(self) -> float:
+        return float(self.owner.dropout) if self.module is None else float(self.module.p)
+
+    def set_rate(self, p: float) -> None:
+        if self.module is None:
+            self.owner.dropout = check_rate(p)
+        else:
+            self.module.set_rate(p)
+
+
+def site_handles(model: nn.Module) -> list[SiteHandle]:
+    """Handles on every applied site, in plan order."""
+    out = []
+    for record in model.__dict__.get(_STATE_ATTR, {}).values():
+        site = record.site
+        owner = model.get_submodule(site.target)
+        if site.where == "attribute":
+            module = None
+        elif site.where == "replace":
+            module = owner
+        elif isinstance(owner, nn.Sequential) and site.where == "output":
+            module = owner[record.original]
+        else:
+            module = owner._modules[_CHILD_FOR[site.where]]
+        out.append(SiteHandle(site, module, owner))  # type: ignore[arg-type]
+    return out
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One row of :func:`describe`."""
+
+    key: str
+    target: str
+    module_type: str
+    where: str
+    variant: str
+    p: float
+    params: dict[str, Any]
+    shape: tuple[int, ...] | None
+
+
+def describe(model: nn.Module, example_input: Any = None) -> list[SiteInfo]:
+    """List every applied site: name, module type, variant, current rate, and the shape the site sees when
+    ``example_input`` is given. ``print(format_sites(describe(model)))`` shows it as a table."""
+    trace = _trace(model, example_input) if example_input is not None else None
+    rows = []
+    for handle in site_handles(model):
+        site = handle.site
+        shape = None
+        if trace is not None:
+            shapes = trace.in_shapes if site.where in ("input", "replace") else trace.out_shapes
+            shape = shapes.get(site.target)
+        module_type = type(handle.owner if site.where != "replace" else model.__dict__[_STATE_ATTR][site.key].original)
+        rows.append(SiteInfo(site.key, site.target, module_type.__name__, site.where, site.variant, handle.rate,
+                             dict(site.params), shape))
+    return rows
+
+
+def format_sites(rows: Iterable[SiteInfo]) -> str:
+    """A fixed-width text table of :func:`describe` rows."""
+    header = ("site", "module", "variant", "p", "params", "shape")
+    body = [(r.key, r.module_type, r.variant, f"{r.p:.3g}", ", ".join(f"{k}={v}" for k, v in r.params.items()),
+             "x".join(map(str, r.shape)) if r.shape else "") for r in rows]
+    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    return "\n".join(lines)

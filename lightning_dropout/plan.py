@@ -1,0 +1,199 @@
+"""DropoutPlan: the serializable answer to "which layer gets which dropout" (torch only).
+
+A plan is an ordered list of :class:`Site` entries. It names modules by their qualified names, so the same
+plan gives the same injection in any process (every DDP rank builds the same module tree) and round-trips
+through YAML unchanged. Rules (see :mod:`lightning_dropout.inject`) are resolved against a model into a
+plan; the tuner writes plans; the callback and ``lightning-dropout fit`` apply them.
+
+Example:
+    >>> plan = DropoutPlan([Site("net.0", "output", "standard", 0.2)])
+    >>> DropoutPlan.from_yaml(plan.to_yaml()) == plan
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_dropout.errors import DropoutConfigError, check_rate, closest
+from lightning_dropout.variants import build_variant, get_variant
+
+__all__ = ["WHERE", "DropoutPlan", "Site"]
+
+WHERE = ("output", "input", "replace", "attribute", "weight")
+"""Where a site acts on its target module:
+
+* ``output``: dropout on the module's output (for recurrent modules: on the output sequence);
+* ``input``: dropout on the module's first positional input;
+* ``replace``: the target *is* an existing dropout module (or placeholder), swapped for the variant;
+* ``attribute``: the float ``dropout`` of ``nn.MultiheadAttention`` (attention weights) or of a stacked
+  ``nn.RNN/LSTM/GRU`` (between layers), set to ``p``;
+* ``weight``: DropConnect on the module's weights.
+"""
+
+_SITE_KEYS = ("target", "where", "variant", "p", "params")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One dropout site.
+
+    Args:
+        target: qualified name of the module (as in ``model.named_modules()``; ``""`` is the root).
+        where: one of :data:`WHERE`.
+        variant: a registered variant name (see :func:`~lightning_dropout.variants.variant_names`).
+        p: the rate, ``0 <= p < 1`` (for ``concrete``: the initial rate).
+        params: the variant's own parameters, e.g. ``{"block_size": 5}``.
+    """
+
+    target: str
+    where: str
+    variant: str
+    p: float
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, str):
+            raise DropoutConfigError(f"`target` must be a module name (str), but got target={self.target!r}.")
+        if self.where not in WHERE:
+            raise DropoutConfigError(f"`where` must be one of {list(WHERE)}, but got where={self.where!r}.")
+        get_variant(self.variant)
+        object.__setattr__(self, "p", check_rate(self.p))
+        object.__setattr__(self, "params", dict(self.params))
+        build_variant(self.variant, self.p, **self.params)  # validates the parameters once, here
+
+    @property
+    def key(self) -> str:
+        """Unique id of the site within a plan: ``"<target>:<where>"``."""
+        return f"{self.target}:{self.where}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"target": self.target, "where": self.where, "variant": self.variant, "p": self.p}
+        if self.params:
+            out["params"] = dict(self.params)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where_from: str = "site") -> Site:
+        if not isinstance(data, Mapping):
+            raise DropoutConfigError(f"{where_from} must be a mapping with keys {list(_SITE_KEYS)}, but got {data!r}.")
+        unknown = sorted(set(data) - set(_SITE_KEYS))
+        if unknown:
+            hint = {k: closest(k, _SITE_KEYS, 1) for k in unknown}
+            raise DropoutConfigError(
+                f"{where_from} takes the keys {list(_SITE_KEYS)}, but got unknown {unknown} (nearest: {hint})."
+            )
+        missing = [k for k in ("target", "variant", "p") if k not in data]
+        if missing:
+            raise DropoutConfigError(f"{where_from} must give {missing}, but got {dict(data)!r}.")
+        try:
+            return cls(data["target"], data.get("where", "output"), data["variant"], data["p"],
+                       data.get("params") or {})
+        except DropoutConfigError as err:
+            raise DropoutConfigError(f"{where_from}: {err}") from None
+
+    def __hash__(self) -> int:
+        return hash((self.target, self.where, self.variant, self.p, json.dumps(self.params, sort_keys=True)))
+
+
+class DropoutPlan:
+    """An ordered, validated collection of :class:`Site` entries with unique keys.
+
+    Args:
+        sites: the sites; a later site with the key of an earlier one replaces it.
+    """
+
+    def __init__(self, sites: Iterable[Site] = ()) -> None:
+        by_key: dict[str, Site] = {}
+        for site in sites:
+            if not isinstance(site, Site):
+                raise DropoutConfigError(f"a plan holds Site objects, but got {site!r}.")
+            by_key.pop(site.key, None)
+            by_key[site.key] = site
+        self._sites = tuple(by_key.values())
+
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        return self._sites
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def __getitem__(self, key: str) -> Site:
+        for site in self._sites:
+            if site.key == key:
+                return site
+        near = closest(key, [s.key for s in self._sites])
+        raise KeyError(f"no site {key!r} in the plan; nearest: {near}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DropoutPlan) and self._sites == other._sites
+
+    def __hash__(self) -> int:
+        return hash(self._sites)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{s.key}={s.variant}({s.p:g})" for s in self._sites)
+        return f"DropoutPlan([{inner}])"
+
+    def with_rates(self, rates: Mapping[str, float]) -> DropoutPlan:
+        """A copy with the rates of the sites named in ``rates`` (by key) replaced."""
+        unknown = sorted(set(rates) - {s.key for s in self._sites})
+        if unknown:
+            raise DropoutConfigError(f"`rates` names sites not in the plan: {unknown}; the sites are "
+                                     f"{[s.key for s in self._sites]}.")
+        return DropoutPlan(Site(s.target, s.where, s.variant, rates.get(s.key, s.p), s.params) for s in self._sites)
+
+    # -- serialization -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"sites": [s.to_dict() for s in self._sites]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where_from: str = "plan") -> DropoutPlan:
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping) or set(data) - {"sites"}:
+            raise DropoutConfigError(f"{where_from} must be a mapping with the single key 'sites', but got {data!r}.")
+        sites = data.get("sites") or []
+        if not isinstance(sites, list):
+            raise DropoutConfigError(f"{where_from}.sites must be a list, but got {sites!r}.")
+        return cls(Site.from_dict(s, f"{where_from}.sites[{i}]") for i, s in enumerate(sites))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, where_from: str = "plan") -> DropoutPlan:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise DropoutConfigError(f"{where_from} is not valid YAML: {err}") from None
+        return cls.from_dict(data, where_from)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> DropoutPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise DropoutConfigError(f"a plan file must exist, but got path={str(path)!r}.")
+        return cls.from_yaml(path.read_text(), where_from=str(path))
+
+    def digest(self) -> str:
+        """A short hash of the canonical form: equal plans have equal digests in any process."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,131 @@
+"""The registry of dropout variants and the base class every variant module derives from."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_dropout.errors import DropoutConfigError, check_rate, closest
+
+__all__ = ["VARIANTS", "DropoutVariant", "build_variant", "get_variant", "register_variant", "variant_names"]
+
+VARIANTS: dict[str, type[DropoutVariant]] = {}
+"""Registry: variant name -> module class. Filled by :func:`register_variant`."""
+
+_V = TypeVar("_V", bound="type[DropoutVariant]")
+
+
+def register_variant(name: str) -> Callable[[_V], _V]:
+    """Class decorator adding a :class:`DropoutVariant` subclass to :data:`VARIANTS` under ``name``."""
+
+    def decorate(cls: _V) -> _V:
+        if name in VARIANTS and VARIANTS[name] is not cls:
+            raise DropoutConfigError(f"variant names must be unique, but {name!r} is already {VARIANTS[name]}.")
+        cls.variant_name = name
+        VARIANTS[name] = cls
+        return cls
+
+    return decorate
+
+
+def variant_names() -> list[str]:
+    """Names of all registered variants, sorted."""
+    return sorted(VARIANTS)
+
+
+def get_variant(name: str) -> type[DropoutVariant]:
+    """The module class registered as ``name``; unknown names fail listing the known ones."""
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        near = closest(str(name), VARIANTS)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise DropoutConfigError(
+            f"`variant` must be one of {variant_names()}, but got variant={name!r}.{hint}"
+        ) from None
+
+
+def build_variant(name: str, p: float, **params: Any) -> DropoutVariant:
+    """Instantiate variant ``name`` with rate ``p`` and its own ``params`` (validated against its signature)."""
+    cls = get_variant(name)
+    allowed = cls.param_names()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise DropoutConfigError(
+            f"variant {name!r} takes the parameters {allowed or '(none)'}, but got unknown {unknown}."
+        )
+    return cls(p, **params)
+
+
+class DropoutVariant(nn.Module):
+    """Base class of every variant: holds the rate ``p``, the train/eval switch and drop tracking.
+
+    Subclasses implement :meth:`forward` and may override :meth:`check_input` (a shape test used by the
+    injection engine to name the site when a variant cannot apply) and ``extra_repr``.
+
+    Attributes:
+        p: the dropout rate; schedules change it between steps through :meth:`set_rate`.
+        track: when ``True``, every training forward records :attr:`drop_fraction`, the measured fraction of
+            units dropped by the last mask (``None`` for variants that drop nothing, e.g. ``gaussian``).
+            Off by default: measuring costs a reduction per forward.
+        generator: optional :class:`torch.Generator` the masks are drawn from instead of the global one.
+    """
+
+    variant_name: ClassVar[str] = ""
+    #: whether the variant removes units (so a drop fraction is meaningful).
+    drops_units: ClassVar[bool] = True
+    #: whether :meth:`set_rate` may change ``p`` (``False`` for learned rates).
+    schedulable: ClassVar[bool] = True
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = check_rate(p)
+        self.track = False
+        self.drop_fraction: Tensor | None = None
+        self.generator: torch.Generator | None = None
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """Keyword parameters the variant takes besides ``p``."""
+        sig = inspect.signature(cls.__init__)
+        return [n for n in list(sig.parameters)[1:] if n != "p"]
+
+    def params(self) -> dict[str, Any]:
+        """The variant's own parameters (besides ``p``), as given to the constructor."""
+        return {n: getattr(self, n) for n in self.param_names()}
+
+    def set_rate(self, p: float) -> None:
+        """Change the rate (used by schedules); validated like the constructor argument."""
+        if not self.schedulable:
+            raise DropoutConfigError(f"variant {self.variant_name!r} learns its rate; it cannot be scheduled.")
+        self.p = check_rate(p)
+
+    def check_input(self, shape: torch.Size) -> str | None:
+        """Return why an input of ``shape`` cannot be processed, or ``None`` when it can."""
+        return None
+
+    def _check(self, x: Tensor) -> None:
+        reason = self.check_input(x.shape)
+        if reason is not None:
+            raise DropoutConfigError(f"variant {self.variant_name!r} {reason}, but got shape {tuple(x.shape)}.")
+
+    def _record(self, keep: Tensor) -> None:
+        """Store the fraction of zeros in the (broadcastable) keep-mask when tracking is on."""
+        if self.track:
+            self.drop_fraction = 1.0 - keep.detach().float().mean()
+
+    def extra_repr(self) -> str:
+        extras = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"p={self.p:g}" + (f", {extras}" if extras else "")
+
+
+def keep_mask(shape: tuple[int, ...] | torch.Size, keep: float, like: Tensor,
+              generator: torch.Generator | None = None) -> Tensor:
+    """A Bernoulli(``keep``) mask of ``shape`` in ``like``'s dtype and device, drawn from ``generator``."""
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    noise = torch.rand(shape, dtype=dtype, device=like.device, generator=generator)
+    return (noise < keep).to(like.dtype)

@@ -1,0 +1,62 @@
+"""Spatial (channel) dropout for 1d, 2d and 3d feature maps.
+
+Tompson, Goroshin, Jain, LeCun, Bregler. "Efficient Object Localization Using Convolutional Networks."
+CVPR 2015.
+
+One Bernoulli(``1-p``) value per sample and channel, shared over every spatial position: input
+``(N, C, *spatial)`` gets a mask of shape ``(N, C, 1, ..., 1)``. Kept channels are scaled by ``1/(1-p)`` in
+training; eval is the identity. Unlike ``nn.Dropout2d`` the number of spatial dimensions is read from the
+input (1, 2 or 3), so one module serves Conv1d, Conv2d and Conv3d outputs; a 2-D input ``(N, C)`` has no
+spatial extent and is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
+
+__all__ = ["SpatialDropout", "spatial_dropout"]
+
+
+def _channel_mask_shape(x: Tensor) -> tuple[int, ...]:
+    return (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def spatial_dropout(x: Tensor, p: float = 0.5, training: bool = True,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Functional twin of :class:`SpatialDropout`; ``x`` is ``(N, C, *spatial)`` with 1 to 3 spatial dims."""
+    if not training or p == 0.0:
+        return x
+    return x * keep_mask(_channel_mask_shape(x), 1.0 - p, x, generator) / (1.0 - p)
+
+
+@register_variant("spatial")
+class SpatialDropout(DropoutVariant):
+    """Drop whole channels of a feature map (see the module docstring).
+
+    Args:
+        p: probability of dropping a channel of one sample.
+
+    Shape:
+        input ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``; output the same.
+
+    Example:
+        >>> y = SpatialDropout(0.5)(torch.ones(2, 8, 5))
+        >>> bool(((y == 0).all(-1) | (y != 0).all(-1)).all())  # a channel is dropped whole or kept whole
+        True
+    """
+
+    def check_input(self, shape: torch.Size) -> str | None:
+        if not 3 <= len(shape) <= 5:
+            return "needs a feature map (N, C, L), (N, C, H, W) or (N, C, D, H, W)"
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        self._check(x)
+        mask = keep_mask(_channel_mask_shape(x), 1.0 - self.p, x, self.generator)
+        self._record(mask)
+        return x * mask / (1.0 - self.p)

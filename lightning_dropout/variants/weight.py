@@ -1,0 +1,65 @@
+"""Weight dropout (DropConnect): drop entries of a weight matrix instead of activations.
+
+Wan, Zeiler, Zhang, LeCun, Fergus. "Regularization of Neural Networks using DropConnect." ICML 2013.
+As used on LSTM hidden-to-hidden weights by Merity, Keskar, Socher, "Regularizing and Optimizing LSTM
+Language Models" (AWD-LSTM), ICLR 2018.
+
+Each forward draws one Bernoulli(``1-p``) mask of the weight's shape, shared by every sample and every
+time step; kept entries are scaled by ``1/(1-p)`` (inverted, as AWD-LSTM). Eval uses the weight unchanged
+(the moment-matched Gaussian inference of Wan et al. is not implemented). Gradients flow to the original
+parameter, which keeps its name: the injection engine feeds the dropped tensor to the layer for one call
+(for torch RNNs through their flat weight list, which works with the fused cuDNN kernel) instead of
+re-registering the parameter (the breakages of awd-lstm-lm #51 and #72).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
+
+__all__ = ["WeightDropout", "weight_dropout"]
+
+
+def weight_dropout(weight: Tensor, p: float = 0.5, training: bool = True,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Functional twin of :class:`WeightDropout`: inverted dropout on a weight tensor."""
+    if not training or p == 0.0:
+        return weight
+    if generator is None:
+        return F.dropout(weight, p, True)
+    return weight * keep_mask(weight.shape, 1.0 - p, weight, generator) / (1.0 - p)
+
+
+@register_variant("weight")
+class WeightDropout(DropoutVariant):
+    """DropConnect on the weights of the module it is attached to (see the module docstring).
+
+    Args:
+        p: probability of dropping a weight entry (per forward call).
+        weights: names of the parameters to drop. ``None`` picks a default for the module it is attached
+            to: every ``weight_hh_l*`` of a recurrent module (the AWD-LSTM choice), else ``weight``.
+
+    Shape:
+        called on a weight tensor of any shape; returns the same shape.
+
+    Example:
+        >>> w = torch.ones(4, 4)
+        >>> WeightDropout(0.5).eval()(w).equal(w)
+        True
+    """
+
+    def __init__(self, p: float = 0.5, weights: list[str] | None = None) -> None:
+        super().__init__(p)
+        self.weights = list(weights) if weights is not None else None
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return weight
+        if not self.track and self.generator is None:
+            return F.dropout(weight, self.p, True)
+        mask = keep_mask(weight.shape, 1.0 - self.p, weight, self.generator)
+        self._record(mask)
+        return weight * mask / (1.0 - self.p)
