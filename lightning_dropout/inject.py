@@ -60,6 +60,7 @@ __all__ = [
     "inject",
     "is_dropout_module",
     "output_layer",
+    "regularization",
     "resolve",
     "site_handles",
     "undo",
@@ -830,3 +831,22 @@ def format_sites(rows: Iterable[SiteInfo]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
     return "\n".join(lines)
+
+
+def regularization(model: nn.Module) -> Tensor:
+    """The sum of the regularizers of every learned-rate (``concrete``) site applied to ``model``; a zero
+    tensor when there is none. Each site's weight term uses the parameters of the module it sits on (for
+    ``replace`` sites, which own none, only the rate term counts)."""
+    total: Tensor | None = None
+    for handle in site_handles(model):
+        regularizer = getattr(handle.module, "regularizer", None)
+        if regularizer is None:
+            continue
+        own = {id(p) for p in handle.module.parameters()}  # type: ignore[union-attr]
+        weights = [p for p in handle.owner.parameters() if id(p) not in own]
+        term = regularizer(weights)
+        total = term if total is None else total + term
+    if total is None:
+        first = next(model.parameters(), None)
+        return torch.zeros((), device=first.device if first is not None else None)
+    return total

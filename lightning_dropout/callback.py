@@ -1,0 +1,310 @@
+"""DropoutInjector: a Lightning callback that puts dropout into any LightningModule (the Lightning layer).
+
+The algorithm lives in :mod:`lightning_dropout.inject`; this callback only decides *when*:
+
+* ``setup()`` injects: it runs before ``configure_model``'s result is used, before checkpoint weights are
+  restored, before ``configure_optimizers`` and before DDP wraps the model (``Trainer._run`` order), so
+  learned rates reach the optimizer, checkpoints load into the injected tree, and every DDP rank builds the
+  same tree from the same plan. Layers built in ``configure_model`` are created first by calling it (as
+  Lightning's ``WeightAveraging`` does; Lightning requires ``configure_model`` to be idempotent).
+* ``on_fit_start()`` checks that learned rates are visible to an optimizer.
+* ``on_train_epoch_start()`` / ``on_train_batch_start()`` apply the rate schedule from the trainer's progress
+  counters, so a resumed run continues where it stopped; ``on_train_batch_end()`` logs the rates.
+* Concrete dropout's regularizer is added to the loss that ``training_step`` returns (automatic
+  optimization); nothing in the module changes.
+
+Example:
+    >>> import lightning as L
+    >>> from torch import nn
+    >>> injector = DropoutInjector(rules=[Rule(match=nn.Linear, p=0.2)])
+    >>> trainer = L.Trainer(callbacks=[injector], logger=False, enable_progress_bar=False)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+
+from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.inject import (
+    Rule,
+    SiteHandle,
+    applied_plan,
+    apply_plan,
+    describe,
+    format_sites,
+    regularization,
+    resolve,
+    site_handles,
+)
+from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.schedules import Schedule
+from lightning_dropout.variants import ConcreteDropout
+
+__all__ = ["DropoutInjector", "load_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+_LOG_PREFIX = "dropout"
+
+
+def _as_plan(plan: DropoutPlan | str | Path | Mapping[str, Any]) -> DropoutPlan:
+    if isinstance(plan, DropoutPlan):
+        return plan
+    if isinstance(plan, (str, Path)):
+        return DropoutPlan.load(plan)
+    if isinstance(plan, Mapping):
+        return DropoutPlan.from_dict(plan)
+    raise DropoutConfigError(f"`plan` must be a DropoutPlan, a path to a plan YAML or a mapping, but got {plan!r}.")
+
+
+def _as_rules(rules: Sequence[Rule | Mapping[str, Any]] | Rule) -> list[Rule]:
+    if isinstance(rules, Rule):
+        return [rules]
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise DropoutConfigError(f"`rules` must be a list of Rule, but got {rules!r}.")
+    out = []
+    for i, rule in enumerate(rules):
+        if isinstance(rule, Rule):
+            out.append(rule)
+        elif isinstance(rule, Mapping):
+            try:
+                out.append(Rule(**rule))
+            except TypeError as err:
+                raise DropoutConfigError(f"rules[{i}]: {err}") from None
+        else:
+            raise DropoutConfigError(f"rules[{i}] must be a Rule or a mapping, but got {rule!r}.")
+    if not out:
+        raise DropoutConfigError("`rules` must hold at least one Rule, but got an empty list.")
+    return out
+
+
+class _RegularizedTrainingStep:
+    """Stands in for ``pl_module.training_step``: calls the class's own method, adds the rate regularizer to
+    the loss it returns. Holds the module, not a bound method, so it pickles (``ddp_spawn``)."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    @property
+    def __wrapped__(self) -> Any:  # what Lightning's `is_overridden` inspects
+        return type(self.module).training_step
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = type(self.module).training_step(self.module, *args, **kwargs)
+        if out is None:
+            return out
+        reg = regularization(self.module)
+        self.module.log(f"{_LOG_PREFIX}/regularizer", reg.detach(), on_step=True, on_epoch=False)
+        if isinstance(out, Tensor):
+            return out + reg
+        if isinstance(out, Mapping) and "loss" in out:
+            return {**out, "loss": out["loss"] + reg}
+        return out
+
+
+class DropoutInjector(Callback):
+    """Inject dropout into the trained LightningModule without editing it.
+
+    Args:
+        rules: where dropout goes (:class:`~lightning_dropout.inject.Rule`, or mappings with its fields, as
+            a LightningCLI YAML gives them); resolved against the model in ``setup``.
+        plan: an explicit :class:`~lightning_dropout.plan.DropoutPlan` (or a path to its YAML, as
+            ``lightning-dropout best`` writes) instead of ``rules``.
+        schedule: a :class:`~lightning_dropout.schedules.Schedule` for every schedulable site, or a mapping
+            from site globs (matched against ``"<target>:<where>"`` keys, e.g. ``"encoder.*"``) to schedules;
+            the first matching glob wins. Learned (``concrete``) sites are never scheduled.
+        log_rates: log each site's current rate as ``dropout/<site>`` every ``log_every_n_steps``.
+        track_drop_fraction: also measure and log the fraction of units each site actually dropped
+            (``dropout_fraction/<site>``); costs one reduction per site and step.
+        use_example_input: when the module sets ``example_input_array``, use it to check that each variant
+            fits the shape its site sees (naming the site otherwise) and to find the output layer by
+            execution order.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_dropout.schedules import EarlyDropout
+        >>> DropoutInjector(rules=[Rule(match=nn.Linear, p=0.1)], schedule=EarlyDropout(cutoff=5))
+        DropoutInjector(rules=1, schedule=EarlyDropout(unit='epoch', cutoff=5, mode='constant'))
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[Rule] | Rule | None = None,
+        plan: DropoutPlan | str | Path | None = None,
+        schedule: Schedule | Mapping[str, Schedule] | None = None,
+        log_rates: bool = True,
+        track_drop_fraction: bool = False,
+        use_example_input: bool = True,
+    ) -> None:
+        if (rules is None) == (plan is None):
+            raise DropoutConfigError(
+                "DropoutInjector needs exactly one of `rules` and `plan`, but got "
+                f"rules={'given' if rules is not None else None}, plan={'given' if plan is not None else None}."
+            )
+        self.rules = _as_rules(rules) if rules is not None else None
+        self._given_plan = _as_plan(plan) if plan is not None else None
+        if schedule is not None and not isinstance(schedule, Schedule):
+            if not isinstance(schedule, Mapping) or not all(isinstance(s, Schedule) for s in schedule.values()):
+                raise DropoutConfigError(
+                    f"`schedule` must be a Schedule or a mapping of site globs to Schedules, but got {schedule!r}."
+                )
+        self.schedule = schedule
+        self.log_rates = bool(log_rates)
+        self.track_drop_fraction = bool(track_drop_fraction)
+        self.use_example_input = bool(use_example_input)
+        self.plan: DropoutPlan | None = None
+        self._handles: list[SiteHandle] = []
+        self._schedules: list[tuple[SiteHandle, Schedule, float]] = []
+
+    def __repr__(self) -> str:
+        what = f"rules={len(self.rules)}" if self.rules is not None else f"plan={len(self._given_plan or ())} sites"
+        return f"{type(self).__name__}({what}, schedule={self.schedule!r})"
+
+    # -- setup: the injection itself ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_overridden("configure_model", pl_module):
+            log.debug("calling %s.configure_model() before injecting", type(pl_module).__name__)
+            pl_module.configure_model()
+        example = getattr(pl_module, "example_input_array", None) if self.use_example_input else None
+        if example is not None and isinstance(example, Tensor):
+            example = example.to(pl_module.device)
+        plan = self._given_plan if self._given_plan is not None else resolve(pl_module, self.rules or [], example)
+        already = applied_plan(pl_module)
+        self.plan = apply_plan(pl_module, plan, example)
+        self._handles = site_handles(pl_module)
+        for handle in self._handles:
+            if handle.module is not None:
+                handle.module.track = self.track_drop_fraction
+        self._schedules = self._bind_schedules()
+        if any(isinstance(h.module, ConcreteDropout) for h in self._handles):
+            if not pl_module.automatic_optimization:
+                raise DropoutConfigError(
+                    "concrete dropout adds its regularizer to the loss `training_step` returns, which needs "
+                    "automatic_optimization=True; with manual optimization add "
+                    "`lightning_dropout.inject.regularization(self)` to your loss yourself."
+                )
+            if not isinstance(pl_module.__dict__.get("training_step"), _RegularizedTrainingStep):
+                pl_module.training_step = _RegularizedTrainingStep(pl_module)  # type: ignore[method-assign]
+        if already != self.plan:
+            rank_zero_info(f"lightning-dropout: {len(self.plan)} dropout sites (plan {self.plan.digest()})\n"
+                           + format_sites(describe(pl_module)))
+
+    def _bind_schedules(self) -> list[tuple[SiteHandle, Schedule, float]]:
+        if self.schedule is None:
+            return []
+        bound = []
+        for handle in self._handles:
+            if handle.module is not None and not handle.module.schedulable:
+                continue
+            if isinstance(self.schedule, Schedule):
+                chosen: Schedule | None = self.schedule
+            else:
+                chosen = next((s for g, s in self.schedule.items() if fnmatch.fnmatchcase(handle.site.key, g)), None)
+            if chosen is not None:
+                bound.append((handle, chosen, handle.site.p))
+        if isinstance(self.schedule, Mapping):
+            unused = [g for g in self.schedule if not any(fnmatch.fnmatchcase(h.site.key, g) for h in self._handles)]
+            if unused:
+                keys = [h.site.key for h in self._handles]
+                raise DropoutConfigError(f"`schedule` globs must match a site, but {unused} match none of {keys}.")
+        return bound
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(pl_module.__dict__.get("training_step"), _RegularizedTrainingStep):
+            del pl_module.training_step
+
+    # -- fit start: learned rates must be optimized -------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        learned = {id(p): n for n, p in pl_module.named_parameters() if n.endswith("p_logit")}
+        concrete = [h for h in self._handles if isinstance(h.module, ConcreteDropout)]
+        if not concrete:
+            return
+        visible = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        missing = sorted(name for pid, name in learned.items() if pid not in visible)
+        frozen = sorted(n for n, p in pl_module.named_parameters() if n.endswith("p_logit") and not p.requires_grad)
+        if missing or frozen:
+            raise DropoutConfigError(
+                "concrete dropout learns its rate, so its `p_logit` must be a trainable parameter of an optimizer, "
+                f"but {missing or frozen} {'are not in any optimizer' if missing else 'do not require grad'}; build "
+                "the optimizer from `self.parameters()` (the sites are injected before `configure_optimizers`)."
+            )
+
+    # -- schedules and logging ---------------------------------------------------------------------------------
+    def _apply_schedule(self, trainer: pl.Trainer, unit: str) -> None:
+        for handle, schedule, base in self._schedules:
+            if schedule.unit != unit:
+                continue
+            if unit == "step":
+                t, total = trainer.global_step, trainer.estimated_stepping_batches
+            else:
+                t, total = trainer.current_epoch, trainer.max_epochs
+            total_f = float(total) if total not in (None, -1) and total != float("inf") else None
+            handle.set_rate(base * schedule.factor(t, total_f))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_schedule(trainer, "epoch")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._apply_schedule(trainer, "step")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.log_rates or batch_idx % max(trainer.log_every_n_steps, 1) != 0:
+            return
+        for handle in self._handles:
+            pl_module.log(f"{_LOG_PREFIX}/{handle.site.key}", handle.rate, on_step=True, on_epoch=False)
+            fraction = handle.module.drop_fraction if handle.module is not None else None
+            if self.track_drop_fraction and fraction is not None:
+                pl_module.log(f"{_LOG_PREFIX}_fraction/{handle.site.key}", fraction, on_step=True, on_epoch=False)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict() if self.plan is not None else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = DropoutPlan.from_dict(state_dict.get("plan"))
+        if self.plan is not None and saved != self.plan:
+            rank_zero_warn(
+                f"the checkpoint was trained with dropout plan {saved.digest()} ({len(saved)} sites) but this "
+                f"DropoutInjector applied plan {self.plan.digest()} ({len(self.plan)} sites); training continues "
+                "with the current plan. Pass `plan=` the checkpoint's plan to resume it exactly."
+            )
+
+
+def checkpoint_plan(checkpoint: Mapping[str, Any]) -> DropoutPlan:
+    """The dropout plan a Lightning checkpoint dict was trained with (from its DropoutInjector state)."""
+    states = checkpoint.get("callbacks") or {}
+    found = [s for k, s in states.items() if str(k).startswith(DropoutInjector.__name__)]
+    if not found:
+        raise DropoutConfigError("the checkpoint must hold a DropoutInjector state, but its callbacks are "
+                                 f"{sorted(map(str, states))}; was it trained with DropoutInjector?")
+    return DropoutPlan.from_dict(found[0].get("plan"))
+
+
+def load_checkpoint(model_cls: type[pl.LightningModule], checkpoint_path: str | Path,
+                    map_location: Any = "cpu", **kwargs: Any) -> pl.LightningModule:
+    """Load a checkpoint of an injected model for inference, dropout sites included, strictly.
+
+    The one-liner: ``model = load_checkpoint(MyModel, "epoch=9.ckpt")``. The module is built from the
+    checkpoint's hyperparameters (``**kwargs`` override them, as in ``load_from_checkpoint``), the plan saved
+    by :class:`DropoutInjector` is applied, then every weight, learned rates included, is loaded with
+    ``strict=True``.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
+    plan = checkpoint_plan(checkpoint)
+    model = model_cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)
+    apply_plan(model, plan)
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model.eval()

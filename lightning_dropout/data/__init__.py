@@ -1,0 +1,5 @@
+"""Data modules for the examples and benchmarks of lightning-dropout."""
+
+from lightning_dropout.data.mnist1d import CACHE_ENV_VAR, MNIST1DDataModule, default_cache_dir
+
+__all__ = ["CACHE_ENV_VAR", "MNIST1DDataModule", "default_cache_dir"]
