@@ -8,8 +8,8 @@ only torch; :mod:`~lightning_dropout.callback` knows Lightning; the CLI alone re
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import (
     Rule,
-    apply_plan,
     applied_plan,
+    apply_plan,
     describe,
     format_sites,
     inject,

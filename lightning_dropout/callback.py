@@ -65,7 +65,9 @@ def _as_plan(plan: DropoutPlan | str | Path | Mapping[str, Any]) -> DropoutPlan:
         return DropoutPlan.load(plan)
     if isinstance(plan, Mapping):
         return DropoutPlan.from_dict(plan)
-    raise DropoutConfigError(f"`plan` must be a DropoutPlan, a path to a plan YAML or a mapping, but got {plan!r}.")
+    raise DropoutConfigError(
+        f"`plan` must be a DropoutPlan, a path to a plan YAML or a mapping, but got {plan!r}."
+    )
 
 
 def _as_rules(rules: Sequence[Rule | Mapping[str, Any]] | Rule) -> list[Rule]:
@@ -154,11 +156,13 @@ class DropoutInjector(Callback):
             )
         self.rules = _as_rules(rules) if rules is not None else None
         self._given_plan = _as_plan(plan) if plan is not None else None
-        if schedule is not None and not isinstance(schedule, Schedule):
-            if not isinstance(schedule, Mapping) or not all(isinstance(s, Schedule) for s in schedule.values()):
-                raise DropoutConfigError(
-                    f"`schedule` must be a Schedule or a mapping of site globs to Schedules, but got {schedule!r}."
-                )
+        bad_mapping = isinstance(schedule, Mapping) and not all(
+            isinstance(s, Schedule) for s in schedule.values()
+        )
+        if schedule is not None and not isinstance(schedule, (Schedule, Mapping)) or bad_mapping:
+            raise DropoutConfigError(
+                f"`schedule` must be a Schedule or a mapping of site globs to Schedules, but got {schedule!r}."
+            )
         self.schedule = schedule
         self.log_rates = bool(log_rates)
         self.track_drop_fraction = bool(track_drop_fraction)
@@ -168,7 +172,11 @@ class DropoutInjector(Callback):
         self._schedules: list[tuple[SiteHandle, Schedule, float]] = []
 
     def __repr__(self) -> str:
-        what = f"rules={len(self.rules)}" if self.rules is not None else f"plan={len(self._given_plan or ())} sites"
+        what = (
+            f"rules={len(self.rules)}"
+            if self.rules is not None
+            else f"plan={len(self._given_plan or ())} sites"
+        )
         return f"{type(self).__name__}({what}, schedule={self.schedule!r})"
 
     # -- setup: the injection itself ---------------------------------------------------------------------------
@@ -176,11 +184,25 @@ class DropoutInjector(Callback):
         if is_overridden("configure_model", pl_module):
             log.debug("calling %s.configure_model() before injecting", type(pl_module).__name__)
             pl_module.configure_model()
-        example = getattr(pl_module, "example_input_array", None) if self.use_example_input else None
-        if example is not None and isinstance(example, Tensor):
-            example = example.to(pl_module.device)
-        plan = self._given_plan if self._given_plan is not None else resolve(pl_module, self.rules or [], example)
         already = applied_plan(pl_module)
+        self.inject(pl_module)
+        if already != self.plan:
+            assert self.plan is not None
+            rank_zero_info(
+                f"lightning-dropout: {len(self.plan)} dropout sites (plan {self.plan.digest()})\n"
+                + format_sites(describe(pl_module))
+            )
+
+    def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
+        """Apply this callback's rules or plan to ``pl_module`` now (``setup`` calls it); returns the plan."""
+        example = getattr(pl_module, "example_input_array", None) if self.use_example_input else None
+        if isinstance(example, Tensor):
+            example = example.to(pl_module.device)
+        plan = (
+            self._given_plan
+            if self._given_plan is not None
+            else resolve(pl_module, self.rules or [], example)
+        )
         self.plan = apply_plan(pl_module, plan, example)
         self._handles = site_handles(pl_module)
         for handle in self._handles:
@@ -196,9 +218,7 @@ class DropoutInjector(Callback):
                 )
             if not isinstance(pl_module.__dict__.get("training_step"), _RegularizedTrainingStep):
                 pl_module.training_step = _RegularizedTrainingStep(pl_module)  # type: ignore[method-assign]
-        if already != self.plan:
-            rank_zero_info(f"lightning-dropout: {len(self.plan)} dropout sites (plan {self.plan.digest()})\n"
-                           + format_sites(describe(pl_module)))
+        return self.plan
 
     def _bind_schedules(self) -> list[tuple[SiteHandle, Schedule, float]]:
         if self.schedule is None:
@@ -210,14 +230,20 @@ class DropoutInjector(Callback):
             if isinstance(self.schedule, Schedule):
                 chosen: Schedule | None = self.schedule
             else:
-                chosen = next((s for g, s in self.schedule.items() if fnmatch.fnmatchcase(handle.site.key, g)), None)
+                chosen = next(
+                    (s for g, s in self.schedule.items() if fnmatch.fnmatchcase(handle.site.key, g)), None
+                )
             if chosen is not None:
                 bound.append((handle, chosen, handle.site.p))
         if isinstance(self.schedule, Mapping):
-            unused = [g for g in self.schedule if not any(fnmatch.fnmatchcase(h.site.key, g) for h in self._handles)]
+            unused = [
+                g for g in self.schedule if not any(fnmatch.fnmatchcase(h.site.key, g) for h in self._handles)
+            ]
             if unused:
                 keys = [h.site.key for h in self._handles]
-                raise DropoutConfigError(f"`schedule` globs must match a site, but {unused} match none of {keys}.")
+                raise DropoutConfigError(
+                    f"`schedule` globs must match a site, but {unused} match none of {keys}."
+                )
         return bound
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -232,7 +258,9 @@ class DropoutInjector(Callback):
             return
         visible = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
         missing = sorted(name for pid, name in learned.items() if pid not in visible)
-        frozen = sorted(n for n, p in pl_module.named_parameters() if n.endswith("p_logit") and not p.requires_grad)
+        frozen = sorted(
+            n for n, p in pl_module.named_parameters() if n.endswith("p_logit") and not p.requires_grad
+        )
         if missing or frozen:
             raise DropoutConfigError(
                 "concrete dropout learns its rate, so its `p_logit` must be a trainable parameter of an optimizer, "
@@ -255,19 +283,23 @@ class DropoutInjector(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_schedule(trainer, "epoch")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._apply_schedule(trainer, "step")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.log_rates or batch_idx % max(trainer.log_every_n_steps, 1) != 0:
             return
         for handle in self._handles:
             pl_module.log(f"{_LOG_PREFIX}/{handle.site.key}", handle.rate, on_step=True, on_epoch=False)
             fraction = handle.module.drop_fraction if handle.module is not None else None
             if self.track_drop_fraction and fraction is not None:
-                pl_module.log(f"{_LOG_PREFIX}_fraction/{handle.site.key}", fraction, on_step=True, on_epoch=False)
+                pl_module.log(
+                    f"{_LOG_PREFIX}_fraction/{handle.site.key}", fraction, on_step=True, on_epoch=False
+                )
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -288,13 +320,16 @@ def checkpoint_plan(checkpoint: Mapping[str, Any]) -> DropoutPlan:
     states = checkpoint.get("callbacks") or {}
     found = [s for k, s in states.items() if str(k).startswith(DropoutInjector.__name__)]
     if not found:
-        raise DropoutConfigError("the checkpoint must hold a DropoutInjector state, but its callbacks are "
-                                 f"{sorted(map(str, states))}; was it trained with DropoutInjector?")
+        raise DropoutConfigError(
+            "the checkpoint must hold a DropoutInjector state, but its callbacks are "
+            f"{sorted(map(str, states))}; was it trained with DropoutInjector?"
+        )
     return DropoutPlan.from_dict(found[0].get("plan"))
 
 
-def load_checkpoint(model_cls: type[pl.LightningModule], checkpoint_path: str | Path,
-                    map_location: Any = "cpu", **kwargs: Any) -> pl.LightningModule:
+def load_checkpoint(
+    model_cls: type[pl.LightningModule], checkpoint_path: str | Path, map_location: Any = "cpu", **kwargs: Any
+) -> pl.LightningModule:
     """Load a checkpoint of an injected model for inference, dropout sites included, strictly.
 
     The one-liner: ``model = load_checkpoint(MyModel, "epoch=9.ckpt")``. The module is built from the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["DropoutConfigError", "closest", "check_rate"]
+__all__ = ["DropoutConfigError", "check_rate", "closest"]
 
 
 class DropoutConfigError(ValueError):

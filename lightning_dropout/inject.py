@@ -52,8 +52,8 @@ __all__ = [
     "Rule",
     "SiteHandle",
     "SiteInfo",
-    "apply_plan",
     "applied_plan",
+    "apply_plan",
     "describe",
     "existing_rate",
     "format_sites",
@@ -88,7 +88,9 @@ def is_dropout_module(module: nn.Module) -> bool:
         return True
     if isinstance(getattr(module, "drop_prob", None), float):
         return True
-    return type(module).__module__.startswith("torchvision.ops") and isinstance(getattr(module, "p", None), float)
+    return type(module).__module__.startswith("torchvision.ops") and isinstance(
+        getattr(module, "p", None), float
+    )
 
 
 def existing_rate(module: nn.Module) -> float | None:
@@ -128,7 +130,9 @@ def _resolve_type(spec: Any, field_name: str) -> type[nn.Module]:
         found = getattr(nn, spec, None)
         if isinstance(found, type) and issubclass(found, nn.Module):
             return found
-        choices = [n for n in dir(nn) if isinstance(getattr(nn, n), type) and issubclass(getattr(nn, n), nn.Module)]
+        choices = [
+            n for n in dir(nn) if isinstance(getattr(nn, n), type) and issubclass(getattr(nn, n), nn.Module)
+        ]
         raise DropoutConfigError(
             f"`{field_name}` names a class in torch.nn or by its import path ('pkg.module.Class'), but got "
             f"{spec!r}; nearest in torch.nn: {closest(spec, choices)}."
@@ -137,7 +141,9 @@ def _resolve_type(spec: Any, field_name: str) -> type[nn.Module]:
     try:
         found = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError):
-        raise DropoutConfigError(f"`{field_name}` must be an importable nn.Module class, but got {spec!r}.") from None
+        raise DropoutConfigError(
+            f"`{field_name}` must be an importable nn.Module class, but got {spec!r}."
+        ) from None
     if not (isinstance(found, type) and issubclass(found, nn.Module)):
         raise DropoutConfigError(f"`{field_name}` must be an nn.Module class, but {spec!r} is {found!r}.")
     return found
@@ -196,7 +202,7 @@ class Rule:
     match: Any = None
     name: Any = None
     regex: str | None = None
-    exclude: Any = ()
+    exclude: Any = None
     replace: Any = None
     where: str = "output"
     params: dict[str, Any] = field(default_factory=dict)
@@ -214,8 +220,9 @@ class Rule:
             try:
                 self._regex = re.compile(self.regex)
             except re.error as err:
-                raise DropoutConfigError(f"`regex` must be a valid regular expression, but got "
-                                         f"regex={self.regex!r} ({err}).") from None
+                raise DropoutConfigError(
+                    f"`regex` must be a valid regular expression, but got regex={self.regex!r} ({err})."
+                ) from None
         if self.replace is not None and self.replace is not True:
             if self.replace is False:
                 self.replace = None
@@ -223,12 +230,18 @@ class Rule:
                 self.replace = _as_types(self.replace, "replace")
         if self.replace is None:
             if self.match is None and self.name is None and self.regex is None:
-                raise DropoutConfigError("a rule must select modules with `match`, `name` or `regex`, or replace "
-                                         f"existing dropout with `replace`, but got {self!r}.")
+                raise DropoutConfigError(
+                    "a rule must select modules with `match`, `name` or `regex`, or replace "
+                    f"existing dropout with `replace`, but got {self!r}."
+                )
             if self.p is None:
-                raise DropoutConfigError(f"an injecting rule needs a rate `p` with 0 <= p < 1, but got p=None in {self!r}.")
+                raise DropoutConfigError(
+                    f"an injecting rule needs a rate `p` with 0 <= p < 1, but got p=None in {self!r}."
+                )
         if self.where not in _PLACEMENTS:
-            raise DropoutConfigError(f"`where` must be one of {list(_PLACEMENTS)}, but got where={self.where!r}.")
+            raise DropoutConfigError(
+                f"`where` must be one of {list(_PLACEMENTS)}, but got where={self.where!r}."
+            )
         if self.depth_scaling not in _DEPTH_SCALINGS:
             raise DropoutConfigError(
                 f"`depth_scaling` must be one of {list(_DEPTH_SCALINGS)}, but got depth_scaling={self.depth_scaling!r}."
@@ -354,12 +367,15 @@ def _weight_names(module: nn.Module, params: Mapping[str, Any]) -> list[str]:
     present = [n for n, _ in module.named_parameters(recurse=False)]
     missing = [n for n in names if n not in present]
     if missing:
-        raise DropoutConfigError(f"variant 'weight' needs parameters {missing} on {type(module).__name__}, which "
-                                 f"has {present}.")
+        raise DropoutConfigError(
+            f"variant 'weight' needs parameters {missing} on {type(module).__name__}, which has {present}."
+        )
     return list(names)
 
 
-def _complete_params(site_variant: str, where: str, module: nn.Module, params: Mapping[str, Any]) -> dict[str, Any]:
+def _complete_params(
+    site_variant: str, where: str, module: nn.Module, params: Mapping[str, Any]
+) -> dict[str, Any]:
     """Fill the parameters a site can read off its target (RNN layout, weight names)."""
     out = dict(params)
     if site_variant == "variational" and "batch_first" not in out and isinstance(module, nn.RNNBase):
@@ -383,8 +399,13 @@ def _float_variant(module: nn.Module) -> str:
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that may carry a site: not our own variants, not the insides of nn.MultiheadAttention (its
     forward calls no submodule), not containers without a forward."""
-    inside_mha = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.modules()
-                  if c is not m}
+    inside_mha = {
+        id(c)
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for c in m.modules()
+        if c is not m
+    }
     out = []
     for qualname, module in model.named_modules():
         if isinstance(module, (DropoutVariant, nn.ModuleList, nn.ModuleDict)) or id(module) in inside_mha:
@@ -404,11 +425,20 @@ def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]
             )
         return [Site(t, "attribute", "attention", rule.p) for t in targets]
     if rule.variant == "weight":
-        return [Site(qualname, "weight", "weight", rule.p, _complete_params("weight", "weight", module, rule.params))]
+        return [
+            Site(
+                qualname,
+                "weight",
+                "weight",
+                rule.p,
+                _complete_params("weight", "weight", module, rule.params),
+            )
+        ]
     places = ("input", "output") if rule.where == "both" else (rule.where,)
     if "input" in places and isinstance(module, nn.Sequential):
-        raise DropoutConfigError(f"where='input' is not supported on nn.Sequential {qualname!r}: target its first "
-                                 "module instead.")
+        raise DropoutConfigError(
+            f"where='input' is not supported on nn.Sequential {qualname!r}: target its first module instead."
+        )
     params = _complete_params(rule.variant, rule.where, module, rule.params)
     return [Site(qualname, w, rule.variant, rule.p, params) for w in places]
 
@@ -428,7 +458,15 @@ def _replacement_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Sit
         p = rule.p if rule.p is not None else existing_rate(module)
         return [Site(qualname, "attribute", kind, p)]
     p = rule.p if rule.p is not None else (existing_rate(module) or 0.0)
-    return [Site(qualname, "replace", rule.variant, p, _complete_params(rule.variant, "replace", module, rule.params))]
+    return [
+        Site(
+            qualname,
+            "replace",
+            rule.variant,
+            p,
+            _complete_params(rule.variant, "replace", module, rule.params),
+        )
+    ]
 
 
 def _selected(rule: Rule, model: nn.Module, excluded: set[str]) -> list[tuple[str, nn.Module]]:
@@ -444,7 +482,11 @@ def _selected(rule: Rule, model: nn.Module, excluded: set[str]) -> list[tuple[st
             continue
         if rule.replace is not None and qualname == "":
             continue
-        if rule._selects(qualname, module) if (rule.match or rule.name or rule.regex or rule.exclude) else True:
+        if (
+            rule._selects(qualname, module)
+            if (rule.match or rule.name or rule.regex or rule.exclude)
+            else True
+        ):
             picked.append((qualname, module))
     return picked
 
@@ -598,34 +640,46 @@ def _check_site(model: nn.Module, site: Site, module: nn.Module) -> None:
     """Refuse sites whose target cannot take them, naming the site."""
     if site.where == "attribute":
         if not _has_float_dropout(module):
-            raise DropoutConfigError(f"site {site.key!r}: where='attribute' needs nn.MultiheadAttention or an RNN with "
-                                     f"num_layers > 1, but the target is {type(module).__name__}.")
+            raise DropoutConfigError(
+                f"site {site.key!r}: where='attribute' needs nn.MultiheadAttention or an RNN with "
+                f"num_layers > 1, but the target is {type(module).__name__}."
+            )
         if site.variant != _float_variant(module):
-            raise DropoutConfigError(f"site {site.key!r}: the float dropout of {type(module).__name__} takes only "
-                                     f"variant {_float_variant(module)!r}, but got {site.variant!r}.")
+            raise DropoutConfigError(
+                f"site {site.key!r}: the float dropout of {type(module).__name__} takes only "
+                f"variant {_float_variant(module)!r}, but got {site.variant!r}."
+            )
     elif site.variant == "attention":
-        raise DropoutConfigError(f"site {site.key!r}: variant 'attention' is applied with where='attribute' on "
-                                 f"nn.MultiheadAttention, but got where={site.where!r}.")
+        raise DropoutConfigError(
+            f"site {site.key!r}: variant 'attention' is applied with where='attribute' on "
+            f"nn.MultiheadAttention, but got where={site.where!r}."
+        )
     if site.where == "weight" and site.variant != "weight":
-        raise DropoutConfigError(f"site {site.key!r}: where='weight' takes only variant 'weight', but got "
-                                 f"{site.variant!r}.")
+        raise DropoutConfigError(
+            f"site {site.key!r}: where='weight' takes only variant 'weight', but got {site.variant!r}."
+        )
     if site.where == "input" and isinstance(module, nn.Sequential):
-        raise DropoutConfigError(f"site {site.key!r}: where='input' is not supported on nn.Sequential; target its "
-                                 "first module instead.")
+        raise DropoutConfigError(
+            f"site {site.key!r}: where='input' is not supported on nn.Sequential; target its "
+            "first module instead."
+        )
     if site.where == "replace" and site.target == "":
         raise DropoutConfigError(f"site {site.key!r}: the root module cannot be replaced.")
 
 
 def _check_shapes(plan: DropoutPlan, trace: _Trace) -> None:
     for site in plan:
-        shape = {"output": trace.out_shapes, "input": trace.in_shapes,
-                 "replace": trace.in_shapes}.get(site.where, {}).get(site.target)
+        shape = {"output": trace.out_shapes, "input": trace.in_shapes, "replace": trace.in_shapes}.get(
+            site.where, {}
+        ).get(site.target)
         if shape is None:
             continue
         reason = build_variant(site.variant, site.p, **site.params).check_input(torch.Size(shape))
         if reason is not None:
-            raise DropoutConfigError(f"site {site.key!r}: variant {site.variant!r} {reason}, but the site sees shape "
-                                     f"{shape}; choose a variant that fits, or another site.")
+            raise DropoutConfigError(
+                f"site {site.key!r}: variant {site.variant!r} {reason}, but the site sees shape "
+                f"{shape}; choose a variant that fits, or another site."
+            )
 
 
 def _warn_before_batchnorm(model: nn.Module, plan: DropoutPlan, order: list[str]) -> None:
@@ -635,8 +689,11 @@ def _warn_before_batchnorm(model: nn.Module, plan: DropoutPlan, order: list[str]
         if site.where == "input":
             following = site.target
         else:
-            inside = [i for i, n in enumerate(order) if n == site.target or n.startswith(f"{site.target}.")
-                      or site.target == ""]
+            inside = [
+                i
+                for i, n in enumerate(order)
+                if n == site.target or n.startswith(f"{site.target}.") or site.target == ""
+            ]
             if not inside or inside[-1] + 1 >= len(order):
                 continue
             following = order[inside[-1] + 1]
@@ -670,7 +727,9 @@ def _attach(model: nn.Module, site: Site) -> _Record:
         return _Record(site, len(module) - 1)
     child = _CHILD_FOR[site.where]
     if child in module._modules:
-        raise DropoutConfigError(f"site {site.key!r}: {site.target!r} already has a child {child!r}; undo first.")
+        raise DropoutConfigError(
+            f"site {site.key!r}: {site.target!r} already has a child {child!r}; undo first."
+        )
     module.add_module(child, drop)
     if site.where == "output":
         module.register_forward_hook(_OutputHook(site.key, child))
@@ -727,15 +786,21 @@ def apply_plan(model: nn.Module, plan: DropoutPlan, example_input: Any = None) -
     return applied_plan(model)
 
 
-def inject(model: nn.Module, rules: Sequence[Rule] | Rule | None = None, plan: DropoutPlan | None = None,
-           example_input: Any = None) -> DropoutPlan:
+def inject(
+    model: nn.Module,
+    rules: Sequence[Rule] | Rule | None = None,
+    plan: DropoutPlan | None = None,
+    example_input: Any = None,
+) -> DropoutPlan:
     """Resolve ``rules`` (or take ``plan``) and apply it to ``model`` in place; returns the applied plan.
 
     Exactly one of ``rules`` and ``plan`` must be given.
     """
     if (rules is None) == (plan is None):
-        raise DropoutConfigError("give exactly one of `rules` and `plan`, but got "
-                                 f"rules={'set' if rules is not None else None}, plan={'set' if plan is not None else None}.")
+        raise DropoutConfigError(
+            "give exactly one of `rules` and `plan`, but got "
+            f"rules={'set' if rules is not None else None}, plan={'set' if plan is not None else None}."
+        )
     if rules is not None:
         plan = resolve(model, [rules] if isinstance(rules, Rule) else rules, example_input)
     assert plan is not None
@@ -817,19 +882,43 @@ def describe(model: nn.Module, example_input: Any = None) -> list[SiteInfo]:
         if trace is not None:
             shapes = trace.in_shapes if site.where in ("input", "replace") else trace.out_shapes
             shape = shapes.get(site.target)
-        module_type = type(handle.owner if site.where != "replace" else model.__dict__[_STATE_ATTR][site.key].original)
-        rows.append(SiteInfo(site.key, site.target, module_type.__name__, site.where, site.variant, handle.rate,
-                             dict(site.params), shape))
+        module_type = type(
+            handle.owner if site.where != "replace" else model.__dict__[_STATE_ATTR][site.key].original
+        )
+        rows.append(
+            SiteInfo(
+                site.key,
+                site.target,
+                module_type.__name__,
+                site.where,
+                site.variant,
+                handle.rate,
+                dict(site.params),
+                shape,
+            )
+        )
     return rows
 
 
 def format_sites(rows: Iterable[SiteInfo]) -> str:
     """A fixed-width text table of :func:`describe` rows."""
     header = ("site", "module", "variant", "p", "params", "shape")
-    body = [(r.key, r.module_type, r.variant, f"{r.p:.3g}", ", ".join(f"{k}={v}" for k, v in r.params.items()),
-             "x".join(map(str, r.shape)) if r.shape else "") for r in rows]
+    body = [
+        (
+            r.key,
+            r.module_type,
+            r.variant,
+            f"{r.p:.3g}",
+            ", ".join(f"{k}={v}" for k, v in r.params.items()),
+            "x".join(map(str, r.shape)) if r.shape else "",
+        )
+        for r in rows
+    ]
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *body]
+    ]
     return "\n".join(lines)
 
 

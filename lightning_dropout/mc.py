@@ -64,8 +64,13 @@ class MCPrediction(NamedTuple):
 
 
 @torch.no_grad()
-def mc_predict(model: nn.Module, x: Any, n_samples: int = 30, transform: Callable[[Tensor], Tensor] | None = None,
-               keep_samples: bool = False) -> MCPrediction:
+def mc_predict(
+    model: nn.Module,
+    x: Any,
+    n_samples: int = 30,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    keep_samples: bool = False,
+) -> MCPrediction:
     """Run ``n_samples`` stochastic forward passes with only dropout active.
 
     Args:

@@ -75,7 +75,12 @@ class Site:
         return f"{self.target}:{self.where}"
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"target": self.target, "where": self.where, "variant": self.variant, "p": self.p}
+        out: dict[str, Any] = {
+            "target": self.target,
+            "where": self.where,
+            "variant": self.variant,
+            "p": self.p,
+        }
         if self.params:
             out["params"] = dict(self.params)
         return out
@@ -83,7 +88,9 @@ class Site:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where_from: str = "site") -> Site:
         if not isinstance(data, Mapping):
-            raise DropoutConfigError(f"{where_from} must be a mapping with keys {list(_SITE_KEYS)}, but got {data!r}.")
+            raise DropoutConfigError(
+                f"{where_from} must be a mapping with keys {list(_SITE_KEYS)}, but got {data!r}."
+            )
         unknown = sorted(set(data) - set(_SITE_KEYS))
         if unknown:
             hint = {k: closest(k, _SITE_KEYS, 1) for k in unknown}
@@ -94,8 +101,13 @@ class Site:
         if missing:
             raise DropoutConfigError(f"{where_from} must give {missing}, but got {dict(data)!r}.")
         try:
-            return cls(data["target"], data.get("where", "output"), data["variant"], data["p"],
-                       data.get("params") or {})
+            return cls(
+                data["target"],
+                data.get("where", "output"),
+                data["variant"],
+                data["p"],
+                data.get("params") or {},
+            )
         except DropoutConfigError as err:
             raise DropoutConfigError(f"{where_from}: {err}") from None
 
@@ -150,9 +162,13 @@ class DropoutPlan:
         """A copy with the rates of the sites named in ``rates`` (by key) replaced."""
         unknown = sorted(set(rates) - {s.key for s in self._sites})
         if unknown:
-            raise DropoutConfigError(f"`rates` names sites not in the plan: {unknown}; the sites are "
-                                     f"{[s.key for s in self._sites]}.")
-        return DropoutPlan(Site(s.target, s.where, s.variant, rates.get(s.key, s.p), s.params) for s in self._sites)
+            raise DropoutConfigError(
+                f"`rates` names sites not in the plan: {unknown}; the sites are "
+                f"{[s.key for s in self._sites]}."
+            )
+        return DropoutPlan(
+            Site(s.target, s.where, s.variant, rates.get(s.key, s.p), s.params) for s in self._sites
+        )
 
     # -- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +179,9 @@ class DropoutPlan:
         if data is None:
             return cls()
         if not isinstance(data, Mapping) or set(data) - {"sites"}:
-            raise DropoutConfigError(f"{where_from} must be a mapping with the single key 'sites', but got {data!r}.")
+            raise DropoutConfigError(
+                f"{where_from} must be a mapping with the single key 'sites', but got {data!r}."
+            )
         sites = data.get("sites") or []
         if not isinstance(sites, list):
             raise DropoutConfigError(f"{where_from}.sites must be a list, but got {sites!r}.")

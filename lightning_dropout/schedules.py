@@ -22,29 +22,49 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from lightning_dropout.errors import DropoutConfigError
 
-__all__ = ["SCHEDULES", "Constant", "Cosine", "Curriculum", "EarlyDropout", "LateDropout", "Linear", "Schedule",
-           "make_schedule"]
+__all__ = [
+    "SCHEDULES",
+    "Constant",
+    "Cosine",
+    "Curriculum",
+    "EarlyDropout",
+    "LateDropout",
+    "Linear",
+    "Schedule",
+    "make_schedule",
+]
 
 _UNITS = ("step", "epoch")
 
 
-@dataclass(frozen=True)
 class Schedule:
-    """Base class: subclasses implement :meth:`factor`.
+    """Base class: subclasses take their settings as keyword arguments and implement :meth:`factor`.
+
+    Plain classes (not dataclasses) so that LightningCLI/jsonargparse accepts any subclass by ``class_path``.
 
     Args:
         unit: ``"epoch"`` (evaluated at each epoch start) or ``"step"`` (before each optimizer step).
     """
 
-    unit: str = "epoch"
+    def __init__(self, unit: str = "epoch") -> None:
+        if unit not in _UNITS:
+            raise DropoutConfigError(f"`unit` must be one of {list(_UNITS)}, but got {unit=!r}.")
+        self.unit = unit
 
-    def __post_init__(self) -> None:
-        if self.unit not in _UNITS:
-            raise DropoutConfigError(f"`unit` must be one of {list(_UNITS)}, but got unit={self.unit!r}.")
+    def _fields(self) -> dict[str, object]:
+        return dict(vars(self))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._fields().items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(self._fields().items())))
 
     def factor(self, t: float, total: float | None) -> float:
         """The multiplier of the planned rate at progress ``t`` of ``total`` units (``None`` if unknown)."""
@@ -65,12 +85,18 @@ def _check_nonneg(name: str, value: float | None) -> None:
         raise DropoutConfigError(f"`{name}` must be >= 0, but got {name}={value!r}.")
 
 
+def _check_cutoff(cutoff: float) -> None:
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not cutoff > 0:
+        raise DropoutConfigError(f"`cutoff` must be a number > 0, but got {cutoff=!r}.")
+
+
 def _check_unit_interval(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise DropoutConfigError(f"`{name}` must satisfy 0 <= {name} <= 1 (a fraction of p), but got {name}={value!r}.")
+        raise DropoutConfigError(
+            f"`{name}` must satisfy 0 <= {name} <= 1 (a fraction of p), but got {name}={value!r}."
+        )
 
 
-@dataclass(frozen=True)
 class Constant(Schedule):
     """The planned rate throughout."""
 
@@ -78,38 +104,34 @@ class Constant(Schedule):
         return 1.0
 
 
-@dataclass(frozen=True)
 class Linear(Schedule):
     """Linear from ``start * p`` to ``end * p`` over ``duration`` units (default: the whole run)."""
 
-    start: float = 0.0
-    end: float = 1.0
-    duration: float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_unit_interval("start", self.start)
-        _check_unit_interval("end", self.end)
-        _check_nonneg("duration", self.duration)
+    def __init__(
+        self, start: float = 0.0, end: float = 1.0, duration: float | None = None, unit: str = "epoch"
+    ) -> None:
+        super().__init__(unit)
+        _check_unit_interval("start", start)
+        _check_unit_interval("end", end)
+        _check_nonneg("duration", duration)
+        self.start, self.end, self.duration = float(start), float(end), duration
 
     def factor(self, t: float, total: float | None) -> float:
         frac = min(t / self._span(self.duration, total), 1.0)
         return self.start + (self.end - self.start) * frac
 
 
-@dataclass(frozen=True)
 class Cosine(Schedule):
     """Half-cosine from ``start * p`` to ``end * p`` over ``duration`` units (default: the whole run)."""
 
-    start: float = 1.0
-    end: float = 0.0
-    duration: float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_unit_interval("start", self.start)
-        _check_unit_interval("end", self.end)
-        _check_nonneg("duration", self.duration)
+    def __init__(
+        self, start: float = 1.0, end: float = 0.0, duration: float | None = None, unit: str = "epoch"
+    ) -> None:
+        super().__init__(unit)
+        _check_unit_interval("start", start)
+        _check_unit_interval("end", end)
+        _check_nonneg("duration", duration)
+        self.start, self.end, self.duration = float(start), float(end), duration
 
     def factor(self, t: float, total: float | None) -> float:
         frac = min(t / self._span(self.duration, total), 1.0)
@@ -119,19 +141,15 @@ class Cosine(Schedule):
 _EARLY_MODES = ("constant", "linear")
 
 
-@dataclass(frozen=True)
 class EarlyDropout(Schedule):
     """Dropout on for the first ``cutoff`` units, then off (Liu et al., ICML 2023)."""
 
-    cutoff: float = 0.0
-    mode: str = "constant"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.cutoff > 0:
-            raise DropoutConfigError(f"`cutoff` must be > 0, but got cutoff={self.cutoff!r}.")
-        if self.mode not in _EARLY_MODES:
-            raise DropoutConfigError(f"`mode` must be one of {list(_EARLY_MODES)}, but got mode={self.mode!r}.")
+    def __init__(self, cutoff: float, mode: str = "constant", unit: str = "epoch") -> None:
+        super().__init__(unit)
+        _check_cutoff(cutoff)
+        if mode not in _EARLY_MODES:
+            raise DropoutConfigError(f"`mode` must be one of {list(_EARLY_MODES)}, but got {mode=!r}.")
+        self.cutoff, self.mode = cutoff, mode
 
     def factor(self, t: float, total: float | None) -> float:
         if t >= self.cutoff:
@@ -139,32 +157,27 @@ class EarlyDropout(Schedule):
         return 1.0 if self.mode == "constant" else 1.0 - t / self.cutoff
 
 
-@dataclass(frozen=True)
 class LateDropout(Schedule):
     """Dropout off for the first ``cutoff`` units, then on (Liu et al., ICML 2023)."""
 
-    cutoff: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.cutoff > 0:
-            raise DropoutConfigError(f"`cutoff` must be > 0, but got cutoff={self.cutoff!r}.")
+    def __init__(self, cutoff: float, unit: str = "epoch") -> None:
+        super().__init__(unit)
+        _check_cutoff(cutoff)
+        self.cutoff = cutoff
 
     def factor(self, t: float, total: float | None) -> float:
         return 1.0 if t >= self.cutoff else 0.0
 
 
-@dataclass(frozen=True)
 class Curriculum(Schedule):
     """``p * (1 - exp(-gamma * t))`` (Morerio et al., ICCV 2017); ``gamma=None`` uses ``10 / total``, so the
     rate is within 0.005% of ``p`` by the end of the run, as the paper suggests."""
 
-    gamma: float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.gamma is not None and not self.gamma > 0:
-            raise DropoutConfigError(f"`gamma` must be > 0, but got gamma={self.gamma!r}.")
+    def __init__(self, gamma: float | None = None, unit: str = "epoch") -> None:
+        super().__init__(unit)
+        if gamma is not None and not gamma > 0:
+            raise DropoutConfigError(f"`gamma` must be > 0, but got {gamma=!r}.")
+        self.gamma = gamma
 
     def factor(self, t: float, total: float | None) -> float:
         gamma = self.gamma if self.gamma is not None else 10.0 / self._span(None, total)

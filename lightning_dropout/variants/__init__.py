@@ -12,7 +12,12 @@ from lightning_dropout.variants._base import (
     register_variant,
     variant_names,
 )
-from lightning_dropout.variants.alpha import AlphaDropout, FeatureAlphaDropout, alpha_dropout, feature_alpha_dropout
+from lightning_dropout.variants.alpha import (
+    AlphaDropout,
+    FeatureAlphaDropout,
+    alpha_dropout,
+    feature_alpha_dropout,
+)
 from lightning_dropout.variants.concrete import ConcreteDropout, concrete_dropout, concrete_regularizer
 from lightning_dropout.variants.dropblock import DropBlock, drop_block, seed_rate
 from lightning_dropout.variants.droppath import DropPath, drop_path

@@ -24,7 +24,9 @@ def register_variant(name: str) -> Callable[[_V], _V]:
 
     def decorate(cls: _V) -> _V:
         if name in VARIANTS and VARIANTS[name] is not cls:
-            raise DropoutConfigError(f"variant names must be unique, but {name!r} is already {VARIANTS[name]}.")
+            raise DropoutConfigError(
+                f"variant names must be unique, but {name!r} is already {VARIANTS[name]}."
+            )
         cls.variant_name = name
         VARIANTS[name] = cls
         return cls
@@ -101,7 +103,9 @@ class DropoutVariant(nn.Module):
     def set_rate(self, p: float) -> None:
         """Change the rate (used by schedules); validated like the constructor argument."""
         if not self.schedulable:
-            raise DropoutConfigError(f"variant {self.variant_name!r} learns its rate; it cannot be scheduled.")
+            raise DropoutConfigError(
+                f"variant {self.variant_name!r} learns its rate; it cannot be scheduled."
+            )
         self.p = check_rate(p)
 
     def check_input(self, shape: torch.Size) -> str | None:
@@ -111,7 +115,9 @@ class DropoutVariant(nn.Module):
     def _check(self, x: Tensor) -> None:
         reason = self.check_input(x.shape)
         if reason is not None:
-            raise DropoutConfigError(f"variant {self.variant_name!r} {reason}, but got shape {tuple(x.shape)}.")
+            raise DropoutConfigError(
+                f"variant {self.variant_name!r} {reason}, but got shape {tuple(x.shape)}."
+            )
 
     def _record(self, keep: Tensor) -> None:
         """Store the fraction of zeros in the (broadcastable) keep-mask when tracking is on."""
@@ -123,8 +129,9 @@ class DropoutVariant(nn.Module):
         return f"p={self.p:g}" + (f", {extras}" if extras else "")
 
 
-def keep_mask(shape: tuple[int, ...] | torch.Size, keep: float, like: Tensor,
-              generator: torch.Generator | None = None) -> Tensor:
+def keep_mask(
+    shape: tuple[int, ...] | torch.Size, keep: float, like: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     """A Bernoulli(``keep``) mask of ``shape`` in ``like``'s dtype and device, drawn from ``generator``."""
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
     noise = torch.rand(shape, dtype=dtype, device=like.device, generator=generator)

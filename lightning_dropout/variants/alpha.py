@@ -19,7 +19,13 @@ from torch import Tensor
 
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
-__all__ = ["SELU_ALPHA_PRIME", "AlphaDropout", "FeatureAlphaDropout", "alpha_dropout", "feature_alpha_dropout"]
+__all__ = [
+    "SELU_ALPHA_PRIME",
+    "AlphaDropout",
+    "FeatureAlphaDropout",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+]
 
 SELU_ALPHA_PRIME = -1.0507009873554805 * 1.6732632423543772
 
@@ -34,8 +40,9 @@ def _alpha(x: Tensor, mask: Tensor, p: float) -> Tensor:
     return a * (x * mask + SELU_ALPHA_PRIME * (1.0 - mask)) + b
 
 
-def alpha_dropout(x: Tensor, p: float = 0.5, training: bool = True,
-                  generator: torch.Generator | None = None) -> Tensor:
+def alpha_dropout(
+    x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
     """Functional twin of :class:`AlphaDropout` (note: ``training`` defaults to ``True`` here)."""
     if not training or p == 0.0:
         return x
@@ -44,8 +51,9 @@ def alpha_dropout(x: Tensor, p: float = 0.5, training: bool = True,
     return _alpha(x, keep_mask(x.shape, 1.0 - p, x, generator), p)
 
 
-def feature_alpha_dropout(x: Tensor, p: float = 0.5, training: bool = True,
-                          generator: torch.Generator | None = None) -> Tensor:
+def feature_alpha_dropout(
+    x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
     """Functional twin of :class:`FeatureAlphaDropout`; ``x`` is ``(N, C, *)``."""
     if not training or p == 0.0:
         return x

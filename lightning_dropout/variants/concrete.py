@@ -34,21 +34,32 @@ __all__ = ["ConcreteDropout", "concrete_dropout", "concrete_regularizer"]
 _EPS = 1e-7
 
 
-def concrete_dropout(x: Tensor, p_logit: Tensor, temperature: float = 0.1, training: bool = True,
-                     generator: torch.Generator | None = None) -> Tensor:
+def concrete_dropout(
+    x: Tensor,
+    p_logit: Tensor,
+    temperature: float = 0.1,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Functional twin of :class:`ConcreteDropout`; differentiable in ``x`` and ``p_logit``."""
     if not training:
         return x
     p = torch.sigmoid(p_logit)
     u = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator)
     z = torch.sigmoid(
-        (torch.log(p + _EPS) - torch.log1p(_EPS - p) + torch.log(u + _EPS) - torch.log1p(_EPS - u)) / temperature
+        (torch.log(p + _EPS) - torch.log1p(_EPS - p) + torch.log(u + _EPS) - torch.log1p(_EPS - u))
+        / temperature
     )
     return x * (1.0 - z) / (1.0 - p)
 
 
-def concrete_regularizer(p_logit: Tensor, weights: Iterable[Tensor], input_features: int,
-                         weight_regularizer: float = 1e-6, dropout_regularizer: float = 1e-5) -> Tensor:
+def concrete_regularizer(
+    p_logit: Tensor,
+    weights: Iterable[Tensor],
+    input_features: int,
+    weight_regularizer: float = 1e-6,
+    dropout_regularizer: float = 1e-5,
+) -> Tensor:
     """The Concrete-dropout regularizer for one site (see the module docstring)."""
     p = torch.sigmoid(p_logit)
     square = sum((w.pow(2).sum() for w in weights), torch.zeros((), device=p_logit.device))
@@ -74,10 +85,17 @@ class ConcreteDropout(DropoutVariant):
 
     schedulable = False
 
-    def __init__(self, p: float = 0.1, temperature: float = 0.1, weight_regularizer: float = 1e-6,
-                 dropout_regularizer: float = 1e-5) -> None:
+    def __init__(
+        self,
+        p: float = 0.1,
+        temperature: float = 0.1,
+        weight_regularizer: float = 1e-6,
+        dropout_regularizer: float = 1e-5,
+    ) -> None:
         if check_rate(p) == 0.0:
-            raise DropoutConfigError(f"`p` must satisfy 0 < p < 1 for variant 'concrete' (its logit), but got {p=}.")
+            raise DropoutConfigError(
+                f"`p` must satisfy 0 < p < 1 for variant 'concrete' (its logit), but got {p=}."
+            )
         if not temperature > 0:
             raise DropoutConfigError(f"`temperature` must be > 0, but got {temperature=!r}.")
         super().__init__(p)
@@ -102,8 +120,9 @@ class ConcreteDropout(DropoutVariant):
 
     def regularizer(self, weights: Iterable[Tensor]) -> Tensor:
         """The loss term for this site, given the parameters ``W`` of the layer it belongs to."""
-        return concrete_regularizer(self.p_logit, weights, self.input_features,
-                                    self.weight_regularizer, self.dropout_regularizer)
+        return concrete_regularizer(
+            self.p_logit, weights, self.input_features, self.weight_regularizer, self.dropout_regularizer
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:

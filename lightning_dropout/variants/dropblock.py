@@ -55,13 +55,14 @@ def seed_rate(p: float, spatial: tuple[int, ...], block_size: int) -> float:
     return 0.5 * (lo + hi)
 
 
-def _block_keep(x: Tensor, p: float, block_size: int, share_channels: bool,
-                generator: torch.Generator | None) -> Tensor:
+def _block_keep(
+    x: Tensor, p: float, block_size: int, share_channels: bool, generator: torch.Generator | None
+) -> Tensor:
     spatial = tuple(x.shape[2:])
     ks = [min(block_size, s) for s in spatial]
     gamma = seed_rate(p, spatial, block_size)
     channels = 1 if share_channels else x.shape[1]
-    valid = [s - k + 1 for s, k in zip(spatial, ks)]
+    valid = [s - k + 1 for s, k in zip(spatial, ks, strict=True)]
     seeds = 1.0 - keep_mask((x.shape[0], channels, *valid), 1.0 - gamma, x, generator)
     if len(spatial) == 1:
         seeds = F.pad(seeds, (ks[0] - 1, ks[0] - 1))
@@ -78,8 +79,14 @@ def _check_block_size(block_size: int) -> int:
     return block_size
 
 
-def drop_block(x: Tensor, p: float = 0.1, block_size: int = 3, training: bool = True,
-               share_channels: bool = False, generator: torch.Generator | None = None) -> Tensor:
+def drop_block(
+    x: Tensor,
+    p: float = 0.1,
+    block_size: int = 3,
+    training: bool = True,
+    share_channels: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Functional twin of :class:`DropBlock`; ``x`` is ``(N, C, L)`` or ``(N, C, H, W)``."""
     _check_block_size(block_size)
     if not training or p == 0.0:

@@ -20,8 +20,13 @@ from lightning_dropout.variants._base import DropoutVariant, keep_mask, register
 __all__ = ["DropPath", "drop_path"]
 
 
-def drop_path(x: Tensor, p: float = 0.1, training: bool = True, scale_by_keep: bool = True,
-              generator: torch.Generator | None = None) -> Tensor:
+def drop_path(
+    x: Tensor,
+    p: float = 0.1,
+    training: bool = True,
+    scale_by_keep: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Functional twin of :class:`DropPath`; ``x`` is ``(N, *)``."""
     if not training or p == 0.0:
         return x

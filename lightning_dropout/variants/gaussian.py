@@ -19,8 +19,9 @@ from lightning_dropout.variants._base import DropoutVariant, register_variant
 __all__ = ["GaussianDropout", "gaussian_dropout"]
 
 
-def gaussian_dropout(x: Tensor, p: float = 0.5, training: bool = True,
-                     generator: torch.Generator | None = None) -> Tensor:
+def gaussian_dropout(
+    x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
     """Functional twin of :class:`GaussianDropout`."""
     if not training or p == 0.0:
         return x

@@ -24,8 +24,9 @@ def _channel_mask_shape(x: Tensor) -> tuple[int, ...]:
     return (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
 
 
-def spatial_dropout(x: Tensor, p: float = 0.5, training: bool = True,
-                    generator: torch.Generator | None = None) -> Tensor:
+def spatial_dropout(
+    x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
     """Functional twin of :class:`SpatialDropout`; ``x`` is ``(N, C, *spatial)`` with 1 to 3 spatial dims."""
     if not training or p == 0.0:
         return x

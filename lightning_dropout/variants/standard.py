@@ -31,8 +31,13 @@ def _check_scaling(scaling: str) -> str:
     return scaling
 
 
-def dropout(x: Tensor, p: float = 0.5, training: bool = True, scaling: str = "inverted",
-            generator: torch.Generator | None = None) -> Tensor:
+def dropout(
+    x: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    scaling: str = "inverted",
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Functional twin of :class:`Dropout`.
 
     Args:
@@ -91,8 +96,9 @@ class Dropout(DropoutVariant):
         return x * mask / (1.0 - self.p) if self.scaling == "inverted" else x * mask
 
 
-def attention_dropout(weights: Tensor, p: float = 0.1, training: bool = True,
-                      generator: torch.Generator | None = None) -> Tensor:
+def attention_dropout(
+    weights: Tensor, p: float = 0.1, training: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
     """Functional twin of :class:`AttentionDropout`: inverted dropout on attention probabilities."""
     return dropout(weights, p, training, "inverted", generator)
 

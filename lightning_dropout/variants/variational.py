@@ -29,9 +29,13 @@ def _packed_row_index(batch_sizes: Tensor) -> Tensor:
     return torch.cat([torch.arange(n) for n in sizes])
 
 
-def variational_dropout(x: Tensor | PackedSequence, p: float = 0.5, training: bool = True,
-                        batch_first: bool = False, generator: torch.Generator | None = None,
-                        ) -> Tensor | PackedSequence:
+def variational_dropout(
+    x: Tensor | PackedSequence,
+    p: float = 0.5,
+    training: bool = True,
+    batch_first: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor | PackedSequence:
     """Functional twin of :class:`VariationalDropout`.
 
     Args:
@@ -47,8 +51,9 @@ def variational_dropout(x: Tensor | PackedSequence, p: float = 0.5, training: bo
     return out
 
 
-def _apply(x: Tensor | PackedSequence, p: float, batch_first: bool,
-           generator: torch.Generator | None) -> tuple[Tensor | PackedSequence, Tensor]:
+def _apply(
+    x: Tensor | PackedSequence, p: float, batch_first: bool, generator: torch.Generator | None
+) -> tuple[Tensor | PackedSequence, Tensor]:
     if isinstance(x, PackedSequence):
         n_seq = int(x.batch_sizes[0])
         mask = keep_mask((n_seq, *x.data.shape[1:]), 1.0 - p, x.data, generator)

@@ -23,8 +23,9 @@ from lightning_dropout.variants._base import DropoutVariant, keep_mask, register
 __all__ = ["WeightDropout", "weight_dropout"]
 
 
-def weight_dropout(weight: Tensor, p: float = 0.5, training: bool = True,
-                   generator: torch.Generator | None = None) -> Tensor:
+def weight_dropout(
+    weight: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
     """Functional twin of :class:`WeightDropout`: inverted dropout on a weight tensor."""
     if not training or p == 0.0:
         return weight
