@@ -107,7 +107,8 @@ class _RegularizedTrainingStep:
         if out is None:
             return out
         reg = regularization(self.module)
-        self.module.log(f"{_LOG_PREFIX}/regularizer", reg.detach(), on_step=True, on_epoch=False)
+        if getattr(self.module, "_trainer", None) is not None:  # also callable outside a Trainer
+            self.module.log(f"{_LOG_PREFIX}/regularizer", reg.detach(), on_step=True, on_epoch=False)
         if isinstance(out, Tensor):
             return out + reg
         if isinstance(out, Mapping) and "loss" in out:
@@ -159,7 +160,7 @@ class DropoutInjector(Callback):
         bad_mapping = isinstance(schedule, Mapping) and not all(
             isinstance(s, Schedule) for s in schedule.values()
         )
-        if schedule is not None and not isinstance(schedule, (Schedule, Mapping)) or bad_mapping:
+        if (schedule is not None and not isinstance(schedule, (Schedule, Mapping))) or bad_mapping:
             raise DropoutConfigError(
                 f"`schedule` must be a Schedule or a mapping of site globs to Schedules, but got {schedule!r}."
             )

@@ -315,9 +315,9 @@ def _trace(model: nn.Module, example_input: Any) -> _Trace:
 
     def record(mod: nn.Module, args: tuple, out: Any) -> None:
         qualname = names.get(id(mod))
-        if qualname is None or isinstance(mod, DropoutVariant):
+        if qualname is None:
             return
-        if _is_leaf(mod):
+        if _is_leaf(mod) and not isinstance(mod, DropoutVariant):
             trace.order.append(qualname)
         inp, res = _first_tensor(args), _first_tensor(out)
         if inp is not None:
@@ -398,7 +398,9 @@ def _float_variant(module: nn.Module) -> str:
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that may carry a site: not our own variants, not the insides of nn.MultiheadAttention (its
-    forward calls no submodule), not containers without a forward."""
+    forward calls no submodule), not containers without a forward. A module we replaced is seen as the
+    original it replaced, so resolving the same rules again gives the same plan."""
+    replaced = {r.site.target: r.original for r in _records(model).values() if r.site.where == "replace"}
     inside_mha = {
         id(c)
         for m in model.modules()
@@ -408,10 +410,17 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     }
     out = []
     for qualname, module in model.named_modules():
-        if isinstance(module, (DropoutVariant, nn.ModuleList, nn.ModuleDict)) or id(module) in inside_mha:
-            continue
-        out.append((qualname, module))
+        if qualname in replaced:
+            out.append((qualname, replaced[qualname]))
+        elif not isinstance(module, (DropoutVariant, nn.ModuleList, nn.ModuleDict)) and id(module) not in inside_mha:
+            out.append((qualname, module))
     return out
+
+
+def _original_rate(model: nn.Module, qualname: str, module: nn.Module) -> float | None:
+    """The rate ``module`` had before we touched it (attribute sites change the float in place)."""
+    record = _records(model).get(f"{qualname}:attribute")
+    return float(record.original) if record is not None else existing_rate(module)
 
 
 def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]:
@@ -443,7 +452,7 @@ def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]
     return [Site(qualname, w, rule.variant, rule.p, params) for w in places]
 
 
-def _replacement_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]:
+def _replacement_sites(rule: Rule, qualname: str, module: nn.Module, model: nn.Module) -> list[Site]:
     float_site = _has_float_dropout(module)
     explicit = rule.replace is not True
     if float_site:
@@ -455,7 +464,7 @@ def _replacement_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Sit
                     f"only variant {kind!r}, but {rule.label()} asks for {rule.variant!r}."
                 )
             return []
-        p = rule.p if rule.p is not None else existing_rate(module)
+        p = rule.p if rule.p is not None else _original_rate(model, qualname, module)
         return [Site(qualname, "attribute", kind, p)]
     p = rule.p if rule.p is not None else (existing_rate(module) or 0.0)
     return [
@@ -482,11 +491,7 @@ def _selected(rule: Rule, model: nn.Module, excluded: set[str]) -> list[tuple[st
             continue
         if rule.replace is not None and qualname == "":
             continue
-        if (
-            rule._selects(qualname, module)
-            if (rule.match or rule.name or rule.regex or rule.exclude)
-            else True
-        ):
+        if rule._selects(qualname, module):
             picked.append((qualname, module))
     return picked
 
@@ -526,8 +531,10 @@ def resolve(model: nn.Module, rules: Sequence[Rule], example_input: Any = None) 
         picked = _selected(rule, model, excluded)
         new: list[Site] = []
         for qualname, module in picked:
-            make = _injection_sites if rule.replace is None else _replacement_sites
-            new.extend(make(rule, qualname, module))
+            if rule.replace is None:
+                new.extend(_injection_sites(rule, qualname, module))
+            else:
+                new.extend(_replacement_sites(rule, qualname, module, model))
         if not new:
             raise _no_match_error(rule, index, model)
         if rule.depth_scaling == "linear" and len(new) > 1:
@@ -618,7 +625,7 @@ def _remove_hooks(module: nn.Module, key: str) -> None:
 @dataclass
 class _Record:
     site: Site
-    original: Any = None  # the replaced module, or the original float of an attribute site
+    original: Any = None  # replaced module; original float (attribute); appended key (Sequential output)
 
 
 def _records(model: nn.Module) -> dict[str, _Record]:
@@ -723,8 +730,11 @@ def _attach(model: nn.Module, site: Site) -> _Record:
         setattr(parent, child, drop)
         return record
     if site.where == "output" and isinstance(module, nn.Sequential):
-        module.append(drop)
-        return _Record(site, len(module) - 1)
+        key = str(len(module))
+        if key in module._modules:
+            raise DropoutConfigError(f"site {site.key!r}: nn.Sequential {site.target!r} already has a child {key!r}.")
+        module.add_module(key, drop)
+        return _Record(site, key)
     child = _CHILD_FOR[site.where]
     if child in module._modules:
         raise DropoutConfigError(
@@ -737,7 +747,7 @@ def _attach(model: nn.Module, site: Site) -> _Record:
         module.register_forward_pre_hook(_InputHook(site.key, child))
     else:
         module.register_forward_pre_hook(_WeightPreHook(site.key, child))
-        module.register_forward_hook(_WeightPostHook(site.key, child))
+        module.register_forward_hook(_WeightPostHook(site.key, child), always_call=True)
     return _Record(site)
 
 
@@ -750,7 +760,7 @@ def _detach(model: nn.Module, record: _Record) -> None:
         parent_name, _, child = site.target.rpartition(".")
         setattr(model.get_submodule(parent_name), child, record.original)
     elif isinstance(module, nn.Sequential) and site.where == "output":
-        del module[record.original]
+        del module._modules[record.original]  # by key: `del seq[i]` would renumber named children
     else:
         if site.where == "weight":
             _restore_weights(module, module._modules[WEIGHT_CHILD])  # type: ignore[arg-type]
@@ -850,7 +860,7 @@ def site_handles(model: nn.Module) -> list[SiteHandle]:
         elif site.where == "replace":
             module = owner
         elif isinstance(owner, nn.Sequential) and site.where == "output":
-            module = owner[record.original]
+            module = owner._modules[record.original]
         else:
             module = owner._modules[_CHILD_FOR[site.where]]
         out.append(SiteHandle(site, module, owner))  # type: ignore[arg-type]
