@@ -202,19 +202,38 @@ class Stepper:
         self.loss(self.model(self.x), self.y).backward()
         self.opt.step()
 
-    def time(self, steps: int) -> float:
-        """Seconds per step over ``steps`` consecutive steps."""
-        gc.collect()
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            for _ in range(steps):
-                self.step()
-            return (time.perf_counter() - start) / steps
-        finally:
-            if enabled:
-                gc.enable()
+    def timed_step(self) -> float:
+        start = time.perf_counter()
+        self.step()
+        return time.perf_counter() - start
+
+
+def timed_repeat(pair: tuple[Stepper, Stepper], steps: int, first: int, interleave: str) -> tuple[float, float]:
+    """Seconds per step of the baseline and of the injected model over one repeat of ``steps`` steps each.
+
+    ``interleave="step"`` alternates the two models step by step (who goes first flips every step), so both
+    see the same load even when other processes come and go; ``"block"`` runs all steps of the model
+    ``first`` and then all steps of the other.
+    """
+    totals = [0.0, 0.0]
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if interleave == "step":
+            for k in range(steps):
+                for i in (first, 1 - first) if k % 2 == 0 else (1 - first, first):
+                    totals[i] += pair[i].timed_step()
+        else:
+            for i in (first, 1 - first):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    pair[i].step()
+                totals[i] = time.perf_counter() - start
+    finally:
+        if enabled:
+            gc.enable()
+    return totals[0] / steps, totals[1] / steps
 
 
 @dataclass
@@ -238,7 +257,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def measure(case: Case, repeats: int, steps: int, warmup: int, seed: int) -> Result:
+def measure(case: Case, repeats: int, steps: int, warmup: int, seed: int, interleave: str = "step") -> Result:
     baseline, injected, x, y = build_pair(case, seed)
     pair = (Stepper(baseline, x, y), Stepper(injected, x, y))
     for stepper in pair:
@@ -250,13 +269,10 @@ def measure(case: Case, repeats: int, steps: int, warmup: int, seed: int) -> Res
     gc.freeze()
     base_t, inj_t, ratios = [], [], []
     for r in range(repeats):
-        order = (0, 1) if r % 2 == 0 else (1, 0)  # alternate who goes first
-        times = [0.0, 0.0]
-        for i in order:
-            times[i] = pair[i].time(steps)
-        base_t.append(times[0])
-        inj_t.append(times[1])
-        ratios.append(times[1] / times[0])
+        base, inj = timed_repeat(pair, steps, first=r % 2, interleave=interleave)  # alternate who goes first
+        base_t.append(base)
+        inj_t.append(inj)
+        ratios.append(inj / base)
     q1, med, q3 = quartiles(ratios)
     return Result(case.name, 1e3 * statistics.median(base_t), 1e3 * statistics.median(inj_t), med, q1, q3)
 
@@ -309,6 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=15, help="paired repeats per model (default 15)")
     parser.add_argument("--steps", type=int, default=30, help="train steps per timed block (default 30)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per model first (default 10)")
+    parser.add_argument("--interleave", choices=("step", "block"), default="step",
+                        help="alternate the two models every step (default; robust to changing load) or run "
+                             "each repeat as one block per model, alternating which block goes first")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default=",".join(c.name for c in CASES),
@@ -336,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in CASES if c.name in args.models]
     results = []
     for case in cases:
-        result = measure(case, args.repeats, args.steps, args.warmup, args.seed)
+        result = measure(case, args.repeats, args.steps, args.warmup, args.seed, args.interleave)
         print(f"{case.name}: baseline {result.base_ms:.2f} ms, injected {result.inj_ms:.2f} ms, "
               f"ratio {result.ratio:.3f}x", flush=True)
         results.append(result)
@@ -347,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "CPU": cpu_model(),
         "threads": str(torch.get_num_threads()),
-        "repeats x steps": f"{args.repeats} x {args.steps} (warmup {args.warmup})"
+        "repeats x steps": f"{args.repeats} x {args.steps} (warmup {args.warmup}, interleave={args.interleave})"
         + (" [--quick]" if args.quick else ""),
     }
     rows = table(results)

@@ -14,9 +14,11 @@ User errors (a bad config, a rule that matches nothing) print one line on stderr
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from lightning_dropout.errors import DropoutConfigError
@@ -71,19 +73,33 @@ def _cli(args: list[str]) -> Any:
                 raise _UserConfigError(" ".join(str(err).split())) from err
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args
+    with _quiet_lightning():  # "Seed set to", "GPU available": noise before a one-line config error
+        try:
+            return _CLI(
+                pl.LightningModule,
+                pl.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=args,
+                run=False,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"exit_on_error": False},
+            )
+        finally:
+            sys.argv = argv
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
     try:
-        return _CLI(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            run=False,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},
-        )
+        yield
     finally:
-        sys.argv = argv
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _describe(args: list[str]) -> int:
@@ -98,8 +114,9 @@ def _describe(args: list[str]) -> int:
             "but it has none."
         )
     model = cli.model
-    for injector in injectors:
-        injector.inject(model)
+    with _quiet_lightning():
+        for injector in injectors:
+            injector.inject(model)
     example = getattr(model, "example_input_array", None)
     sys.stdout.write(format_sites(describe(model, example)) + "\n")
     return 0

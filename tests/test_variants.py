@@ -278,8 +278,6 @@ def test_eval_is_identity_or_inference_rule(name: str) -> None:
         module = _build(name, kwargs).eval()
         x = make(SMALL)
         torch.testing.assert_close(module(x), _eval_expected(kwargs, P, x), rtol=0, atol=0)
-        if kwargs.get("scaling") != "inference":
-            assert module(x) is x or torch.equal(module(x), x)
 
 
 def test_standard_inference_scaling_eval_rule() -> None:
@@ -396,9 +394,11 @@ def test_set_rate(name: str) -> None:
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 @pytest.mark.parametrize("name", ALL)
 def test_torch_compile(name: str) -> None:
-    """Train and eval under ``torch.compile``; a compiled module also follows ``set_rate`` (schedules).
+    """Train and eval under ``torch.compile``; the compiled module also follows ``set_rate`` (schedules).
 
-    One input shape throughout: a changing batch size is ``test_torch_compile_batch_size_change``.
+    The aot_eager backend replays eager's RNG calls in order, so under the same seed the compiled training
+    output equals the eager one bit for bit (inductor would not: pytorch#118735). One input shape throughout:
+    a changing batch size is ``test_torch_compile_batch_size_change``.
     """
     for i, (kwargs, make) in enumerate(_cases(name)):
         if i > 0 and "scaling" not in kwargs:  # one compile per distinct eval rule keeps this fast
@@ -406,23 +406,18 @@ def test_torch_compile(name: str) -> None:
         torch._dynamo.reset()
         module = _build(name, kwargs, p=0.1)
         compiled = torch.compile(module, backend="aot_eager")
-        x = make(512)
-        assert compiled(x).shape == x.shape
+        x = make(64)
+        # a rate baked into the graph would make the compiled output differ from eager after set_rate
+        for p in (0.1, 0.5) if module.schedulable else (module.p,):
+            if module.schedulable:
+                module.set_rate(p)
+            torch.manual_seed(5)
+            y = compiled(x)
+            torch.manual_seed(5)
+            assert y.shape == x.shape
+            assert torch.equal(y, module(x)), p
         module.eval()
-        torch.testing.assert_close(compiled(x), module(x), rtol=0, atol=0)
-        if not module.schedulable:
-            continue
-        # the rate is not baked into the graph: after set_rate the compiled module drops at the new rate
-        module.train()
-        module.track = True
-        for p in (0.1, 0.5):
-            module.set_rate(p)
-            with torch.no_grad():
-                y = compiled(x)
-            if module.drops_units:  # >= 512 independent units: sd(fraction) <= 0.022
-                assert float(module.drop_fraction) == pytest.approx(p, abs=0.12), p
-            else:  # gaussian: var(y / x) = p / (1 - p) over 32768 elements, rel sd 0.008
-                assert float((y / x).var()) == pytest.approx(p / (1 - p), rel=0.05), p
+        torch.testing.assert_close(compiled(x), _eval_expected(kwargs, module.p, x), rtol=0, atol=0)
     torch._dynamo.reset()
 
 
@@ -445,8 +440,11 @@ class CompileFailedError(AssertionError):
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
-@pytest.mark.parametrize("track", [False, True], ids=["default", "track"])
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(
+    ("name", "track"),
+    [(n, False) for n in ALL] + [(n, True) for n in sorted(_FUSED_DEFAULT)],  # track: the non-fused path
+    ids=lambda v: {False: "default", True: "track"}.get(v, v) if isinstance(v, bool) else v,
+)
 def test_torch_compile_batch_size_change(name: str, track: bool, request: pytest.FixtureRequest) -> None:
     if track or name not in _FUSED_DEFAULT:
         request.applymarker(
@@ -481,8 +479,7 @@ _CHECK_SHAPES = [(), (5,), (4, 3), (1, 2, 3, 4, 5, 6)]
             marks=pytest.mark.xfail(
                 strict=True,
                 raises=IndexError,
-                reason="BUG: DropPath.forward never calls self._check, so the 0-d input its check_input refuses "
-                "fails with IndexError (x.shape[0]) instead of DropoutConfigError",
+                reason="BUG: DropPath.forward never calls _check: 0-d input raises IndexError, not DropoutConfigError",
             ),
         )
         if n == "droppath"
@@ -758,7 +755,12 @@ def test_dropblock_drop_fraction_matches_p(spatial: tuple[int, ...], k: int, rec
         y = module(torch.ones(n // 16, 16, *spatial))
     frac = float(module.drop_fraction)
     assert frac == pytest.approx(float((y == 0).float().mean()))
-    _record_fraction(record_property, f"dropblock k={k} {'x'.join(map(str, spatial))}", P, frac)
+    _record_fraction(
+        record_property,
+        f"dropblock k={k} {'x'.join(map(str, spatial)) if len(spatial) == 2 else f'L={spatial[0]}'}",
+        P,
+        frac,
+    )
     assert abs(frac - P) <= DROP_FRACTION_TOL
 
 

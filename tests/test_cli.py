@@ -1,0 +1,79 @@
+"""The lightning-dropout console script, called as main([...])."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_dropout.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def _tiny(tmp_path: Path) -> list[str]:
+    return [
+        "--config", QUICKSTART,
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.cache_dir={tmp_path / 'data'}",
+    ]
+
+
+def test_fit_runs_the_quickstart_and_writes_tensorboard_logs(tmp_path, capsys):
+    assert main(["fit", *_tiny(tmp_path)]) == 0
+    events = list((tmp_path / "runs" / "quickstart").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+
+
+def test_describe_lists_sites_without_training(tmp_path, capsys):
+    assert main(["describe", *_tiny(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "linear1:output" in out and "linear2:output" in out and "linear3" not in out
+    assert "2x100" in out  # the shape each site sees, from the model's example_input_array
+
+
+def test_variants_lists_the_registry(capsys):
+    from lightning_dropout.variants import VARIANTS
+
+    assert main(["variants"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()] == sorted(VARIANTS)
+
+
+def test_help_and_no_arguments(capsys):
+    assert main(["--help"]) == 0
+    assert "describe" in capsys.readouterr().out
+    assert main([]) == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.init_args.lr=-1"], "`lr` must be a number > 0, but got lr=-1.0."),
+        (["--trainer.max_epochsx=2"], "unrecognized arguments"),
+        (['--trainer.callbacks.init_args.rules=[{"match": "Linar", "p": 0.2}]'], "nearest in torch.nn: ['Linear'"),
+        (['--trainer.callbacks.init_args.rules=[{"match": "Linear", "p": 1.2}]'], "0 <= p < 1, but got p=1.2"),
+        (['--trainer.callbacks.init_args.rules=[{"match": "Linear", "variant": "spatial", "p": 0.2}]'],
+         "site 'linear1:output': variant 'spatial' needs a feature map"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    assert main(["describe", *_tiny(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lightning-dropout: error: ")
+    assert message in err[0]
+
+
+def test_unknown_command_and_missing_config(capsys):
+    assert main(["tune-me"]) == 2
+    assert "the command must be one of" in capsys.readouterr().err
+    assert main(["describe", "--config", "/no/such.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_describe_needs_an_injector(tmp_path, capsys):
+    args = [a for a in _tiny(tmp_path)] + ["--trainer.callbacks=[]"]
+    assert main(["describe", *args]) == 2
+    assert "must list a lightning_dropout.callback.DropoutInjector" in capsys.readouterr().err
