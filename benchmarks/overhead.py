@@ -7,8 +7,9 @@ keys verified) and are checked to compute the same thing: equal outputs in eval 
 draw their masks in the same order, equal outputs in training mode from the same seed.
 
 A train step is forward + backward + ``Adam.step`` on CPU. Each repeat times ``--steps`` steps of the baseline
-and of the injected model back to back (the order alternates between repeats), so both see the same machine
-state; the per-repeat ratio injected / baseline is summarized by its median and interquartile range.
+and ``--steps`` of the injected model, alternating the two step by step (``--interleave block``: one block per
+model, the block order alternating between repeats), so both see the same machine load; the per-repeat ratio
+injected / baseline is summarized by its median and interquartile range.
 
 Usage::
 
