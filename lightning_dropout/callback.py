@@ -187,18 +187,15 @@ class DropoutInjector(Callback):
             pl_module.configure_model()
         already = applied_plan(pl_module)
         self.inject(pl_module)
-        if already != self.plan:
-            assert self.plan is not None
+        if already != self.plan and self.plan is not None and trainer.is_global_zero:
+            table = format_sites(describe(pl_module, self._example(pl_module)))
             rank_zero_info(
-                f"lightning-dropout: {len(self.plan)} dropout sites (plan {self.plan.digest()})\n"
-                + format_sites(describe(pl_module))
+                f"lightning-dropout: {len(self.plan)} dropout sites (plan {self.plan.digest()})\n{table}"
             )
 
     def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
         """Apply this callback's rules or plan to ``pl_module`` now (``setup`` calls it); returns the plan."""
-        example = getattr(pl_module, "example_input_array", None) if self.use_example_input else None
-        if isinstance(example, Tensor):
-            example = example.to(pl_module.device)
+        example = self._example(pl_module)
         plan = (
             self._given_plan
             if self._given_plan is not None
@@ -220,6 +217,10 @@ class DropoutInjector(Callback):
             if not isinstance(pl_module.__dict__.get("training_step"), _RegularizedTrainingStep):
                 pl_module.training_step = _RegularizedTrainingStep(pl_module)  # type: ignore[method-assign]
         return self.plan
+
+    def _example(self, pl_module: pl.LightningModule) -> Any:
+        example = getattr(pl_module, "example_input_array", None) if self.use_example_input else None
+        return example.to(pl_module.device) if isinstance(example, Tensor) else example
 
     def _bind_schedules(self) -> list[tuple[SiteHandle, Schedule, float]]:
         if self.schedule is None:

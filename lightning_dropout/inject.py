@@ -412,7 +412,10 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for qualname, module in model.named_modules():
         if qualname in replaced:
             out.append((qualname, replaced[qualname]))
-        elif not isinstance(module, (DropoutVariant, nn.ModuleList, nn.ModuleDict)) and id(module) not in inside_mha:
+        elif (
+            not isinstance(module, (DropoutVariant, nn.ModuleList, nn.ModuleDict))
+            and id(module) not in inside_mha
+        ):
             out.append((qualname, module))
     return out
 
@@ -732,7 +735,9 @@ def _attach(model: nn.Module, site: Site) -> _Record:
     if site.where == "output" and isinstance(module, nn.Sequential):
         key = str(len(module))
         if key in module._modules:
-            raise DropoutConfigError(f"site {site.key!r}: nn.Sequential {site.target!r} already has a child {key!r}.")
+            raise DropoutConfigError(
+                f"site {site.key!r}: nn.Sequential {site.target!r} already has a child {key!r}."
+            )
         module.add_module(key, drop)
         return _Record(site, key)
     child = _CHILD_FOR[site.where]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TinyNet, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from helpers import TinyNet, loader, trainer
 from lightning_dropout import DropoutConfigError, DropoutPlan, Rule, Site, applied_plan
 from lightning_dropout.callback import DropoutInjector, checkpoint_plan, load_checkpoint
 from lightning_dropout.schedules import Constant, EarlyDropout, Linear
@@ -57,8 +57,9 @@ def test_layers_built_in_configure_model_are_injected():
 def test_concrete_regularizer_is_added_to_the_loss_and_rates_learn():
     torch.manual_seed(0)
     model = TinyNet()
-    injector = DropoutInjector(rules=[Rule(match=nn.Linear, variant="concrete", p=0.3,
-                                           params={"dropout_regularizer": 1.0})])
+    injector = DropoutInjector(
+        rules=[Rule(match=nn.Linear, variant="concrete", p=0.3, params={"dropout_regularizer": 1.0})]
+    )
     trainer(callbacks=[injector], max_epochs=3).fit(model, loader())
     site = model.fc1.ld_output
     assert isinstance(site, ConcreteDropout)
@@ -70,8 +71,9 @@ def test_concrete_regularizer_is_added_to_the_loss_and_rates_learn():
 
 def test_concrete_regularizer_changes_the_returned_loss():
     model = TinyNet()
-    injector = DropoutInjector(rules=[Rule(match=nn.Linear, variant="concrete", p=0.3,
-                                           params={"dropout_regularizer": 10.0})])
+    injector = DropoutInjector(
+        rules=[Rule(match=nn.Linear, variant="concrete", p=0.3, params={"dropout_regularizer": 10.0})]
+    )
     t = trainer(callbacks=[injector])
     injector.setup(t, model, "fit")
     batch = next(iter(loader()))
@@ -135,8 +137,9 @@ def test_step_schedule_linear_ramps_and_logs_rates():
 
 def test_schedule_mapping_by_site_glob_and_unmatched_glob():
     recorder = RateRecorder()
-    injector = DropoutInjector(rules=[Rule(match=nn.Linear, p=0.4)],
-                               schedule={"fc2:*": EarlyDropout(cutoff=1)})
+    injector = DropoutInjector(
+        rules=[Rule(match=nn.Linear, p=0.4)], schedule={"fc2:*": EarlyDropout(cutoff=1)}
+    )
     model = TinyNet()
     trainer(callbacks=[injector, recorder], max_epochs=2).fit(model, loader())
     assert {p for _, _, p in recorder.rates} == {0.4}  # fc1 is not scheduled
@@ -166,8 +169,11 @@ def test_resume_restores_structure_rates_and_schedule_position(tmp_path):
     rules = [Rule(match=nn.Linear, variant="concrete", p=0.2), Rule(name="fc2", p=0.4)]
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     first = TinyNet()
-    t1 = trainer(callbacks=[DropoutInjector(rules=rules, schedule={"fc2:*": Linear(unit="step")}), ckpt],
-                 max_epochs=2, enable_checkpointing=True)
+    t1 = trainer(
+        callbacks=[DropoutInjector(rules=rules, schedule={"fc2:*": Linear(unit="step")}), ckpt],
+        max_epochs=2,
+        enable_checkpointing=True,
+    )
     t1.fit(first, loader())
     learned = first.fc1.ld_output.p
     recorder = RateRecorder()
@@ -179,17 +185,21 @@ def test_resume_restores_structure_rates_and_schedule_position(tmp_path):
     # the learned rate came back from the checkpoint (it is not the initial 0.2) ...
     assert resumed.fc1.ld_output.p != pytest.approx(0.2, abs=1e-6)
     assert recorder.rates[0][1] == t1.global_step  # ... and the schedule continued from the saved step
-    assert resumed.fc2.ld_output.p == pytest.approx(0.4 * t2.global_step / t2.estimated_stepping_batches, rel=0.2)
+    assert resumed.fc2.ld_output.p == pytest.approx(
+        0.4 * t2.global_step / t2.estimated_stepping_batches, rel=0.2
+    )
     assert learned != pytest.approx(0.2, abs=1e-6)
 
 
 def test_resume_with_another_plan_warns(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer(callbacks=[DropoutInjector(rules=[Rule(name="fc1", p=0.2)]), ckpt], enable_checkpointing=True).fit(
-        TinyNet(), loader())
+    trainer(
+        callbacks=[DropoutInjector(rules=[Rule(name="fc1", p=0.2)]), ckpt], enable_checkpointing=True
+    ).fit(TinyNet(), loader())
     with pytest.warns(UserWarning, match="the checkpoint was trained with dropout plan"):
         trainer(callbacks=[DropoutInjector(rules=[Rule(name="fc1", p=0.3)])], max_epochs=2).fit(
-            TinyNet(), loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+            TinyNet(), loader(), ckpt_path=str(tmp_path / "last.ckpt")
+        )
 
 
 def test_load_checkpoint_one_liner(tmp_path):
@@ -235,7 +245,10 @@ def test_setup_twice_is_idempotent():
     ("kwargs", "message"),
     [
         ({}, "exactly one of `rules` and `plan`"),
-        ({"rules": [Rule(match=nn.Linear, p=0.1)], "plan": DropoutPlan()}, "exactly one of `rules` and `plan`"),
+        (
+            {"rules": [Rule(match=nn.Linear, p=0.1)], "plan": DropoutPlan()},
+            "exactly one of `rules` and `plan`",
+        ),
         ({"rules": []}, "at least one Rule"),
         ({"rules": "Linear"}, "must be a list of Rule"),
         ({"rules": [{"match": "Linear", "p": 0.1, "colour": "red"}]}, r"rules\[0\]:.*colour"),
@@ -258,15 +271,22 @@ def test_rule_matching_nothing_fails_at_setup_with_closest_names():
 
 def test_variant_that_cannot_apply_names_site_and_shape():
     injector = DropoutInjector(rules=[Rule(match=nn.Linear, variant="spatial", p=0.2)])
-    with pytest.raises(DropoutConfigError, match=r"site 'fc1:output': variant 'spatial' needs a feature map.*\(2, 16\)"):
+    with pytest.raises(
+        DropoutConfigError, match=r"site 'fc1:output': variant 'spatial' needs a feature map.*\(2, 16\)"
+    ):
         trainer(callbacks=[injector]).fit(TinyNet(), loader())
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_share_one_plan(tmp_path):
     env_script = HERE / "scripts" / "ddp_inject.py"
-    result = subprocess.run([sys.executable, str(env_script), str(tmp_path)], capture_output=True, text=True,
-                            timeout=240, cwd=HERE.parent)
+    result = subprocess.run(
+        [sys.executable, str(env_script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=HERE.parent,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2

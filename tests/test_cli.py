@@ -14,10 +14,15 @@ QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 def _tiny(tmp_path: Path) -> list[str]:
     return [
-        "--config", QUICKSTART,
-        "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.cache_dir={tmp_path / 'data'}",
+        "--config",
+        QUICKSTART,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.init_args.cache_dir={tmp_path / 'data'}",
     ]
 
 
@@ -53,10 +58,18 @@ def test_help_and_no_arguments(capsys):
     [
         (["--model.init_args.lr=-1"], "`lr` must be a number > 0, but got lr=-1.0."),
         (["--trainer.max_epochsx=2"], "unrecognized arguments"),
-        (['--trainer.callbacks.init_args.rules=[{"match": "Linar", "p": 0.2}]'], "nearest in torch.nn: ['Linear'"),
-        (['--trainer.callbacks.init_args.rules=[{"match": "Linear", "p": 1.2}]'], "0 <= p < 1, but got p=1.2"),
-        (['--trainer.callbacks.init_args.rules=[{"match": "Linear", "variant": "spatial", "p": 0.2}]'],
-         "site 'linear1:output': variant 'spatial' needs a feature map"),
+        (
+            ['--trainer.callbacks.init_args.rules=[{"match": "Linar", "p": 0.2}]'],
+            "nearest in torch.nn: ['Linear'",
+        ),
+        (
+            ['--trainer.callbacks.init_args.rules=[{"match": "Linear", "p": 1.2}]'],
+            "0 <= p < 1, but got p=1.2",
+        ),
+        (
+            ['--trainer.callbacks.init_args.rules=[{"match": "Linear", "variant": "spatial", "p": 0.2}]'],
+            "site 'linear1:output': variant 'spatial' needs a feature map",
+        ),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, extra, message):

@@ -425,14 +425,10 @@ def test_torch_compile(name: str) -> None:
 # paths draw their noise through torch.rand / torch.randn(..., generator=None).
 _FUSED_DEFAULT = {"alpha", "attention", "standard", "weight"}
 
-# BUG (variants/_base.py keep_mask, concrete.concrete_dropout, gaussian.gaussian_dropout): under torch.compile
-# a changed input shape (a smaller last batch, another sequence length) makes dynamo retrace with a symbolic
-# batch size, and torch.rand / torch.randn(shape, ..., generator=None) raise "SymIntArrayRef expected to
-# contain only concrete integers": passing ``generator=`` at all, even None, selects the ``.generator``
-# overload, which takes no SymInts. Passing ``generator`` only when it is not None fixes it (checked).
-_DYNAMIC_SHAPE_BUG = (
-    "BUG: torch.rand/randn(..., generator=None) fails under torch.compile once the batch size changes"
-)
+# Regression: under torch.compile a changed input shape (a smaller last batch, another sequence length) makes
+# dynamo retrace with a symbolic batch size; torch.rand / torch.randn(shape, ..., generator=None) then raised
+# "SymIntArrayRef expected to contain only concrete integers" (the ``.generator`` overload takes no SymInts).
+# The variants now pass ``generator`` only when one is set.
 
 
 class CompileFailedError(AssertionError):
@@ -446,10 +442,6 @@ class CompileFailedError(AssertionError):
     ids=lambda v: {False: "default", True: "track"}.get(v, v) if isinstance(v, bool) else v,
 )
 def test_torch_compile_batch_size_change(name: str, track: bool, request: pytest.FixtureRequest) -> None:
-    if track or name not in _FUSED_DEFAULT:
-        request.applymarker(
-            pytest.mark.xfail(strict=True, raises=CompileFailedError, reason=_DYNAMIC_SHAPE_BUG)
-        )
     kwargs, make = _cases(name)[0]
     torch._dynamo.reset()
     module = _build(name, kwargs)
@@ -474,16 +466,7 @@ _CHECK_SHAPES = [(), (5,), (4, 3), (1, 2, 3, 4, 5, 6)]
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=IndexError,
-                reason="BUG: DropPath.forward never calls _check: 0-d input raises IndexError, not DropoutConfigError",
-            ),
-        )
-        if n == "droppath"
-        else n
+        n
         for n in ALL
     ],
 )
@@ -613,10 +596,10 @@ def test_variational_time_major_same_mask_every_step() -> None:
     assert len({tuple(row.tolist()) for row in masks}) == 64, "each sample needs its own mask"
 
 
-def test_variational_unbatched_sequence() -> None:
-    y = VariationalDropout(0.5)(torch.ones(9, 32))  # (T, H)
-    assert torch.equal(y, y[:1].expand_as(y))
-    assert set(y.unique().tolist()) == {0.0, 2.0}
+def test_variational_refuses_2d_input() -> None:
+    # after a Linear a 2-D tensor is a batch of vectors, not a sequence: one mask for the batch would be wrong
+    with pytest.raises(DropoutConfigError, match=r"needs a sequence \(B, T, \*\) or \(T, B, \*\), but got shape \(9, 32\)"):
+        VariationalDropout(0.5)(torch.ones(9, 32))
 
 
 @pytest.mark.parametrize("enforce_sorted", [False, True])

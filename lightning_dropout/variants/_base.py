@@ -129,10 +129,16 @@ class DropoutVariant(nn.Module):
         return f"p={self.p:g}" + (f", {extras}" if extras else "")
 
 
+def rng(generator: torch.Generator | None) -> dict[str, torch.Generator]:
+    """``{"generator": g}`` or ``{}``: passing ``generator=None`` selects an overload of ``torch.rand`` that
+    ``torch.compile`` cannot trace with a symbolic (changing) batch size."""
+    return {"generator": generator} if generator is not None else {}
+
+
 def keep_mask(
     shape: tuple[int, ...] | torch.Size, keep: float, like: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
     """A Bernoulli(``keep``) mask of ``shape`` in ``like``'s dtype and device, drawn from ``generator``."""
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-    noise = torch.rand(shape, dtype=dtype, device=like.device, generator=generator)
+    noise = torch.rand(shape, dtype=dtype, device=like.device, **rng(generator))
     return (noise < keep).to(like.dtype)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dropout.errors import DropoutConfigError, check_rate
-from lightning_dropout.variants._base import DropoutVariant, register_variant
+from lightning_dropout.variants._base import DropoutVariant, register_variant, rng
 
 __all__ = ["ConcreteDropout", "concrete_dropout", "concrete_regularizer"]
 
@@ -45,7 +45,7 @@ def concrete_dropout(
     if not training:
         return x
     p = torch.sigmoid(p_logit)
-    u = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    u = torch.rand(x.shape, dtype=x.dtype, device=x.device, **rng(generator))
     z = torch.sigmoid(
         (torch.log(p + _EPS) - torch.log1p(_EPS - p) + torch.log(u + _EPS) - torch.log1p(_EPS - u))
         / temperature

@@ -19,6 +19,7 @@ Even block sizes are supported.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,9 +38,13 @@ def _coverage(size: int, k: int) -> np.ndarray:
     return np.minimum(i, size - k) - np.maximum(0, i - k + 1) + 1
 
 
-@functools.lru_cache(maxsize=1024)
-def seed_rate(p: float, spatial: tuple[int, ...], block_size: int) -> float:
+def seed_rate(p: float, spatial: Sequence[int], block_size: int) -> float:
     """The seed probability ``gamma`` whose expected dropped fraction on a map of size ``spatial`` is ``p``."""
+    return _seed_rate(float(p), tuple(int(s) for s in spatial), int(block_size))
+
+
+@functools.lru_cache(maxsize=1024)
+def _seed_rate(p: float, spatial: tuple[int, ...], block_size: int) -> float:
     if p == 0.0:
         return 0.0
     counts = np.ones(1)

@@ -59,6 +59,7 @@ class DropPath(DropoutVariant):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
+        self._check(x)
         mask = keep_mask((x.shape[0],) + (1,) * (x.dim() - 1), 1.0 - self.p, x, self.generator)
         self._record(mask)
         return x * mask / (1.0 - self.p) if self.scale_by_keep else x * mask

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_dropout.variants._base import DropoutVariant, register_variant
+from lightning_dropout.variants._base import DropoutVariant, register_variant, rng
 
 __all__ = ["GaussianDropout", "gaussian_dropout"]
 
@@ -25,7 +25,7 @@ def gaussian_dropout(
     """Functional twin of :class:`GaussianDropout`."""
     if not training or p == 0.0:
         return x
-    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, **rng(generator))
     return x * (1.0 + math.sqrt(p / (1.0 - p)) * noise)
 
 

@@ -5,7 +5,7 @@ NeurIPS 2016. (AWD-LSTM's ``LockedDropout``, Merity et al. 2018, is the same ope
 
 For a sequence ``(B, T, *)`` (``batch_first=True``) or ``(T, B, *)`` (``batch_first=False``, the torch RNN
 default) the mask has shape ``(B, 1, *)`` or ``(1, B, *)``: each sample keeps the same units at every
-step. Unbatched input ``(T, *)`` gets ``(1, *)``. A :class:`~torch.nn.utils.rnn.PackedSequence` gets one
+step. A 2-D input is refused: after a ``Linear`` it would be a batch of vectors, not a sequence. A :class:`~torch.nn.utils.rnn.PackedSequence` gets one
 mask row per sequence, repeated over its steps. Kept units are scaled by ``1/(1-p)``; eval is the identity.
 
 Unlike AWD-LSTM's ``LockedDropout`` (which assumes time-major input, so with ``batch_first=True`` it shares
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = ["VariationalDropout", "variational_dropout"]
@@ -39,7 +40,7 @@ def variational_dropout(
     """Functional twin of :class:`VariationalDropout`.
 
     Args:
-        x: ``(B, T, *)`` if ``batch_first`` else ``(T, B, *)``; ``(T, *)`` unbatched; or a PackedSequence.
+        x: ``(B, T, *)`` if ``batch_first`` else ``(T, B, *)``, or a PackedSequence.
         p: probability of dropping a unit for a whole sequence.
         training: identity when ``False``.
         batch_first: layout of ``x`` (ignored for PackedSequence and unbatched input).
@@ -61,11 +62,10 @@ def _apply(
         data = x.data * mask[rows] / (1.0 - p)
         return PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices), mask
     if x.dim() < 3:
-        shape = (1, *x.shape[1:])
-    elif batch_first:
-        shape = (x.shape[0], 1, *x.shape[2:])
-    else:
-        shape = (1, x.shape[1], *x.shape[2:])
+        raise DropoutConfigError(
+            f"variational dropout needs a sequence (B, T, *) or (T, B, *), but got shape {tuple(x.shape)}."
+        )
+    shape = (x.shape[0], 1, *x.shape[2:]) if batch_first else (1, x.shape[1], *x.shape[2:])
     mask = keep_mask(shape, 1.0 - p, x, generator)
     return x * mask / (1.0 - p), mask
 
@@ -90,7 +90,7 @@ class VariationalDropout(DropoutVariant):
         self.batch_first = bool(batch_first)
 
     def check_input(self, shape: torch.Size) -> str | None:
-        return "needs a sequence (T, *) or (B, T, *)" if len(shape) < 2 else None
+        return "needs a sequence (B, T, *) or (T, B, *)" if len(shape) < 3 else None
 
     def forward(self, x: Tensor | PackedSequence) -> Tensor | PackedSequence:  # type: ignore[override]
         if not self.training or self.p == 0.0:

@@ -43,15 +43,25 @@ class Net(L.LightningModule):
 def main(out: Path) -> None:
     L.seed_everything(0)
     data = TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
-    injector = DropoutInjector(rules=[
-        Rule(match=nn.Linear, variant="concrete", p=0.2),
-        Rule(match=nn.GRU, variant="variational", p=0.3),
-        Rule(match=nn.GRU, variant="weight", p=0.2),
-    ])
+    injector = DropoutInjector(
+        rules=[
+            Rule(match=nn.Linear, variant="concrete", p=0.2),
+            Rule(match=nn.GRU, variant="variational", p=0.3),
+            Rule(match=nn.GRU, variant="weight", p=0.2),
+        ]
+    )
     model = Net()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[injector])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[injector],
+    )
     trainer.fit(model, DataLoader(data, batch_size=8))
     rank = trainer.global_rank
     record = {
@@ -61,7 +71,9 @@ def main(out: Path) -> None:
         "plan": injector.plan.to_yaml(),
         "tree": repr(model),
         "optimizer_params": model.optimizer_param_names,
-        "p_logits": {n: float(torch.sigmoid(p)) for n, p in model.named_parameters() if n.endswith("p_logit")},
+        "p_logits": {
+            n: float(torch.sigmoid(p)) for n, p in model.named_parameters() if n.endswith("p_logit")
+        },
         "finished": trainer.state.finished,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
