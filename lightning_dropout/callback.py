@@ -275,6 +275,7 @@ class DropoutInjector(Callback):
         for handle, schedule, base in self._schedules:
             if schedule.unit != unit:
                 continue
+            total: int | float | None
             if unit == "step":
                 t, total = trainer.global_step, trainer.estimated_stepping_batches
             else:
@@ -293,7 +294,7 @@ class DropoutInjector(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.log_rates or batch_idx % max(trainer.log_every_n_steps, 1) != 0:
+        if not self.log_rates or batch_idx % max(trainer.log_every_n_steps, 1) != 0:  # type: ignore[attr-defined]  # set by Lightning
             return
         for handle in self._handles:
             pl_module.log(f"{_LOG_PREFIX}/{handle.site.key}", handle.rate, on_step=True, on_epoch=False)

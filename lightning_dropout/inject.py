@@ -36,7 +36,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -308,7 +308,7 @@ def _trace(model: nn.Module, example_input: Any) -> _Trace:
     """Run ``example_input`` through ``model`` in eval mode with grad on (torch's Transformer inference fast
     path would skip submodules), recording leaf call order and the shapes each module sees."""
     trace = _Trace([], {}, {})
-    names = {}
+    names: dict[int, str] = {}
     for qualname, mod in model.named_modules():
         names.setdefault(id(mod), qualname)
     handles = []
@@ -467,7 +467,8 @@ def _replacement_sites(rule: Rule, qualname: str, module: nn.Module, model: nn.M
                     f"only variant {kind!r}, but {rule.label()} asks for {rule.variant!r}."
                 )
             return []
-        p = rule.p if rule.p is not None else _original_rate(model, qualname, module)
+        # a float-dropout owner (MultiheadAttention/RNNBase) always has a rate
+        p = rule.p if rule.p is not None else cast(float, _original_rate(model, qualname, module))
         return [Site(qualname, "attribute", kind, p)]
     p = rule.p if rule.p is not None else (existing_rate(module) or 0.0)
     return [
@@ -565,7 +566,7 @@ class _SiteHook:
 
 class _OutputHook(_SiteHook):
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        drop = module._modules[self.child]
+        drop = cast(nn.Module, module._modules[self.child])  # the child we registered, never None
         try:
             if isinstance(output, tuple):  # recurrent modules: (sequence, state); the sequence is dropped
                 return (drop(output[0]), *output[1:])
@@ -578,7 +579,7 @@ class _InputHook(_SiteHook):
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
         if not args:
             return None
-        drop = module._modules[self.child]
+        drop = cast(nn.Module, module._modules[self.child])  # the child we registered, never None
         try:
             return (drop(args[0]), *args[1:])
         except DropoutConfigError as err:
@@ -721,8 +722,8 @@ def _attach(model: nn.Module, site: Site) -> _Record:
     module = _get(model, site.target, site)
     _check_site(model, site, module)
     if site.where == "attribute":
-        record = _Record(site, float(module.dropout))
-        module.dropout = site.p
+        record = _Record(site, float(module.dropout))  # type: ignore[arg-type]  # a float on MHA/RNNBase
+        module.dropout = site.p  # type: ignore[assignment]  # a float on MHA/RNNBase
         return record
     params = _complete_params(site.variant, site.where, module, site.params)
     drop = build_variant(site.variant, site.p, **params)
@@ -845,11 +846,11 @@ class SiteHandle:
 
     @property
     def rate(self) -> float:
-        return float(self.owner.dropout) if self.module is None else float(self.module.p)
+        return float(self.owner.dropout) if self.module is None else float(self.module.p)  # type: ignore[arg-type]  # float on MHA/RNNBase
 
     def set_rate(self, p: float) -> None:
         if self.module is None:
-            self.owner.dropout = check_rate(p)
+            self.owner.dropout = check_rate(p)  # type: ignore[assignment]  # a float on MHA/RNNBase
         else:
             self.module.set_rate(p)
 

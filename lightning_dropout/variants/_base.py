@@ -129,7 +129,8 @@ class DropoutVariant(nn.Module):
         return f"p={self.p:g}" + (f", {extras}" if extras else "")
 
 
-def rng(generator: torch.Generator | None) -> dict[str, torch.Generator]:
+# returns dict[str, Any]: mypy cannot match a ``**dict[str, Generator]`` against torch.rand's overloads
+def rng(generator: torch.Generator | None) -> dict[str, Any]:
     """``{"generator": g}`` or ``{}``: passing ``generator=None`` selects an overload of ``torch.rand`` that
     ``torch.compile`` cannot trace with a symbolic (changing) batch size."""
     return {"generator": generator} if generator is not None else {}

@@ -84,6 +84,7 @@ class ConcreteDropout(DropoutVariant):
     """
 
     schedulable = False
+    p_logit: nn.Parameter  # registered by the ``p`` setter
 
     def __init__(
         self,
