@@ -133,6 +133,11 @@ class DropoutInjector(Callback):
         use_example_input: when the module sets ``example_input_array``, use it to check that each variant
             fits the shape its site sees (naming the site otherwise) and to find the output layer by
             execution order.
+        dropout_seed: draw every variant's masks from a dedicated ``torch.Generator`` seeded with
+            ``dropout_seed + global_rank`` instead of the global generator, so runs that differ only in their
+            dropout see the same later random draws (initialization of lazily built layers, data order,
+            augmentation): common random numbers for comparing plans. Its state is checkpointed. The float
+            dropout of attention and RNN kernels (``where="attribute"``) cannot take a generator.
 
     Example:
         >>> from torch import nn
@@ -149,6 +154,7 @@ class DropoutInjector(Callback):
         log_rates: bool = True,
         track_drop_fraction: bool = False,
         use_example_input: bool = True,
+        dropout_seed: int | None = None,
     ) -> None:
         if (rules is None) == (plan is None):
             raise DropoutConfigError(
@@ -168,6 +174,11 @@ class DropoutInjector(Callback):
         self.log_rates = bool(log_rates)
         self.track_drop_fraction = bool(track_drop_fraction)
         self.use_example_input = bool(use_example_input)
+        if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)):
+            raise DropoutConfigError(f"`dropout_seed` must be an integer or None, but got {dropout_seed=!r}.")
+        self.dropout_seed = dropout_seed
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
         self.plan: DropoutPlan | None = None
         self._handles: list[SiteHandle] = []
         self._schedules: list[tuple[SiteHandle, Schedule, float]] = []
@@ -254,6 +265,17 @@ class DropoutInjector(Callback):
 
     # -- fit start: learned rates must be optimized -------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dropout_seed is not None:
+            self._generator = torch.Generator(device=pl_module.device)
+            self._generator.manual_seed(self.dropout_seed + trainer.global_rank)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+            for handle in self._handles:
+                if handle.module is not None:
+                    handle.module.generator = self._generator
+        self._check_learned_rates(trainer, pl_module)
+
+    def _check_learned_rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         learned = {id(p): n for n, p in pl_module.named_parameters() if n.endswith("p_logit")}
         concrete = [h for h in self._handles if isinstance(h.module, ConcreteDropout)]
         if not concrete:
@@ -306,9 +328,13 @@ class DropoutInjector(Callback):
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_dict() if self.plan is not None else None}
+        state: dict[str, Any] = {"plan": self.plan.to_dict() if self.plan is not None else None}
+        if self._generator is not None:
+            state["generator"] = self._generator.get_state()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._generator_state = state_dict.get("generator")
         saved = DropoutPlan.from_dict(state_dict.get("plan"))
         if self.plan is not None and saved != self.plan:
             rank_zero_warn(

@@ -8,35 +8,91 @@ Commands:
 * ``describe --config CONFIG.yaml``: build the model, resolve the injector's rules and print every dropout
   site (module, variant, rate, the shape it sees) without training.
 * ``variants``: list the registered variants.
+* ``tune CONFIG [overrides]``: run (or resume, or join) the Optuna study of a tuning config (``study:`` and
+  ``dropout:`` sections next to ``model``/``data``/``trainer``); prints the progress, the re-run table, and
+  writes the winning plan to ``<run_dir>/<study>/best_plan.yaml``.
+* ``best STUDY [--storage URL] [--out PLAN.yaml]``: print and write a finished study's best plan.
+* ``fit CONFIG --plan PLAN.yaml``: retrain with a plan, then report validation and test metrics.
+
+``CONFIG`` may be given positionally or as ``--config CONFIG``.
 
 User errors (a bad config, a rule that matches nothing) print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
+from lightning_dropout.config import ConfigError, load_config, quiet_lightning
 from lightning_dropout.errors import DropoutConfigError
 
 __all__ = ["main"]
 
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+_COMMANDS = (*_LIGHTNING_COMMANDS, "tune", "best", "describe", "variants")
 _USAGE = (
-    "usage: lightning-dropout {fit,validate,test,predict,describe,variants} [--config CONFIG.yaml] [overrides]\n"
-    "  fit|validate|test|predict  run LightningCLI (put a DropoutInjector in trainer.callbacks)\n"
+    "usage: lightning-dropout {fit,validate,test,predict,tune,best,describe,variants} [CONFIG.yaml] [overrides]\n"
+    "  fit|validate|test|predict  run LightningCLI (put a DropoutInjector in trainer.callbacks);\n"
+    "                             `fit CONFIG --plan PLAN.yaml` retrains with a plan and reports val/test metrics\n"
+    "  tune CONFIG                run or resume the Optuna study of a tuning config (study: and dropout: sections)\n"
+    "  best STUDY                 print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
     "  describe                   print the dropout sites the config's DropoutInjector would create\n"
     "  variants                   list the dropout variants\n"
     "Run `lightning-dropout fit --help` for every LightningCLI option."
 )
 
 
-class _UserConfigError(Exception):
-    """A class named in the config refused its arguments (raised while instantiating it)."""
+def _config_args(rest: list[str]) -> list[str]:
+    """Accept the config positionally (``tune study.yaml``) as well as ``--config study.yaml``."""
+    if rest and not rest[0].startswith("-"):
+        return ["--config", rest[0], *rest[1:]]
+    return rest
+
+
+def _lightning(command: str, rest: list[str]) -> int:
+    from lightning_dropout.callback import DropoutInjector
+
+    cli = load_config(rest, instantiate=False)
+    plan = cli.config.get("plan")
+    cli.fresh([DropoutInjector(plan=plan)] if plan else [])
+    ckpt = cli.config.get("ckpt_path")
+    getattr(cli.trainer, command)(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    if command == "fit" and plan:
+        metrics: dict[str, float] = {}
+        for stage in ("validate", "test"):
+            for results in getattr(cli.trainer, stage)(cli.model, datamodule=cli.datamodule, verbose=False):
+                metrics.update({k: float(v) for k, v in results.items()})
+        width = max(map(len, metrics), default=0)
+        sys.stdout.write("".join(f"{k.ljust(width)}  {v:.4f}\n" for k, v in sorted(metrics.items())))
+    return 0
+
+
+def _tune(rest: list[str]) -> int:
+    from lightning_dropout.tune.study import tune
+
+    tune(rest)
+    return 0
+
+
+def _best(rest: list[str]) -> int:
+    import argparse
+
+    from lightning_dropout.tune.runner import open_study, winner
+    from lightning_dropout.tune.study import plan_summary
+
+    parser = argparse.ArgumentParser(prog="lightning-dropout best", exit_on_error=False)
+    parser.add_argument("study")
+    parser.add_argument("--storage", default=None, help="default: sqlite:///runs/STUDY/study.db")
+    parser.add_argument("--out", default=None, help="default: print only")
+    ns = parser.parse_args(rest)
+    study = open_study(ns.study, ns.storage or f"sqlite:///runs/{ns.study}/study.db")
+    plan, label = winner(study)
+    sys.stdout.write(f"# best plan of {ns.study}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
+    if ns.out:
+        plan.save(ns.out)
+    return 0
 
 
 _RULE_BROKEN = re.compile(r"`[^`]+` (must|needs|names) .*?but got .*?(?=\s+- |\s+Given value|$)")
@@ -51,62 +107,11 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _cli(args: list[str]) -> Any:
-    import lightning.pytorch as pl
-    from lightning.pytorch.cli import LightningCLI
-
-    class _CLI(LightningCLI):
-        def add_arguments_to_parser(self, parser: Any) -> None:
-            parser.add_argument(
-                "--ckpt_path",
-                type=str | None,
-                default=None,
-                help="checkpoint to resume (fit) or evaluate (validate, test, predict)",
-            )
-
-        def instantiate_classes(self) -> None:
-            try:
-                super().instantiate_classes()
-            except DropoutConfigError:
-                raise
-            except (ValueError, TypeError) as err:
-                raise _UserConfigError(" ".join(str(err).split())) from err
-
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args
-    with _quiet_lightning():  # "Seed set to", "GPU available": noise before a one-line config error
-        try:
-            return _CLI(
-                pl.LightningModule,
-                pl.LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                args=args,
-                run=False,
-                save_config_kwargs={"overwrite": True},
-                parser_kwargs={"exit_on_error": False},
-            )
-        finally:
-            sys.argv = argv
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def _describe(args: list[str]) -> int:
     from lightning_dropout.callback import DropoutInjector
     from lightning_dropout.inject import describe, format_sites
 
-    cli = _cli(args)
+    cli = load_config(args)
     injectors = [c for c in cli.trainer.callbacks if isinstance(c, DropoutInjector)]
     if not injectors:
         return _fail(
@@ -114,7 +119,7 @@ def _describe(args: list[str]) -> int:
             "but it has none."
         )
     model = cli.model
-    with _quiet_lightning():
+    with quiet_lightning():
         for injector in injectors:
             injector.inject(model)
     example = getattr(model, "example_input_array", None)
@@ -141,26 +146,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     try:
         if command in _LIGHTNING_COMMANDS:
-            cli = _cli(rest)
-            getattr(cli.trainer, command)(
-                cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path")
-            )
-            return 0
+            return _lightning(command, _config_args(rest))
+        if command == "tune":
+            return _tune(_config_args(rest))
+        if command == "best":
+            return _best(rest)
         if command == "describe":
-            return _describe(rest)
+            return _describe(_config_args(rest))
         if command == "variants":
             return _variants()
-    except (DropoutConfigError, _UserConfigError) as err:
+    except (DropoutConfigError, ConfigError) as err:
         return _fail(str(err))
     except SystemExit as exit_:  # --help, or a parser that printed its own message
         return int(exit_.code or 0) if isinstance(exit_.code, int) or exit_.code is None else 2
     except Exception as err:
-        if type(err).__name__ == "ArgumentError":  # jsonargparse, with exit_on_error=False
+        if type(err).__name__ == "ArgumentError":  # argparse/jsonargparse, with exit_on_error=False
             return _fail(str(err))
         raise
-    return _fail(
-        f"the command must be one of {[*_LIGHTNING_COMMANDS, 'describe', 'variants']}, but got {command!r}."
-    )
+    return _fail(f"the command must be one of {list(_COMMANDS)}, but got {command!r}.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,120 @@
+"""Loading a LightningCLI config (the Lightning layer): parse and validate once, instantiate on demand.
+
+:class:`ConfigCLI` is a ``LightningCLI`` that never runs anything itself: it parses ``model``/``data``/
+``trainer`` (and, for tuning, the ``study:`` and ``dropout:`` sections), instantiates fresh objects when asked
+(each tuning trial gets its own model, datamodule and trainer) and turns a class that refuses its arguments
+into a :class:`ConfigError` the CLI prints in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_dropout.errors import DropoutConfigError
+
+__all__ = ["ConfigCLI", "ConfigError", "load_config", "quiet_lightning"]
+
+
+class ConfigError(Exception):
+    """A class named in the config refused its arguments (raised while instantiating it)."""
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Raise Lightning's loggers to WARNING for the block ("Seed set to", "GPU available" noise)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+class ConfigCLI(LightningCLI):
+    """LightningCLI that parses only; see the module docstring.
+
+    Extra top-level keys: ``ckpt_path`` and ``plan`` (a dropout plan YAML applied with ``DropoutInjector``);
+    with ``tune=True`` also ``study`` (:class:`~lightning_dropout.tune.config.StudyConfig`) and ``dropout``
+    (:class:`~lightning_dropout.tune.config.DropoutSpace`).
+    """
+
+    def __init__(self, args: list[str], tune: bool = False, instantiate: bool = True) -> None:
+        self._tune = tune
+        self._skip_instantiation = not instantiate
+        self.extra_callbacks: list[Callback] = []
+        self.extra_trainer_kwargs: dict[str, Any] = {}
+        super().__init__(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+        )
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="checkpoint to resume (fit) or evaluate (validate, test, predict)",
+        )
+        parser.add_argument(
+            "--plan",
+            type=str | None,
+            default=None,
+            help="a dropout plan YAML (from `lightning-dropout best`) to apply",
+        )
+        if self._tune:
+            from lightning_dropout.tune.config import DropoutSpace, StudyConfig
+
+            parser.add_class_arguments(StudyConfig, "study", help="the Optuna study")
+            parser.add_class_arguments(
+                DropoutSpace, "dropout", help="where dropout may go and what to search"
+            )
+
+    def instantiate_classes(self) -> None:
+        if self._skip_instantiation:  # LightningCLI.__init__ calls this; `fresh()` instantiates later
+            self._skip_instantiation = False
+            return
+        try:
+            super().instantiate_classes()
+        except DropoutConfigError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise ConfigError(" ".join(str(err).split())) from err
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
+        config = {**config, **self.extra_trainer_kwargs}
+        return super()._instantiate_trainer(config, [*callbacks, *self.extra_callbacks])
+
+    def fresh(self, callbacks: list[Callback] | None = None, **trainer_kwargs: Any) -> ConfigCLI:
+        """Instantiate new model, datamodule and trainer (with extra callbacks and trainer arguments)."""
+        self.extra_callbacks = list(callbacks or [])
+        self.extra_trainer_kwargs = trainer_kwargs
+        with quiet_lightning():
+            self.instantiate_classes()
+        return self
+
+
+def load_config(args: list[str], tune: bool = False, instantiate: bool = True) -> ConfigCLI:
+    """Parse (and validate) a config given as CLI arguments (``["--config", "x.yaml", overrides...]``)."""
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args
+    try:
+        with quiet_lightning():
+            return ConfigCLI(args, tune=tune, instantiate=instantiate)
+    finally:
+        sys.argv = argv

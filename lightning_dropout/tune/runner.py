@@ -1,0 +1,406 @@
+"""Running a study: one Optuna trial = one training run with a sampled dropout plan (the Optuna layer).
+
+``tune`` parses the config once (failing fast on any bad key), opens or creates the study in its storage,
+enqueues the baselines, and runs trials in ``workers`` processes that share the storage. Each trial:
+
+1. seeds everything with ``study.seed`` (same initialization and data order for every trial);
+2. builds a fresh model, datamodule and trainer from the config;
+3. samples a plan (define-by-run, :func:`~lightning_dropout.tune.space.suggest_plan`) or takes its baseline plan;
+4. trains with ``DropoutInjector(plan=...)`` and :class:`TrialPruning`, which reports the metric after every
+   validation and stops the run when the pruner says so;
+5. stores its plan (YAML), its metrics and, on failure, the reason on the trial.
+
+Failed trials (an exception, a NaN metric) are recorded with their reason and the study goes on. With an RDB
+storage a heartbeat marks trials of a killed worker as failed and re-queues them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import optuna
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from optuna.trial import TrialState
+
+from lightning_dropout.callback import DropoutInjector
+from lightning_dropout.config import ConfigCLI, load_config, quiet_lightning
+from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.inject import Rule, is_dropout_module, resolve
+from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
+from lightning_dropout.tune.space import suggest_plan
+
+__all__ = ["TrialPruning", "TrialResult", "Tuner", "open_study"]
+
+log = logging.getLogger(__name__)
+
+BASELINE_ATTR = "baseline"
+PLAN_ATTR = "plan"
+METRICS_ATTR = "metrics"
+FAIL_ATTR = "fail_reason"
+BASELINE_NONE = "no dropout"
+BASELINE_AS_WRITTEN = "as written"
+HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
+
+
+class TrialPruning(Callback):
+    """Report the monitored metric to an Optuna trial after each validation; stop when it should be pruned.
+
+    Only rank 0 talks to the study; the decision reaches every rank through ``strategy.broadcast`` and stops
+    the run gracefully (``trainer.should_stop``), so no rank is left waiting in a collective. The caller
+    raises ``optuna.TrialPruned`` after ``fit`` when :attr:`pruned` is set.
+    """
+
+    def __init__(self, trial: optuna.Trial | None, monitor: str, direction: str) -> None:
+        self.trial = trial
+        self.monitor = monitor
+        self.maximize = direction == "maximize"
+        self.pruned = False
+        self.history: list[float] = []
+
+    def best(self) -> float | None:
+        finite = [v for v in self.history if not math.isnan(v)]
+        if not finite:
+            return None
+        return max(finite) if self.maximize else min(finite)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise DropoutConfigError(
+                f"`study.metric` must be a metric the module logs during validation, but {self.monitor!r} is not "
+                f"among {sorted(trainer.callback_metrics)}."
+            )
+        score = float(value)
+        self.history.append(score)
+        prune = False
+        if trainer.is_global_zero and self.trial is not None:
+            self.trial.report(score, step=trainer.current_epoch)
+            prune = self.trial.should_prune()
+        prune = bool(trainer.strategy.broadcast(prune, src=0))
+        if prune:
+            self.pruned = True
+            trainer.should_stop = True
+
+
+@dataclass
+class TrialResult:
+    """What one training run produced."""
+
+    value: float | None
+    metrics: dict[str, float]
+    pruned: bool
+
+
+def _baseline_plans(model: torch.nn.Module) -> dict[str, DropoutPlan]:
+    has_dropout = any(is_dropout_module(m) for m in model.modules()) or any(
+        isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase)) and float(m.dropout) > 0
+        for m in model.modules()
+    )
+    if not has_dropout:
+        return {BASELINE_NONE: DropoutPlan()}
+    off = resolve(model, [Rule(replace=True, p=0.0)])
+    return {BASELINE_NONE: off, BASELINE_AS_WRITTEN: DropoutPlan()}
+
+
+class _ChosenPlanInjector(DropoutInjector):
+    """A DropoutInjector whose plan is chosen from the fresh model in ``setup`` (sampled by the trial, or a
+    baseline), so the model is built once per trial."""
+
+    def __init__(self, choose: Callable[[torch.nn.Module], DropoutPlan], dropout_seed: int | None) -> None:
+        super().__init__(plan=DropoutPlan(), dropout_seed=dropout_seed)
+        self._choose = choose
+        self._chosen = False
+
+    def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
+        if not self._chosen:
+            self._given_plan = self._choose(pl_module)
+            self._chosen = True
+        return super().inject(pl_module)
+
+
+class Tuner:
+    """Runs trials for one parsed tuning config.
+
+    Args:
+        args: the config as CLI arguments (``["--config", "study.yaml", overrides...]``); re-parsed in each
+            worker process, so workers need nothing but this list.
+    """
+
+    def __init__(self, args: Sequence[str]) -> None:
+        self.args = list(args)
+        self.cli: ConfigCLI = load_config(self.args, tune=True, instantiate=False)
+        with quiet_lightning():
+            init = self.cli.parser.instantiate_classes(self.cli.config)
+        self.study_config: StudyConfig = init["study"]
+        self.space: DropoutSpace = init["dropout"]
+
+    # -- storage ---------------------------------------------------------------------------------------------
+    @property
+    def storage_url(self) -> str:
+        return self.study_config.storage_url()
+
+    def storage(self) -> optuna.storages.BaseStorage:
+        return open_storage(self.storage_url)
+
+    def study(self) -> optuna.Study:
+        cfg = self.study_config
+        return optuna.create_study(
+            study_name=cfg.name,
+            storage=self.storage(),
+            sampler=make_sampler(cfg.sampler, cfg.seed),
+            pruner=make_pruner(cfg.pruner),
+            direction=cfg.direction,
+            load_if_exists=True,
+        )
+
+    # -- one run -----------------------------------------------------------------------------------------------
+    def train(
+        self,
+        plan: DropoutPlan | Callable[[torch.nn.Module], DropoutPlan],
+        trial: optuna.Trial | None,
+        seed: int,
+        version: str,
+        test: bool = False,
+    ) -> tuple[TrialResult, DropoutPlan]:
+        """Train one model with ``plan`` (or a function of the fresh model giving one) and return its metrics."""
+        cfg = self.study_config
+        pl.seed_everything(seed, workers=True, verbose=False)
+        pruning = TrialPruning(trial, cfg.metric, cfg.direction)
+        injector = _ChosenPlanInjector(
+            plan if callable(plan) else (lambda _: plan), dropout_seed=cfg.dropout_seed
+        )
+        logger = TensorBoardLogger(
+            Path(cfg.run_dir) / cfg.name, name="trials", version=version, default_hp_metric=False
+        )
+        cli = self.cli.fresh(
+            [injector, pruning], logger=logger, enable_progress_bar=False, enable_model_summary=False
+        )
+        with quiet_lightning():
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+        if test:
+            with quiet_lightning():
+                results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+            metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+        assert injector.plan is not None  # set in setup()
+        return TrialResult(pruning.best(), metrics, pruning.pruned), injector.plan
+
+    def objective(self, trial: optuna.Trial) -> float:
+        cfg = self.study_config
+        baseline = trial.user_attrs.get(BASELINE_ATTR)
+
+        def choose(model: torch.nn.Module) -> DropoutPlan:
+            if baseline is not None:
+                return _baseline_plans(model)[baseline]
+            example = getattr(model, "example_input_array", None)
+            return suggest_plan(trial, self.space.groups, model, example)
+
+        try:
+            result, plan = self.train(choose, trial, cfg.seed, version=f"trial_{trial.number:04d}")
+        except optuna.TrialPruned:
+            raise
+        except Exception as err:
+            trial.set_user_attr(FAIL_ATTR, f"{type(err).__name__}: {err}"[:2000])
+            raise
+        trial.set_user_attr(PLAN_ATTR, plan.to_yaml())
+        trial.set_user_attr(METRICS_ATTR, result.metrics)
+        if result.pruned:
+            raise optuna.TrialPruned("stopped by the pruner")
+        if result.value is None or math.isnan(result.value):
+            reason = f"`{cfg.metric}` was NaN or never logged (loss diverged?)"
+            trial.set_user_attr(FAIL_ATTR, reason)
+            raise FloatingPointError(reason)
+        return result.value
+
+    # -- the study ---------------------------------------------------------------------------------------------
+    def enqueue_baselines(self, study: optuna.Study) -> None:
+        if not self.study_config.baselines:
+            return
+        present = {t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)}
+        for name in _baseline_plans(self.cli.fresh().model):
+            if name not in present:
+                study.enqueue_trial({}, user_attrs={BASELINE_ATTR: name}, skip_if_exists=False)
+
+    def run_worker(self) -> None:
+        cfg = self.study_config
+        study = self.study()
+        stop = optuna.study.MaxTrialsCallback(
+            cfg.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        )
+        if _finished(study) >= cfg.n_trials:
+            return
+        study.optimize(
+            self.objective,
+            n_trials=None,
+            timeout=cfg.timeout,
+            catch=(Exception,),
+            callbacks=[stop],
+            gc_after_trial=True,
+        )
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(
+        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    )
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``: ``sqlite:///``, ``postgresql://``, ``mysql://`` (with heartbeat and retry
+    of stale trials) or ``journal:PATH`` (journal file; no heartbeat)."""
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend)
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    if not any(url.startswith(s) for s in ("sqlite:", "postgresql", "mysql")):
+        raise DropoutConfigError(
+            f"`study.storage` must be a sqlite:///, postgresql://, mysql:// or journal: URL, "
+            f"but got {redact(url)!r}."
+        )
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        grace_period=2 * HEARTBEAT_INTERVAL,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+    )
+
+
+def open_study(name: str, storage: str) -> optuna.Study:
+    """Load an existing study (for ``best`` and ``report``)."""
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(storage))
+    except KeyError:
+        names = optuna.get_all_study_names(open_storage(storage))
+        raise DropoutConfigError(
+            f"`study` must name a study in {redact(storage)}, but got {name!r}; studies there: {names}."
+        ) from None
+
+
+def _worker_main(args: list[str]) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    Tuner(args).run_worker()
+
+
+def run_workers(tuner: Tuner) -> None:
+    """Run the study's trials in ``study.workers`` processes (in this process when there is one)."""
+    n = tuner.study_config.workers
+    if n == 1:
+        tuner.run_worker()
+        return
+    context = multiprocessing.get_context("spawn")
+    procs = [
+        context.Process(target=_worker_main, args=(tuner.args,), name=f"tune-worker-{i}") for i in range(n)
+    ]
+    for proc in procs:
+        proc.start()
+        time.sleep(0.5)  # stagger the first asks so the sampler's startup trials differ
+    for proc in procs:
+        proc.join()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole study: trials, re-runs over seeds, the winner
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """A plan re-run over several seeds."""
+
+    label: str
+    trial: int
+    plan: DropoutPlan
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        finite = [v for v in self.values if not math.isnan(v)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    @property
+    def std(self) -> float:
+        finite = [v for v in self.values if not math.isnan(v)]
+        if len(finite) < 2:
+            return 0.0
+        mean = sum(finite) / len(finite)
+        return math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
+def _trial_plan(trial: optuna.trial.FrozenTrial) -> DropoutPlan:
+    return DropoutPlan.from_yaml(trial.user_attrs.get(PLAN_ATTR) or "sites: []")
+
+
+def _label(trial: optuna.trial.FrozenTrial) -> str:
+    return str(trial.user_attrs.get(BASELINE_ATTR) or f"trial {trial.number}")
+
+
+def candidates(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
+    """The baselines plus the ``top_k`` best completed sampled trials, best first."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(
+        (t for t in done if BASELINE_ATTR not in t.user_attrs), key=lambda t: t.value, reverse=reverse
+    )
+    baselines = [t for t in done if BASELINE_ATTR in t.user_attrs]
+    return ranked[:top_k] + baselines
+
+
+def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | None = None) -> list[Candidate]:
+    """Re-run the candidates over ``study.seeds`` seeds; store the values on the study; best mean first."""
+    cfg = tuner.study_config
+    stored: dict[str, Any] = dict(study.user_attrs.get("reruns", {}))
+    out = []
+    for trial in candidates(study, cfg.top_k):
+        key = str(trial.number)
+        values = list(stored.get(key, {}).get("values", []))
+        plan = _trial_plan(trial)
+        for i in range(len(values), cfg.seeds):
+            seed = cfg.seed + 1000 * (i + 1)
+            result, _ = tuner.train(plan, None, seed, version=f"rerun_{trial.number:04d}_seed{i}")
+            values.append(result.value if result.value is not None else math.nan)
+            stored[key] = {"label": _label(trial), "values": values}
+            study.set_user_attr("reruns", stored)
+            if on_done is not None:
+                on_done(f"{_label(trial)} seed {i + 1}/{cfg.seeds}")
+        out.append(Candidate(_label(trial), trial.number, plan, values))
+    maximize = cfg.direction == "maximize"
+    out.sort(key=lambda c: (math.isnan(c.mean), -c.mean if maximize else c.mean))
+    return out
+
+
+def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:
+    """The best plan of a study: by re-run mean when re-runs exist, else the best single trial."""
+    reruns = study.user_attrs.get("reruns") or {}
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    if reruns:
+
+        def score(item: tuple[str, Any]) -> float:
+            vals = [v for v in item[1]["values"] if not math.isnan(v)]
+            mean = sum(vals) / len(vals) if vals else math.nan
+            return -math.inf if math.isnan(mean) else (mean if maximize else -mean)
+
+        number, info = max(reruns.items(), key=score)
+        trial = study.trials[int(number)]
+        return _trial_plan(trial), f"{info['label']} (mean over {len(info['values'])} seeds)"
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise DropoutConfigError(
+            f"study {study.study_name!r} must have a completed trial, but has none."
+        ) from None
+    return _trial_plan(best), _label(best)

@@ -1,0 +1,157 @@
+"""The search space: groups of dropout sites, sampled define-by-run into a DropoutPlan (the Optuna layer).
+
+Each :class:`SearchGroup` selects sites like a :class:`~lightning_dropout.inject.Rule` and says what may go
+there. For every group the trial first chooses the variant, then that variant's rate and its own parameters
+(a conditional space: ``dropblock``'s ``block_size`` exists only when ``dropblock`` was chosen). A group shares
+one choice across its sites (so a 50-site model is not a 100-dimensional search), or chooses per site with
+``per_layer: true``; ``depth_scaling`` offers timm's linear-in-depth rates.
+
+Optuna parameter names: ``<group>/variant``, ``<group>/<variant>/p``, ``<group>/<variant>/<param>``
+(per layer: ``<group>/<site target>/...``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from torch import nn
+
+from lightning_dropout.errors import DropoutConfigError, check_rate
+from lightning_dropout.inject import Rule, resolve
+from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.variants import get_variant
+
+__all__ = ["SearchGroup", "suggest_plan"]
+
+_SELECT_KEYS = ("match", "name", "regex", "exclude", "replace", "where", "exclude_output_layer")
+
+
+@dataclass
+class SearchGroup:
+    """One group of dropout sites and what the tuner may put there.
+
+    Args:
+        name: the group's name, used in Optuna parameter names and reports.
+        select: the site selectors of a :class:`~lightning_dropout.inject.Rule` (``match``, ``name``, ``regex``,
+            ``exclude``, ``replace``, ``where``, ``exclude_output_layer``).
+        variants: the variants to choose from (first chosen, then its parameters).
+        p: ``[low, high]`` range of the rate; ``low`` may be 0 (no dropout in this group).
+        log: sample the rate on a log scale (needs ``low > 0``).
+        per_layer: choose variant and rate per site instead of once for the whole group.
+        params: per variant, the choices of its own parameters, e.g. ``{"dropblock": {"block_size": [3, 5]}}``.
+        depth_scaling: choices among ``"none"`` and ``"linear"`` (rates ``linspace(0, p, n)`` over the group).
+    """
+
+    name: str
+    select: dict[str, Any] = field(default_factory=dict)
+    variants: list[str] = field(default_factory=lambda: ["standard"])
+    p: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    log: bool = False
+    per_layer: bool = False
+    params: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    depth_scaling: list[str] = field(default_factory=lambda: ["none"])
+
+    def __post_init__(self) -> None:
+        where = f"dropout.groups[{self.name!r}]"
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise DropoutConfigError(
+                f"{where}: `name` must be a non-empty string without '/', but got {self.name!r}."
+            )
+        unknown = sorted(set(self.select) - set(_SELECT_KEYS))
+        if unknown:
+            raise DropoutConfigError(
+                f"{where}: `select` takes {list(_SELECT_KEYS)}, but got unknown {unknown}."
+            )
+        if not self.variants:
+            raise DropoutConfigError(f"{where}: `variants` must list at least one variant, but got [].")
+        for v in self.variants:
+            get_variant(v)
+        if len(self.p) != 2:
+            raise DropoutConfigError(f"{where}: `p` must be [low, high], but got p={self.p!r}.")
+        low, high = check_rate(self.p[0], "p[0]"), check_rate(self.p[1], "p[1]")
+        if low > high:
+            raise DropoutConfigError(f"{where}: `p` must satisfy low <= high, but got p={self.p!r}.")
+        if self.log and low <= 0:
+            raise DropoutConfigError(f"{where}: `log: true` needs p[0] > 0, but got p={self.p!r}.")
+        self.p = [low, high]
+        for variant, choices in self.params.items():
+            if variant not in self.variants:
+                raise DropoutConfigError(
+                    f"{where}: `params` names variant {variant!r}, which is not in "
+                    f"`variants` {self.variants}."
+                )
+            allowed = get_variant(variant).param_names()
+            for param, values in choices.items():
+                if param not in allowed:
+                    raise DropoutConfigError(
+                        f"{where}: variant {variant!r} takes the parameters {allowed}, but "
+                        f"`params` gives {param!r}."
+                    )
+                if not isinstance(values, list) or not values:
+                    raise DropoutConfigError(
+                        f"{where}: `params.{variant}.{param}` must be a non-empty list of "
+                        f"choices, but got {values!r}."
+                    )
+        for choice in self.depth_scaling:
+            if choice not in ("none", "linear"):
+                raise DropoutConfigError(
+                    f"{where}: `depth_scaling` choices must be 'none' or 'linear', but got {choice!r}."
+                )
+        self.rule(self.variants[0], self.p[1] if self.p[1] > 0 else 0.1)  # selectors validated once, here
+
+    def rule(
+        self,
+        variant: str,
+        p: float,
+        params: Mapping[str, Any] | None = None,
+        depth_scaling: str = "none",
+        only: str | None = None,
+    ) -> Rule:
+        """The Rule this group stands for with the given choices (``only``: restrict to one site target)."""
+        select = dict(self.select)
+        if only is not None:
+            select.update(name=[only], regex=None, exclude=None, exclude_output_layer=False)
+        return Rule(variant=variant, p=p, params=dict(params or {}), depth_scaling=depth_scaling, **select)
+
+    def targets(self, model: nn.Module, example_input: Any = None) -> list[str]:
+        """The site targets the group selects in ``model``, in model order."""
+        plan = resolve(model, [self.rule(self.variants[0], max(self.p[1], 0.1))], example_input)
+        return list(dict.fromkeys(s.target for s in plan))
+
+
+def _choose(trial: optuna.Trial, prefix: str, group: SearchGroup) -> tuple[str, float, dict[str, Any], str]:
+    variant = trial.suggest_categorical(f"{prefix}/variant", group.variants)
+    low, high = group.p
+    p = low if low == high else trial.suggest_float(f"{prefix}/{variant}/p", low, high, log=group.log)
+    params = {
+        k: trial.suggest_categorical(f"{prefix}/{variant}/{k}", v)
+        for k, v in sorted(group.params.get(variant, {}).items())
+    }
+    scaling = (
+        group.depth_scaling[0]
+        if len(group.depth_scaling) == 1
+        else trial.suggest_categorical(f"{prefix}/depth_scaling", group.depth_scaling)
+    )
+    return variant, p, params, scaling
+
+
+def suggest_plan(
+    trial: optuna.Trial, groups: Sequence[SearchGroup], model: nn.Module, example_input: Any = None
+) -> DropoutPlan:
+    """Sample one plan for ``model`` from ``groups`` (define-by-run). An injecting group whose rate is 0 adds no
+    site; a replacing group at 0 switches the model's own dropout off."""
+    rules: list[Rule] = []
+    for group in groups:
+        if group.per_layer:
+            for target in group.targets(model, example_input):
+                variant, p, params, _ = _choose(trial, f"{group.name}/{target}", group)
+                if p > 0 or group.select.get("replace"):  # a replaced dropout at p=0 is switched off
+                    rules.append(group.rule(variant, p, params, only=target))
+        else:
+            variant, p, params, scaling = _choose(trial, group.name, group)
+            if p > 0 or group.select.get("replace"):
+                rules.append(group.rule(variant, p, params, scaling))
+    return resolve(model, rules, example_input) if rules else DropoutPlan()

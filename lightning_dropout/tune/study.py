@@ -1,0 +1,110 @@
+"""``tune`` end to end, with a Rich progress bar and the final table (used by the CLI; no argv here)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune.config import redact
+from lightning_dropout.tune.runner import Candidate, Tuner, rerun, run_workers, winner
+
+__all__ = ["plan_summary", "tune"]
+
+log = logging.getLogger(__name__)
+
+
+def plan_summary(plan: DropoutPlan) -> str:
+    """``"fc1 standard 0.21, fc2 gaussian 0.10"``, or ``"(no sites)"``."""
+    parts = [
+        f"{s.target or '<root>'}{'' if s.where == 'output' else ':' + s.where} {s.variant} {s.p:.2f}"
+        for s in plan
+    ]
+    return ", ".join(parts) if parts else "(no sites)"
+
+
+def _status(study: optuna.Study) -> tuple[int, int, int, str]:
+    trials = study.get_trials(deepcopy=False)
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    try:
+        best = f"{study.best_value:.4f}"
+    except ValueError:
+        best = "-"
+    return done, pruned, failed, best
+
+
+def tune(args: Sequence[str], console: Console | None = None) -> tuple[DropoutPlan, list[Candidate], Path]:
+    """Run (or resume) the study of the config ``args``; return the winning plan, the re-run table and the path
+    the plan was written to."""
+    console = console or Console(stderr=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the table replace its lines
+    tuner = Tuner(args)
+    cfg = tuner.study_config
+    study = tuner.study()
+    tuner.enqueue_baselines(study)
+    console.print(
+        f"study [bold]{cfg.name}[/] in {redact(cfg.storage_url())}: {cfg.metric} ({cfg.direction}), "
+        f"{cfg.n_trials} trials, {cfg.workers} worker(s)"
+    )
+    stop = threading.Event()
+    with Progress(
+        TextColumn("[bold]trials"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("trials", total=cfg.n_trials, info="")
+
+        def refresh() -> None:
+            done, pruned, failed, best = _status(study)
+            progress.update(
+                task,
+                completed=min(done, cfg.n_trials),
+                info=f"best {cfg.metric} {best}  pruned {pruned}  failed {failed}",
+            )
+
+        def poll() -> None:
+            while not stop.wait(1.0):
+                refresh()
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            run_workers(tuner)
+        finally:
+            stop.set()
+            poller.join()
+            refresh()
+    ranked: list[Candidate] = []
+    if cfg.seeds > 1:
+        with console.status("re-running the best plans over seeds") as status:
+            ranked = rerun(tuner, study, on_done=lambda msg: status.update(f"re-running: {msg}"))
+    plan, label = winner(study)
+    path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
+    console.print(results_table(ranked, cfg.metric) if ranked else f"best trial: {label}")
+    console.print(f"winner: {label}; plan written to {path}")
+    return plan, ranked, path
+
+
+def results_table(ranked: list[Candidate], metric: str) -> Table:
+    table = Table(title=f"{metric} over seeds (best first)")
+    for column in ("plan", "trial", "mean", "std", "seeds", "sites"):
+        table.add_column(column)
+    for c in ranked:
+        mean = "nan" if math.isnan(c.mean) else f"{c.mean:.4f}"
+        table.add_row(c.label, str(c.trial), mean, f"{c.std:.4f}", str(len(c.values)), plan_summary(c.plan))
+    return table
