@@ -16,9 +16,12 @@ storage a heartbeat marks trials of a killed worker as failed and re-queues them
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,11 +127,13 @@ class _ChosenPlanInjector(DropoutInjector):
         self._choose = choose
         self._chosen = False
 
-    def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self._chosen:
-            self._given_plan = self._choose(pl_module)
+            # only rank 0 talks to the study; every rank applies the plan it chose (DDP: one tree everywhere)
+            chosen = self._choose(pl_module).to_yaml() if trainer.is_global_zero else None
+            self._given_plan = DropoutPlan.from_yaml(trainer.strategy.broadcast(chosen, src=0))
             self._chosen = True
-        return super().inject(pl_module)
+        super().setup(trainer, pl_module, stage)
 
 
 class Tuner:
@@ -198,18 +203,61 @@ class Tuner:
         assert injector.plan is not None  # set in setup()
         return TrialResult(pruning.best(), metrics, pruning.pruned), injector.plan
 
-    def objective(self, trial: optuna.Trial) -> float:
-        cfg = self.study_config
-        baseline = trial.user_attrs.get(BASELINE_ATTR)
+    @property
+    def multiprocess(self) -> bool:
+        """Whether a trial's trainer re-launches its script per rank (``strategy: ddp`` on several devices)."""
+        trainer = self.cli.config.get("trainer") or {}
+        strategy = str(trainer.get("strategy") or "auto")
+        devices = trainer.get("devices") or 1
+        count = (
+            len(devices)
+            if isinstance(devices, (list, tuple))
+            else (int(devices) if str(devices).isdigit() else 1)
+        )
+        nodes = int(trainer.get("num_nodes") or 1)
+        return strategy.startswith("ddp") and "spawn" not in strategy and count * nodes > 1
 
-        def choose(model: torch.nn.Module) -> DropoutPlan:
+    def run_trial(self, trial: optuna.Trial | None) -> tuple[TrialResult, DropoutPlan]:
+        """Train the trial's plan in this process. Under DDP only rank 0 has the ``trial``; the others get
+        ``None`` and receive the plan and the pruning decisions by broadcast."""
+        baseline = trial.user_attrs.get(BASELINE_ATTR) if trial is not None else None
+
+        def choose(model: torch.nn.Module) -> DropoutPlan:  # called on rank 0 only
+            assert trial is not None
             if baseline is not None:
                 return _baseline_plans(model)[baseline]
             example = getattr(model, "example_input_array", None)
             return suggest_plan(trial, self.space.groups, model, example)
 
+        number = trial.number if trial is not None else 0
+        return self.train(choose, trial, self.study_config.seed, version=f"trial_{number:04d}")
+
+    def _run_trial_subprocess(self, trial: optuna.Trial) -> tuple[TrialResult, DropoutPlan]:
+        """Run the trial as its own process, which Lightning's ``ddp`` launcher re-runs once per rank: the study
+        loop itself never runs twice. Rank 0 rebuilds the trial from the storage by id, samples, reports and
+        prunes; the plan and pruning decisions are broadcast to the other ranks."""
+        cfg = self.study_config
+        workdir = Path(cfg.run_dir) / cfg.name / "trial_io"
+        workdir.mkdir(parents=True, exist_ok=True)
+        spec = workdir / f"trial_{trial.number:04d}.json"
+        out = workdir / f"trial_{trial.number:04d}.result.json"
+        out.unlink(missing_ok=True)
+        spec.write_text(json.dumps({"args": self.args, "trial_id": trial._trial_id, "out": str(out)}))
+        cmd = [sys.executable, "-m", "lightning_dropout.tune.trial", str(spec)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if not out.is_file():
+            tail = (proc.stderr or proc.stdout)[-1500:]
+            raise RuntimeError(f"trial process exited with {proc.returncode} and no result: {tail}")
+        data = json.loads(out.read_text())
+        if data.get("error"):
+            raise RuntimeError(data["error"])
+        result = TrialResult(data["value"], data["metrics"], data["pruned"])
+        return result, DropoutPlan.from_yaml(data["plan"])
+
+    def objective(self, trial: optuna.Trial) -> float:
+        cfg = self.study_config
         try:
-            result, plan = self.train(choose, trial, cfg.seed, version=f"trial_{trial.number:04d}")
+            result, plan = self._run_trial_subprocess(trial) if self.multiprocess else self.run_trial(trial)
         except optuna.TrialPruned:
             raise
         except Exception as err:

@@ -1,0 +1,49 @@
+"""One tuning trial as its own process (``python -m lightning_dropout.tune.trial SPEC.json``).
+
+Used when the trainer re-launches its script per rank (``strategy: ddp``): Lightning runs this module again
+on every rank, rank 0 attaches to the study's trial by id, and rank 0 writes the result file that the study
+process reads. Internal: users never call it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import optuna
+
+from lightning_dropout.tune.runner import Tuner
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("GLOBAL_RANK", os.environ.get("LOCAL_RANK", "0"))))
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    rank = _global_rank()
+    out = Path(spec["out"])
+    try:
+        tuner = Tuner(spec["args"])
+        study = tuner.study()  # the configured sampler and pruner decide on rank 0
+        trial = optuna.trial.Trial(study, spec["trial_id"]) if rank == 0 else None
+        result, plan = tuner.run_trial(trial)  # type: ignore[arg-type]
+        record = {
+            "value": None if result.value is None or math.isnan(result.value) else result.value,
+            "metrics": result.metrics,
+            "pruned": result.pruned,
+            "plan": plan.to_yaml(),
+        }
+    except Exception as err:  # reported to the study process, which records the reason on the trial
+        record = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
+    if _global_rank() == 0:
+        out.write_text(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
