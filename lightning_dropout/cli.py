@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 from lightning_dropout.config import ConfigError, load_config, quiet_lightning
@@ -140,6 +141,8 @@ def _variants() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-dropout`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # Lightning 2.6 on torch 2.13 warns about its own pytree use on every fit: noise for our users.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(_USAGE + "\n")
         return 0 if args else 2

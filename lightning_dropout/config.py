@@ -44,13 +44,12 @@ def quiet_lightning() -> Iterator[None]:
 class ConfigCLI(LightningCLI):
     """LightningCLI that parses only; see the module docstring.
 
-    Extra top-level keys: ``ckpt_path`` and ``plan`` (a dropout plan YAML applied with ``DropoutInjector``);
-    with ``tune=True`` also ``study`` (:class:`~lightning_dropout.tune.config.StudyConfig`) and ``dropout``
-    (:class:`~lightning_dropout.tune.config.DropoutSpace`).
+    Extra top-level keys: ``ckpt_path``, ``plan`` (a dropout plan YAML applied with ``DropoutInjector``), and
+    the tuner's ``study`` (:class:`~lightning_dropout.tune.config.StudyConfig`) and ``dropout``
+    (:class:`~lightning_dropout.tune.config.DropoutSpace`), so one file serves every command.
     """
 
-    def __init__(self, args: list[str], tune: bool = False, instantiate: bool = True) -> None:
-        self._tune = tune
+    def __init__(self, args: list[str], instantiate: bool = True) -> None:
         self._skip_instantiation = not instantiate
         self.extra_callbacks: list[Callback] = []
         self.extra_trainer_kwargs: dict[str, Any] = {}
@@ -78,13 +77,13 @@ class ConfigCLI(LightningCLI):
             default=None,
             help="a dropout plan YAML (from `lightning-dropout best`) to apply",
         )
-        if self._tune:
-            from lightning_dropout.tune.config import DropoutSpace, StudyConfig
+        # The tuner's sections are always known (and validated), so one file serves tune, fit and describe.
+        from lightning_dropout.tune.config import DropoutSpace, StudyConfig
 
-            parser.add_class_arguments(StudyConfig, "study", help="the Optuna study")
-            parser.add_class_arguments(
-                DropoutSpace, "dropout", help="where dropout may go and what to search"
-            )
+        parser.add_class_arguments(StudyConfig, "study", help="the Optuna study (tune)")
+        parser.add_class_arguments(
+            DropoutSpace, "dropout", help="where dropout may go and what to search (tune)"
+        )
 
     def instantiate_classes(self) -> None:
         if self._skip_instantiation:  # LightningCLI.__init__ calls this; `fresh()` instantiates later
@@ -110,11 +109,11 @@ class ConfigCLI(LightningCLI):
         return self
 
 
-def load_config(args: list[str], tune: bool = False, instantiate: bool = True) -> ConfigCLI:
+def load_config(args: list[str], instantiate: bool = True) -> ConfigCLI:
     """Parse (and validate) a config given as CLI arguments (``["--config", "x.yaml", overrides...]``)."""
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args
     try:
         with quiet_lightning():
-            return ConfigCLI(args, tune=tune, instantiate=instantiate)
+            return ConfigCLI(args, instantiate=instantiate)
     finally:
         sys.argv = argv

@@ -9,7 +9,7 @@ import pytest
 from lightning_dropout.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+QUICKSTART = str(ROOT / "configs" / "mnist1d_fit.yaml")
 
 
 def _tiny(tmp_path: Path) -> list[str]:
@@ -26,9 +26,9 @@ def _tiny(tmp_path: Path) -> list[str]:
     ]
 
 
-def test_fit_runs_the_quickstart_and_writes_tensorboard_logs(tmp_path, capsys):
+def test_fit_runs_the_fit_config_and_writes_tensorboard_logs(tmp_path, capsys):
     assert main(["fit", *_tiny(tmp_path)]) == 0
-    events = list((tmp_path / "runs" / "quickstart").rglob("events.out.tfevents.*"))
+    events = list((tmp_path / "runs" / "mnist1d_fit").rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
 
 

@@ -146,11 +146,15 @@ class Tuner:
 
     def __init__(self, args: Sequence[str]) -> None:
         self.args = list(args)
-        self.cli: ConfigCLI = load_config(self.args, tune=True, instantiate=False)
+        self.cli: ConfigCLI = load_config(self.args, instantiate=False)
         with quiet_lightning():
             init = self.cli.parser.instantiate_classes(self.cli.config)
         self.study_config: StudyConfig = init["study"]
         self.space: DropoutSpace = init["dropout"]
+        if not self.space.groups:
+            raise DropoutConfigError(
+                "`dropout.groups` must list at least one group of sites to search, but the config has none."
+            )
 
     # -- storage ---------------------------------------------------------------------------------------------
     @property

@@ -44,9 +44,11 @@ def _status(study: optuna.Study) -> tuple[int, int, int, str]:
     return done, pruned, failed, best
 
 
-def tune(args: Sequence[str], console: Console | None = None) -> tuple[DropoutPlan, list[Candidate], Path]:
+def tune(
+    args: Sequence[str], console: Console | None = None
+) -> tuple[DropoutPlan | None, list[Candidate], Path | None]:
     """Run (or resume) the study of the config ``args``; return the winning plan, the re-run table and the path
-    the plan was written to."""
+    the plan was written to (``None`` and ``None`` when no trial completed, e.g. all were pruned or failed)."""
     console = console or Console(stderr=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the table replace its lines
     tuner = Tuner(args)
@@ -90,6 +92,12 @@ def tune(args: Sequence[str], console: Console | None = None) -> tuple[DropoutPl
             poller.join()
             refresh()
     ranked: list[Candidate] = []
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        done, pruned, failed, _ = _status(study)
+        console.print(
+            f"no trial completed ({pruned} pruned, {failed} failed of {done}): no best plan to write."
+        )
+        return None, ranked, None
     if cfg.seeds > 1:
         with console.status("re-running the best plans over seeds") as status:
             ranked = rerun(tuner, study, on_done=lambda msg: status.update(f"re-running: {msg}"))
