@@ -48,7 +48,7 @@ def test_ddp_trials_are_one_optuna_trial_for_all_ranks_and_pruning_reaches_every
     assert set(sampled.params) == {"hidden/variant", f"hidden/{sampled.params['hidden/variant']}/p"}
     # rank 0 reported the metric after the first validation, then every rank stopped
     assert sorted(sampled.intermediate_values) == [0]
-    # every rank applied the plan rank 0 sampled (the trial process would fail on mismatched DDP models)
+    # the plan rank 0 sampled (and broadcast to rank 1) is stored on the trial
     plan = DropoutPlan.from_yaml(sampled.user_attrs["plan"])
     assert {s.key for s in plan} == {"linear1:output", "linear2:output"}
     assert plan.sites[0].variant == sampled.params["hidden/variant"]
