@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.config import ConfigCLI, load_config, quiet_lightning
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.inject import Rule, is_dropout_module, resolve
+from lightning_dropout.inject import Rule, existing_rate, is_dropout_module, resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
 from lightning_dropout.tune.space import suggest_plan
@@ -108,8 +108,11 @@ class TrialResult:
 
 
 def _baseline_plans(model: torch.nn.Module) -> dict[str, DropoutPlan]:
-    has_dropout = any(is_dropout_module(m) for m in model.modules()) or any(
-        isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase)) and float(m.dropout) > 0
+    """The baselines every study compares against: no dropout at all, and the model's own dropout as written
+    (only when it has some: inert ``p=0`` slots, like those of the Transformer zoo model, do not count)."""
+    has_dropout = any(
+        (is_dropout_module(m) or isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase)))
+        and (existing_rate(m) or 0.0) > 0
         for m in model.modules()
     )
     if not has_dropout:
