@@ -160,6 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _variants()
     except (DropoutConfigError, ConfigError) as err:
         return _fail(str(err))
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            "lightning-dropout: interrupted; the study storage is consistent: run again to resume\n"
+        )
+        return 130
     except SystemExit as exit_:  # --help, or a parser that printed its own message
         return int(exit_.code or 0) if isinstance(exit_.code, int) or exit_.code is None else 2
     except Exception as err:

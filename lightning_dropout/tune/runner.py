@@ -201,7 +201,14 @@ class Tuner:
             [injector, pruning], logger=logger, enable_progress_bar=False, enable_model_summary=False
         )
         with quiet_lightning():
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            try:
+                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            except SystemExit as exit_:
+                # Lightning turns Ctrl-C into sys.exit(1); hand Optuna a KeyboardInterrupt instead, so it records
+                # the trial as failed (storage stays consistent) and stops the study
+                if cli.trainer.interrupted:
+                    raise KeyboardInterrupt from exit_
+                raise
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
         if test:
             with quiet_lightning():
@@ -366,8 +373,13 @@ def run_workers(tuner: Tuner) -> None:
     for proc in procs:
         proc.start()
         time.sleep(0.5)  # stagger the first asks so the sampler's startup trials differ
-    for proc in procs:
-        proc.join()
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:  # the workers got the SIGINT too: let them record their trials, then stop
+        for proc in procs:
+            proc.join(timeout=60)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
