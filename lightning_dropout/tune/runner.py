@@ -51,6 +51,7 @@ BASELINE_ATTR = "baseline"
 PLAN_ATTR = "plan"
 METRICS_ATTR = "metrics"
 FAIL_ATTR = "fail_reason"
+INTERRUPTED = "interrupted (Ctrl-C)"
 BASELINE_NONE = "no dropout"
 BASELINE_AS_WRITTEN = "as written"
 HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
@@ -274,6 +275,9 @@ class Tuner:
             result, plan = self._run_trial_subprocess(trial) if self.multiprocess else self.run_trial(trial)
         except optuna.TrialPruned:
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr(FAIL_ATTR, INTERRUPTED)  # not counted towards n_trials: a re-run redoes it
+            raise
         except Exception as err:
             trial.set_user_attr(FAIL_ATTR, f"{type(err).__name__}: {err}"[:2000])
             raise
@@ -291,7 +295,8 @@ class Tuner:
     def enqueue_baselines(self, study: optuna.Study) -> None:
         if not self.study_config.baselines:
             return
-        present = {t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)}
+        alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        present = {t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False, states=alive)}
         for name in _baseline_plans(self.cli.fresh().model):
             if name not in present:
                 study.enqueue_trial({}, user_attrs={BASELINE_ATTR: name}, skip_if_exists=False)
@@ -299,9 +304,11 @@ class Tuner:
     def run_worker(self) -> None:
         cfg = self.study_config
         study = self.study()
-        stop = optuna.study.MaxTrialsCallback(
-            cfg.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        )
+
+        def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if _finished(study) >= cfg.n_trials:
+                study.stop()
+
         if _finished(study) >= cfg.n_trials:
             return
         study.optimize(
@@ -315,9 +322,11 @@ class Tuner:
 
 
 def _finished(study: optuna.Study) -> int:
-    return len(
-        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    """Trials that count towards ``n_trials``: complete, pruned, or failed for a reason other than Ctrl-C."""
+    trials = study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     )
+    return sum(t.user_attrs.get(FAIL_ATTR) != INTERRUPTED for t in trials)
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
-from lightning_dropout.tune.runner import Candidate, Tuner, rerun, run_workers, winner
+from lightning_dropout.tune.runner import Candidate, Tuner, _finished, rerun, run_workers, winner
 
 __all__ = ["plan_summary", "tune"]
 
@@ -34,7 +34,7 @@ def plan_summary(plan: DropoutPlan) -> str:
 
 def _status(study: optuna.Study) -> tuple[int, int, int, str]:
     trials = study.get_trials(deepcopy=False)
-    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    done = _finished(study)
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
     failed = sum(t.state == TrialState.FAIL for t in trials)
     try:
