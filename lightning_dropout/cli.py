@@ -21,13 +21,12 @@ User errors (a bad config, a rule that matches nothing) print one line on stderr
 
 from __future__ import annotations
 
-import re
 import sys
 import warnings
 from collections.abc import Sequence
 
 from lightning_dropout.config import ConfigError, load_config, quiet_lightning
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import DropoutConfigError, summarize
 
 __all__ = ["main"]
 
@@ -96,15 +95,9 @@ def _best(rest: list[str]) -> int:
     return 0
 
 
-_RULE_BROKEN = re.compile(r"`[^`]+` (must|needs|names) .*?but got .*?(?=\s+- |\s+Given value|$)")
-
-
 def _fail(message: str) -> int:
     """Print one line on stderr: the house-style sentence buried in the message if there is one."""
-    flat = " ".join(str(message).split())
-    found = _RULE_BROKEN.search(flat)
-    line = found.group(0) if found else flat
-    sys.stderr.write(f"lightning-dropout: error: {line[:500]}\n")
+    sys.stderr.write(f"lightning-dropout: error: {summarize(message)[:600]}\n")
     return 2
 
 
@@ -158,7 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _describe(_config_args(rest))
         if command == "variants":
             return _variants()
-    except (DropoutConfigError, ConfigError) as err:
+    except ConfigError as err:  # already one line, with the file and the key
+        sys.stderr.write(f"lightning-dropout: error: {str(err)[:800]}\n")
+        return 2
+    except DropoutConfigError as err:
         return _fail(str(err))
     except KeyboardInterrupt:
         sys.stderr.write(

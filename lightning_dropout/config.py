@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import summarize
 
 __all__ = ["ConfigCLI", "ConfigError", "load_config", "quiet_lightning"]
 
@@ -91,10 +92,24 @@ class ConfigCLI(LightningCLI):
             return
         try:
             super().instantiate_classes()
-        except DropoutConfigError:
-            raise
-        except (ValueError, TypeError) as err:
-            raise ConfigError(" ".join(str(err).split())) from err
+        except (ValueError, TypeError) as err:  # DropoutConfigError included
+            raise ConfigError(self._where(str(err)) + summarize(str(err))) from err
+
+    def _where(self, message: str) -> str:
+        """``"<file>: <key>: "`` for an error raised while building a class of the config."""
+        files = [str(p) for p in (self.config.get("config") or []) if p is not None]
+        prefix = f"{files[-1]}: " if files else ""
+        found = re.search(r"class_path='([^']+)'", message)
+        if found is None:
+            return prefix
+        for key in ("model", "data"):
+            if getattr(self.config.get(key), "class_path", None) == found.group(1):
+                return f"{prefix}{key}.init_args: "
+        callbacks = (self.config.get("trainer") or {}).get("callbacks") or []
+        for i, callback in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
+            if getattr(callback, "class_path", None) == found.group(1):
+                return f"{prefix}trainer.callbacks[{i}].init_args: "
+        return f"{prefix}{found.group(1)}: "
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
         config = {**config, **self.extra_trainer_kwargs}

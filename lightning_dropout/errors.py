@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 __all__ = ["DropoutConfigError", "check_rate", "closest"]
+
+_RULE_BROKEN = re.compile(r"`[^`]+` (must|needs|names) .*?but got .*?(?=\s+- |\s+Given value|$)")
 
 
 class DropoutConfigError(ValueError):
@@ -34,3 +37,11 @@ def check_rate(p: object, name: str = "p") -> float:
     if not 0.0 <= value < 1.0:  # also rejects NaN
         raise DropoutConfigError(f"`{name}` must satisfy 0 <= {name} < 1, but got {name}={p!r}.")
     return value
+
+
+def summarize(message: str) -> str:
+    """One line: the house-style sentence ("`x` must ..., but got ...") buried in a long (jsonargparse union)
+    message if there is one, else the whole message with its whitespace collapsed."""
+    flat = " ".join(str(message).split())
+    found = _RULE_BROKEN.search(flat)
+    return found.group(0) if found else flat

@@ -56,7 +56,11 @@ def pg(postgres_url: str) -> Postgres:
     url = make_url(postgres_url)
     if not url.password:
         url = url.set(password=PASSWORD)
-    return Postgres(url.render_as_string(hide_password=False), str(url.password))
+    pg = Postgres(url.render_as_string(hide_password=False), str(url.password))
+    # Create Optuna's tables now, from one thread: two first connections racing on a fresh database both
+    # CREATE TYPE and one fails (Optuna's RDBStorage schema creation is not concurrency-safe).
+    _plain_storage(pg.url)
+    return pg
 
 
 def _study_args(pg: Postgres, name: str, run_dir: Path, n_trials: int, *extra: str) -> list[str]:

@@ -151,8 +151,7 @@ class Tuner:
     def __init__(self, args: Sequence[str]) -> None:
         self.args = list(args)
         self.cli: ConfigCLI = load_config(self.args, instantiate=False)
-        with quiet_lightning():
-            init = self.cli.parser.instantiate_classes(self.cli.config)
+        init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self.study_config: StudyConfig = init["study"]
         self.space: DropoutSpace = init["dropout"]
         if not self.space.groups:
@@ -186,7 +185,6 @@ class Tuner:
         trial: optuna.Trial | None,
         seed: int,
         version: str,
-        test: bool = False,
     ) -> tuple[TrialResult, DropoutPlan]:
         """Train one model with ``plan`` (or a function of the fresh model giving one) and return its metrics."""
         cfg = self.study_config
@@ -211,10 +209,6 @@ class Tuner:
                     raise KeyboardInterrupt from exit_
                 raise
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-        if test:
-            with quiet_lightning():
-                results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-            metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         assert injector.plan is not None  # set in setup()
         return TrialResult(pruning.best(), metrics, pruning.pruned), injector.plan
 

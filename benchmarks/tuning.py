@@ -1,0 +1,567 @@
+"""Tuning throughput on MNIST-1D: what pruning saves, what a second worker adds, what a trial costs outside fit.
+
+Three measurements of ``lightning-dropout tune`` (``lightning_dropout/tune/``) with the paper's MLP on MNIST-1D
+and the dropout search space of ``configs/mnist1d_mlp.yaml`` (``standard|gaussian|concrete``, ``p`` in
+``[0, 0.5]`` after each hidden Linear), written to a temporary YAML with its own data cache, run directory and a
+unique study name per run (``study.seeds=0``: no re-runs over seeds after the study):
+
+1. ``pruning``: the same study (same sampler seed, same trials budget) with ``MedianPruner`` and with
+   ``study.pruner=null``, in this process through ``lightning_dropout.tune.study.tune`` (the CLI's code path,
+   progress poller included). Reports the wall time and the epochs trained by each, the speed-up, and the best
+   ``val_acc`` of each side by side. Targets: >= 3x faster, best within 1.5 pp (single trials on MNIST-1D
+   differ by about that much from seed noise alone).
+2. ``workers``: trials per minute of a study with ``study.workers=1`` and ``=2`` (no pruner, SQLite storage),
+   each run as ``python -m lightning_dropout.cli tune`` with ``OMP_NUM_THREADS=1`` so two workers do not
+   fight over the cores. Throughput is counted over the trials' span in the storage (first trial start to
+   last trial end) and end to end (process wall time, which includes imports and spawning workers). Target:
+   >= 1.8x on 2 cores.
+3. ``overhead``: in-process trials of a tiny run (``max_epochs=1``, one train and one val batch) through
+   ``Tuner.run_worker``: per trial, the cycle from one trial's start to the next against the time between
+   Lightning's ``on_fit_start`` and ``on_fit_end``, and the same for plain ``trainer.fit`` runs built from the
+   same config. Target: <= 0.5 s per trial outside training.
+
+Usage::
+
+    python benchmarks/tuning.py                  # full run (about 20 min on 2 cores) -> benchmarks/results/tuning.md
+    python benchmarks/tuning.py --quick --out /tmp/tuning.md   # smoke test, tiny trials, < 60 s
+    python benchmarks/tuning.py --only overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "tuning.md"
+SECTIONS = ("pruning", "workers", "overhead")
+REPO = Path(__file__).resolve().parent.parent
+
+TARGET_PRUNING_SPEEDUP = 3.0
+TARGET_BEST_PP = 1.5
+TARGET_WORKERS = 1.8
+TARGET_OVERHEAD_S = 0.5
+
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    prune_trials: int
+    prune_epochs: int
+    n_startup_trials: int
+    n_warmup_steps: int
+    worker_trials: int
+    worker_epochs: int
+    overhead_trials: int
+    limit_train_batches: int | None  # None: the whole epoch (36 batches of 100)
+
+
+FULL = Sizes(
+    prune_trials=40, prune_epochs=20, n_startup_trials=5, n_warmup_steps=3,
+    worker_trials=8, worker_epochs=20, overhead_trials=20, limit_train_batches=None,
+)
+QUICK = Sizes(
+    prune_trials=6, prune_epochs=3, n_startup_trials=2, n_warmup_steps=0,
+    worker_trials=2, worker_epochs=1, overhead_trials=4, limit_train_batches=4,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config, machine, storage
+# ----------------------------------------------------------------------------------------------------------
+def write_config(path: Path, sizes: Sizes, max_epochs: int, tiny: bool = False) -> Path:
+    """A tuning config for the MNIST-1D MLP (the search space of configs/mnist1d_mlp.yaml)."""
+    trainer: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": max_epochs,
+        "enable_checkpointing": False,
+        "log_every_n_steps": 10,
+    }
+    if tiny:
+        trainer.update(max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    elif sizes.limit_train_batches is not None:
+        trainer.update(limit_train_batches=sizes.limit_train_batches)
+    config = {
+        "seed_everything": 42,
+        "model": {"class_path": "lightning_dropout.zoo.MLP"},
+        "data": {
+            "class_path": "lightning_dropout.data.MNIST1DDataModule",
+            "init_args": {"batch_size": 100, "val_fraction": 0.1},
+        },
+        "trainer": trainer,
+        "dropout": {
+            "groups": [
+                {
+                    "name": "hidden",
+                    "select": {"match": "Linear"},
+                    "variants": ["standard", "gaussian", "concrete"],
+                    "p": [0.0, 0.5],
+                    "per_layer": True,
+                }
+            ]
+        },
+        "study": {
+            "name": "bench",
+            "metric": "val_acc",
+            "direction": "maximize",
+            "n_trials": sizes.prune_trials,
+            "pruner": {
+                "name": "MedianPruner",
+                "args": {"n_startup_trials": sizes.n_startup_trials, "n_warmup_steps": sizes.n_warmup_steps},
+            },
+            "top_k": 3,
+            "seeds": 0,
+        },
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def common_overrides(tmp: Path, label: str) -> tuple[str, list[str]]:
+    """A unique study name and the overrides every run gets (own data cache, run dir, no re-runs)."""
+    name = f"bench_{label}_{uuid.uuid4().hex[:8]}"
+    return name, [
+        f"--data.init_args.cache_dir={tmp / 'data'}",
+        "--study.seeds=0",
+        f"--study.run_dir={tmp / 'runs'}",
+        f"--study.name={name}",
+    ]
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> tuple[float, float, float]:
+    try:
+        return os.getloadavg()
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        return (float("nan"),) * 3
+
+
+@dataclass
+class StudyStats:
+    """What a finished study's storage says about it."""
+
+    wall: float  # seconds: the tune() call or the process
+    complete: int
+    pruned: int
+    failed: int
+    best: float
+    epochs: int  # validations reported, i.e. epochs trained, over all trials
+    span: float  # first trial start to last trial end (storage timestamps)
+    busy: float  # sum of trial durations
+    durations: list[float] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+    @property
+    def concurrency(self) -> float:
+        return self.busy / self.span if self.span > 0 else float("nan")
+
+
+def study_stats(name: str, run_dir: Path, wall: float) -> StudyStats:
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{run_dir / name / 'study.db'}"
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    if not trials:
+        raise RuntimeError(f"study {name} in {storage} has no finished trial")
+    count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]  # type: ignore[operator]
+    start = min(t.datetime_start for t in trials)  # type: ignore[type-var]
+    end = max(t.datetime_complete for t in trials)  # type: ignore[type-var]
+    try:
+        best = float(study.best_value)
+    except ValueError:
+        best = float("nan")
+    return StudyStats(
+        wall=wall,
+        complete=count[TrialState.COMPLETE],
+        pruned=count[TrialState.PRUNED],
+        failed=count[TrialState.FAIL],
+        best=best,
+        epochs=sum(len(t.intermediate_values) for t in trials),
+        span=(end - start).total_seconds(),
+        busy=sum(durations),
+        durations=durations,
+    )
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Lightning's and Optuna's warnings and info lines for the block."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "optuna")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def progress(msg: str) -> None:
+    sys.stderr.write(f"[tuning {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Pruning
+# ----------------------------------------------------------------------------------------------------------
+def tune_in_process(config: Path, tmp: Path, label: str, extra: list[str]) -> StudyStats:
+    from rich.console import Console
+
+    from lightning_dropout.tune.study import tune
+
+    name, overrides = common_overrides(tmp, label)
+    console = Console(file=io.StringIO(), width=120)
+    with quiet():
+        start = time.perf_counter()
+        tune(["--config", str(config), *overrides, *extra], console=console)
+        wall = time.perf_counter() - start
+    return study_stats(name, tmp / "runs", wall)
+
+
+def bench_pruning(tmp: Path, sizes: Sizes) -> dict[str, Any]:
+    config = write_config(tmp / "pruning.yaml", sizes, sizes.prune_epochs)
+    extra = [f"--study.n_trials={sizes.prune_trials}"]
+    progress(f"pruning: {sizes.prune_trials} trials x {sizes.prune_epochs} epochs with MedianPruner")
+    pruned = tune_in_process(config, tmp, "pruned", extra)
+    progress(f"  {pruned.wall:.1f} s, {pruned.pruned} pruned, best {pruned.best:.4f}; now without pruner")
+    full = tune_in_process(config, tmp, "nopruner", [*extra, "--study.pruner=null"])
+    progress(f"  {full.wall:.1f} s, best {full.best:.4f}")
+    return {"pruned": pruned, "full": full}
+
+
+def pruning_markdown(res: dict[str, Any], sizes: Sizes) -> list[str]:
+    p: StudyStats = res["pruned"]
+    f: StudyStats = res["full"]
+    speedup = f.wall / p.wall
+    epochs_ratio = f.epochs / p.epochs if p.epochs else float("nan")
+    diff_pp = 100 * (p.best - f.best)
+    lines = [
+        "## 1. Pruning",
+        "",
+        f"{sizes.prune_trials} trials x max {sizes.prune_epochs} epochs, same sampler seed; "
+        f"`MedianPruner(n_startup_trials={sizes.n_startup_trials}, n_warmup_steps={sizes.n_warmup_steps})` "
+        f"vs `study.pruner=null`; in-process `tune()`. Best = best `val_acc` (max over epochs) of one trial.",
+        "",
+        "| pruner | wall s | trials complete / pruned / failed | epochs trained | best val_acc |",
+        "|---|---:|---:|---:|---:|",
+        f"| MedianPruner | {p.wall:.1f} | {p.complete} / {p.pruned} / {p.failed} | {p.epochs} | {p.best:.4f} |",
+        f"| none | {f.wall:.1f} | {f.complete} / {f.pruned} / {f.failed} | {f.epochs} | {f.best:.4f} |",
+        "",
+        f"- speed-up (wall): **{speedup:.2f}x** (target >= {TARGET_PRUNING_SPEEDUP:.0f}x: "
+        f"{'yes' if speedup >= TARGET_PRUNING_SPEEDUP else 'no'}); epochs trained ratio {epochs_ratio:.2f}x "
+        "(independent of machine load)",
+        f"- best val_acc, pruned - unpruned: **{diff_pp:+.2f} pp** (target within {TARGET_BEST_PP} pp: "
+        f"{'yes' if abs(diff_pp) <= TARGET_BEST_PP or diff_pp > 0 else 'no'})",
+    ]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Workers
+# ----------------------------------------------------------------------------------------------------------
+def tune_subprocess(config: Path, tmp: Path, label: str, extra: list[str]) -> StudyStats:
+    name, overrides = common_overrides(tmp, label)
+    cmd = [sys.executable, "-m", "lightning_dropout.cli", "tune", str(config), *overrides, *extra]
+    env = {**os.environ, **THREAD_ENV, "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{(proc.stderr or proc.stdout)[-3000:]}")
+    return study_stats(name, tmp / "runs", wall)
+
+
+def bench_workers(tmp: Path, sizes: Sizes) -> dict[str, Any]:
+    config = write_config(tmp / "workers.yaml", sizes, sizes.worker_epochs)
+    extra = [f"--study.n_trials={sizes.worker_trials}", "--study.pruner=null"]
+    out: dict[str, Any] = {}
+    for workers in (1, 2):
+        progress(f"workers: {sizes.worker_trials} trials x {sizes.worker_epochs} epochs, workers={workers}")
+        stats = tune_subprocess(config, tmp, f"w{workers}", [*extra, f"--study.workers={workers}"])
+        progress(f"  {stats.wall:.1f} s wall, trial span {stats.span:.1f} s")
+        out[f"w{workers}"] = stats
+    return out
+
+
+def workers_markdown(res: dict[str, Any], sizes: Sizes) -> list[str]:
+    rows = []
+    rate = {}
+    for workers in (1, 2):
+        s: StudyStats = res[f"w{workers}"]
+        span_rate = 60 * s.finished / s.span
+        wall_rate = 60 * s.finished / s.wall
+        rate[workers] = (span_rate, wall_rate)
+        rows.append(
+            f"| {workers} | {s.finished} | {s.wall:.1f} | {s.span:.1f} | {span_rate:.2f} | {wall_rate:.2f} | "
+            f"{statistics.median(s.durations):.1f} | {s.concurrency:.2f} |"
+        )
+    ratio_span = rate[2][0] / rate[1][0]
+    ratio_wall = rate[2][1] / rate[1][1]
+    return [
+        "## 2. Workers",
+        "",
+        f"{sizes.worker_trials} trials x {sizes.worker_epochs} epochs, no pruner, SQLite storage (fine for 2 local "
+        "workers), each study a `python -m lightning_dropout.cli tune` process with `OMP_NUM_THREADS=1`. "
+        "Span = first trial start to last trial end in the storage; wall = the whole process (imports, "
+        "spawning the workers, opening the storage). Concurrency = sum of trial durations / span.",
+        "",
+        "| workers | trials | wall s | span s | trials/min (span) | trials/min (wall) | median trial s | concurrency |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"- throughput ratio 2 / 1 workers: **{ratio_span:.2f}x** over the trial span (target >= "
+        f"{TARGET_WORKERS}x: {'yes' if ratio_span >= TARGET_WORKERS else 'no'}), {ratio_wall:.2f}x end to end",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Per-trial overhead outside training
+# ----------------------------------------------------------------------------------------------------------
+def _fit_timer() -> Any:
+    from lightning.pytorch.callbacks import Callback
+
+    class FitTimer(Callback):
+        """Records the time between on_fit_start and on_fit_end of every fit it sees."""
+
+        def __init__(self) -> None:
+            self.durations: list[float] = []
+            self._start = 0.0
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            self._start = time.perf_counter()
+
+        def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+            self.durations.append(time.perf_counter() - self._start)
+
+    return FitTimer()
+
+
+def _timed(fn: Callable[..., Any], sink: list[tuple[float, float]]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sink.append((start, time.perf_counter()))
+
+    return wrapper
+
+
+def bench_overhead(tmp: Path, sizes: Sizes) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_dropout.config import load_config
+    from lightning_dropout.tune.runner import Tuner
+
+    n = sizes.overhead_trials
+    config = write_config(tmp / "overhead.yaml", sizes, 1, tiny=True)
+    progress(f"overhead: {n} plain fits and a {n}-trial study of 1 train + 1 val batch each")
+    out: dict[str, Any] = {"n": n}
+    with quiet():
+        # plain Lightning: build model, datamodule, trainer from the same config, fit; n times
+        _, overrides = common_overrides(tmp, "plain")
+        cli = load_config(["--config", str(config), *overrides], instantiate=False)
+        timer = _fit_timer()
+        fits: list[tuple[float, float]] = []
+        cycles: list[tuple[float, float]] = []
+        for i in range(n + 2):  # the first two warm up (lazy imports, first fit)
+            start = time.perf_counter()
+            pl.seed_everything(0, workers=True, verbose=False)
+            logger = TensorBoardLogger(tmp / "plain", name="plain", version=f"run_{i}", default_hp_metric=False)
+            c = cli.fresh([timer], logger=logger, enable_progress_bar=False, enable_model_summary=False)
+            _timed(c.trainer.fit, fits)(c.model, datamodule=c.datamodule)
+            cycles.append((start, time.perf_counter()))
+        out["plain"] = {
+            "cycle": [b - a for a, b in cycles[2:]],
+            "fit_call": [b - a for a, b in fits[2:]],
+            "fit_inner": timer.durations[2:],
+        }
+
+        # the tuner: Tuner.run_worker, as `tune` runs it with one worker
+        _, overrides = common_overrides(tmp, "overhead")
+        tuner = Tuner(["--config", str(config), *overrides, f"--study.n_trials={n}", "--study.pruner=null"])
+        timer = _fit_timer()
+        fits = []
+        objectives: list[tuple[float, float]] = []
+        fresh = tuner.cli.fresh
+
+        def fresh_timed(callbacks: Any = None, **kwargs: Any) -> Any:
+            c = fresh([*(callbacks or []), timer], **kwargs)
+            c.trainer.fit = _timed(c.trainer.fit, fits)  # type: ignore[method-assign]
+            return c
+
+        tuner.cli.fresh = fresh_timed  # type: ignore[method-assign]
+        tuner.objective = _timed(tuner.objective, objectives)  # type: ignore[method-assign]
+        start = time.perf_counter()
+        study = tuner.study()
+        opened = time.perf_counter()
+        tuner.enqueue_baselines(study)
+        fits.clear()
+        timer.durations.clear()
+        begin = time.perf_counter()
+        tuner.run_worker()
+        end = time.perf_counter()
+    starts = [a for a, _ in objectives]
+    out["study_open"] = opened - start
+    out["run_worker"] = end - begin
+    out["tuner"] = {
+        # from one trial's objective start to the next: ask + objective + tell + gc, as the study loop runs it
+        "cycle": [b - a for a, b in zip(starts, starts[1:], strict=False)],
+        "objective": [b - a for a, b in objectives[:-1]],
+        "fit_call": [b - a for a, b in fits[:-1]],
+        "fit_inner": timer.durations[:-1],
+    }
+    progress(f"  study open {out['study_open']:.2f} s, run_worker {out['run_worker']:.1f} s")
+    return out
+
+
+def overhead_markdown(res: dict[str, Any]) -> list[str]:
+    def med(xs: list[float]) -> float:
+        return statistics.median(xs) if xs else float("nan")
+
+    p, t = res["plain"], res["tuner"]
+    p_cycle, p_call, p_inner = med(p["cycle"]), med(p["fit_call"]), med(p["fit_inner"])
+    t_cycle, t_obj, t_call, t_inner = med(t["cycle"]), med(t["objective"]), med(t["fit_call"]), med(t["fit_inner"])
+    outside = med([c - f for c, f in zip(t["cycle"], t["fit_inner"], strict=False)])
+    p_outside = med([c - f for c, f in zip(p["cycle"], p["fit_inner"], strict=False)])
+    extra = outside - p_outside
+    return [
+        "## 3. Per-trial overhead outside training",
+        "",
+        f"{res['n']} trials of `max_epochs=1, limit_train_batches=1, limit_val_batches=1` (in-process "
+        "`Tuner.run_worker`, no pruner, SQLite) against as many plain `trainer.fit` runs built from the same "
+        "config (model + datamodule + trainer each time, a TensorBoard logger, seeded). Medians per trial, "
+        "seconds. Cycle = one trial's start to the next (ask, objective, tell, gc); "
+        "training = `on_fit_start` to `on_fit_end` (sanity check, 1 train + 1 val batch); "
+        "`fit()` = the whole `trainer.fit` call (adds Lightning's setup and the plan sampled in the "
+        "injector's `setup`).",
+        "",
+        "| run | cycle | objective | `fit()` call | training | outside training |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| plain `trainer.fit` | {p_cycle:.3f} | - | {p_call:.3f} | {p_inner:.3f} | {p_outside:.3f} |",
+        f"| tuner trial | {t_cycle:.3f} | {t_obj:.3f} | {t_call:.3f} | {t_inner:.3f} | {outside:.3f} |",
+        "",
+        f"- per-trial time outside training: **{outside:.3f} s** (target <= {TARGET_OVERHEAD_S} s: "
+        f"{'yes' if outside <= TARGET_OVERHEAD_S else 'no'}); of which {extra:+.3f} s more than a plain fit "
+        f"loop pays, {t_cycle - t_obj:.3f} s in Optuna between objectives (tell, ask, gc), "
+        f"{t_obj - t_call:.3f} s in the objective outside `fit()`",
+        f"- once per study/worker, not per trial: opening the SQLite study {res['study_open']:.2f} s",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny trials, < 60 s")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="Markdown output (default benchmarks/results/tuning.md)")
+    parser.add_argument("--only", choices=SECTIONS, default=None, help="run one section")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    os.environ.update(THREAD_ENV)  # before torch is imported: this process and any worker it spawns
+    import lightning
+    import optuna
+    import torch
+
+    import lightning_dropout
+    from lightning_dropout.data import MNIST1DDataModule
+
+    torch.set_num_threads(1)
+    sizes = QUICK if ns.quick else FULL
+    sections = [ns.only] if ns.only else list(SECTIONS)
+    load_before = loadavg()
+    started = time.perf_counter()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body: list[str] = []
+    section_load: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="ld-tuning-") as name:
+        tmp = Path(name)
+        MNIST1DDataModule(cache_dir=str(tmp / "data")).prepare_data()  # generated once, outside any timing
+        for section in sections:
+            before = loadavg()[0]
+            if section == "pruning":
+                body += pruning_markdown(bench_pruning(tmp, sizes), sizes)
+            elif section == "workers":
+                body += workers_markdown(bench_workers(tmp, sizes), sizes)
+            else:
+                body += overhead_markdown(bench_overhead(tmp, sizes))
+            body.append("")
+            section_load.append(f"{section} {before:.2f} -> {loadavg()[0]:.2f}")
+    total = time.perf_counter() - started
+    load_after = loadavg()
+    cores = os.cpu_count() or 1
+    shared = max(load_before[0], load_after[0]) > 0.5 * cores
+    header = [
+        "# Tuning: pruning, workers, per-trial overhead (MNIST-1D MLP)",
+        "",
+        "Generated by `python benchmarks/tuning.py" + (" --quick" if ns.quick else "")
+        + (f" --only {ns.only}" if ns.only else "") + "` (see `benchmarks/README.md`).",
+        "",
+        f"- date: {when}",
+        f"- CPU: {cpu_name()}, {cores} cores; torch threads: 1 per process (`OMP_NUM_THREADS=1`)",
+        f"- torch {torch.__version__}, lightning {lightning.__version__}, optuna {optuna.__version__}, "
+        f"lightning_dropout {lightning_dropout.__version__}, python {platform.python_version()}",
+        f"- sizes: {'--quick (tiny trials: smoke test only, numbers meaningless)' if ns.quick else 'full'}; "
+        f"total run time {total / 60:.1f} min",
+        f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, after: "
+        f"{'/'.join(f'{x:.2f}' for x in load_after)}; per section (1 min): {'; '.join(section_load)}",
+    ]
+    if shared:
+        header.append(
+            f"- **note: the machine was shared** (load average above {0.5 * cores:.1f} on {cores} cores): "
+            "other jobs competed for the cores, so wall times are inflated and ratios noisier than on an "
+            "idle machine; the epochs-trained ratio of section 1 is unaffected"
+        )
+    text = "\n".join([*header, "", *body]).rstrip() + "\n"
+    sys.stdout.write(text)
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(text)
+    progress(f"wrote {ns.out} ({total:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
