@@ -25,16 +25,15 @@ _DIRECTIONS = ("minimize", "maximize")
 
 @dataclass
 class DropoutSpace:
-    """``dropout:``: the groups of sites to search (see :class:`~lightning_dropout.tune.space.SearchGroup`)."""
+    """``dropout:``: the groups of sites to search (see :class:`~lightning_dropout.tune.space.SearchGroup`).
+
+    May be empty in a config used only by ``fit``/``describe``; ``tune`` requires at least one group.
+    """
 
     groups: list[SearchGroup] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.groups = [g if isinstance(g, SearchGroup) else SearchGroup(**g) for g in self.groups]
-        if not self.groups:
-            raise DropoutConfigError(
-                "`dropout.groups` must list at least one group of sites to search, but got []."
-            )
         names = [g.name for g in self.groups]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
