@@ -104,38 +104,43 @@ class Constant(Schedule):
         return 1.0
 
 
-class Linear(Schedule):
+class _Ramp(Schedule):
+    """From ``start * p`` to ``end * p`` over ``duration`` units (default: the whole run), then ``end * p``."""
+
+    def __init__(self, start: float, end: float, duration: float | None, unit: str) -> None:
+        super().__init__(unit)
+        _check_unit_interval("start", start)
+        _check_unit_interval("end", end)
+        _check_nonneg("duration", duration)
+        self.start, self.end, self.duration = float(start), float(end), duration
+
+    def _progress(self, t: float, total: float | None) -> float:
+        return min(t / self._span(self.duration, total), 1.0)
+
+
+class Linear(_Ramp):
     """Linear from ``start * p`` to ``end * p`` over ``duration`` units (default: the whole run)."""
 
     def __init__(
         self, start: float = 0.0, end: float = 1.0, duration: float | None = None, unit: str = "epoch"
     ) -> None:
-        super().__init__(unit)
-        _check_unit_interval("start", start)
-        _check_unit_interval("end", end)
-        _check_nonneg("duration", duration)
-        self.start, self.end, self.duration = float(start), float(end), duration
+        super().__init__(start, end, duration, unit)
 
     def factor(self, t: float, total: float | None) -> float:
-        frac = min(t / self._span(self.duration, total), 1.0)
-        return self.start + (self.end - self.start) * frac
+        return self.start + (self.end - self.start) * self._progress(t, total)
 
 
-class Cosine(Schedule):
+class Cosine(_Ramp):
     """Half-cosine from ``start * p`` to ``end * p`` over ``duration`` units (default: the whole run)."""
 
     def __init__(
         self, start: float = 1.0, end: float = 0.0, duration: float | None = None, unit: str = "epoch"
     ) -> None:
-        super().__init__(unit)
-        _check_unit_interval("start", start)
-        _check_unit_interval("end", end)
-        _check_nonneg("duration", duration)
-        self.start, self.end, self.duration = float(start), float(end), duration
+        super().__init__(start, end, duration, unit)
 
     def factor(self, t: float, total: float | None) -> float:
-        frac = min(t / self._span(self.duration, total), 1.0)
-        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        cos = math.cos(math.pi * self._progress(t, total))
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + cos)
 
 
 _EARLY_MODES = ("constant", "linear")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import os
 import signal
@@ -294,24 +293,11 @@ def test_sigkilled_worker_trial_is_failed_by_the_heartbeat_and_retried(
 # ----------------------------------------------------------------------------------------------------------
 # Ctrl-C: SIGINT to a running `tune`
 # ----------------------------------------------------------------------------------------------------------
-@dataclass
-class Interrupted:
-    name: str
-    returncode: int | str
-    output: str
-    interrupted: FrozenTrial
-    after: list[FrozenTrial]  # the trials right after `tune` stopped
-    run_dir: Path
-
-
-@pytest.fixture(scope="module")
-def interrupted(pg: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Interrupted:
+def _tune_interrupted(pg: Postgres, name: str, args: list[str]) -> tuple[int | str, FrozenTrial]:
     """Ctrl-C during a trial: SIGINT to this process while ``main(["tune", ...])`` trains in its main thread,
     which is what a terminal's Ctrl-C does to a one-worker ``tune`` (in-process: no second import of torch and
     Lightning). A watcher thread sends it once a trial is mid-fit; the SIGINT handler is restored afterwards
-    (Lightning sets it to SIG_IGN while it shuts down)."""
-    tmp = tmp_path_factory.mktemp("sigint")
-    name = _name("sigint")
+    (Lightning sets it to SIG_IGN while it shuts down). Returns the exit status and the interrupted trial."""
     found: list[FrozenTrial] = []
     stop = threading.Event()
 
@@ -330,49 +316,50 @@ def interrupted(pg: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Inter
 
     handler = signal.getsignal(signal.SIGINT)
     watcher = threading.Thread(target=interrupt_when_training, daemon=True)
-    out, err = io.StringIO(), io.StringIO()
     returncode: int | str
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            watcher.start()
-            try:
-                returncode = main(["tune", *_study_args(pg, name, tmp / "runs", 3, *LONG)])
-            except KeyboardInterrupt:  # must not reach pytest, which would end the session
-                returncode = "KeyboardInterrupt"
+        watcher.start()
+        try:
+            returncode = main(["tune", *args])
+        except KeyboardInterrupt:  # must not reach pytest, which would end the session
+            returncode = "KeyboardInterrupt"
     finally:
         stop.set()
         watcher.join(timeout=10)
         signal.signal(signal.SIGINT, handler)
-    assert found, f"no trial started training (tune returned {returncode!r}):\n{err.getvalue()[-3000:]}"
-    return Interrupted(
-        name, returncode, out.getvalue() + err.getvalue(), found[0], _trials(pg, name), tmp / "runs"
-    )
+    assert found, f"no trial started training (tune returned {returncode!r})"
+    return returncode, found[0]
 
 
-def test_ctrl_c_leaves_a_loadable_storage_and_the_study_can_be_finished(
-    pg: Postgres, interrupted: Interrupted, capfd: pytest.CaptureFixture[str]
+def test_ctrl_c_fails_the_running_trial_and_a_rerun_finishes_the_study(
+    pg: Postgres, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    run = interrupted
-    assert run.returncode != 0, run.output[-3000:]  # it stopped, and said it was stopped
-    # the storage is consistent: the study loads (as `tune`/`best` open it) and nothing was lost
-    study = optuna.load_study(study_name=run.name, storage=runner.open_storage(pg.url))
-    assert [t.number for t in study.get_trials()] == [t.number for t in run.after]
-    assert all(t.state in (*FINISHED, TrialState.RUNNING) for t in run.after)
+    name, run_dir = _name("sigint"), tmp_path / "runs"
+    returncode, victim = _tune_interrupted(pg, name, _study_args(pg, name, run_dir, 3, *LONG))
+    first = capfd.readouterr()
+    assert returncode == 130, first.err[-3000:]
+    assert "interrupted; the study storage is consistent: run again to resume" in first.err
+    assert "Traceback" not in first.out + first.err
+    # the storage is consistent: the study loads (as `tune`/`best` open it), the trial is failed, not running
+    study = optuna.load_study(study_name=name, storage=runner.open_storage(pg.url))
+    after = {t.number: t for t in study.get_trials()}
+    assert after[victim.number].state == TrialState.FAIL
+    assert after[victim.number].user_attrs.get(runner.FAIL_ATTR) == runner.INTERRUPTED
+    assert all(t.state in FINISHED or t.state == TrialState.WAITING for t in after.values()), after
 
-    assert main(["tune", *_study_args(pg, run.name, run.run_dir, 3, *SHORT)]) == 0
-    trials = _trials(pg, run.name)
-    assert sum(t.state in FINISHED for t in trials) >= 3
-    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 2
-    output = capfd.readouterr()
-    _assert_secret_not_printed(pg, run.output + output.out + output.err)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Lightning turns Ctrl-C inside fit into sys.exit(1); SystemExit passes Tuner.objective and "
-    "Optuna's _run_trial (they catch Exception/KeyboardInterrupt), and cli.main swallows it, so the "
-    "interrupted trial is left RUNNING (until a heartbeat grace period later) instead of FAIL",
-)
-def test_ctrl_c_marks_the_interrupted_trial_failed(interrupted: Interrupted) -> None:
-    state = next(t.state for t in interrupted.after if t.number == interrupted.interrupted.number)
-    assert state == TrialState.FAIL
+    # running `tune` again finishes the study: n_trials trials that count (the interrupted one does not)
+    assert main(["tune", *_study_args(pg, name, run_dir, 3, *SHORT)]) == 0
+    trials = _trials(pg, name)
+    counted = [
+        t for t in trials if t.state in FINISHED and t.user_attrs.get(runner.FAIL_ATTR) != runner.INTERRUPTED
+    ]
+    assert len(counted) >= 3 and all(t.state == TrialState.COMPLETE for t in counted), [
+        (t.number, t.state.name, t.user_attrs.get(runner.FAIL_ATTR)) for t in trials
+    ]
+    assert all(t.state in FINISHED for t in trials)  # nothing left running or queued
+    assert next(t for t in trials if t.number == victim.number).state == TrialState.FAIL
+    if runner.BASELINE_ATTR in victim.user_attrs:  # an interrupted baseline is run again
+        baseline = victim.user_attrs[runner.BASELINE_ATTR]
+        assert any(t.user_attrs.get(runner.BASELINE_ATTR) == baseline for t in counted)
+    second = capfd.readouterr()
+    _assert_secret_not_printed(pg, first.out + first.err + second.out + second.err)
