@@ -8,7 +8,10 @@ from collections.abc import Iterable
 
 __all__ = ["DropoutConfigError", "check_rate", "closest"]
 
-_RULE_BROKEN = re.compile(r"`[^`]+` (must|needs|names) .*?but got .*?(?=\s+- |\s+Given value|$)")
+# "`x` must ..., but got ...", with the key path that may precede it ("dropout.groups['hidden']: ")
+_RULE_BROKEN = re.compile(
+    r"(?:[A-Za-z_][\w.\[\]'\"-]*: )?`[^`]+` (must|needs|names) .*?but got .*?(?=\s+- |\s+Given value|$)"
+)
 
 
 class DropoutConfigError(ValueError):

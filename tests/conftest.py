@@ -23,8 +23,12 @@ import pytest
 POSTGRES_ENV_VAR = "LIGHTNING_DROPOUT_TEST_POSTGRES"
 
 
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
+    if _under_ci():
         pytest.fail(f"PostgreSQL is required under CI ($CI is set), but {reason}", pytrace=False)
     pytest.skip(f"PostgreSQL not available: {reason}")
 

@@ -158,4 +158,5 @@ def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
 
 def redact(url: str) -> str:
     """A storage URL with any password replaced by ``***`` (safe to print or log)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    url = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)  # user:password@ (user may be empty)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)  # ?password=... in the query

@@ -33,6 +33,7 @@ import optuna
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from optuna.trial import TrialState
 
 from lightning_dropout.callback import DropoutInjector
@@ -55,6 +56,10 @@ INTERRUPTED = "interrupted (Ctrl-C)"
 BASELINE_NONE = "no dropout"
 BASELINE_AS_WRITTEN = "as written"
 HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
+
+
+class MetricNotLoggedError(DropoutConfigError):
+    """The study's metric is not logged: every trial would fail the same way, so the study stops."""
 
 
 class TrialPruning(Callback):
@@ -83,7 +88,7 @@ class TrialPruning(Callback):
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
-            raise DropoutConfigError(
+            raise MetricNotLoggedError(
                 f"`study.metric` must be a metric the module logs during validation, but {self.monitor!r} is not "
                 f"among {sorted(trainer.callback_metrics)}."
             )
@@ -152,6 +157,7 @@ class Tuner:
         self.args = list(args)
         self.cli: ConfigCLI = load_config(self.args, instantiate=False)
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
+        self._fatal: DropoutConfigError | None = None
         self.study_config: StudyConfig = init["study"]
         self.space: DropoutSpace = init["dropout"]
         if not self.space.groups:
@@ -214,17 +220,10 @@ class Tuner:
 
     @property
     def multiprocess(self) -> bool:
-        """Whether a trial's trainer re-launches its script per rank (``strategy: ddp`` on several devices)."""
-        trainer = self.cli.config.get("trainer") or {}
-        strategy = str(trainer.get("strategy") or "auto")
-        devices = trainer.get("devices") or 1
-        count = (
-            len(devices)
-            if isinstance(devices, (list, tuple))
-            else (int(devices) if str(devices).isdigit() else 1)
-        )
-        nodes = int(trainer.get("num_nodes") or 1)
-        return strategy.startswith("ddp") and "spawn" not in strategy and count * nodes > 1
+        """Whether a trial's trainer re-launches its script per rank (``strategy: ddp`` on several devices),
+        read off the Trainer the config builds (whatever form the strategy and devices were given in)."""
+        trainer = self.cli.trainer
+        return isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
 
     def run_trial(self, trial: optuna.Trial | None) -> tuple[TrialResult, DropoutPlan]:
         """Train the trial's plan in this process. Under DDP only rank 0 has the ``trial``; the others get
@@ -258,6 +257,8 @@ class Tuner:
             tail = (proc.stderr or proc.stdout)[-1500:]
             raise RuntimeError(f"trial process exited with {proc.returncode} and no result: {tail}")
         data = json.loads(out.read_text())
+        if data.get("fatal"):
+            raise MetricNotLoggedError(data["fatal"])
         if data.get("error"):
             raise RuntimeError(data["error"])
         result = TrialResult(data["value"], data["metrics"], data["pruned"])
@@ -274,14 +275,18 @@ class Tuner:
             raise
         except Exception as err:
             trial.set_user_attr(FAIL_ATTR, f"{type(err).__name__}: {err}"[:2000])
+            if isinstance(err, MetricNotLoggedError):  # every trial would fail alike: stop, then report it
+                self._fatal = err
+                trial.study.stop()
             raise
         trial.set_user_attr(PLAN_ATTR, plan.to_yaml())
         trial.set_user_attr(METRICS_ATTR, result.metrics)
         if result.pruned:
             raise optuna.TrialPruned("stopped by the pruner")
-        if result.value is None or math.isnan(result.value):
-            reason = f"`{cfg.metric}` was NaN or never logged (loss diverged?)"
-            trial.set_user_attr(FAIL_ATTR, reason)
+        diverged = sorted(k for k, v in result.metrics.items() if "loss" in k and math.isnan(v))
+        if result.value is None or math.isnan(result.value) or diverged:
+            reason = f"`{cfg.metric}` was NaN" if not diverged else f"{diverged} became NaN"
+            trial.set_user_attr(FAIL_ATTR, f"{reason}: the training diverged")
             raise FloatingPointError(reason)
         return result.value
 
@@ -311,8 +316,9 @@ class Tuner:
             timeout=cfg.timeout,
             catch=(Exception,),
             callbacks=[stop],
-            gc_after_trial=True,
         )
+        if self._fatal is not None:
+            raise self._fatal
 
 
 def _finished(study: optuna.Study) -> int:
@@ -360,7 +366,11 @@ def open_study(name: str, storage: str) -> optuna.Study:
 
 def _worker_main(args: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
-    Tuner(args).run_worker()
+    try:
+        Tuner(args).run_worker()
+    except DropoutConfigError as err:
+        sys.stderr.write(f"lightning-dropout: error: {err}\n")
+        sys.exit(2)
 
 
 def run_workers(tuner: Tuner) -> None:
@@ -379,6 +389,10 @@ def run_workers(tuner: Tuner) -> None:
     try:
         for proc in procs:
             proc.join()
+        if any(proc.exitcode == 2 for proc in procs):
+            raise DropoutConfigError(
+                "a worker stopped the study on a configuration error (its message is above)."
+            )
     except KeyboardInterrupt:  # the workers got the SIGINT too: let them record their trials, then stop
         for proc in procs:
             proc.join(timeout=60)

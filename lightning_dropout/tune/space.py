@@ -68,7 +68,10 @@ class SearchGroup:
         if not self.variants:
             raise DropoutConfigError(f"{where}: `variants` must list at least one variant, but got [].")
         for v in self.variants:
-            get_variant(v)
+            try:
+                get_variant(v)
+            except DropoutConfigError as err:
+                raise DropoutConfigError(f"{where}: {err}") from None
         if len(self.p) != 2:
             raise DropoutConfigError(f"{where}: `p` must be [low, high], but got p={self.p!r}.")
         low, high = check_rate(self.p[0], "p[0]"), check_rate(self.p[1], "p[1]")
@@ -95,6 +98,11 @@ class SearchGroup:
                         f"{where}: `params.{variant}.{param}` must be a non-empty list of "
                         f"choices, but got {values!r}."
                     )
+        if self.per_layer and list(self.depth_scaling) != ["none"]:
+            raise DropoutConfigError(
+                f"{where}: `depth_scaling` scales one shared rate over the group's sites, so with `per_layer: true`"
+                f" it must be ['none'], but got {self.depth_scaling!r}."
+            )
         for choice in self.depth_scaling:
             if choice not in ("none", "linear"):
                 raise DropoutConfigError(

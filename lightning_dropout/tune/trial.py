@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 
-from lightning_dropout.tune.runner import Tuner
+from lightning_dropout.tune.runner import MetricNotLoggedError, Tuner
 
 
 def _global_rank() -> int:
@@ -38,6 +38,8 @@ def main(spec_path: str) -> int:
             "pruned": result.pruned,
             "plan": plan.to_yaml(),
         }
+    except MetricNotLoggedError as err:  # the study process stops the study on it
+        record = {"fatal": str(err)}
     except Exception as err:  # reported to the study process, which records the reason on the trial
         record = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
     if _global_rank() == 0:
