@@ -106,7 +106,7 @@ def _describe(args: list[str]) -> int:
     from lightning_dropout.inject import describe, format_sites
 
     cli = load_config(args)
-    injectors = [c for c in cli.trainer.callbacks if isinstance(c, DropoutInjector)]
+    injectors = [c for c in cli.trainer.callbacks if isinstance(c, DropoutInjector)]  # type: ignore[attr-defined]
     if not injectors:
         return _fail(
             "the config must list a lightning_dropout.callback.DropoutInjector in trainer.callbacks, "

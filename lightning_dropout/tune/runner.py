@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import optuna
@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from lightning_dropout.callback import DropoutInjector
@@ -140,7 +141,7 @@ class _ChosenPlanInjector(DropoutInjector):
         if not self._chosen:
             # only rank 0 talks to the study; every rank applies the plan it chose (DDP: one tree everywhere)
             chosen = self._choose(pl_module).to_yaml() if trainer.is_global_zero else None
-            self._given_plan = DropoutPlan.from_yaml(trainer.strategy.broadcast(chosen, src=0))
+            self._given_plan = DropoutPlan.from_yaml(str(trainer.strategy.broadcast(chosen, src=0)))
             self._chosen = True
         super().setup(trainer, pl_module, stage)
 
@@ -180,7 +181,7 @@ class Tuner:
             storage=self.storage(),
             sampler=make_sampler(cfg.sampler, cfg.seed),
             pruner=make_pruner(cfg.pruner),
-            direction=cfg.direction,
+            direction=cast(Literal["minimize", "maximize"], cfg.direction),
             load_if_exists=True,
         )
 
@@ -240,17 +241,16 @@ class Tuner:
         number = trial.number if trial is not None else 0
         return self.train(choose, trial, self.study_config.seed, version=f"trial_{number:04d}")
 
-    def _run_trial_subprocess(self, trial: optuna.Trial) -> tuple[TrialResult, DropoutPlan]:
-        """Run the trial as its own process, which Lightning's ``ddp`` launcher re-runs once per rank: the study
-        loop itself never runs twice. Rank 0 rebuilds the trial from the storage by id, samples, reports and
-        prunes; the plan and pruning decisions are broadcast to the other ranks."""
-        cfg = self.study_config
-        workdir = Path(cfg.run_dir) / cfg.name / "trial_io"
+    def _in_subprocess(self, name: str, job: dict[str, Any]) -> tuple[TrialResult, DropoutPlan]:
+        """Run one training job as its own process (``python -m lightning_dropout.tune.trial``), which
+        Lightning's ``ddp`` launcher re-runs once per rank: the study loop itself never runs twice. For a trial,
+        rank 0 rebuilds it from the storage by id, samples, reports and prunes; the plan and the pruning
+        decisions are broadcast to the other ranks."""
+        workdir = Path(self.study_config.run_dir) / self.study_config.name / "trial_io"
         workdir.mkdir(parents=True, exist_ok=True)
-        spec = workdir / f"trial_{trial.number:04d}.json"
-        out = workdir / f"trial_{trial.number:04d}.result.json"
+        spec, out = workdir / f"{name}.json", workdir / f"{name}.result.json"
         out.unlink(missing_ok=True)
-        spec.write_text(json.dumps({"args": self.args, "trial_id": trial._trial_id, "out": str(out)}))
+        spec.write_text(json.dumps({"args": self.args, "out": str(out), **job}))
         cmd = [sys.executable, "-m", "lightning_dropout.tune.trial", str(spec)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if not out.is_file():
@@ -261,13 +261,25 @@ class Tuner:
             raise MetricNotLoggedError(data["fatal"])
         if data.get("error"):
             raise RuntimeError(data["error"])
-        result = TrialResult(data["value"], data["metrics"], data["pruned"])
-        return result, DropoutPlan.from_yaml(data["plan"])
+        return TrialResult(data["value"], data["metrics"], data["pruned"]), DropoutPlan.from_yaml(
+            data["plan"]
+        )
+
+    def run_plan(self, plan: DropoutPlan, seed: int, version: str) -> TrialResult:
+        """Train a fixed plan with ``seed`` (re-runs), in its own process when the trainer is multi-process."""
+        if self.multiprocess:
+            job = {"plan": plan.to_yaml(), "seed": seed, "version": version}
+            return self._in_subprocess(version, job)[0]
+        return self.train(plan, None, seed, version)[0]
 
     def objective(self, trial: optuna.Trial) -> float:
         cfg = self.study_config
         try:
-            result, plan = self._run_trial_subprocess(trial) if self.multiprocess else self.run_trial(trial)
+            if self.multiprocess:
+                name = f"trial_{trial.number:04d}"
+                result, plan = self._in_subprocess(name, {"trial_id": trial._trial_id})
+            else:
+                result, plan = self.run_trial(trial)
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
@@ -335,7 +347,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("journal:"):
         path = Path(url[len("journal:") :])
         path.parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        backend = JournalFileBackend(str(path))
         return optuna.storages.JournalStorage(backend)
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
@@ -438,7 +450,9 @@ def candidates(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
     ranked = sorted(
-        (t for t in done if BASELINE_ATTR not in t.user_attrs), key=lambda t: t.value, reverse=reverse
+        (t for t in done if BASELINE_ATTR not in t.user_attrs),
+        key=lambda t: float(t.value or 0),
+        reverse=reverse,
     )
     baselines = [t for t in done if BASELINE_ATTR in t.user_attrs]
     return ranked[:top_k] + baselines
@@ -455,7 +469,7 @@ def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | No
         plan = _trial_plan(trial)
         for i in range(len(values), cfg.seeds):
             seed = cfg.seed + 1000 * (i + 1)
-            result, _ = tuner.train(plan, None, seed, version=f"rerun_{trial.number:04d}_seed{i}")
+            result = tuner.run_plan(plan, seed, version=f"rerun_{trial.number:04d}_seed{i}")
             values.append(result.value if result.value is not None else math.nan)
             stored[key] = {"label": _label(trial), "values": values}
             study.set_user_attr("reruns", stored)

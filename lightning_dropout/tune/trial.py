@@ -1,4 +1,4 @@
-"""One tuning trial as its own process (``python -m lightning_dropout.tune.trial SPEC.json``).
+"""One tuning trial (or a re-run of a plan) as its own process (``python -m lightning_dropout.tune.trial SPEC``).
 
 Used when the trainer re-launches its script per rank (``strategy: ddp``): Lightning runs this module again
 on every rank, rank 0 attaches to the study's trial by id, and rank 0 writes the result file that the study
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 
+from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.runner import MetricNotLoggedError, Tuner
 
 
@@ -29,9 +30,14 @@ def main(spec_path: str) -> int:
     out = Path(spec["out"])
     try:
         tuner = Tuner(spec["args"])
-        study = tuner.study()  # the configured sampler and pruner decide on rank 0
-        trial = optuna.trial.Trial(study, spec["trial_id"]) if rank == 0 else None
-        result, plan = tuner.run_trial(trial)  # type: ignore[arg-type]
+        if "plan" in spec:  # a re-run of a fixed plan with another seed
+            result, plan = tuner.train(
+                DropoutPlan.from_yaml(spec["plan"]), None, spec["seed"], spec["version"]
+            )
+        else:
+            study = tuner.study()  # the configured sampler and pruner decide on rank 0
+            trial = optuna.trial.Trial(study, spec["trial_id"]) if rank == 0 else None
+            result, plan = tuner.run_trial(trial)
         record = {
             "value": None if result.value is None or math.isnan(result.value) else result.value,
             "metrics": result.metrics,
