@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lightning_dropout.errors import summarize
 
@@ -50,7 +50,7 @@ class ConfigCLI(LightningCLI):
     (:class:`~lightning_dropout.tune.config.DropoutSpace`), so one file serves every command.
     """
 
-    def __init__(self, args: list[str], instantiate: bool = True) -> None:
+    def __init__(self, args: list[str], instantiate: bool = True, save_config: bool = True) -> None:
         self._skip_instantiation = not instantiate
         self.extra_callbacks: list[Callback] = []
         self.extra_trainer_kwargs: dict[str, Any] = {}
@@ -61,6 +61,7 @@ class ConfigCLI(LightningCLI):
             subclass_mode_data=True,
             args=args,
             run=False,
+            save_config_callback=SaveConfigCallback if save_config else None,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
         )
@@ -124,11 +125,11 @@ class ConfigCLI(LightningCLI):
         return self
 
 
-def load_config(args: list[str], instantiate: bool = True) -> ConfigCLI:
+def load_config(args: list[str], instantiate: bool = True, save_config: bool = True) -> ConfigCLI:
     """Parse (and validate) a config given as CLI arguments (``["--config", "x.yaml", overrides...]``)."""
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args
     try:
         with quiet_lightning():
-            return ConfigCLI(args, instantiate=instantiate)
+            return ConfigCLI(args, instantiate=instantiate, save_config=save_config)
     finally:
         sys.argv = argv

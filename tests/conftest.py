@@ -38,7 +38,7 @@ def _with_driver(url: str) -> str:
     older versions to psycopg2; either may be the one installed)."""
     if not url.startswith("postgresql://"):
         return url
-    for module, scheme in (("psycopg2", "postgresql+psycopg2://"), ("psycopg", "postgresql+psycopg://")):
+    for module, scheme in (("psycopg", "postgresql+psycopg://"), ("psycopg2", "postgresql+psycopg2://")):
         if importlib.util.find_spec(module) is not None:
             return scheme + url[len("postgresql://") :]
     return url
@@ -133,7 +133,7 @@ def _throwaway_cluster(bindir: Path) -> Iterator[str]:
 def postgres_url() -> Iterator[str]:
     """A SQLAlchemy URL of an empty-enough PostgreSQL database (tests use unique study names)."""
     if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is None:
-        _unavailable("no PostgreSQL driver is installed (`pip install -e '.[dev]'` brings psycopg2-binary)")
+        _unavailable("no PostgreSQL driver is installed (`pip install -e '.[dev]'` brings psycopg 3)")
     url = os.environ.get(POSTGRES_ENV_VAR)
     if url:
         yield _with_driver(url)

@@ -2,7 +2,7 @@
 is failed by the heartbeat and retried), and Ctrl-C (the storage stays loadable and the study can be finished).
 
 Every storage URL carries a password (the throwaway server trusts local connections and ignores it); it must
-never reach the output or the run directory.
+never reach the output nor the run directory.
 """
 
 from __future__ import annotations
@@ -234,12 +234,6 @@ def test_two_workers_share_a_postgres_study(pg: Postgres, two_workers: TwoWorker
     _assert_secret_not_printed(pg, run.output)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: every worker builds its sampler with the same seed (runner.py Tuner.study: "
-    "make_sampler(cfg.sampler, cfg.seed)), so the workers propose identical plans and repeat each other's trials",
-)
 def test_two_workers_sample_different_plans(two_workers: TwoWorkerRun) -> None:
     sampled = [t for t in two_workers.trials if runner.BASELINE_ATTR not in t.user_attrs]
     assert len(sampled) >= 2
@@ -247,13 +241,6 @@ def test_two_workers_sample_different_plans(two_workers: TwoWorkerRun) -> None:
     assert len(set(params)) == len(params), [(t.number, t.user_attrs[PID_ATTR], t.params) for t in sampled]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: LightningCLI's SaveConfigCallback writes each trial's full config, `study.storage` with its "
-    "password, to <run_dir>/<study>/trials/trial_NNNN/config.yaml (config.py ConfigCLI save_config_kwargs, "
-    "used by Tuner.train)",
-)
 def test_two_workers_write_no_password_to_the_run_dir(pg: Postgres, two_workers: TwoWorkerRun) -> None:
     assert _files_with_secret(pg, two_workers.run_dir) == []
 

@@ -23,6 +23,7 @@ import multiprocessing
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import optuna
+import sqlalchemy.exc
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -156,7 +158,8 @@ class Tuner:
 
     def __init__(self, args: Sequence[str]) -> None:
         self.args = list(args)
-        self.cli: ConfigCLI = load_config(self.args, instantiate=False)
+        # no per-trial config.yaml: it would repeat the study's storage URL, password included, on disk
+        self.cli: ConfigCLI = load_config(self.args, instantiate=False, save_config=False)
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self._fatal: DropoutConfigError | None = None
         self.study_config: StudyConfig = init["study"]
@@ -174,12 +177,14 @@ class Tuner:
     def storage(self) -> optuna.storages.BaseStorage:
         return open_storage(self.storage_url)
 
-    def study(self) -> optuna.Study:
+    def study(self, seed_offset: int = 0) -> optuna.Study:
+        """Open (or create) the study. ``seed_offset`` gives each worker process its own sampler seed, so
+        workers do not propose the same parameters."""
         cfg = self.study_config
         return optuna.create_study(
             study_name=cfg.name,
             storage=self.storage(),
-            sampler=make_sampler(cfg.sampler, cfg.seed),
+            sampler=make_sampler(cfg.sampler, cfg.seed + seed_offset),
             pruner=make_pruner(cfg.pruner),
             direction=cast(Literal["minimize", "maximize"], cfg.direction),
             load_if_exists=True,
@@ -312,9 +317,10 @@ class Tuner:
             if name not in present:
                 study.enqueue_trial({}, user_attrs={BASELINE_ATTR: name}, skip_if_exists=False)
 
-    def run_worker(self) -> None:
+    def run_worker(self, index: int = 0) -> None:
+        """Run trials until the study holds ``n_trials`` finished ones; ``index`` tells workers apart."""
         cfg = self.study_config
-        study = self.study()
+        study = self.study(seed_offset=index)
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             if _finished(study) >= cfg.n_trials:
@@ -356,13 +362,29 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             f"`study.storage` must be a sqlite:///, postgresql://, mysql:// or journal: URL, "
             f"but got {redact(url)!r}."
         )
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        grace_period=2 * HEARTBEAT_INTERVAL,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-    )
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=2 * HEARTBEAT_INTERVAL,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=2
+                    ),
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                )
+        except sqlalchemy.exc.IntegrityError:
+            # several workers or machines creating Optuna's tables in an empty database at the same moment:
+            # one wins, the others find the tables on the next try
+            time.sleep(0.5 * (attempt + 1))
+        except (ImportError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as err:
+            raise DropoutConfigError(
+                f"`study.storage` must be a database this machine can open, but {redact(url)!r} failed: "
+                f"{type(err).__name__}: {redact(str(err)).splitlines()[0]}"
+            ) from None
+    raise DropoutConfigError(f"`study.storage` {redact(url)!r} could not be initialized after 3 tries.")
 
 
 def open_study(name: str, storage: str) -> optuna.Study:
@@ -376,10 +398,10 @@ def open_study(name: str, storage: str) -> optuna.Study:
         ) from None
 
 
-def _worker_main(args: list[str]) -> None:
+def _worker_main(args: list[str], index: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     try:
-        Tuner(args).run_worker()
+        Tuner(args).run_worker(index)
     except DropoutConfigError as err:
         sys.stderr.write(f"lightning-dropout: error: {err}\n")
         sys.exit(2)
@@ -393,7 +415,7 @@ def run_workers(tuner: Tuner) -> None:
         return
     context = multiprocessing.get_context("spawn")
     procs = [
-        context.Process(target=_worker_main, args=(tuner.args,), name=f"tune-worker-{i}") for i in range(n)
+        context.Process(target=_worker_main, args=(tuner.args, i), name=f"tune-worker-{i}") for i in range(n)
     ]
     for proc in procs:
         proc.start()
