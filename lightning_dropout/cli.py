@@ -36,7 +36,8 @@ _USAGE = (
     "usage: lightning-dropout {fit,validate,test,predict,tune,best,describe,variants} [CONFIG.yaml] [overrides]\n"
     "  fit|validate|test|predict  run LightningCLI (put a DropoutInjector in trainer.callbacks);\n"
     "                             `fit CONFIG --plan PLAN.yaml` retrains with a plan and reports val/test metrics\n"
-    "  tune CONFIG                run or resume the Optuna study of a tuning config (study: and dropout: sections)\n"
+    "  tune CONFIG                run or resume the Optuna study of a tuning config (study: and dropout: sections);\n"
+    "                             --workers N, --n_trials N, --storage URL stand for --study.workers=N etc.\n"
     "  best STUDY                 print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
     "  describe                   print the dropout sites the config's DropoutInjector would create\n"
     "  variants                   list the dropout variants\n"
@@ -72,8 +73,28 @@ def _lightning(command: str, rest: list[str]) -> int:
 def _tune(rest: list[str]) -> int:
     from lightning_dropout.tune.study import tune
 
-    tune(rest)
+    tune(_study_shortcuts(rest))
     return 0
+
+
+_SHORTCUTS = ("--workers", "--n_trials", "--storage")
+
+
+def _study_shortcuts(args: list[str]) -> list[str]:
+    """``--workers 2`` / ``--n_trials 40`` / ``--storage URL`` stand for ``--study.<name>=...``."""
+    out, i = [], 0
+    while i < len(args):
+        flag, _, value = args[i].partition("=")
+        if flag in _SHORTCUTS:
+            if not value:
+                if i + 1 >= len(args):
+                    raise DropoutConfigError(f"`{flag}` needs a value, but got none.")
+                i, value = i + 1, args[i + 1]
+            out.append(f"--study.{flag[2:]}={value}")
+        else:
+            out.append(args[i])
+        i += 1
+    return out
 
 
 def _best(rest: list[str]) -> int:

@@ -90,3 +90,12 @@ def test_describe_needs_an_injector(tmp_path, capsys):
     args = [a for a in _tiny(tmp_path)] + ["--trainer.callbacks=[]"]
     assert main(["describe", *args]) == 2
     assert "must list a lightning_dropout.callback.DropoutInjector" in capsys.readouterr().err
+
+
+def test_tune_shortcuts_stand_for_study_keys():
+    from lightning_dropout.cli import _study_shortcuts
+
+    assert _study_shortcuts(
+        ["--config", "x.yaml", "--workers", "2", "--n_trials=5", "--storage", "sqlite:///s.db"]
+    ) == ["--config", "x.yaml", "--study.workers=2", "--study.n_trials=5", "--study.storage=sqlite:///s.db"]
+    assert main(["tune", QUICKSTART, "--workers"]) == 2
