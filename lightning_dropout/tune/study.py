@@ -103,8 +103,9 @@ def tune(
             ranked = rerun(tuner, study, on_done=lambda msg: status.update(f"re-running: {msg}"))
     plan, label = winner(study)
     path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
-    console.print(results_table(ranked, cfg.metric) if ranked else f"best trial: {label}")
-    console.print(f"winner: {label}; plan written to {path}")
+    results = Console()  # the result goes to stdout; progress and status to stderr
+    results.print(results_table(ranked, cfg.metric) if ranked else f"best trial: {label}")
+    results.print(f"winner: {label}; plan written to {path}")
     return plan, ranked, path
 
 
