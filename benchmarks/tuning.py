@@ -22,7 +22,7 @@ unique study name per run (``study.seeds=0``: no re-runs over seeds after the st
 
 Usage::
 
-    python benchmarks/tuning.py                  # full run (about 20 min on 2 cores) -> benchmarks/results/tuning.md
+    python benchmarks/tuning.py                  # full run (about 11 min on 2 idle cores) -> benchmarks/results/tuning.md
     python benchmarks/tuning.py --quick --out /tmp/tuning.md   # smoke test, tiny trials, < 60 s
     python benchmarks/tuning.py --only overhead
 """
@@ -38,6 +38,7 @@ import itertools
 import logging
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -178,6 +179,8 @@ class StudyStats:
     span: float  # first trial start to last trial end (storage timestamps)
     busy: float  # sum of trial durations
     durations: list[float] = field(default_factory=list)
+    pruned_epochs: list[int] = field(default_factory=list)  # epochs each pruned trial trained
+    cpu: float = float("nan")  # CPU seconds of the process tree (subprocess runs only)
 
     @property
     def finished(self) -> int:
@@ -215,6 +218,7 @@ def study_stats(name: str, run_dir: Path, wall: float) -> StudyStats:
         span=(end - start).total_seconds(),
         busy=sum(durations),
         durations=durations,
+        pruned_epochs=[len(t.intermediate_values) for t in trials if t.state == TrialState.PRUNED],
     )
 
 
@@ -273,6 +277,12 @@ def pruning_markdown(res: dict[str, Any], sizes: Sizes) -> list[str]:
     speedup = f.wall / p.wall
     epochs_ratio = f.epochs / p.epochs if p.epochs else float("nan")
     diff_pp = 100 * (p.best - f.best)
+    stops = sorted(p.pruned_epochs)
+    stopped = (
+        f"pruned trials stopped after {statistics.median(stops):g} epochs (median; {stops[0]}-{stops[-1]})"
+        if stops
+        else "no trial was pruned"
+    )
     lines = [
         "## 1. Pruning",
         "",
@@ -287,7 +297,7 @@ def pruning_markdown(res: dict[str, Any], sizes: Sizes) -> list[str]:
         "",
         f"- speed-up (wall): **{speedup:.2f}x** (target >= {TARGET_PRUNING_SPEEDUP:.0f}x: "
         f"{'yes' if speedup >= TARGET_PRUNING_SPEEDUP else 'no'}); epochs trained ratio {epochs_ratio:.2f}x "
-        "(independent of machine load)",
+        f"(independent of machine load); {stopped}, complete trials train {sizes.prune_epochs}",
         f"- best val_acc, pruned - unpruned: **{diff_pp:+.2f} pp** (target within {TARGET_BEST_PP} pp: "
         f"{'yes' if diff_pp >= -TARGET_BEST_PP else 'no'})",
     ]
@@ -301,12 +311,16 @@ def tune_subprocess(config: Path, tmp: Path, label: str, extra: list[str]) -> St
     name, overrides = common_overrides(tmp, label)
     cmd = [sys.executable, "-m", "lightning_dropout.cli", "tune", str(config), *overrides, *extra]
     env = {**os.environ, **THREAD_ENV, "PYTHONWARNINGS": "ignore"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers it joined included
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{(proc.stderr or proc.stdout)[-3000:]}")
-    return study_stats(name, tmp / "runs", wall)
+    stats = study_stats(name, tmp / "runs", wall)
+    stats.cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return stats
 
 
 def bench_workers(tmp: Path, sizes: Sizes) -> dict[str, Any]:
@@ -332,7 +346,7 @@ def workers_markdown(res: dict[str, Any], sizes: Sizes) -> list[str]:
         rate[workers] = (span_rate, wall_rate)
         rows.append(
             f"| {workers} | {s.finished} | {s.wall:.1f} | {s.span:.1f} | {span_rate:.2f} | {wall_rate:.2f} | "
-            f"{statistics.median(s.durations):.1f} | {s.concurrency:.2f} |"
+            f"{statistics.median(s.durations):.1f} | {s.concurrency:.2f} | {s.cpu / s.wall:.2f} |"
         )
     ratio_span = rate[2][0] / rate[1][0]
     ratio_wall = rate[2][1] / rate[1][1]
@@ -350,10 +364,13 @@ def workers_markdown(res: dict[str, Any], sizes: Sizes) -> list[str]:
         "",
         f"{sizes.worker_trials} trials x {sizes.worker_epochs} epochs, no pruner, SQLite storage (fine for 2 local "
         f"workers), {how} Trials = finished trials (two workers may overshoot `n_trials` by one: each checks the "
-        "count after its own trial). Concurrency = sum of trial durations / span.",
+        "count after its own trial). Concurrency = sum of trial durations / span; cores used = CPU seconds of the "
+        "process and its workers / wall (nan in-process): when it stays well below the workers' count while "
+        "trials slow down, other jobs held the cores.",
         "",
-        "| workers | trials | wall s | span s | trials/min (span) | trials/min (wall) | median trial s | concurrency |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workers | trials | wall s | span s | trials/min (span) | trials/min (wall) | median trial s | concurrency "
+        "| cores used |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         f"- throughput ratio 2 / 1 workers: **{ratio_span:.2f}x** over the trial span (target >= "
@@ -563,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body: list[str] = []
     section_load: list[str] = []
+    during: list[float] = []
     with tempfile.TemporaryDirectory(prefix="ld-tuning-") as name:
         tmp = Path(name)
         prepare_data(tmp / "data")
@@ -577,11 +595,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 body += overhead_markdown(bench_overhead(tmp, sizes))
             body.append("")
-            section_load.append(f"{section} {before:.2f} -> {loadavg()[0]:.2f}")
+            during += [before, loadavg()[0]]
+            section_load.append(f"{section} {before:.2f} -> {during[-1]:.2f}")
     total = time.perf_counter() - started
     load_after = loadavg()
     cores = os.cpu_count() or 1
-    shared = max(load_before[0], load_after[0]) > 0.5 * cores
+    # this benchmark keeps one core busy (two during workers=2), which the load average counts too
+    shared = load_before[0] > 0.5 * cores or max([load_after[0], *during]) > cores + 0.5
     header = [
         "# Tuning: pruning, workers, per-trial overhead (MNIST-1D MLP)",
         "",
@@ -598,8 +618,9 @@ def main(argv: list[str] | None = None) -> int:
             if ns.quick
             else f"full: pruning {sizes.prune_trials} trials x {sizes.prune_epochs} epochs twice, workers "
             f"{sizes.worker_trials} trials x {sizes.worker_epochs} epochs twice, overhead {sizes.overhead_trials} "
-            "tiny trials; chosen so that the whole run takes about 20 min on 2 cores (an epoch of the MLP is "
-            "about 0.5 s there)"
+            "tiny trials; chosen so that pruning matters (a trial can be stopped after 4 of 20 epochs) and the "
+            "whole run stays under ~25 min on 2 cores (an epoch of the MLP takes ~0.45 s: ~11 min idle, ~13 min "
+            "at load 3)"
         )
         + f"; total run time {total / 60:.1f} min",
         f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, after: "
@@ -607,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if shared:
         header.append(
-            f"- **note: the machine was shared** (load average above {0.5 * cores:.1f} on {cores} cores): "
+            f"- **note: the machine was shared** (1-min load average above {0.5 * cores:g} before the run or "
+            f"above {cores + 0.5:g} during it, on {cores} cores): "
             "other jobs competed for the cores, so wall times are inflated and ratios noisier than on an "
             "idle machine; the epochs-trained ratio of section 1 is unaffected"
         )
