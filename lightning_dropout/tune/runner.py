@@ -323,7 +323,9 @@ class Tuner:
         study = self.study(seed_offset=index)
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if _finished(study) >= cfg.n_trials:
+            # trials other workers are running count too, so the workers do not all start the last one
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if _finished(study) + running >= cfg.n_trials:
                 study.stop()
 
         if _finished(study) >= cfg.n_trials:
