@@ -53,6 +53,8 @@ from typing import Any
 
 import yaml
 
+from lightning_dropout.config import quiet_lightning
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "tuning.md"
 SECTIONS = ("pruning", "workers", "overhead")
 REPO = Path(__file__).resolve().parent.parent
@@ -75,16 +77,32 @@ class Sizes:
     worker_epochs: int
     overhead_trials: int
     limit_batches: int | None  # train and val batches per epoch; None: all (36 train, 4 val batches of 100)
-    workers_subprocess: bool  # False: the workers studies run through tune() in this process (saves 2 imports)
+    workers_subprocess: (
+        bool  # False: the workers studies run through tune() in this process (saves 2 imports)
+    )
 
 
 FULL = Sizes(
-    prune_trials=40, prune_epochs=20, n_startup_trials=5, n_warmup_steps=3,
-    worker_trials=8, worker_epochs=20, overhead_trials=20, limit_batches=None, workers_subprocess=True,
+    prune_trials=40,
+    prune_epochs=20,
+    n_startup_trials=5,
+    n_warmup_steps=3,
+    worker_trials=8,
+    worker_epochs=20,
+    overhead_trials=20,
+    limit_batches=None,
+    workers_subprocess=True,
 )
 QUICK = Sizes(
-    prune_trials=4, prune_epochs=2, n_startup_trials=1, n_warmup_steps=0,
-    worker_trials=2, worker_epochs=1, overhead_trials=3, limit_batches=2, workers_subprocess=False,
+    prune_trials=4,
+    prune_epochs=2,
+    n_startup_trials=1,
+    n_warmup_steps=0,
+    worker_trials=2,
+    worker_epochs=1,
+    overhead_trials=3,
+    limit_batches=2,
+    workers_subprocess=False,
 )
 
 
@@ -200,7 +218,10 @@ def study_stats(name: str, run_dir: Path, wall: float) -> StudyStats:
     trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
     if not trials:
         raise RuntimeError(f"study {name} in {storage} has no finished trial")
-    count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    count = {
+        s: sum(t.state == s for t in trials)
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]  # type: ignore[operator]
     start = min(t.datetime_start for t in trials)  # type: ignore[type-var]
     end = max(t.datetime_complete for t in trials)  # type: ignore[type-var]
@@ -225,17 +246,15 @@ def study_stats(name: str, run_dir: Path, wall: float) -> StudyStats:
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence Lightning's and Optuna's warnings and info lines for the block."""
-    with warnings.catch_warnings():
+    optuna_log = logging.getLogger("optuna")
+    level = optuna_log.level
+    with warnings.catch_warnings(), quiet_lightning():
         warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "optuna")]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
+        optuna_log.setLevel(logging.ERROR)
         try:
             yield
         finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
+            optuna_log.setLevel(level)
 
 
 def progress(msg: str) -> None:
@@ -317,7 +336,9 @@ def tune_subprocess(config: Path, tmp: Path, label: str, extra: list[str]) -> St
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers it joined included
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{(proc.stderr or proc.stdout)[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} exited with {proc.returncode}:\n{(proc.stderr or proc.stdout)[-3000:]}"
+        )
     stats = study_stats(name, tmp / "runs", wall)
     stats.cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return stats
@@ -432,7 +453,9 @@ def bench_overhead(tmp: Path, sizes: Sizes) -> dict[str, Any]:
         for i in range(n + 2):  # the first two warm up (lazy imports, first fit)
             start = time.perf_counter()
             pl.seed_everything(0, workers=True, verbose=False)
-            logger = TensorBoardLogger(tmp / "plain", name="plain", version=f"run_{i}", default_hp_metric=False)
+            logger = TensorBoardLogger(
+                tmp / "plain", name="plain", version=f"run_{i}", default_hp_metric=False
+            )
             c = cli.fresh([timer], logger=logger, enable_progress_bar=False, enable_model_summary=False)
             _timed(c.trainer.fit, fits)(c.model, datamodule=c.datamodule)
             cycles.append((start, time.perf_counter()))
@@ -493,7 +516,12 @@ def overhead_markdown(res: dict[str, Any]) -> list[str]:
 
     p, t = res["plain"], res["tuner"]
     p_cycle, p_call, p_inner = med(p["cycle"]), med(p["fit_call"]), med(p["fit_inner"])
-    t_cycle, t_obj, t_call, t_inner = med(t["cycle"]), med(t["objective"]), med(t["fit_call"]), med(t["fit_inner"])
+    t_cycle, t_obj, t_call, t_inner = (
+        med(t["cycle"]),
+        med(t["objective"]),
+        med(t["fit_call"]),
+        med(t["fit_inner"]),
+    )
     outside = med([c - f for c, f in zip(t["cycle"], t["fit_inner"], strict=False)])
     gc_s = med(t["gc"])
     p_outside = med([c - f for c, f in zip(p["cycle"], p["fit_inner"], strict=False)])
@@ -557,8 +585,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny trials, < 60 s")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="Markdown output (default benchmarks/results/tuning.md)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="Markdown output (default benchmarks/results/tuning.md)"
+    )
     parser.add_argument("--only", choices=SECTIONS, default=None, help="run one section")
     return parser.parse_args(argv)
 
@@ -605,8 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         "# Tuning: pruning, workers, per-trial overhead (MNIST-1D MLP)",
         "",
-        "Generated by `python benchmarks/tuning.py" + (" --quick" if ns.quick else "")
-        + (f" --only {ns.only}" if ns.only else "") + "` (see `benchmarks/README.md`).",
+        "Generated by `python benchmarks/tuning.py"
+        + (" --quick" if ns.quick else "")
+        + (f" --only {ns.only}" if ns.only else "")
+        + "` (see `benchmarks/README.md`).",
         "",
         f"- date: {when}",
         f"- CPU: {cpu_name()}, {cores} cores; torch threads: 1 per process (`OMP_NUM_THREADS=1`)",

@@ -317,10 +317,11 @@ class Tuner:
             if name not in present:
                 study.enqueue_trial({}, user_attrs={BASELINE_ATTR: name}, skip_if_exists=False)
 
-    def run_worker(self, index: int = 0) -> None:
-        """Run trials until the study holds ``n_trials`` finished ones; ``index`` tells workers apart."""
+    def run_worker(self, index: int = 0, study: optuna.Study | None = None) -> None:
+        """Run trials until the study holds ``n_trials`` finished ones; ``index`` tells workers apart (worker 0
+        may pass the study it already opened)."""
         cfg = self.study_config
-        study = self.study(seed_offset=index)
+        study = study if study is not None else self.study(seed_offset=index)
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # trials other workers are running count too, so the workers do not all start the last one
@@ -409,11 +410,12 @@ def _worker_main(args: list[str], index: int) -> None:
         sys.exit(2)
 
 
-def run_workers(tuner: Tuner) -> None:
-    """Run the study's trials in ``study.workers`` processes (in this process when there is one)."""
+def run_workers(tuner: Tuner, study: optuna.Study | None = None) -> None:
+    """Run the study's trials in ``study.workers`` processes (in this process, with ``study`` if given, when
+    there is one)."""
     n = tuner.study_config.workers
     if n == 1:
-        tuner.run_worker()
+        tuner.run_worker(0, study)
         return
     context = multiprocessing.get_context("spawn")
     procs = [

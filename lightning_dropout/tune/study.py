@@ -86,7 +86,7 @@ def tune(
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
         try:
-            run_workers(tuner)
+            run_workers(tuner, study)
         finally:
             stop.set()
             poller.join()
