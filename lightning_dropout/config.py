@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from lightning_dropout.errors import summarize
+from lightning_dropout.errors import closest, summarize
 
 __all__ = ["ConfigCLI", "ConfigError", "load_config", "quiet_lightning"]
 
@@ -86,6 +86,23 @@ class ConfigCLI(LightningCLI):
         parser.add_class_arguments(
             DropoutSpace, "dropout", help="where dropout may go and what to search (tune)"
         )
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except Exception as err:  # jsonargparse ArgumentError: name the nearest known key for an unknown one
+            message = " ".join(str(err).split())
+            group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
+            found = re.search(r"(?:unrecognized arguments: --|[Kk]ey ')([A-Za-z_][\w.]*)", message)
+            if type(err).__name__ != "ArgumentError" or (group is None and found is None):
+                raise
+            key = f"{group.group(1)}.{group.group(2)}" if group else found.group(1)  # type: ignore[union-attr]
+            keys = [a.dest for a in parser._actions if isinstance(getattr(a, "dest", None), str)]
+            files = [a for i, a in enumerate(args or []) if i > 0 and args[i - 1] in ("--config", "-c")]
+            where = f"{files[-1]}: " if files else ""
+            raise ConfigError(
+                f"{where}`{key}` must be a known key, but it is not; nearest: {closest(key, keys)}."
+            ) from None
 
     def instantiate_classes(self) -> None:
         if self._skip_instantiation:  # LightningCLI.__init__ calls this; `fresh()` instantiates later

@@ -197,7 +197,10 @@ def test_typo_in_the_yaml_file_names_the_key(tmp_path, data_dir, capsys):
     config.write_text(config.read_text().replace("n_trials:", "n_trails:"))
     assert tune(config, tmp_path, data_dir) == 2
     line = one_error(capsys)
-    assert "n_trails" in line and "study" in line
+    assert (
+        f"error: {config}: `study.n_trails` must be a known key" in line
+        and "nearest: ['study.n_trials'" in line
+    )
 
 
 def test_typo_in_the_yaml_sampler_suggests_the_nearest(tmp_path, data_dir, capsys):
