@@ -43,8 +43,8 @@ from lightning_dropout.inject import (
     apply_plan,
     describe,
     format_sites,
+    inject,
     regularization,
-    resolve,
     site_handles,
 )
 from lightning_dropout.plan import DropoutPlan
@@ -207,12 +207,10 @@ class DropoutInjector(Callback):
     def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
         """Apply this callback's rules or plan to ``pl_module`` now (``setup`` calls it); returns the plan."""
         example = self._example(pl_module)
-        plan = (
-            self._given_plan
-            if self._given_plan is not None
-            else resolve(pl_module, self.rules or [], example)
-        )
-        self.plan = apply_plan(pl_module, plan, example)
+        if self._given_plan is not None:
+            self.plan = inject(pl_module, plan=self._given_plan, example_input=example)
+        else:
+            self.plan = inject(pl_module, rules=self.rules or [], example_input=example)
         self._handles = site_handles(pl_module)
         for handle in self._handles:
             if handle.module is not None:

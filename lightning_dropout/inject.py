@@ -344,10 +344,12 @@ def _definition_order(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if _is_leaf(m) and not isinstance(m, DropoutVariant)]
 
 
-def output_layer(model: nn.Module, example_input: Any = None) -> str | None:
+def output_layer(model: nn.Module, example_input: Any = None, *, _traced: _Trace | None = None) -> str | None:
     """The qualified name of the model's final output layer: the last leaf module with parameters to run on
     ``example_input`` when given, else the last one defined."""
-    order = _trace(model, example_input).order if example_input is not None else _definition_order(model)
+    if _traced is None and example_input is not None:
+        _traced = _trace(model, example_input)
+    order = _traced.order if _traced is not None else _definition_order(model)
     for qualname in reversed(order):
         if any(True for _ in model.get_submodule(qualname).parameters(recurse=False)):
             return qualname
@@ -512,7 +514,9 @@ def _no_match_error(rule: Rule, index: int, model: nn.Module) -> DropoutConfigEr
     )
 
 
-def resolve(model: nn.Module, rules: Sequence[Rule], example_input: Any = None) -> DropoutPlan:
+def resolve(
+    model: nn.Module, rules: Sequence[Rule], example_input: Any = None, *, _traced: _Trace | None = None
+) -> DropoutPlan:
     """Turn ``rules`` into a :class:`~lightning_dropout.plan.DropoutPlan` for ``model`` (nothing is changed).
 
     Args:
@@ -528,7 +532,8 @@ def resolve(model: nn.Module, rules: Sequence[Rule], example_input: Any = None) 
     if isinstance(rules, Rule):
         rules = [rules]
     rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
-    head = output_layer(model, example_input) if any(r.exclude_output_layer for r in rules) else None
+    wants_head = any(r.exclude_output_layer for r in rules)
+    head = output_layer(model, example_input, _traced=_traced) if wants_head else None
     sites: list[Site] = []
     for index, rule in enumerate(rules):
         excluded = {head} if (rule.exclude_output_layer and head is not None) else set()
@@ -774,7 +779,9 @@ def _detach(model: nn.Module, record: _Record) -> None:
         del module._modules[_CHILD_FOR[site.where]]
 
 
-def apply_plan(model: nn.Module, plan: DropoutPlan, example_input: Any = None) -> DropoutPlan:
+def apply_plan(
+    model: nn.Module, plan: DropoutPlan, example_input: Any = None, *, _traced: _Trace | None = None
+) -> DropoutPlan:
     """Apply ``plan`` to ``model`` in place; return the plan now in effect (see :func:`applied_plan`).
 
     Sites already applied identically are left alone (applying a plan twice changes nothing); a site applied
@@ -787,7 +794,7 @@ def apply_plan(model: nn.Module, plan: DropoutPlan, example_input: Any = None) -
     todo = [s for s in plan if not (s.key in records and records[s.key].site == s)]
     if not todo:
         return applied_plan(model)
-    trace = _trace(model, example_input) if example_input is not None else None
+    trace = _traced if _traced is not None or example_input is None else _trace(model, example_input)
     pending = DropoutPlan(todo)
     if trace is not None:
         _check_shapes(pending, trace)
@@ -818,7 +825,9 @@ def inject(
             f"rules={'set' if rules is not None else None}, plan={'set' if plan is not None else None}."
         )
     if rules is not None:
-        plan = resolve(model, [rules] if isinstance(rules, Rule) else rules, example_input)
+        traced = _trace(model, example_input) if example_input is not None else None  # one forward for both
+        plan = resolve(model, [rules] if isinstance(rules, Rule) else rules, example_input, _traced=traced)
+        return apply_plan(model, plan, example_input, _traced=traced)
     assert plan is not None
     return apply_plan(model, plan, example_input)
 
