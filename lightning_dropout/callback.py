@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -127,9 +129,12 @@ class DropoutInjector(Callback):
         schedule: a :class:`~lightning_dropout.schedules.Schedule` for every schedulable site, or a mapping
             from site globs (matched against ``"<target>:<where>"`` keys, e.g. ``"encoder.*"``) to schedules;
             the first matching glob wins. Learned (``concrete``) sites are never scheduled.
-        log_rates: log each site's current rate as ``dropout/<site>`` every ``log_every_n_steps``.
+        log_rates: log each site's current rate as ``dropout/rate/<site>`` (learned rates of ``concrete``
+            sites as ``dropout/learned/<site>``) and their mean as ``dropout/mean_rate``, every
+            ``log_every_n_steps``; with a TensorBoard logger, also write a "Custom Scalars" layout that puts the
+            sites of a group (see :func:`site_groups`) on one chart per quantity.
         track_drop_fraction: also measure and log the fraction of units each site actually dropped
-            (``dropout_fraction/<site>``); costs one reduction per site and step.
+            (``dropout/fraction/<site>``); costs one reduction per site and step.
         use_example_input: when the module sets ``example_input_array``, use it to check that each variant
             fits the shape its site sees (naming the site otherwise) and to find the output layer by
             execution order.
@@ -272,6 +277,7 @@ class DropoutInjector(Callback):
                 if handle.module is not None:
                     handle.module.generator = self._generator
         self._check_learned_rates(trainer, pl_module)
+        self._write_layout(trainer)
 
     def _check_learned_rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         learned = {id(p): n for n, p in pl_module.named_parameters() if n.endswith("p_logit")}
@@ -314,15 +320,29 @@ class DropoutInjector(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.log_rates or batch_idx % max(trainer.log_every_n_steps, 1) != 0:  # type: ignore[attr-defined]  # set by Lightning
+        if not self.log_rates or not self._handles:
             return
+        if batch_idx % max(trainer.log_every_n_steps, 1) != 0:  # type: ignore[attr-defined]  # set by Lightning
+            return
+        rates = []
         for handle in self._handles:
-            pl_module.log(f"{_LOG_PREFIX}/{handle.site.key}", handle.rate, on_step=True, on_epoch=False)
+            rate = handle.rate
+            rates.append(rate)
+            pl_module.log(_tag(handle, "rate"), rate, on_step=True, on_epoch=False)
             fraction = handle.module.drop_fraction if handle.module is not None else None
             if self.track_drop_fraction and fraction is not None:
-                pl_module.log(
-                    f"{_LOG_PREFIX}_fraction/{handle.site.key}", fraction, on_step=True, on_epoch=False
-                )
+                pl_module.log(_tag(handle, "fraction"), fraction, on_step=True, on_epoch=False)
+        pl_module.log(f"{_LOG_PREFIX}/mean_rate", sum(rates) / len(rates), on_step=True, on_epoch=False)
+
+    def _write_layout(self, trainer: pl.Trainer) -> None:
+        """TensorBoard "Custom Scalars": one chart per quantity and group of similar sites, all sites of a group
+        as lines of that chart (readable with 50 sites)."""
+        if not (self.log_rates and self._handles and trainer.is_global_zero):
+            return
+        layout = {_LOG_PREFIX: scalar_layout(self._handles, self.track_drop_fraction)}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(layout)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -340,6 +360,47 @@ class DropoutInjector(Callback):
                 f"DropoutInjector applied plan {self.plan.digest()} ({len(self.plan)} sites); training continues "
                 "with the current plan. Pass `plan=` the checkpoint's plan to resume it exactly."
             )
+
+
+def _tag(handle: SiteHandle, quantity: str) -> str:
+    """``dropout/rate/<site>``, ``dropout/fraction/<site>``; learned (concrete) rates are ``dropout/learned/<site>``."""
+    if quantity == "rate" and isinstance(handle.module, ConcreteDropout):
+        quantity = "learned"
+    return f"{_LOG_PREFIX}/{quantity}/{handle.site.key}"
+
+
+def site_groups(keys: Sequence[str], max_ungrouped: int = 10) -> dict[str, list[str]]:
+    """Sites grouped for plotting: keys that differ only in their numbers (``encoder.layers.3.linear1:output``
+    and ``encoder.layers.7.linear1:output``) share a group; up to ``max_ungrouped`` sites stay in one group.
+
+    >>> site_groups(["fc1:output", "fc2:output"])
+    {'all sites': ['fc1:output', 'fc2:output']}
+    >>> keys = [f"layers.{i}.{n}:output" for i in range(6) for n in ("attn", "mlp")]
+    >>> {k: len(v) for k, v in site_groups(keys).items()}
+    {'layers.#.attn:output': 6, 'layers.#.mlp:output': 6}
+    """
+    if len(keys) <= max_ungrouped:
+        return {"all sites": list(keys)}
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(re.sub(r"\d+", "#", key), []).append(key)
+    return groups
+
+
+def scalar_layout(handles: Sequence[SiteHandle], fractions: bool) -> dict[str, list[Any]]:
+    """The Custom Scalars charts of one category: ``{title: ["Multiline", [tag regexes]]}``."""
+    keys: dict[str, list[str]] = {"rate": [], "learned": [], "fraction": []}
+    for handle in handles:
+        keys[_tag(handle, "rate").split("/")[1]].append(handle.site.key)
+        if fractions and handle.module is not None:
+            keys["fraction"].append(handle.site.key)
+    labels = {"rate": "rate", "learned": "learned rate", "fraction": "dropped fraction"}
+    charts: dict[str, list[Any]] = {}
+    for quantity, chosen in keys.items():
+        for group, members in site_groups(chosen).items() if chosen else ():
+            tags = [re.escape(f"{_LOG_PREFIX}/{quantity}/{k}") for k in members]
+            charts[f"{labels[quantity]}: {group}"] = ["Multiline", tags]
+    return charts
 
 
 def checkpoint_plan(checkpoint: Mapping[str, Any]) -> DropoutPlan:

@@ -132,7 +132,7 @@ def test_step_schedule_linear_ramps_and_logs_rates():
     total = t.estimated_stepping_batches
     for _, step, p in recorder.rates:
         assert p == pytest.approx(0.5 * step / total)
-    assert "dropout/fc1:output" in t.callback_metrics
+    assert "dropout/rate/fc1:output" in t.callback_metrics
 
 
 def test_schedule_mapping_by_site_glob_and_unmatched_glob():
@@ -153,7 +153,7 @@ def test_track_drop_fraction_is_logged():
     injector = DropoutInjector(rules=[Rule(match=nn.Linear, p=0.5)], track_drop_fraction=True)
     t = trainer(callbacks=[injector], log_every_n_steps=1, max_epochs=1)
     t.fit(TinyNet(), loader(n=256, batch_size=128))
-    fraction = float(t.callback_metrics["dropout_fraction/fc1:output"])
+    fraction = float(t.callback_metrics["dropout/fraction/fc1:output"])
     assert 0.35 < fraction < 0.65
 
 

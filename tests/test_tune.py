@@ -760,7 +760,9 @@ def test_dropout_seed_reproduces_training_and_is_checkpointed():
 
     class _Trainer:
         global_rank = 0
+        is_global_zero = True
         optimizers: list[Any] = []
+        loggers: list[Any] = []
 
     restored.on_fit_start(_Trainer(), model)  # type: ignore[arg-type]
     assert torch.equal(restored._generator.get_state(), state["generator"])

@@ -63,6 +63,11 @@ class StudyConfig:
         dropout_seed: draw dropout masks from their own generator seeded with this (common random numbers:
             trials differing only in dropout see the same initialization and data order); ``null`` uses the
             global generator.
+        gap_samples: every trial runs a :class:`~lightning_dropout.monitor.GapMonitor` on this many training
+            examples (logged ``gap/<metric>``; the HParams record gets the gap at the best epoch); 0 disables it.
+        mc_samples: with ``>= 2``, every trial also runs an
+            :class:`~lightning_dropout.monitor.UncertaintyMonitor` with this many MC-dropout passes (logged
+            ``mc/ece``, ``mc/entropy``); 0 disables it.
     """
 
     name: str = "dropout-study"
@@ -84,6 +89,8 @@ class StudyConfig:
     run_dir: str = "runs"
     baselines: bool = True
     dropout_seed: int | None = 1234
+    gap_samples: int = 256
+    mc_samples: int = 0
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
@@ -98,10 +105,12 @@ class StudyConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DropoutConfigError(f"`study.{key}` must be an integer >= 1, but got {key}={value!r}.")
-        for key in ("top_k", "seeds"):
+        for key in ("top_k", "seeds", "gap_samples", "mc_samples"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise DropoutConfigError(f"`study.{key}` must be an integer >= 0, but got {key}={value!r}.")
+        if self.mc_samples == 1:
+            raise DropoutConfigError("`study.mc_samples` must be 0 (off) or >= 2, but got mc_samples=1.")
         if self.timeout is not None and not self.timeout > 0:
             raise DropoutConfigError(
                 f"`study.timeout` must be > 0 seconds or null, but got {self.timeout!r}."

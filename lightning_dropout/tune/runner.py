@@ -34,7 +34,6 @@ import optuna
 import sqlalchemy.exc
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -43,7 +42,9 @@ from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.config import ConfigCLI, load_config, quiet_lightning
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import Rule, existing_rate, is_dropout_module, resolve
+from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
 from lightning_dropout.tune.space import suggest_plan
 
@@ -78,13 +79,19 @@ class TrialPruning(Callback):
         self.monitor = monitor
         self.maximize = direction == "maximize"
         self.pruned = False
-        self.history: list[float] = []
+        self.history: list[float] = []  # one value per validation
+        self.epochs: list[int] = []  # the epoch of each
 
     def best(self) -> float | None:
-        finite = [v for v in self.history if not math.isnan(v)]
+        index = self.best_index()
+        return None if index is None else self.history[index]
+
+    def best_index(self) -> int | None:
+        """The index (validation number) of the best finite value so far."""
+        finite = [(v, i) for i, v in enumerate(self.history) if not math.isnan(v)]
         if not finite:
             return None
-        return max(finite) if self.maximize else min(finite)
+        return (max(finite, key=lambda x: x[0]) if self.maximize else min(finite, key=lambda x: x[0]))[1]
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -97,6 +104,7 @@ class TrialPruning(Callback):
             )
         score = float(value)
         self.history.append(score)
+        self.epochs.append(trainer.current_epoch)
         prune = False
         if trainer.is_global_zero and self.trial is not None:
             self.trial.report(score, step=trainer.current_epoch)
@@ -114,6 +122,18 @@ class TrialResult:
     value: float | None
     metrics: dict[str, float]
     pruned: bool
+
+    def diverged(self) -> list[str]:
+        """The loss metrics that became NaN."""
+        return sorted(k for k, v in self.metrics.items() if "loss" in k and math.isnan(v))
+
+    def state(self) -> str:
+        """``pruned``, ``failed`` (no finite value of the metric, or a NaN loss) or ``complete``."""
+        if self.pruned:
+            return "pruned"
+        if self.value is None or math.isnan(self.value) or self.diverged():
+            return "failed"
+        return "complete"
 
 
 def _baseline_plans(model: torch.nn.Module) -> dict[str, DropoutPlan]:
@@ -197,32 +217,96 @@ class Tuner:
         trial: optuna.Trial | None,
         seed: int,
         version: str,
+        kind: str = "trial",
+        number: int | None = None,
     ) -> tuple[TrialResult, DropoutPlan]:
-        """Train one model with ``plan`` (or a function of the fresh model giving one) and return its metrics."""
+        """Train one model with ``plan`` (or a function of the fresh model giving one) and return its metrics.
+
+        The run is logged to TensorBoard as ``<run_dir>/<study>/trials/<version>`` and ends with one HParams
+        record (the plan over the study's fixed site columns, the best value, the gap at the best epoch and the
+        state), whatever the outcome. ``kind`` (``trial``/``rerun``) and ``number`` (the study trial it
+        belongs to) label that record."""
         cfg = self.study_config
         pl.seed_everything(seed, workers=True, verbose=False)
         pruning = TrialPruning(trial, cfg.metric, cfg.direction)
         injector = _ChosenPlanInjector(
             plan if callable(plan) else (lambda _: plan), dropout_seed=cfg.dropout_seed
         )
-        logger = TensorBoardLogger(
-            Path(cfg.run_dir) / cfg.name, name="trials", version=version, default_hp_metric=False
-        )
+        gap = GapMonitor(cfg.gap_samples, seed=cfg.seed) if cfg.gap_samples else None
+        monitors: list[Callback] = [m for m in (gap,) if m is not None]
+        if cfg.mc_samples:
+            monitors.append(UncertaintyMonitor(cfg.mc_samples))
+        logger = TrialLogger(Path(cfg.run_dir) / cfg.name, name="trials", version=version)
         cli = self.cli.fresh(
-            [injector, pruning], logger=logger, enable_progress_bar=False, enable_model_summary=False
+            [injector, *monitors, pruning],
+            logger=logger,
+            enable_progress_bar=False,
+            enable_model_summary=False,
         )
-        with quiet_lightning():
-            try:
-                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            except SystemExit as exit_:
-                # Lightning turns Ctrl-C into sys.exit(1); hand Optuna a KeyboardInterrupt instead, so it records
-                # the trial as failed (storage stays consistent) and stops the study
-                if cli.trainer.interrupted:
-                    raise KeyboardInterrupt from exit_
-                raise
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-        assert injector.plan is not None  # set in setup()
-        return TrialResult(pruning.best(), metrics, pruning.pruned), injector.plan
+        columns = self._columns(cli.model)
+        result: TrialResult | None = None
+        try:
+            with quiet_lightning():
+                try:
+                    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+                except SystemExit as exit_:
+                    # Lightning turns Ctrl-C into sys.exit(1); hand Optuna a KeyboardInterrupt instead, so it
+                    # records the trial as failed (storage stays consistent) and stops the study
+                    if cli.trainer.interrupted:
+                        raise KeyboardInterrupt from exit_
+                    raise
+            metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+            best = pruning.best_index()
+            if best is not None:
+                metrics["best_epoch"] = float(pruning.epochs[best])
+                if gap is not None and best < len(gap.history):
+                    at_best = gap.history[best]
+                    metrics.update(
+                        {
+                            f"gap_at_best/{k[4:]}": v
+                            for k, v in at_best.items()
+                            if k.startswith("gap/") and k != "gap/seconds"
+                        }
+                    )
+            result = TrialResult(pruning.best(), metrics, pruning.pruned)
+        finally:
+            number = trial.number if trial is not None else number
+            params: dict[str, Any] = {
+                "trial": -1 if number is None else number,
+                "kind": kind,
+                "seed": seed,
+                "baseline": str(trial.user_attrs.get(BASELINE_ATTR, "")) if trial is not None else "",
+                "state": "failed" if result is None else result.state(),
+            }
+            chosen = injector.plan if injector.plan is not None else DropoutPlan()
+            params.update(plan_hparams(chosen, columns))
+            logger.finish(params, self._hparam_metrics(result, gap is not None))
+        assert injector.plan is not None and result is not None  # set in setup() / after fit
+        return result, injector.plan
+
+    def _columns(self, model: torch.nn.Module) -> dict[str, list[str]]:
+        """The study's HParams site columns on this (fresh) model."""
+        try:
+            return plan_columns(self.space.groups, model, getattr(model, "example_input_array", None))
+        except Exception as err:  # a model only the injector's configure_model call can build: plan keys only
+            log.debug("HParams site columns from the plan only: %s", err)
+            return {}
+
+    def _hparam_metrics(self, result: TrialResult | None, with_gap: bool) -> dict[str, float]:
+        """The HParams metrics, the same keys for every run of the study (NaN when unknown)."""
+        metric = self.study_config.metric
+        metrics = result.metrics if result is not None else {}
+        out = {
+            f"hp/best_{metric}": result.value
+            if result is not None and result.value is not None
+            else math.nan,
+            "hp/best_epoch": metrics.get("best_epoch", math.nan),
+        }
+        if with_gap:
+            base = metric_base_name(metric)
+            for name in sorted({base, "loss"}):
+                out[f"hp/gap_at_best/{name}"] = metrics.get(f"gap_at_best/{name}", math.nan)
+        return out
 
     @property
     def multiprocess(self) -> bool:
@@ -270,12 +354,13 @@ class Tuner:
             data["plan"]
         )
 
-    def run_plan(self, plan: DropoutPlan, seed: int, version: str) -> TrialResult:
-        """Train a fixed plan with ``seed`` (re-runs), in its own process when the trainer is multi-process."""
+    def run_plan(self, plan: DropoutPlan, seed: int, version: str, number: int | None = None) -> TrialResult:
+        """Train a fixed plan with ``seed`` (a re-run of trial ``number``), in its own process when the trainer
+        is multi-process."""
         if self.multiprocess:
-            job = {"plan": plan.to_yaml(), "seed": seed, "version": version}
+            job = {"plan": plan.to_yaml(), "seed": seed, "version": version, "number": number}
             return self._in_subprocess(version, job)[0]
-        return self.train(plan, None, seed, version)[0]
+        return self.train(plan, None, seed, version, kind="rerun", number=number)[0]
 
     def objective(self, trial: optuna.Trial) -> float:
         cfg = self.study_config
@@ -300,11 +385,12 @@ class Tuner:
         trial.set_user_attr(METRICS_ATTR, result.metrics)
         if result.pruned:
             raise optuna.TrialPruned("stopped by the pruner")
-        diverged = sorted(k for k, v in result.metrics.items() if "loss" in k and math.isnan(v))
-        if result.value is None or math.isnan(result.value) or diverged:
+        diverged = result.diverged()
+        if result.state() == "failed":
             reason = f"`{cfg.metric}` was NaN" if not diverged else f"{diverged} became NaN"
             trial.set_user_attr(FAIL_ATTR, f"{reason}: the training diverged")
             raise FloatingPointError(reason)
+        assert result.value is not None  # a complete trial has a finite value
         return result.value
 
     # -- the study ---------------------------------------------------------------------------------------------
@@ -495,7 +581,9 @@ def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | No
         plan = _trial_plan(trial)
         for i in range(len(values), cfg.seeds):
             seed = cfg.seed + 1000 * (i + 1)
-            result = tuner.run_plan(plan, seed, version=f"rerun_{trial.number:04d}_seed{i}")
+            result = tuner.run_plan(
+                plan, seed, version=f"rerun_{trial.number:04d}_seed{i}", number=trial.number
+            )
             values.append(result.value if result.value is not None else math.nan)
             stored[key] = {"label": _label(trial), "values": values}
             study.set_user_attr("reruns", stored)

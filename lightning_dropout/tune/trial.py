@@ -32,7 +32,12 @@ def main(spec_path: str) -> int:
         tuner = Tuner(spec["args"])
         if "plan" in spec:  # a re-run of a fixed plan with another seed
             result, plan = tuner.train(
-                DropoutPlan.from_yaml(spec["plan"]), None, spec["seed"], spec["version"]
+                DropoutPlan.from_yaml(spec["plan"]),
+                None,
+                spec["seed"],
+                spec["version"],
+                kind="rerun",
+                number=spec.get("number"),
             )
         else:
             # the configured sampler and pruner decide on rank 0; a fresh process per trial, so the sampler is

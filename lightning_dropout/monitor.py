@@ -1,0 +1,461 @@
+"""What TensorBoard should show about dropout: the generalization gap measured correctly, and MC-dropout
+uncertainty (Lightning callbacks; no Optuna).
+
+Most tools plot the training loss, measured with dropout on, against the validation loss, measured with it
+off, and call the difference a generalization gap. Dropout inflates the first, so that "gap" shrinks or turns
+negative exactly when dropout is strong. :class:`GapMonitor` instead evaluates a fixed subset of the *training*
+data the way validation does (dropout off, the module's own ``validation_step`` and metrics) and logs
+
+- ``train_clean/<metric>``: the training subset, dropout off;
+- ``gap/<metric>`` = ``val_<metric>`` - ``train_clean/<metric>``;
+- ``train_dropout/<metric>``: the same subset with dropout on (``train_mode=True``), the figure the naive gap
+  uses, labelled as such so the two can be compared.
+
+``<metric>`` is each name the module's ``validation_step`` logs with a ``val_``/``val/``/``valid_``/
+``validation_`` prefix stripped (``val_loss`` -> ``loss``). Neither monitor changes training: the extra
+passes draw from forked random number generators (global and each dropout site's own), leave BatchNorm in
+eval mode and the module's torchmetrics states as they were.
+
+:class:`UncertaintyMonitor` runs MC dropout (:func:`~lightning_dropout.mc.mc_predict`) on the validation set
+and logs the expected calibration error (torchmetrics) and the predictive entropy.
+
+Under DDP every rank evaluates its own shard; sums are reduced across ranks (torchmetrics states are synced
+by torchmetrics) and only rank 0 writes to the loggers. The values also go to ``trainer.callback_metrics``, so
+``ModelCheckpoint``, ``EarlyStopping`` or a tuning study can monitor ``gap/loss``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.mc import mc_dropout, predictive_entropy
+from lightning_dropout.variants import DropoutVariant
+
+__all__ = ["GapMonitor", "UncertaintyMonitor", "metric_base_name"]
+
+log = logging.getLogger(__name__)
+
+_VAL_PREFIXES = ("validation_", "validation/", "valid_", "valid/", "val_", "val/", "val-")
+_REDUCE = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+
+
+def metric_base_name(name: str) -> str:
+    """``val_acc`` -> ``acc``, ``val/loss`` -> ``loss``; names without a validation prefix stay as they are.
+
+    >>> metric_base_name("val_acc"), metric_base_name("validation/loss"), metric_base_name("f1")
+    ('acc', 'loss', 'f1')
+    """
+    for prefix in _VAL_PREFIXES:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def _reduce_name(reduce_fx: Any) -> str:
+    name = reduce_fx if isinstance(reduce_fx, str) else getattr(reduce_fx, "__name__", "")
+    if name not in _REDUCE:
+        raise DropoutConfigError(
+            f"GapMonitor supports `reduce_fx` in {sorted(_REDUCE)} (or the torch functions of those names), "
+            f"but a metric was logged with {reduce_fx!r}."
+        )
+    return _REDUCE[name]
+
+
+class _LogCapture:
+    """Stands in for ``LightningModule.log`` while ``validation_step`` runs on training data: collects the
+    values instead of sending them to Lightning (whose validation results are already final)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}  # name -> [weighted sum or extreme, weight]
+        self.reduce: dict[str, str] = {}
+        self.metrics: dict[str, torchmetrics.Metric] = {}
+        self.batch: Any = None
+
+    def __call__(
+        self,
+        name: str,
+        value: Any,
+        prog_bar: bool = False,
+        logger: bool | None = None,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        reduce_fx: Any = "mean",
+        *args: Any,
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(value, torchmetrics.Metric):
+            self.metrics[name] = value
+            return
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                return
+            value = float(value.detach())
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return
+        op = _reduce_name(reduce_fx)
+        weight = float(batch_size if batch_size is not None else extract_batch_size(self.batch))
+        total = self.totals.setdefault(name, [math.nan if op in ("max", "min") else 0.0, 0.0])
+        self.reduce[name] = op
+        if op == "mean":
+            total[0] += value * weight
+        elif op == "sum":
+            total[0] += value
+        elif math.isnan(total[0]):
+            total[0] = value
+        else:
+            total[0] = max(total[0], value) if op == "max" else min(total[0], value)
+        total[1] += weight
+
+
+def _metric_modules(module: nn.Module) -> list[torchmetrics.Metric]:
+    return [m for m in module.modules() if isinstance(m, torchmetrics.Metric)]
+
+
+@contextmanager
+def _untouched(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Run extra passes without changing training: random number generators (global, CUDA, and each dropout
+    site's own) are forked, every torchmetrics state and every module's train/eval flag is restored."""
+    generators = [
+        m.generator for m in pl_module.modules() if isinstance(m, DropoutVariant) and m.generator is not None
+    ]
+    states = [(g, g.get_state()) for g in {id(g): g for g in generators}.values()]
+    metrics = [
+        (m, {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._update_count, m._computed)
+        for m in _metric_modules(pl_module)
+    ]
+    flags = {m: m.training for m in pl_module.modules()}
+    device = pl_module.device
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for g, rng_state in states:
+            g.set_state(rng_state)
+        for metric, metric_state, count, computed in metrics:
+            for k, v in metric_state.items():
+                setattr(metric, k, v)
+            metric._update_count = count
+            metric._computed = computed
+        for module, flag in flags.items():
+            module.training = flag
+
+
+class GapMonitor(Callback):
+    """Log the generalization gap measured correctly: validation metrics minus the same metrics on a fixed
+    subset of the training data evaluated the way validation does (dropout off).
+
+    Works with any LightningModule whose ``validation_step`` logs its metrics (tensors, numbers or
+    torchmetrics objects), with no change to the module. Runs after each validation during ``fit``.
+
+    Args:
+        num_samples: training examples in the fixed subset (drawn once, with ``seed``); the cost grows
+            linearly with it (``benchmarks/monitor.py``).
+        train_mode: also evaluate the subset with dropout on (BatchNorm still in eval mode) and log it as
+            ``train_dropout/<metric>``: the figure a naive gap uses.
+        seed: chooses the subset (its own generator: the global random state is not touched).
+        batch_size: batch size of the extra passes; default the training loader's.
+
+    Attributes:
+        history: one dict of logged values per validation.
+        seconds: time spent in the extra passes so far (also logged as ``gap/seconds``).
+    """
+
+    def __init__(
+        self, num_samples: int = 256, train_mode: bool = True, seed: int = 0, batch_size: int | None = None
+    ) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise DropoutConfigError(f"`num_samples` must be an integer >= 1, but got {num_samples=!r}.")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise DropoutConfigError(
+                f"`batch_size` must be an integer >= 1 or None, but got {batch_size=!r}."
+            )
+        self.num_samples = num_samples
+        self.train_mode = bool(train_mode)
+        self.seed = int(seed)
+        self.batch_size = batch_size
+        self.history: list[dict[str, float]] = []
+        self.seconds = 0.0
+        self._fit_started: float | None = None
+        self._loader: DataLoader[Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"GapMonitor(num_samples={self.num_samples}, train_mode={self.train_mode}, seed={self.seed})"
+
+    # -- the subset --------------------------------------------------------------------------------------------
+    def _subset_loader(self, trainer: pl.Trainer) -> DataLoader[Any]:
+        if self._loader is not None:
+            return self._loader
+        source = trainer.train_dataloader
+        if not isinstance(source, DataLoader):
+            raise DropoutConfigError(
+                "GapMonitor needs the training data as a single DataLoader, but `train_dataloader()` gave "
+                f"{type(source).__name__}."
+            )
+        dataset = source.dataset
+        try:
+            size = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise DropoutConfigError(
+                "GapMonitor needs a map-style training dataset (with `len`) to draw a fixed subset from, but "
+                f"got {type(dataset).__name__}."
+            ) from None
+        world, rank = trainer.world_size, trainer.global_rank
+        count = min(self.num_samples, size)
+        if count < world:
+            raise DropoutConfigError(
+                f"GapMonitor needs at least one training example per process, but num_samples={count} < "
+                f"world size {world}."
+            )
+        chosen = (
+            torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))[:count].sort().values
+        )
+        shard = chosen[rank::world].tolist()  # every rank its own examples, like a DistributedSampler
+        self._loader = DataLoader(
+            Subset(dataset, shard),
+            batch_size=self.batch_size or source.batch_size or 64,
+            shuffle=False,
+            collate_fn=source.collate_fn,
+            num_workers=0,
+        )
+        return self._loader
+
+    # -- one pass ----------------------------------------------------------------------------------------------
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, dropout_on: bool
+    ) -> dict[str, float]:
+        """The module's own ``validation_step`` over the subset; returns each logged value over the whole
+        subset (all ranks)."""
+        capture = _LogCapture()
+        loader = self._subset_loader(trainer)
+        for metric in _metric_modules(pl_module):
+            metric.reset()
+        pl_module.log = capture  # type: ignore[method-assign]  # instance attribute shadows the method
+        try:
+            with torch.no_grad():
+                pl_module.eval()
+                context = mc_dropout(pl_module) if dropout_on else _nothing()
+                with context:
+                    for batch_idx, batch in enumerate(loader):
+                        batch = trainer.strategy.batch_to_device(batch)
+                        capture.batch = batch
+                        pl_module.validation_step(batch, batch_idx)
+        finally:
+            del pl_module.log
+        return self._reduce(trainer, capture)
+
+    @staticmethod
+    def _reduce(trainer: pl.Trainer, capture: _LogCapture) -> dict[str, float]:
+        out: dict[str, float] = {}
+        names = sorted(capture.totals)
+        if names:
+            device = trainer.strategy.root_device
+            for op in ("mean", "sum", "max", "min"):
+                chosen = [n for n in names if capture.reduce[n] == op]
+                if not chosen:
+                    continue
+                t = torch.tensor([capture.totals[n] for n in chosen], dtype=torch.float64, device=device)
+                dist_op: dict[str, Any] = {
+                    "mean": "sum",
+                    "sum": "sum",
+                    "max": torch.distributed.ReduceOp.MAX,
+                    "min": torch.distributed.ReduceOp.MIN,
+                }
+                if trainer.world_size > 1:
+                    t = trainer.strategy.reduce(t, reduce_op=dist_op[op])
+                for name, (value, weight) in zip(chosen, t.tolist(), strict=True):
+                    out[name] = value / weight if op == "mean" and weight > 0 else value
+        for name in sorted(capture.metrics):
+            out[name] = float(capture.metrics[name].compute())  # torchmetrics syncs across ranks
+        return out
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+        self._loader = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        started = time.perf_counter()
+        with _untouched(pl_module):
+            clean = self._evaluate(trainer, pl_module, dropout_on=False)
+            noisy = self._evaluate(trainer, pl_module, dropout_on=True) if self.train_mode else {}
+        values: dict[str, float] = {}
+        for name, value in clean.items():
+            base = metric_base_name(name)
+            values[f"train_clean/{base}"] = value
+            val = trainer.callback_metrics.get(name)
+            if val is not None and val.numel() == 1:
+                values[f"gap/{base}"] = float(val) - value
+            if name in noisy:
+                values[f"train_dropout/{base}"] = noisy[name]
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
+        values["gap/seconds"] = elapsed
+        self.history.append({"epoch": float(trainer.current_epoch), **values})
+        device = pl_module.device
+        trainer.callback_metrics.update({k: torch.tensor(v, device=device) for k, v in values.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit_started is None or not self.history:
+            return
+        total = time.perf_counter() - self._fit_started
+        log.info(
+            "GapMonitor: %d evaluations of %d training examples took %.2f s, %.1f%% of the fit's %.1f s",
+            len(self.history),
+            self.num_samples,
+            self.seconds,
+            100 * self.seconds / max(total, 1e-9),
+            total,
+        )
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _default_unpack(batch: Any) -> tuple[Any, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        for x_key, y_key in (("x", "y"), ("input", "target"), ("inputs", "targets"), ("image", "label")):
+            if x_key in batch and y_key in batch:
+                return batch[x_key], batch[y_key]
+    raise DropoutConfigError(
+        "UncertaintyMonitor needs `(input, target)` batches (a tuple/list, or a dict with x/y, input/target, "
+        f"inputs/targets or image/label keys), but got {type(batch).__name__}; pass `unpack=`."
+    )
+
+
+class UncertaintyMonitor(Callback):
+    """MC-dropout uncertainty on the validation set for classifiers: after each validation during ``fit``
+    (every ``every_n_epochs``), ``n_samples`` stochastic passes with only dropout active (BatchNorm stays in
+    eval mode) and logs
+
+    - ``mc/ece``: expected calibration error of the MC-averaged probabilities (torchmetrics, L1, ``n_bins``);
+    - ``mc/ece_no_dropout``: the same for the deterministic (dropout off) probabilities, for comparison;
+    - ``mc/entropy``: mean predictive entropy (nats) of the MC-averaged probabilities;
+    - ``mc/accuracy``: accuracy of the MC-averaged prediction.
+
+    Args:
+        n_samples: stochastic passes per batch (>= 2).
+        n_bins: calibration bins.
+        every_n_epochs: run after every n-th validation epoch.
+        unpack: ``batch -> (input, target)``; default handles ``(x, y)`` tuples and common dict keys. The
+            module's ``forward(input)`` must return class logits ``(N, C)``.
+    """
+
+    def __init__(
+        self,
+        n_samples: int = 20,
+        n_bins: int = 15,
+        every_n_epochs: int = 1,
+        unpack: Callable[[Any], tuple[Any, Tensor]] | None = None,
+    ) -> None:
+        for key, value, low in (
+            ("n_samples", n_samples, 2),
+            ("n_bins", n_bins, 1),
+            ("every_n_epochs", every_n_epochs, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise DropoutConfigError(f"`{key}` must be an integer >= {low}, but got {key}={value!r}.")
+        self.n_samples = n_samples
+        self.n_bins = n_bins
+        self.every_n_epochs = every_n_epochs
+        self.unpack = unpack or _default_unpack
+        self.history: list[dict[str, float]] = []
+
+    def __repr__(self) -> str:
+        return f"UncertaintyMonitor(n_samples={self.n_samples}, n_bins={self.n_bins})"
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        loaders = trainer.val_dataloaders
+        if not isinstance(loaders, DataLoader):
+            raise DropoutConfigError(
+                f"UncertaintyMonitor needs one validation DataLoader, but got {type(loaders).__name__}."
+            )
+        with _untouched(pl_module):
+            values = self._measure(trainer, pl_module, loaders)
+        self.history.append({"epoch": float(trainer.current_epoch), **values})
+        trainer.callback_metrics.update(
+            {k: torch.tensor(v, device=pl_module.device) for k, v in values.items()}
+        )
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader[Any]
+    ) -> dict[str, float]:
+        device = pl_module.device
+        ece_mc: torchmetrics.Metric | None = None
+        ece_det: torchmetrics.Metric | None = None
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # entropy sum, correct, count
+        with torch.no_grad():
+            for batch in loader:
+                x, y = self.unpack(trainer.strategy.batch_to_device(batch))
+                pl_module.eval()
+                det = pl_module(x).softmax(-1)
+                with mc_dropout(pl_module):
+                    probs = torch.stack([pl_module(x).softmax(-1) for _ in range(self.n_samples)]).mean(0)
+                if ece_mc is None:
+                    classes = probs.shape[-1]
+                    ece_mc, ece_det = (
+                        torchmetrics.classification.MulticlassCalibrationError(
+                            classes, n_bins=self.n_bins
+                        ).to(device)
+                        for _ in range(2)
+                    )
+                assert ece_det is not None
+                ece_mc.update(probs, y)
+                ece_det.update(det, y)
+                totals += torch.stack(
+                    [
+                        predictive_entropy(probs).sum(),
+                        (probs.argmax(-1) == y).sum(),
+                        torch.tensor(y.numel(), device=device),
+                    ]
+                ).to(torch.float64)
+        if ece_mc is None or ece_det is None:
+            raise DropoutConfigError("UncertaintyMonitor found no validation batches.")
+        if trainer.world_size > 1:
+            totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        entropy, correct, count = totals.tolist()
+        return {
+            "mc/ece": float(ece_mc.compute()),
+            "mc/ece_no_dropout": float(ece_det.compute()),
+            "mc/entropy": entropy / count,
+            "mc/accuracy": correct / count,
+        }
