@@ -12,6 +12,8 @@ Commands:
   ``dropout:`` sections next to ``model``/``data``/``trainer``); prints the progress, the re-run table, and
   writes the winning plan to ``<run_dir>/<study>/best_plan.yaml``.
 * ``best STUDY [--storage URL] [--out PLAN.yaml]``: print and write a finished study's best plan.
+* ``report STUDY [--storage URL] [--out FILE.html]``: write a static HTML report of a study (figures, the best
+  plan, the re-run table against the baselines, every trial); opens in a browser with no server.
 * ``fit CONFIG --plan PLAN.yaml``: retrain with a plan, then report validation and test metrics.
 
 ``CONFIG`` may be given positionally or as ``--config CONFIG``.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from lightning_dropout.config import ConfigError, load_config, quiet_lightning
 from lightning_dropout.errors import DropoutConfigError, summarize
@@ -31,14 +34,15 @@ from lightning_dropout.errors import DropoutConfigError, summarize
 __all__ = ["main"]
 
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-_COMMANDS = (*_LIGHTNING_COMMANDS, "tune", "best", "describe", "variants")
+_COMMANDS = (*_LIGHTNING_COMMANDS, "tune", "best", "report", "describe", "variants")
 _USAGE = (
-    "usage: lightning-dropout {fit,validate,test,predict,tune,best,describe,variants} [CONFIG.yaml] [overrides]\n"
+    "usage: lightning-dropout {fit,validate,test,predict,tune,best,report,describe,variants} [CONFIG.yaml] [overrides]\n"
     "  fit|validate|test|predict  run LightningCLI (put a DropoutInjector in trainer.callbacks);\n"
     "                             `fit CONFIG --plan PLAN.yaml` retrains with a plan and reports val/test metrics\n"
     "  tune CONFIG                run or resume the Optuna study of a tuning config (study: and dropout: sections);\n"
     "                             --workers N, --n_trials N, --storage URL stand for --study.workers=N etc.\n"
     "  best STUDY                 print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
+    "  report STUDY               write a static HTML report of a study [--storage URL] [--out FILE.html]\n"
     "  describe                   print the dropout sites the config's DropoutInjector would create\n"
     "  variants                   list the dropout variants\n"
     "Run `lightning-dropout fit --help` for every LightningCLI option."
@@ -97,22 +101,45 @@ def _study_shortcuts(args: list[str]) -> list[str]:
     return out
 
 
-def _best(rest: list[str]) -> int:
+def _study_parser(command: str, out_help: str) -> Any:
     import argparse
 
+    parser = argparse.ArgumentParser(prog=f"lightning-dropout {command}", exit_on_error=False)
+    parser.add_argument("study", help="the study name (`study.name` of its config)")
+    parser.add_argument(
+        "--storage", default=None, help="the study's storage URL; default: sqlite:///runs/STUDY/study.db"
+    )
+    parser.add_argument("--out", default=None, help=out_help)
+    return parser
+
+
+def _default_storage(study: str) -> str:
+    return f"sqlite:///runs/{study}/study.db"
+
+
+def _best(rest: list[str]) -> int:
     from lightning_dropout.tune.runner import open_study, winner
     from lightning_dropout.tune.study import plan_summary
 
-    parser = argparse.ArgumentParser(prog="lightning-dropout best", exit_on_error=False)
-    parser.add_argument("study")
-    parser.add_argument("--storage", default=None, help="default: sqlite:///runs/STUDY/study.db")
-    parser.add_argument("--out", default=None, help="default: print only")
-    ns = parser.parse_args(rest)
-    study = open_study(ns.study, ns.storage or f"sqlite:///runs/{ns.study}/study.db")
+    ns = _study_parser("best", "also write the plan to this YAML file (default: print only)").parse_args(rest)
+    study = open_study(ns.study, ns.storage or _default_storage(ns.study))
     plan, label = winner(study)
     sys.stdout.write(f"# best plan of {ns.study}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
     if ns.out:
         plan.save(ns.out)
+    return 0
+
+
+def _report(rest: list[str]) -> int:
+    from lightning_dropout.tune.config import redact
+    from lightning_dropout.tune.report import write_report
+    from lightning_dropout.tune.runner import open_study
+
+    ns = _study_parser("report", "the HTML file to write (default: runs/STUDY/report.html)").parse_args(rest)
+    storage = ns.storage or _default_storage(ns.study)
+    study = open_study(ns.study, storage)
+    path = write_report(study, ns.out or f"runs/{ns.study}/report.html", storage=redact(storage))
+    sys.stdout.write(f"report written to {path}\n")
     return 0
 
 
@@ -168,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tune(_config_args(rest))
         if command == "best":
             return _best(rest)
+        if command == "report":
+            return _report(rest)
         if command == "describe":
             return _describe(_config_args(rest))
         if command == "variants":

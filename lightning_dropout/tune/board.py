@@ -112,7 +112,7 @@ class TrialLogger(TensorBoardLogger):
         step 0) and close the event file."""
         merged: dict[str, Any] = {}
         for key, value in self._module_hparams.items():
-            if value is None:
+            if value is None or key.startswith("_"):  # e.g. LightningCLI's `_instantiator`
                 continue
             merged[f"module/{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
         merged.update(params)

@@ -201,7 +201,7 @@ class Tuner:
         """Open (or create) the study. ``seed_offset`` gives each worker process its own sampler seed, so
         workers do not propose the same parameters."""
         cfg = self.study_config
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=cfg.name,
             storage=self.storage(),
             sampler=make_sampler(cfg.sampler, cfg.seed + seed_offset),
@@ -209,6 +209,9 @@ class Tuner:
             direction=cast(Literal["minimize", "maximize"], cfg.direction),
             load_if_exists=True,
         )
+        if study.user_attrs.get("metric") != cfg.metric:  # `best` and `report` need nothing but the storage
+            study.set_user_attr("metric", cfg.metric)
+        return study
 
     # -- one run -----------------------------------------------------------------------------------------------
     def train(
@@ -257,6 +260,7 @@ class Tuner:
                     raise
             metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
             best = pruning.best_index()
+            metrics["best_value"] = math.nan if best is None else pruning.history[best]
             if best is not None:
                 metrics["best_epoch"] = float(pruning.epochs[best])
                 if gap is not None and best < len(gap.history):
@@ -275,7 +279,7 @@ class Tuner:
                 "trial": -1 if number is None else number,
                 "kind": kind,
                 "seed": seed,
-                "baseline": str(trial.user_attrs.get(BASELINE_ATTR, "")) if trial is not None else "",
+                "baseline": str(trial.user_attrs.get(BASELINE_ATTR, "-")) if trial is not None else "-",
                 "state": "failed" if result is None else result.state(),
             }
             chosen = injector.plan if injector.plan is not None else DropoutPlan()

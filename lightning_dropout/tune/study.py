@@ -16,6 +16,7 @@ from rich.table import Table
 
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
+from lightning_dropout.tune.report import write_study_images
 from lightning_dropout.tune.runner import Candidate, Tuner, _finished, rerun, run_workers, winner
 
 __all__ = ["plan_summary", "tune"]
@@ -103,9 +104,16 @@ def tune(
             ranked = rerun(tuner, study, on_done=lambda msg: status.update(f"re-running: {msg}"))
     plan, label = winner(study)
     path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
+    images = Path(cfg.run_dir) / cfg.name / "study"
+    write_study_images(study, images)
     results = Console()  # the result goes to stdout; progress and status to stderr
     results.print(results_table(ranked, cfg.metric) if ranked else f"best trial: {label}")
     results.print(f"winner: {label}; plan written to {path}")
+    results.print(
+        f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / cfg.name} (study figures under IMAGES, run "
+        f"`study`); HTML report: lightning-dropout report {cfg.name}"
+        + (f" --storage {redact(cfg.storage)}" if cfg.storage else "")
+    )
     return plan, ranked, path
 
 

@@ -1,0 +1,361 @@
+"""The study's figures (matplotlib) for TensorBoard and the static HTML report of ``lightning-dropout report``.
+
+Everything is read from the study storage (each trial holds its plan and metrics), so a report can be made
+from any machine that reaches the storage, during or after the study.
+
+Figures: optimization history, intermediate values (pruned trials visible), parameter importances over the
+per-site rates and variants, the best plan's rate per site, and the generalization gap at the best epoch
+against the validation value for every trial.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt
+import optuna
+from matplotlib.figure import Figure
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from lightning_dropout.monitor import metric_base_name
+from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune.runner import (
+    BASELINE_ATTR,
+    FAIL_ATTR,
+    METRICS_ATTR,
+    PLAN_ATTR,
+    Candidate,
+    winner,
+)
+
+__all__ = ["study_figures", "write_report", "write_study_images"]
+
+log = logging.getLogger(__name__)
+
+_STATE_STYLE = {
+    TrialState.COMPLETE: ("tab:blue", "o", "complete"),
+    TrialState.PRUNED: ("tab:orange", "x", "pruned"),
+}
+
+
+def _plan(trial: FrozenTrial) -> DropoutPlan | None:
+    text = trial.user_attrs.get(PLAN_ATTR)
+    return DropoutPlan.from_yaml(text) if text else None
+
+
+def _metric(study: optuna.Study) -> str:
+    return str(study.user_attrs.get("metric", "value"))
+
+
+def _quiet(fn: Callable[[], Any]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return fn()
+
+
+def _history(study: optuna.Study) -> Figure:
+    ax = _quiet(lambda: optuna.visualization.matplotlib.plot_optimization_history(study))
+    ax.set_ylabel(_metric(study))
+    return _fit(ax.figure)
+
+
+def _fit(fig: Figure) -> Figure:
+    """Optuna's figures are sized for short parameter names: widen them and keep every label inside."""
+    fig.set_size_inches(9, max(4.8, fig.get_size_inches()[1]))
+    fig.tight_layout()
+    return fig
+
+
+def _intermediate(study: optuna.Study) -> Figure:
+    ax = _quiet(lambda: optuna.visualization.matplotlib.plot_intermediate_values(study))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(_metric(study))
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.remove()  # one entry per trial: unreadable beyond a few trials
+    ax.set_title("Intermediate values (every trial; pruned ones stop early)", loc="left")
+    return _fit(ax.figure)
+
+
+def _site_study(study: optuna.Study) -> optuna.Study:
+    """The sampled trials re-expressed over flat per-site parameters (``<site> p`` in [0, 1], ``<site>
+    variant`` including ``none``): a conditional space has almost no parameter common to every trial, which
+    Optuna's importance evaluators need."""
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if BASELINE_ATTR not in t.user_attrs and _plan(t) is not None and t.value is not None
+    ]
+    plans = [_plan(t) for t in trials]
+    keys = sorted({s.key for p in plans if p is not None for s in p})
+    variants = sorted({s.variant for p in plans if p is not None for s in p} | {"none"})
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
+    try:
+        flat = optuna.create_study(direction=study.direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for trial, plan in zip(trials, plans, strict=True):
+        assert plan is not None
+        sites = {s.key: s for s in plan}
+        params: dict[str, Any] = {}
+        dists: dict[str, Any] = {}
+        for key in keys:
+            site = sites.get(key)
+            params[f"{key} p"] = float(site.p) if site else 0.0
+            dists[f"{key} p"] = FloatDistribution(0.0, 1.0)
+            if len(variants) > 2:
+                params[f"{key} variant"] = site.variant if site else "none"
+                dists[f"{key} variant"] = CategoricalDistribution(variants)
+        flat.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=trial.value))
+    return flat
+
+
+def _importances(study: optuna.Study) -> Figure:
+    flat = _site_study(study)
+    if len(flat.trials) < 2 or not flat.trials[0].params:
+        raise ValueError("parameter importances need at least two completed sampled trials with sites")
+    # PED-ANOVA: no scikit-learn needed (fANOVA and MDI import it), and suited to small studies
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    ax = _quiet(lambda: optuna.visualization.matplotlib.plot_param_importances(flat, evaluator=evaluator))
+    ax.set_title("Importance of each site's rate and variant (PED-ANOVA)", loc="left")
+    return _fit(ax.figure)
+
+
+def _best_rates(study: optuna.Study) -> Figure:
+    plan, label = winner(study)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(plan), 2) + 1.2))
+    names = [f"{s.key} ({s.variant})" for s in plan]
+    ax.barh(names or ["(no sites)"], [s.p for s in plan] or [0.0], color="tab:green")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("rate p")
+    ax.set_title(f"Best plan: {label}")
+    fig.tight_layout()
+    return fig
+
+
+def _gap_vs_value(study: optuna.Study) -> Figure:
+    metric = _metric(study)
+    base = metric_base_name(metric)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    plotted = 0
+    for state, (color, marker, label) in _STATE_STYLE.items():
+        xs, ys = [], []
+        for t in study.get_trials(deepcopy=False, states=(state,)):
+            m = t.user_attrs.get(METRICS_ATTR) or {}
+            x, y = m.get("best_value"), m.get(f"gap_at_best/{base}")
+            if x is None or y is None or math.isnan(x) or math.isnan(y):
+                continue
+            xs.append(x)
+            ys.append(y)
+            if BASELINE_ATTR in t.user_attrs:
+                ax.annotate(
+                    str(t.user_attrs[BASELINE_ATTR]), (x, y), textcoords="offset points", xytext=(5, 5)
+                )
+        if xs:
+            ax.scatter(xs, ys, c=color, marker=marker, label=label)
+            plotted += len(xs)
+    if not plotted:
+        raise ValueError(f"no trial recorded `gap_at_best/{base}` (is study.gap_samples 0?)")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel(f"best {metric}")
+    ax.set_ylabel(f"gap/{base} at the best epoch (validation - clean training)")
+    ax.set_title("Generalization gap vs validation value, per trial")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+_FIGURES: dict[str, Callable[[optuna.Study], Figure]] = {
+    "optimization_history": _history,
+    "intermediate_values": _intermediate,
+    "param_importances": _importances,
+    "best_rates": _best_rates,
+    "gap_vs_value": _gap_vs_value,
+}
+
+
+def study_figures(study: optuna.Study) -> tuple[dict[str, Figure], dict[str, str]]:
+    """Every figure that the study's trials allow, and for the others the reason (e.g. too few trials)."""
+    figures: dict[str, Figure] = {}
+    skipped: dict[str, str] = {}
+    for name, make in _FIGURES.items():
+        try:
+            figures[name] = make(study)
+        except Exception as err:  # a figure needs data the study may not have yet
+            skipped[name] = f"{type(err).__name__}: {err}"
+            log.debug("figure %s skipped: %s", name, err)
+    return figures, skipped
+
+
+def write_study_images(study: optuna.Study, log_dir: str | Path) -> list[str]:
+    """Write the figures as TensorBoard images (tags ``study/<name>``) to ``log_dir``; returns the tags."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    figures, _ = study_figures(study)
+    step = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for name, fig in figures.items():
+            writer.add_figure(f"study/{name}", fig, global_step=step, close=True)
+        writer.add_text("study/results", _markdown_results(study), global_step=step)
+    finally:
+        writer.close()
+    return [f"study/{n}" for n in figures]
+
+
+def _reruns(study: optuna.Study) -> list[Candidate]:
+    out = []
+    for number, info in (study.user_attrs.get("reruns") or {}).items():
+        trial = study.trials[int(number)]
+        out.append(Candidate(info["label"], int(number), _plan(trial) or DropoutPlan(), list(info["values"])))
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    out.sort(key=lambda c: (math.isnan(c.mean), -c.mean if maximize else c.mean))
+    return out
+
+
+def _plan_text(plan: DropoutPlan | None) -> str:
+    if plan is None:
+        return "-"
+    parts = [
+        f"{s.key} {s.variant} {s.p:.2f}" + "".join(f" {k}={v}" for k, v in s.params.items()) for s in plan
+    ]
+    return ", ".join(parts) or "(no sites)"
+
+
+def _markdown_results(study: optuna.Study) -> str:
+    rows = ["| plan | trial | mean | std | seeds |", "|---|---|---|---|---|"]
+    for c in _reruns(study):
+        rows.append(f"| {c.label} | {c.trial} | {c.mean:.4f} | {c.std:.4f} | {len(c.values)} |")
+    if len(rows) == 2:
+        return "No re-runs over seeds yet."
+    return "\n".join(rows)
+
+
+def _png(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def write_report(study: optuna.Study, out: str | Path, storage: str = "") -> Path:
+    """Write a self-contained HTML page (figures embedded as PNG) about ``study`` to ``out``."""
+    metric = _metric(study)
+    base = metric_base_name(metric)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    parts = [
+        f"<h1>Dropout study <code>{html.escape(study.study_name)}</code></h1>",
+        f"<p>{html.escape(metric)} ({study.direction.name.lower()}); storage {html.escape(storage) or '-'}; "
+        + ", ".join(f"{n} {c}" for n, c in counts.items() if c)
+        + f". Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
+    ]
+    try:
+        plan, label = winner(study)
+        rows: list[list[Any]] = [
+            [s.key, s.variant, f"{s.p:.3f}", ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-"]
+            for s in plan
+        ]
+        parts += [
+            f"<h2>Best plan: {html.escape(label)}</h2>",
+            _table(["site", "variant", "p", "parameters"], rows) if rows else "<p>(no dropout sites)</p>",
+            f"<pre>{html.escape(plan.to_yaml())}</pre>",
+        ]
+    except Exception as err:  # no completed trial yet
+        parts.append(f"<h2>Best plan</h2><p class='note'>{html.escape(str(err))}</p>")
+    reruns = _reruns(study)
+    parts.append(f"<h2>Best plans and baselines over seeds ({html.escape(metric)})</h2>")
+    if reruns:
+        rows = [
+            [
+                c.label,
+                c.trial,
+                _fmt(c.mean),
+                _fmt(c.std),
+                len(c.values),
+                ", ".join(_fmt(v) for v in c.values),
+                _plan_text(c.plan),
+            ]
+            for c in reruns
+        ]
+        parts.append(_table(["plan", "trial", "mean", "std", "seeds", "values", "sites"], rows))
+    else:
+        parts.append(
+            "<p class='note'>No re-runs over seeds (study.seeds &lt; 2, or the study is still running).</p>"
+        )
+    figures, skipped = study_figures(study)
+    parts.append("<h2>Figures</h2>")
+    for name, fig in figures.items():
+        parts.append(
+            f"<h3>{html.escape(name.replace('_', ' '))}</h3><img alt='{name}' src='data:image/png;base64,{_png(fig)}'>"
+        )
+    for name, reason in skipped.items():
+        parts.append(
+            f"<p class='note'>{html.escape(name.replace('_', ' '))}: not drawn ({html.escape(reason)})</p>"
+        )
+    rows = []
+    for t in trials:
+        m = t.user_attrs.get(METRICS_ATTR) or {}
+        rows.append(
+            [
+                t.number,
+                t.state.name.lower(),
+                str(t.user_attrs.get(BASELINE_ATTR, "")),
+                _fmt(m.get("best_value", t.value)),
+                _fmt(m.get(f"gap_at_best/{base}")),
+                _plan_text(_plan(t)),
+                str(t.user_attrs.get(FAIL_ATTR, "")),
+            ]
+        )
+    parts += [
+        "<h2>Trials</h2>",
+        _table(
+            ["#", "state", "baseline", f"best {metric}", f"gap/{base} at best", "plan", "fail reason"], rows
+        ),
+    ]
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(study.study_name)}: dropout study report</title><style>{_STYLE}</style></head>"
+        f"<body>{''.join(parts)}</body></html>\n"
+    )
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
