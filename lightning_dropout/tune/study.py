@@ -93,7 +93,9 @@ def tune(
             poller.join()
             refresh()
     ranked: list[Candidate] = []
+    images = Path(cfg.run_dir) / cfg.name / "study"
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        write_study_images(study, images)  # e.g. the intermediate values of pruned trials
         done, pruned, failed, _ = _status(study)
         console.print(
             f"no trial completed ({pruned} pruned, {failed} failed of {done}): no best plan to write."
@@ -104,7 +106,6 @@ def tune(
             ranked = rerun(tuner, study, on_done=lambda msg: status.update(f"re-running: {msg}"))
     plan, label = winner(study)
     path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
-    images = Path(cfg.run_dir) / cfg.name / "study"
     write_study_images(study, images)
     results = Console()  # the result goes to stdout; progress and status to stderr
     results.print(results_table(ranked, cfg.metric) if ranked else f"best trial: {label}")
