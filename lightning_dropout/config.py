@@ -9,6 +9,8 @@ into a :class:`ConfigError` the CLI prints in one line.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import logging
 import re
 import sys
@@ -22,6 +24,18 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning_dropout.errors import closest, summarize
 
 __all__ = ["ConfigCLI", "ConfigError", "load_config", "quiet_lightning"]
+
+
+def _nearest_class(path: str) -> str:
+    """``"; nearest: [...]"`` with the classes of ``path``'s module closest to its last part, when the module
+    imports."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:
+        return ""
+    classes = [n for n in dir(module) if not n.startswith("_") and inspect.isclass(getattr(module, n))]
+    return f"; nearest: {closest(name, classes)}" if classes else ""
 
 
 class ConfigError(Exception):
@@ -92,14 +106,24 @@ class ConfigCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except Exception as err:  # jsonargparse ArgumentError: name the nearest known key for an unknown one
             message = " ".join(str(err).split())
+            files = [a for i, a in enumerate(args or []) if i > 0 and args[i - 1] in ("--config", "-c")]
+            where = f"{files[-1]}: " if files else ""
+            missing = re.search(
+                r'Parser key "([\w.]+)":.*?Problem with given class_path \'([^\']+)\': (.+?)(?: - |$)',
+                message,
+            )
+            if type(err).__name__ == "ArgumentError" and missing is not None:
+                key, path, reason = missing.groups()
+                raise ConfigError(
+                    f"{where}`{key}.class_path` must name an importable class, but {path!r} is not: "
+                    f"{reason.strip().rstrip('.')}{_nearest_class(path)}."
+                ) from None
             group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
             found = re.search(r"(?:unrecognized arguments: --|[Kk]ey ')([A-Za-z_][\w.]*)", message)
             if type(err).__name__ != "ArgumentError" or (group is None and found is None):
                 raise
             key = f"{group.group(1)}.{group.group(2)}" if group else found.group(1)  # type: ignore[union-attr]
             keys = [a.dest for a in parser._actions if isinstance(getattr(a, "dest", None), str)]
-            files = [a for i, a in enumerate(args or []) if i > 0 and args[i - 1] in ("--config", "-c")]
-            where = f"{files[-1]}: " if files else ""
             raise ConfigError(
                 f"{where}`{key}` must be a known key, but it is not; nearest: {closest(key, keys)}."
             ) from None

@@ -107,7 +107,18 @@ def one_error(capsys: pytest.CaptureFixture[str]) -> str:
             True,
             id="select-typo",
         ),
-        pytest.param(["--model.class_path=nope.Nope"], ["nope.Nope"], False, id="missing-model-class"),
+        pytest.param(
+            ["--model.class_path=nope.Nope"],
+            ["`model.class_path` must name an importable class", "'nope.Nope'", "No module named 'nope'"],
+            True,
+            id="missing-model-module",
+        ),
+        pytest.param(
+            ["--model.class_path=lightning_dropout.zoo.MLPP"],
+            ["`model.class_path`", "'lightning_dropout.zoo.MLPP'", "nearest: ['MLP'"],
+            True,
+            id="missing-model-class",
+        ),
         pytest.param(
             ["--study.storage=redis://host/0"], ["`study.storage`", "journal:"], False, id="storage-scheme"
         ),
