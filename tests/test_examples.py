@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import uuid
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -35,3 +37,76 @@ def test_attach_callback_example(tmp_path):
     )
     assert {"test_acc", "test_loss", "mc_mean_entropy"} <= set(results)
     assert list((tmp_path / "attach_callback").rglob("events.out.tfevents.*"))
+
+
+def test_tune_from_yaml_example(tmp_path, capsys):
+    out = _load("tune_from_yaml").main(
+        [
+            "--n-trials",
+            "2",
+            "--max-epochs",
+            "1",
+            "--limit-batches",
+            "2",
+            "--seeds",
+            "0",
+            "--run-dir",
+            str(tmp_path / "runs"),
+            "--cache-dir",
+            str(tmp_path / "d"),
+        ]
+    )
+    assert out["plan_path"] == tmp_path / "runs" / "quickstart" / "best_plan.yaml"
+    assert list((tmp_path / "runs" / "quickstart" / "trials").glob("trial_0001/events.out.tfevents.*"))
+    printed = capsys.readouterr().out
+    assert "test_acc" in printed  # `fit --plan` evaluated the winner on the test set
+
+
+def test_tensorboard_gap_example(tmp_path, capsys):
+    series = _load("tensorboard_gap").main(
+        [
+            "--max-epochs",
+            "2",
+            "--limit-batches",
+            "3",
+            "--logdir",
+            str(tmp_path),
+            "--cache-dir",
+            str(tmp_path / "d"),
+        ]
+    )
+    for tag in (
+        "gap/loss",
+        "train_clean/loss",
+        "train_dropout/loss",
+        "mc/ece",
+        "dropout/rate/linear1:output",
+    ):
+        assert series[tag], tag
+    for val, clean, gap in zip(
+        series["val_loss"], series["train_clean/loss"], series["gap/loss"], strict=True
+    ):
+        assert abs(gap - (val - clean)) < 1e-5
+    assert "naive gap" in capsys.readouterr().out
+
+
+def test_scale_out_example(tmp_path):
+    storage = os.environ.get("LIGHTNING_DROPOUT_TEST_POSTGRES")  # CI: a real PostgreSQL server
+    # one worker here (tests/test_tune_storage.py runs 2 worker processes against PostgreSQL)
+    args = ["--workers", "1", "--n-trials", "3", "--max-epochs", "1", "--limit-batches", "2"]
+    args += [
+        "--run-dir",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(tmp_path / "d"),
+        "--name",
+        f"ex_{uuid.uuid4().hex[:8]}",
+    ]
+    if storage:
+        args += ["--storage", storage]
+    out = _load("scale_out").main(args)
+    study = out["study"]
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) >= 3
+    assert all("plan" in t.user_attrs for t in finished)
+    assert out["storage"] == (storage or f"sqlite:///{tmp_path / 'runs' / args[-1] / 'study.db'}")
