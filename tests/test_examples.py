@@ -7,7 +7,15 @@ import os
 import uuid
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MNIST-1D cache for every example (generating it takes a few seconds each time)."""
+    return tmp_path_factory.mktemp("mnist1d")
 
 
 def _load(name: str):
@@ -22,7 +30,7 @@ def test_plain_torch_example():
     assert {s.key for s in plan} == {"lstm:input", "lstm:output", "lstm:weight", "lstm:attribute"}
 
 
-def test_attach_callback_example(tmp_path):
+def test_attach_callback_example(tmp_path, data_dir):
     results = _load("attach_callback").main(
         [
             "--max-epochs",
@@ -32,14 +40,14 @@ def test_attach_callback_example(tmp_path):
             "--logdir",
             str(tmp_path),
             "--cache-dir",
-            str(tmp_path / "d"),
+            str(data_dir),
         ]
     )
     assert {"test_acc", "test_loss", "mc_mean_entropy"} <= set(results)
     assert list((tmp_path / "attach_callback").rglob("events.out.tfevents.*"))
 
 
-def test_tune_from_yaml_example(tmp_path, capsys):
+def test_tune_from_yaml_example(tmp_path, data_dir, capsys):
     out = _load("tune_from_yaml").main(
         [
             "--n-trials",
@@ -53,7 +61,7 @@ def test_tune_from_yaml_example(tmp_path, capsys):
             "--run-dir",
             str(tmp_path / "runs"),
             "--cache-dir",
-            str(tmp_path / "d"),
+            str(data_dir),
         ]
     )
     assert out["plan_path"] == tmp_path / "runs" / "quickstart" / "best_plan.yaml"
@@ -62,7 +70,7 @@ def test_tune_from_yaml_example(tmp_path, capsys):
     assert "test_acc" in printed  # `fit --plan` evaluated the winner on the test set
 
 
-def test_tensorboard_gap_example(tmp_path, capsys):
+def test_tensorboard_gap_example(tmp_path, data_dir, capsys):
     series = _load("tensorboard_gap").main(
         [
             "--max-epochs",
@@ -72,7 +80,7 @@ def test_tensorboard_gap_example(tmp_path, capsys):
             "--logdir",
             str(tmp_path),
             "--cache-dir",
-            str(tmp_path / "d"),
+            str(data_dir),
         ]
     )
     for tag in (
@@ -90,7 +98,7 @@ def test_tensorboard_gap_example(tmp_path, capsys):
     assert "naive gap" in capsys.readouterr().out
 
 
-def test_scale_out_example(tmp_path):
+def test_scale_out_example(tmp_path, data_dir):
     storage = os.environ.get("LIGHTNING_DROPOUT_TEST_POSTGRES")  # CI: a real PostgreSQL server
     # one worker here (tests/test_tune_storage.py runs 2 worker processes against PostgreSQL)
     args = ["--workers", "1", "--n-trials", "3", "--max-epochs", "1", "--limit-batches", "2"]
@@ -98,7 +106,7 @@ def test_scale_out_example(tmp_path):
         "--run-dir",
         str(tmp_path / "runs"),
         "--cache-dir",
-        str(tmp_path / "d"),
+        str(data_dir),
         "--name",
         f"ex_{uuid.uuid4().hex[:8]}",
     ]
