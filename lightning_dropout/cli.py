@@ -23,6 +23,7 @@ User errors (a bad config, a rule that matches nothing) print one line on stderr
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -175,6 +176,7 @@ def _variants() -> int:
     width = max(map(len, VARIANTS))
     for name in sorted(VARIANTS):
         doc = (VARIANTS[name].__doc__ or "").strip().splitlines()[0]
+        doc = re.sub(r"\s*\(see the module docstring[^)]*\)", "", doc)  # a pointer that means nothing here
         sys.stdout.write(f"{name.ljust(width)}  {doc}\n")
     return 0
 
