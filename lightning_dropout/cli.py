@@ -23,6 +23,7 @@ User errors (a bad config, a rule that matches nothing) print one line on stderr
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -208,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DropoutConfigError as err:
         return _fail(str(err))
+    except BrokenPipeError:  # e.g. `lightning-dropout variants | head`: the reader has gone, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         sys.stderr.write(
             "lightning-dropout: interrupted; the study storage is consistent: run again to resume\n"
