@@ -51,6 +51,7 @@ __all__ = ["GapMonitor", "UncertaintyMonitor", "metric_base_name"]
 
 log = logging.getLogger(__name__)
 
+_MIN_EVAL_BATCH = 256
 _VAL_PREFIXES = ("validation_", "validation/", "valid_", "valid/", "val_", "val/", "val-")
 _REDUCE = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 
@@ -175,7 +176,9 @@ class GapMonitor(Callback):
         train_mode: also evaluate the subset with dropout on (BatchNorm still in eval mode) and log it as
             ``train_dropout/<metric>``: the figure a naive gap uses.
         seed: chooses the subset (its own generator: the global random state is not touched).
-        batch_size: batch size of the extra passes; default the training loader's.
+        batch_size: batch size of the extra passes; default the training loader's, at least 256 (no
+            activations are kept for backward, and fewer, larger batches cost less per example). The
+            collated batches are kept (on the host) for the whole fit.
 
     Attributes:
         history: one dict of logged values per validation.
@@ -200,15 +203,20 @@ class GapMonitor(Callback):
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0
         self._fit_started: float | None = None
-        self._loader: DataLoader[Any] | None = None
+        self._batches: list[Any] | None = None
 
     def __repr__(self) -> str:
         return f"GapMonitor(num_samples={self.num_samples}, train_mode={self.train_mode}, seed={self.seed})"
 
     # -- the subset --------------------------------------------------------------------------------------------
+    def _subset_batches(self, trainer: pl.Trainer) -> list[Any]:
+        """The subset's collated batches, built once per fit and kept on the host: later validations skip
+        indexing, transforms and collation (a fixed subset: augmentation is drawn once)."""
+        if self._batches is None:
+            self._batches = list(self._subset_loader(trainer))
+        return self._batches
+
     def _subset_loader(self, trainer: pl.Trainer) -> DataLoader[Any]:
-        if self._loader is not None:
-            return self._loader
         source = trainer.train_dataloader
         if not isinstance(source, DataLoader):
             raise DropoutConfigError(
@@ -234,14 +242,15 @@ class GapMonitor(Callback):
             torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))[:count].sort().values
         )
         shard = chosen[rank::world].tolist()  # every rank its own examples, like a DistributedSampler
-        self._loader = DataLoader(
+        # evaluation keeps no activations for backward: batches of at least 256 cost far less per example
+        batch_size = self.batch_size or max(source.batch_size or 1, _MIN_EVAL_BATCH)
+        return DataLoader(
             Subset(dataset, shard),
-            batch_size=self.batch_size or source.batch_size or 64,
+            batch_size=min(batch_size, len(shard)),
             shuffle=False,
             collate_fn=source.collate_fn,
             num_workers=0,
         )
-        return self._loader
 
     # -- one pass ----------------------------------------------------------------------------------------------
     def _evaluate(
@@ -250,7 +259,7 @@ class GapMonitor(Callback):
         """The module's own ``validation_step`` over the subset; returns each logged value over the whole
         subset (all ranks)."""
         capture = _LogCapture()
-        loader = self._subset_loader(trainer)
+        batches = self._subset_batches(trainer)
         for metric in _metric_modules(pl_module):
             metric.reset()
         pl_module.log = capture  # type: ignore[method-assign]  # instance attribute shadows the method
@@ -259,7 +268,7 @@ class GapMonitor(Callback):
                 pl_module.eval()
                 context = mc_dropout(pl_module) if dropout_on else _nothing()
                 with context:
-                    for batch_idx, batch in enumerate(loader):
+                    for batch_idx, batch in enumerate(batches):
                         batch = trainer.strategy.batch_to_device(batch)
                         capture.batch = batch
                         pl_module.validation_step(batch, batch_idx)
@@ -295,7 +304,7 @@ class GapMonitor(Callback):
     # -- hooks -------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_started = time.perf_counter()
-        self._loader = None
+        self._batches = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
