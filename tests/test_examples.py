@@ -7,15 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
-import pytest
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One MNIST-1D cache for every example (generating it takes a few seconds each time)."""
-    return tmp_path_factory.mktemp("mnist1d")
 
 
 def _load(name: str):

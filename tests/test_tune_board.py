@@ -26,18 +26,7 @@ from lightning_dropout.plan import DropoutPlan, Site
 from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.space import SearchGroup
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("mnist1d")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Run:
