@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,7 +52,6 @@ __all__ = ["GapMonitor", "UncertaintyMonitor", "metric_base_name"]
 
 log = logging.getLogger(__name__)
 
-_MIN_EVAL_BATCH = 256
 _VAL_PREFIXES = ("validation_", "validation/", "valid_", "valid/", "val_", "val/", "val-")
 _REDUCE = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 
@@ -108,8 +108,9 @@ class _LogCapture:
             if value.numel() != 1:
                 return
             value = float(value.detach())
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not isinstance(value, numbers.Number) or isinstance(value, bool):
             return
+        value = float(value)  # type: ignore[arg-type]  # numpy scalars too, as Lightning accepts them
         op = _reduce_name(reduce_fx)
         weight = float(batch_size if batch_size is not None else extract_batch_size(self.batch))
         total = self.totals.setdefault(name, [math.nan if op in ("max", "min") else 0.0, 0.0])
@@ -132,7 +133,8 @@ def _metric_modules(module: nn.Module) -> list[torchmetrics.Metric]:
 @contextmanager
 def _untouched(pl_module: pl.LightningModule) -> Iterator[None]:
     """Run extra passes without changing training: random number generators (global, CUDA, and each dropout
-    site's own) are forked, every torchmetrics state and every module's train/eval flag is restored."""
+    site's own) are forked; every torchmetrics state, every module's train/eval flag and the module's public
+    list and dict attributes (outputs that ``validation_step`` collects) are restored."""
     generators = [
         m.generator for m in pl_module.modules() if isinstance(m, DropoutVariant) and m.generator is not None
     ]
@@ -142,6 +144,12 @@ def _untouched(pl_module: pl.LightningModule) -> Iterator[None]:
         for m in _metric_modules(pl_module)
     ]
     flags = {m: m.training for m in pl_module.modules()}
+    # what validation_step may append to (Lightning 2's `self.validation_step_outputs.append(...)` pattern)
+    containers = [
+        (v, copy.copy(v))
+        for k, v in vars(pl_module).items()
+        if not k.startswith("_") and isinstance(v, (list, dict))
+    ]
     device = pl_module.device
     devices = (
         [device.index if device.index is not None else torch.cuda.current_device()]
@@ -161,6 +169,12 @@ def _untouched(pl_module: pl.LightningModule) -> Iterator[None]:
             metric._computed = computed
         for module, flag in flags.items():
             module.training = flag
+        for container, saved in containers:  # restored in place: the module may hold other references
+            container.clear()
+            if isinstance(container, dict):
+                container.update(saved)
+            else:
+                container.extend(saved)
 
 
 class GapMonitor(Callback):
@@ -176,9 +190,9 @@ class GapMonitor(Callback):
         train_mode: also evaluate the subset with dropout on (BatchNorm still in eval mode) and log it as
             ``train_dropout/<metric>``: the figure a naive gap uses.
         seed: chooses the subset (its own generator: the global random state is not touched).
-        batch_size: batch size of the extra passes; default the training loader's, at least 256 (no
-            activations are kept for backward, and fewer, larger batches cost less per example). The
-            collated batches are kept (on the host) for the whole fit.
+        batch_size: batch size of the extra passes; default the validation loader's (what validation is known
+            to fit in memory with), else the training loader's. The collated batches are kept (on the host)
+            for the whole fit, so later validations skip indexing and collation.
 
     Attributes:
         history: one dict of logged values per validation.
@@ -204,6 +218,7 @@ class GapMonitor(Callback):
         self.seconds = 0.0
         self._fit_started: float | None = None
         self._batches: list[Any] | None = None
+        self._subset_size = num_samples
 
     def __repr__(self) -> str:
         return f"GapMonitor(num_samples={self.num_samples}, train_mode={self.train_mode}, seed={self.seed})"
@@ -241,9 +256,12 @@ class GapMonitor(Callback):
         chosen = (
             torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))[:count].sort().values
         )
+        self._subset_size = count
         shard = chosen[rank::world].tolist()  # every rank its own examples, like a DistributedSampler
-        # evaluation keeps no activations for backward: batches of at least 256 cost far less per example
-        batch_size = self.batch_size or max(source.batch_size or 1, _MIN_EVAL_BATCH)
+        # the batch size validation runs with: known to fit in memory for evaluation
+        val = trainer.val_dataloaders
+        val_batch = val.batch_size if isinstance(val, DataLoader) else None
+        batch_size = self.batch_size or val_batch or source.batch_size or 64
         return DataLoader(
             Subset(dataset, shard),
             batch_size=min(batch_size, len(shard)),
@@ -339,7 +357,7 @@ class GapMonitor(Callback):
         log.info(
             "GapMonitor: %d evaluations of %d training examples took %.2f s, %.1f%% of the fit's %.1f s",
             len(self.history),
-            self.num_samples,
+            self._subset_size,
             self.seconds,
             100 * self.seconds / max(total, 1e-9),
             total,
