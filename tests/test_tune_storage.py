@@ -303,7 +303,9 @@ def _tune_interrupted(pg: Postgres, name: str, args: list[str]) -> tuple[int | s
     def interrupt_when_training() -> None:
         deadline = time.monotonic() + 180
         while not stop.is_set() and time.monotonic() < deadline:
-            with contextlib.suppress(KeyError):  # the study is not created yet
+            # the study may not exist yet (KeyError), or its schema may be being created by `tune` right now
+            # (a loaded machine makes that window long): keep watching rather than let the thread die
+            with contextlib.suppress(Exception):
                 running = [
                     t for t in _trials(pg, name) if t.state == TrialState.RUNNING and t.intermediate_values
                 ]
