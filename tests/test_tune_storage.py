@@ -298,24 +298,34 @@ def _tune_interrupted(pg: Postgres, name: str, args: list[str]) -> tuple[int | s
     Lightning). A watcher thread sends it once a trial is mid-fit; the SIGINT handler is restored afterwards
     (Lightning sets it to SIG_IGN while it shuts down). Returns the exit status and the interrupted trial."""
     found: list[FrozenTrial] = []
+    seen: list[str] = []  # what the watcher saw last, for the failure message
     stop = threading.Event()
 
     def interrupt_when_training() -> None:
+        storage = optuna.storages.RDBStorage(pg.url)  # its own engine: nothing shared with earlier tests
         deadline = time.monotonic() + 180
         while not stop.is_set() and time.monotonic() < deadline:
             # the study may not exist yet (KeyError), or its schema may be being created by `tune` right now
             # (a loaded machine makes that window long): keep watching rather than let the thread die
-            with contextlib.suppress(Exception):
-                running = [
-                    t for t in _trials(pg, name) if t.state == TrialState.RUNNING and t.intermediate_values
-                ]
-                if running and not stop.is_set():
-                    found.append(running[0])
-                    os.kill(os.getpid(), signal.SIGINT)
-                    return
+            try:
+                trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+                seen[:] = [f"{t.number}:{t.state.name}:{len(t.intermediate_values)}" for t in trials]
+                running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+            except Exception as err:
+                seen[:] = [f"{type(err).__name__}: {err}"[:300]]
+                running = []
+            if running and not stop.is_set():
+                found.append(running[0])
+                os.kill(os.getpid(), signal.SIGINT)
+                return
             time.sleep(0.2)
+        if (
+            not stop.is_set()
+        ):  # never hang the suite on an endless trial: stop it, the assertion below reports
+            os.kill(os.getpid(), signal.SIGINT)
 
     handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # what a terminal's process has
     watcher = threading.Thread(target=interrupt_when_training, daemon=True)
     returncode: int | str
     try:
@@ -328,7 +338,7 @@ def _tune_interrupted(pg: Postgres, name: str, args: list[str]) -> tuple[int | s
         stop.set()
         watcher.join(timeout=10)
         signal.signal(signal.SIGINT, handler)
-    assert found, f"no trial started training (tune returned {returncode!r})"
+    assert found, f"no trial started training (tune returned {returncode!r}); the watcher last saw {seen}"
     return returncode, found[0]
 
 
