@@ -38,6 +38,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from common import cpu_model
 from lightning.pytorch.callbacks import Callback
 
 import lightning_dropout
@@ -270,16 +271,6 @@ def measure(name: str, dm: MNIST1DDataModule, repeats: int, epochs: int, seed: i
         "fast_seconds_ms": 1e3 * min(mon_seconds),
         "fast_own": min(mon_seconds) / min(base_epoch),
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def pct(q: tuple[float, float, float]) -> str:

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import logging
 import math
 import os
 import platform
@@ -40,11 +39,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from common import quiet
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "benchmarks" / "configs"
@@ -109,22 +108,6 @@ QUICK = Budget(
 def progress(msg: str) -> None:
     sys.stderr.write(f"[outcome {time.strftime('%H:%M:%S')}] {msg}\n")
     sys.stderr.flush()
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence Lightning's and Optuna's warnings and info lines for the block."""
-    from lightning_dropout.config import quiet_lightning
-
-    optuna_log = logging.getLogger("optuna")
-    level = optuna_log.level
-    with warnings.catch_warnings(), quiet_lightning():
-        warnings.simplefilter("ignore")
-        optuna_log.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            optuna_log.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------------------

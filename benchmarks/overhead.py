@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import cpu_model
 from torch import Tensor, nn
 
 import lightning_dropout
@@ -48,8 +49,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overhead.md"
 class MLP(nn.Module):
     """3 hidden blocks Linear(512) + ReLU, dropout after each ReLU, then a Linear head."""
 
-    def __init__(self, dropout: bool, d_in: int = 256, width: int = 512, depth: int = 3,
-                 n_out: int = 10) -> None:
+    def __init__(
+        self, dropout: bool, d_in: int = 256, width: int = 512, depth: int = 3, n_out: int = 10
+    ) -> None:
         super().__init__()
         blocks = []
         for i in range(depth):
@@ -67,8 +69,9 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """3 x (Conv1d -> dropout -> ReLU), global average pool, Linear head."""
 
-    def __init__(self, dropout: bool, c_in: int = 8, channels: int = 32, depth: int = 3,
-                 n_out: int = 10) -> None:
+    def __init__(
+        self, dropout: bool, c_in: int = 8, channels: int = 32, depth: int = 3, n_out: int = 10
+    ) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
             nn.Conv1d(c_in if i == 0 else channels, channels, kernel_size=5, padding=2) for i in range(depth)
@@ -105,8 +108,16 @@ class GRUNet(nn.Module):
 class Encoder(nn.Module):
     """Linear embedding, 2 ``nn.TransformerEncoderLayer`` (4 dropout sites each), mean pool, Linear head."""
 
-    def __init__(self, dropout: bool, d_in: int = 32, d_model: int = 64, nhead: int = 4, ff: int = 128,
-                 depth: int = 2, n_out: int = 10) -> None:
+    def __init__(
+        self,
+        dropout: bool,
+        d_in: int = 32,
+        d_model: int = 64,
+        nhead: int = 4,
+        ff: int = 128,
+        depth: int = 2,
+        n_out: int = 10,
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(d_in, d_model)
         self.layers = nn.ModuleList(
@@ -136,9 +147,14 @@ CASES = [
     Case("mlp", MLP, [Rule(match=nn.ReLU, p=P)], 64, (256,), 3),
     Case("cnn", CNN, [Rule(match=nn.Conv1d, p=P)], 32, (8, 128), 3),
     Case("gru", GRUNet, [Rule(match=nn.GRU, variant="standard", p=P)], 32, (16, 32), 1),
-    Case("transformer", Encoder,
-         [Rule(replace=True, p=P), Rule(match=nn.TransformerEncoderLayer, variant="attention", p=P)],
-         12, (32, 32), 8),
+    Case(
+        "transformer",
+        Encoder,
+        [Rule(replace=True, p=P), Rule(match=nn.TransformerEncoderLayer, variant="attention", p=P)],
+        12,
+        (32, 32),
+        8,
+    ),
 ]
 
 
@@ -159,8 +175,9 @@ def build_pair(case: Case, seed: int) -> tuple[nn.Module, nn.Module, Tensor, Ten
     if after != base_keys:
         raise RuntimeError(f"{case.name}: injection changed the state_dict keys: {base_keys} vs {after}")
     if len(plan) != case.n_sites:
-        raise RuntimeError(f"{case.name}: expected {case.n_sites} dropout sites, got {len(plan)}: "
-                           f"{[s.key for s in plan]}")
+        raise RuntimeError(
+            f"{case.name}: expected {case.n_sites} dropout sites, got {len(plan)}: {[s.key for s in plan]}"
+        )
     for name, tensor in baseline.state_dict().items():
         if not torch.equal(tensor, injected.state_dict()[name]):
             raise RuntimeError(f"{case.name}: parameter {name!r} differs between the two models")
@@ -182,8 +199,10 @@ def check_same_function(name: str, baseline: nn.Module, injected: nn.Module, x: 
         if not torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6):
             diff = (outs[0] - outs[1]).abs().max().item()
             mode = "train" if training else "eval"
-            raise AssertionError(f"{name}: {mode} outputs of the baseline and the injected model differ "
-                                 f"(max abs diff {diff:.3g})")
+            raise AssertionError(
+                f"{name}: {mode} outputs of the baseline and the injected model differ "
+                f"(max abs diff {diff:.3g})"
+            )
     baseline.train()
     injected.train()
 
@@ -209,7 +228,9 @@ class Stepper:
         return time.perf_counter() - start
 
 
-def timed_repeat(pair: tuple[Stepper, Stepper], steps: int, first: int, interleave: str) -> tuple[float, float]:
+def timed_repeat(
+    pair: tuple[Stepper, Stepper], steps: int, first: int, interleave: str
+) -> tuple[float, float]:
     """Seconds per step of the baseline and of the injected model over one repeat of ``steps`` steps each.
 
     ``interleave="step"`` alternates the two models step by step (who goes first flips every step), so both
@@ -281,21 +302,19 @@ def measure(case: Case, repeats: int, steps: int, warmup: int, seed: int, interl
 # ----------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def table(results: list[Result]) -> list[list[str]]:
     rows = [["model", "baseline ms/step", "injected ms/step", "median ratio", "IQR (q1-q3)", f"<= {TARGET}x"]]
     for r in results:
-        rows.append([r.name, f"{r.base_ms:.2f}", f"{r.inj_ms:.2f}", f"{r.ratio:.3f}x",
-                     f"{r.iqr:.3f} ({r.q1:.3f}-{r.q3:.3f})", "yes" if r.ratio <= TARGET else "NO"])
+        rows.append(
+            [
+                r.name,
+                f"{r.base_ms:.2f}",
+                f"{r.inj_ms:.2f}",
+                f"{r.ratio:.3f}x",
+                f"{r.iqr:.3f} ({r.q1:.3f}-{r.q3:.3f})",
+                "yes" if r.ratio <= TARGET else "NO",
+            ]
+        )
     return rows
 
 
@@ -321,22 +340,37 @@ def format_markdown(rows: list[list[str]], meta: dict[str, str]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=15, help="paired repeats per model (default 15)")
     parser.add_argument("--steps", type=int, default=30, help="train steps per timed block (default 30)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per model first (default 10)")
-    parser.add_argument("--interleave", choices=("step", "block"), default="step",
-                        help="alternate the two models every step (default; robust to changing load) or run "
-                             "each repeat as one block per model, alternating which block goes first")
+    parser.add_argument(
+        "--interleave",
+        choices=("step", "block"),
+        default="step",
+        help="alternate the two models every step (default; robust to changing load) or run "
+        "each repeat as one block per model, alternating which block goes first",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default=",".join(c.name for c in CASES),
-                        help=f"comma-separated subset of {[c.name for c in CASES]}")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="Markdown output (default benchmarks/results/overhead.md)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 2 repeats of 3 steps, 1 warmup step (overrides the counts)")
+    parser.add_argument(
+        "--models",
+        default=",".join(c.name for c in CASES),
+        help=f"comma-separated subset of {[c.name for c in CASES]}",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="Markdown output (default benchmarks/results/overhead.md)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 2 repeats of 3 steps, 1 warmup step (overrides the counts)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps, args.warmup = 2, 3, 1
@@ -357,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         result = measure(case, args.repeats, args.steps, args.warmup, args.seed, args.interleave)
-        print(f"{case.name}: baseline {result.base_ms:.2f} ms, injected {result.inj_ms:.2f} ms, "
-              f"ratio {result.ratio:.3f}x", flush=True)
+        print(
+            f"{case.name}: baseline {result.base_ms:.2f} ms, injected {result.inj_ms:.2f} ms, "
+            f"ratio {result.ratio:.3f}x",
+            flush=True,
+        )
         results.append(result)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -373,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = table(results)
     print()
     print(format_text(rows))
-    print(f"target: median ratio <= {TARGET}x; torch {meta['torch']}, {meta['threads']} thread(s), "
-          f"{meta['CPU']}")
+    print(
+        f"target: median ratio <= {TARGET}x; torch {meta['torch']}, {meta['threads']} thread(s), "
+        f"{meta['CPU']}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(format_markdown(rows, meta))
     print(f"wrote {args.out}")

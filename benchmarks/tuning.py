@@ -37,7 +37,6 @@ import gc
 import io
 import itertools
 import json
-import logging
 import os
 import platform
 import resource
@@ -47,15 +46,13 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from lightning_dropout.config import quiet_lightning
+from common import quiet
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "tuning.md"
 SECTIONS = ("pruning", "workers", "overhead")
@@ -243,20 +240,6 @@ def study_stats(name: str, run_dir: Path, wall: float) -> StudyStats:
         durations=durations,
         pruned_epochs=[len(t.intermediate_values) for t in trials if t.state == TrialState.PRUNED],
     )
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence Lightning's and Optuna's warnings and info lines for the block."""
-    optuna_log = logging.getLogger("optuna")
-    level = optuna_log.level
-    with warnings.catch_warnings(), quiet_lightning():
-        warnings.simplefilter("ignore")
-        optuna_log.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            optuna_log.setLevel(level)
 
 
 def progress(msg: str) -> None:
