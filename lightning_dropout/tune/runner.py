@@ -182,6 +182,7 @@ class Tuner:
         self.cli: ConfigCLI = load_config(self.args, instantiate=False, save_config=False)
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self._fatal: DropoutConfigError | None = None
+        self._site_columns: dict[str, list[str]] | None = None
         self.study_config: StudyConfig = init["study"]
         self.space: DropoutSpace = init["dropout"]
         if not self.space.groups:
@@ -289,12 +290,17 @@ class Tuner:
         return result, injector.plan
 
     def _columns(self, model: torch.nn.Module) -> dict[str, list[str]]:
-        """The study's HParams site columns on this (fresh) model."""
-        try:
-            return plan_columns(self.space.groups, model, getattr(model, "example_input_array", None))
-        except Exception as err:  # a model only the injector's configure_model call can build: plan keys only
-            log.debug("HParams site columns from the plan only: %s", err)
-            return {}
+        """The study's HParams site columns, resolved on the first (fresh) model and kept: every trial builds
+        the same model from the same config."""
+        if self._site_columns is None:
+            try:
+                self._site_columns = plan_columns(
+                    self.space.groups, model, getattr(model, "example_input_array", None)
+                )
+            except Exception as err:  # a model only the injector's configure_model builds: plan keys only
+                log.debug("HParams site columns from the plan only: %s", err)
+                self._site_columns = {}
+        return self._site_columns
 
     def _hparam_metrics(self, result: TrialResult | None, with_gap: bool) -> dict[str, float]:
         """The HParams metrics, the same keys for every run of the study (NaN when unknown)."""
