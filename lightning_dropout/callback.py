@@ -362,11 +362,14 @@ class DropoutInjector(Callback):
             )
 
 
+def _rate_kind(handle: SiteHandle) -> str:
+    """``learned`` for concrete sites (the optimizer sets their rate), ``rate`` for the others."""
+    return "learned" if isinstance(handle.module, ConcreteDropout) else "rate"
+
+
 def _tag(handle: SiteHandle, quantity: str) -> str:
     """``dropout/rate/<site>``, ``dropout/fraction/<site>``; learned (concrete) rates are ``dropout/learned/<site>``."""
-    if quantity == "rate" and isinstance(handle.module, ConcreteDropout):
-        quantity = "learned"
-    return f"{_LOG_PREFIX}/{quantity}/{handle.site.key}"
+    return f"{_LOG_PREFIX}/{_rate_kind(handle) if quantity == 'rate' else quantity}/{handle.site.key}"
 
 
 def site_groups(keys: Sequence[str], max_ungrouped: int = 10) -> dict[str, list[str]]:
@@ -391,7 +394,7 @@ def scalar_layout(handles: Sequence[SiteHandle], fractions: bool) -> dict[str, l
     """The Custom Scalars charts of one category: ``{title: ["Multiline", [tag regexes]]}``."""
     keys: dict[str, list[str]] = {"rate": [], "learned": [], "fraction": []}
     for handle in handles:
-        keys[_tag(handle, "rate").split("/")[1]].append(handle.site.key)
+        keys[_rate_kind(handle)].append(handle.site.key)
         if fractions and handle.module is not None:
             keys["fraction"].append(handle.site.key)
     labels = {"rate": "rate", "learned": "learned rate", "fraction": "dropped fraction"}

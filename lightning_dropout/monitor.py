@@ -450,10 +450,10 @@ class UncertaintyMonitor(Callback):
         ece_mc: torchmetrics.Metric | None = None
         ece_det: torchmetrics.Metric | None = None
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # entropy sum, correct, count
+        pl_module.eval()  # mc_dropout() restores these flags after each batch's stochastic passes
         with torch.no_grad():
             for batch in loader:
                 x, y = self.unpack(trainer.strategy.batch_to_device(batch))
-                pl_module.eval()
                 det = pl_module(x).softmax(-1)
                 with mc_dropout(pl_module):
                     probs = torch.stack([pl_module(x).softmax(-1) for _ in range(self.n_samples)]).mean(0)

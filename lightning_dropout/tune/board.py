@@ -74,16 +74,6 @@ def plan_hparams(plan: DropoutPlan, columns: Mapping[str, Sequence[str]]) -> dic
     return out
 
 
-def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class TrialLogger(TensorBoardLogger):
     """A TensorBoardLogger that writes one HParams record per run, when :meth:`finish` is called.
 
@@ -99,8 +89,7 @@ class TrialLogger(TensorBoardLogger):
         self._status = "success"
 
     def log_hyperparams(self, params: Any, metrics: Any = None) -> None:  # type: ignore[override]
-        params = params if isinstance(params, Mapping) else vars(params)
-        self._module_hparams.update(_flatten(params))
+        self._module_hparams.update(params if isinstance(params, Mapping) else vars(params))
 
     def finalize(self, status: str) -> None:
         self._status = status
@@ -110,12 +99,11 @@ class TrialLogger(TensorBoardLogger):
     def finish(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """Write the run's single HParams record (``params`` plus the module's, ``metrics`` as scalars at
         step 0) and close the event file."""
-        merged: dict[str, Any] = {}
-        for key, value in self._module_hparams.items():
-            if value is None or key.startswith("_"):  # e.g. LightningCLI's `_instantiator`
-                continue
-            merged[f"module/{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-        merged.update(params)
+        # Lightning flattens nested mappings (`module/<key>/...`) and turns other values into text
+        module = {
+            k: v for k, v in self._module_hparams.items() if v is not None and not k.startswith("_")
+        }  # `_`: e.g. LightningCLI's `_instantiator`
+        merged = {**({"module": module} if module else {}), **params}
         clean = {k: (float(v) if v is not None else math.nan) for k, v in metrics.items()}
         super().log_hyperparams(merged, clean)
         super().finalize(self._status)

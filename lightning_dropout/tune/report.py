@@ -39,10 +39,11 @@ from lightning_dropout.tune.runner import (
     METRICS_ATTR,
     PLAN_ATTR,
     Candidate,
+    rank_candidates,
     winner,
 )
 
-__all__ = ["study_figures", "write_report", "write_study_images"]
+__all__ = ["plan_summary", "study_figures", "write_report", "write_study_images"]
 
 log = logging.getLogger(__name__)
 
@@ -224,18 +225,16 @@ def _reruns(study: optuna.Study) -> list[Candidate]:
     for number, info in (study.user_attrs.get("reruns") or {}).items():
         trial = study.trials[int(number)]
         out.append(Candidate(info["label"], int(number), _plan(trial) or DropoutPlan(), list(info["values"])))
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    out.sort(key=lambda c: (math.isnan(c.mean), -c.mean if maximize else c.mean))
-    return out
+    return rank_candidates(out, study.direction == optuna.study.StudyDirection.MAXIMIZE)
 
 
-def _plan_text(plan: DropoutPlan | None) -> str:
-    if plan is None:
-        return "-"
+def plan_summary(plan: DropoutPlan) -> str:
+    """``"fc1 standard 0.21, fc2 gaussian 0.10"``, or ``"(no sites)"``."""
     parts = [
-        f"{s.key} {s.variant} {s.p:.2f}" + "".join(f" {k}={v}" for k, v in s.params.items()) for s in plan
+        f"{s.target or '<root>'}{'' if s.where == 'output' else ':' + s.where} {s.variant} {s.p:.2f}"
+        for s in plan
     ]
-    return ", ".join(parts) or "(no sites)"
+    return ", ".join(parts) if parts else "(no sites)"
 
 
 def _markdown_results(study: optuna.Study) -> str:
@@ -311,7 +310,7 @@ def write_report(study: optuna.Study, out: str | Path, storage: str = "") -> Pat
                 _fmt(c.std),
                 len(c.values),
                 ", ".join(_fmt(v) for v in c.values),
-                _plan_text(c.plan),
+                plan_summary(c.plan),
             ]
             for c in reruns
         ]
@@ -340,7 +339,7 @@ def write_report(study: optuna.Study, out: str | Path, storage: str = "") -> Pat
                 str(t.user_attrs.get(BASELINE_ATTR, "")),
                 _fmt(m.get("best_value", t.value)),
                 _fmt(m.get(f"gap_at_best/{base}")),
-                _plan_text(_plan(t)),
+                plan_summary(_plan(t) or DropoutPlan()),
                 str(t.user_attrs.get(FAIL_ATTR, "")),
             ]
         )

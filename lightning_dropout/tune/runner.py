@@ -600,9 +600,12 @@ def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | No
             if on_done is not None:
                 on_done(f"{_label(trial)} seed {i + 1}/{cfg.seeds}")
         out.append(Candidate(_label(trial), trial.number, plan, values))
-    maximize = cfg.direction == "maximize"
-    out.sort(key=lambda c: (math.isnan(c.mean), -c.mean if maximize else c.mean))
-    return out
+    return rank_candidates(out, cfg.direction == "maximize")
+
+
+def rank_candidates(candidates: list[Candidate], maximize: bool) -> list[Candidate]:
+    """Best mean first; candidates without a finite value last."""
+    return sorted(candidates, key=lambda c: (math.isnan(c.mean), -c.mean if maximize else c.mean))
 
 
 def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:

@@ -16,21 +16,12 @@ from rich.table import Table
 
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
-from lightning_dropout.tune.report import write_study_images
+from lightning_dropout.tune.report import plan_summary, write_study_images
 from lightning_dropout.tune.runner import Candidate, Tuner, _finished, rerun, run_workers, winner
 
 __all__ = ["plan_summary", "tune"]
 
 log = logging.getLogger(__name__)
-
-
-def plan_summary(plan: DropoutPlan) -> str:
-    """``"fc1 standard 0.21, fc2 gaussian 0.10"``, or ``"(no sites)"``."""
-    parts = [
-        f"{s.target or '<root>'}{'' if s.where == 'output' else ':' + s.where} {s.variant} {s.p:.2f}"
-        for s in plan
-    ]
-    return ", ".join(parts) if parts else "(no sites)"
 
 
 def _status(study: optuna.Study) -> tuple[int, int, int, str]:
