@@ -101,7 +101,9 @@ def train(tuner: Any, plan: Any, seed: int, epochs: int, limit: int | None, test
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         out: dict[str, Any] = {"seed": seed, "acc": curves.acc, "loss": curves.loss}
         if test:
-            out["test"] = float(cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test_acc"])
+            out["test"] = float(
+                cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test_acc"]
+            )
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -128,13 +130,14 @@ def configurations(name: str, tuner: Any, n_random: int) -> list[tuple[str, Any]
 
 def run_model(name: str, n_random: int, epochs: int, limit: int | None, path: Path, tmp: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from outcome import make_tuner, prepare_data  # the outcome benchmark's configs and data
+    from outcome import FULL, make_tuner, prepare_data  # the outcome benchmark's configs and data
 
     from lightning_dropout.tune.study import plan_summary
-    from outcome import FULL
 
     prepare_data(tmp / "data")
-    data = json.loads(path.read_text()) if path.is_file() else {"model": name, "epochs": epochs, "configs": {}}
+    data = (
+        json.loads(path.read_text()) if path.is_file() else {"model": name, "epochs": epochs, "configs": {}}
+    )
     base = ["--trainer.max_epochs", str(epochs)]
     select = make_tuner(name, FULL, tmp, CONFIG_DIR, tuple(base))
     full = make_tuner(name, FULL, tmp, CONFIG_DIR, (*base, "--data.init_args.val_fraction=0"))
@@ -192,7 +195,11 @@ def estimator_values(entry: dict[str, Any]) -> dict[str, float]:
 
 
 def analyse(data: dict[str, Any], boot: int = 2000) -> dict[str, Any]:
-    done = [e for e in data["configs"].values() if "selection" in e and len(e.get("fresh", {})) == len(FRESH_SEEDS)]
+    done = [
+        e
+        for e in data["configs"].values()
+        if "selection" in e and len(e.get("fresh", {})) == len(FRESH_SEEDS)
+    ]
     if len(done) < 3:
         return {"n": len(done)}
     target = [statistics.fmean(r["test"] for r in e["fresh"].values()) for e in done]
@@ -242,7 +249,10 @@ def report(paths: list[Path], md: Path) -> str:
         data = json.loads(path.read_text())
         result = analyse(data)
         n_total = len(data["configs"])
-        lines += [f"## {data['model'].upper()} ({data['epochs']} epochs; {result['n']} configurations done)", ""]
+        lines += [
+            f"## {data['model'].upper()} ({data['epochs']} epochs; {result['n']} configurations done)",
+            "",
+        ]
         if "rho" not in result:
             lines += ["Not enough finished configurations yet.", ""]
             continue
@@ -271,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, 2 random plans, 2 batches")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 2 epochs, 2 random plans, 2 batches"
+    )
     ns = parser.parse_args(argv)
     models = [m for m in ns.models.split(",") if m]
     paths = [ns.out_dir / f"estimators_{m}.json" for m in MODELS]

@@ -47,6 +47,10 @@ BASE: dict[str, Any] = {
         "pruner": None,
         "seeds": 0,
         "top_k": 1,
+        # the shared tests count trials and read values: no warm-start grid, the best epoch's value
+        # (tests/test_tune_selection.py covers the defaults)
+        "warm_start": False,
+        "value": "best",
     },
 }
 

@@ -505,6 +505,7 @@ def _synthetic_study(
             )
         )
     study.set_user_attr("reruns", {k: {"label": f"trial {k}", "values": v} for k, v in reruns.items()})
+    study.set_user_attr("winner_rule", "best_mean")  # the one_se rule: tests/test_tune_selection.py
     return study
 
 

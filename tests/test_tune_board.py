@@ -150,6 +150,7 @@ def test_hparams_metrics_are_the_best_value_and_the_gap_at_the_best_epoch(study_
         assert run.metric_tags == [
             "hp/best_val_acc",
             "hp/best_epoch",
+            "hp/value",
             "hp/gap_at_best/acc",
             "hp/gap_at_best/loss",
         ]
@@ -158,6 +159,7 @@ def test_hparams_metrics_are_the_best_value_and_the_gap_at_the_best_epoch(study_
         assert len(val) == 3
         (best,) = run.scalars("hp/best_val_acc")
         assert best == pytest.approx(max(val)) == pytest.approx(trial.value)
+        assert run.scalars("hp/value")[0] == pytest.approx(trial.value)  # `study.value: best` here
         epoch = int(run.scalars("hp/best_epoch")[0])
         assert val[epoch] == pytest.approx(max(val))
         gaps = run.scalars("gap/acc")
@@ -253,7 +255,7 @@ def test_gap_samples_zero_drops_the_monitor_and_its_columns(tmp_path, data_dir):
     config = write_config(tmp_path, study={"n_trials": 1, "gap_samples": 0})
     assert tune(config, tmp_path, data_dir) == 0
     run = Run(tmp_path / "runs" / "s" / "trials" / "trial_0000")
-    assert run.metric_tags == ["hp/best_val_acc", "hp/best_epoch"]
+    assert run.metric_tags == ["hp/best_val_acc", "hp/best_epoch", "hp/value"]
     assert not [t for t in run.tags if t.startswith(("gap/", "train_clean/"))]
 
 

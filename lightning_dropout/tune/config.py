@@ -15,8 +15,11 @@ from typing import Any
 
 import optuna
 
-from lightning_dropout.errors import DropoutConfigError, closest
+from lightning_dropout.errors import DropoutConfigError, check_rate, closest
+from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune.selection import WINNER_RULES
 from lightning_dropout.tune.space import SearchGroup
+from lightning_dropout.tune.value import ESTIMATORS
 
 __all__ = ["DropoutSpace", "StudyConfig", "make_pruner", "make_sampler", "redact"]
 
@@ -69,6 +72,20 @@ class StudyConfig:
         mc_samples: with ``>= 2``, every trial also runs an
             :class:`~lightning_dropout.monitor.UncertaintyMonitor` with this many MC-dropout passes (logged
             ``mc/ece``, ``mc/entropy``); 0 disables it.
+        value: how a run's validation curve becomes its value (trials and re-runs alike): ``best`` (the best
+            epoch), ``window`` (the mean of ``value_window`` epochs around the best), ``ema`` (the best of an
+            exponential moving average), ``tail`` (the mean of the last ``value_window`` epochs) or ``last``.
+            The pruner still sees every epoch's value.
+        value_window: the number of epochs ``window`` and ``tail`` average (and the span of ``ema``).
+        warm_start: after the baselines, enqueue the uniform design a user would run by hand: every group at
+            its first variant with the same rate, once per rate of ``warm_start_rates`` (clipped into each
+            group's ``p`` range). The best of them is always re-run over seeds.
+        warm_start_rates: the rates of the warm start.
+        enqueue: your own trials, run before the sampled ones: each item is a plan (``{sites: [...]}``, or
+            ``{plan: PATH}`` naming a plan YAML file) or a mapping of Optuna parameter names to values
+            (``{"hidden/variant": "standard", "hidden/standard/p": 0.25}``; unset parameters are sampled).
+        winner: how the winner is chosen among the re-run candidates: ``one_se`` (the least dropout among the
+            candidates within one standard error of the best mean, on paired seeds) or ``best_mean``.
     """
 
     name: str = "dropout-study"
@@ -97,6 +114,12 @@ class StudyConfig:
     dropout_seed: int | None = 1234
     gap_samples: int = 256
     mc_samples: int = 0
+    value: str = "window"
+    value_window: int = 5
+    warm_start: bool = True
+    warm_start_rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    winner: str = "one_se"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
@@ -107,10 +130,24 @@ class StudyConfig:
             raise DropoutConfigError(
                 f"`study.direction` must be one of {list(_DIRECTIONS)}, but got {self.direction!r}."
             )
-        for key in ("n_trials", "workers"):
+        for key in ("n_trials", "workers", "value_window"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DropoutConfigError(f"`study.{key}` must be an integer >= 1, but got {key}={value!r}.")
+        if self.value not in ESTIMATORS:
+            raise DropoutConfigError(
+                f"`study.value` must be one of {list(ESTIMATORS)}, but got {self.value!r}; "
+                f"nearest: {closest(str(self.value), ESTIMATORS)}."
+            )
+        if self.winner not in WINNER_RULES:
+            raise DropoutConfigError(
+                f"`study.winner` must be one of {list(WINNER_RULES)}, but got {self.winner!r}; "
+                f"nearest: {closest(str(self.winner), WINNER_RULES)}."
+            )
+        self.warm_start_rates = [
+            check_rate(r, f"study.warm_start_rates[{i}]") for i, r in enumerate(self.warm_start_rates)
+        ]
+        self.enqueue = [_check_enqueued(item, i) for i, item in enumerate(self.enqueue)]
         for key in ("top_k", "seeds", "gap_samples", "mc_samples"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -126,6 +163,31 @@ class StudyConfig:
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self.run_dir}/{self.name}/study.db"
+
+
+def _check_enqueued(item: Any, index: int) -> dict[str, Any]:
+    """One ``study.enqueue`` item, checked and normalized to a plan (``{"sites": [...]}``, a file named by
+    ``{"plan": PATH}`` read here) or to ``{"params": {...}}`` (Optuna parameter names to values)."""
+    where = f"`study.enqueue[{index}]`"
+    if not isinstance(item, dict) or not item:
+        raise DropoutConfigError(
+            f"{where} must be a plan ({{sites: [...]}} or {{plan: PATH}}) or a mapping of Optuna parameter "
+            f"names to values, but got {item!r}."
+        )
+    if "sites" in item:
+        return DropoutPlan.from_dict(item, where_from=where).to_dict()
+    if set(item) == {"plan"}:
+        return DropoutPlan.load(str(item["plan"])).to_dict()
+    params = item["params"] if set(item) == {"params"} else item
+    bad = (
+        [k for k in params if not isinstance(k, str) or "/" not in k] if isinstance(params, dict) else params
+    )
+    if bad:
+        raise DropoutConfigError(
+            f"{where} must map Optuna parameter names ('<group>/variant', '<group>/<variant>/p', ...) to values, "
+            f"but got {bad!r}."
+        )
+    return {"params": dict(params)}
 
 
 def _build(kind: str, module: Any, spec: dict[str, Any] | None, base: type, **extra: Any) -> Any:

@@ -38,8 +38,7 @@ from lightning_dropout.tune.runner import (
     FAIL_ATTR,
     METRICS_ATTR,
     PLAN_ATTR,
-    Candidate,
-    rank_candidates,
+    rerun_candidates,
     winner,
 )
 
@@ -220,14 +219,6 @@ def write_study_images(study: optuna.Study, log_dir: str | Path) -> list[str]:
     return [f"study/{n}" for n in figures]
 
 
-def _reruns(study: optuna.Study) -> list[Candidate]:
-    out = []
-    for number, info in (study.user_attrs.get("reruns") or {}).items():
-        trial = study.trials[int(number)]
-        out.append(Candidate(info["label"], int(number), _plan(trial) or DropoutPlan(), list(info["values"])))
-    return rank_candidates(out, study.direction == optuna.study.StudyDirection.MAXIMIZE)
-
-
 def plan_summary(plan: DropoutPlan) -> str:
     """``"fc1 standard 0.21, fc2 gaussian 0.10"``, or ``"(no sites)"``."""
     parts = [
@@ -239,7 +230,7 @@ def plan_summary(plan: DropoutPlan) -> str:
 
 def _markdown_results(study: optuna.Study) -> str:
     rows = ["| plan | trial | mean | std | seeds |", "|---|---|---|---|---|"]
-    for c in _reruns(study):
+    for c in rerun_candidates(study):
         rows.append(f"| {c.label} | {c.trial} | {c.mean:.4f} | {c.std:.4f} | {len(c.values)} |")
     if len(rows) == 2:
         return "No re-runs over seeds yet."
@@ -299,7 +290,7 @@ def write_report(study: optuna.Study, out: str | Path, storage: str = "") -> Pat
         ]
     except Exception as err:  # no completed trial yet
         parts.append(f"<h2>Best plan</h2><p class='note'>{html.escape(str(err))}</p>")
-    reruns = _reruns(study)
+    reruns = rerun_candidates(study)
     parts.append(f"<h2>Best plans and baselines over seeds ({html.escape(metric)})</h2>")
     if reruns:
         rows = [

@@ -46,13 +46,18 @@ from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_bas
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
-from lightning_dropout.tune.space import suggest_plan
+from lightning_dropout.tune.selection import Candidate, choose_winner, rank_candidates
+from lightning_dropout.tune.space import suggest_plan, uniform_params
+from lightning_dropout.tune.value import best_index, trial_value
 
-__all__ = ["TrialPruning", "TrialResult", "Tuner", "open_study"]
+__all__ = ["Candidate", "TrialPruning", "TrialResult", "Tuner", "open_study", "rank_candidates"]
 
 log = logging.getLogger(__name__)
 
 BASELINE_ATTR = "baseline"
+WARM_START_ATTR = "warm_start"  # the label of a warm-start trial ("uniform p=0.2")
+ENQUEUED_ATTR = "enqueued"  # the label of a trial from `study.enqueue` ("enqueued #1")
+FIXED_PLAN_ATTR = "fixed_plan"  # the plan (YAML) of an enqueued plan: trained as is, nothing sampled
 PLAN_ATTR = "plan"
 METRICS_ATTR = "metrics"
 FAIL_ATTR = "fail_reason"
@@ -88,10 +93,7 @@ class TrialPruning(Callback):
 
     def best_index(self) -> int | None:
         """The index (validation number) of the best finite value so far."""
-        finite = [(v, i) for i, v in enumerate(self.history) if not math.isnan(v)]
-        if not finite:
-            return None
-        return (max(finite, key=lambda x: x[0]) if self.maximize else min(finite, key=lambda x: x[0]))[1]
+        return best_index(self.history, self.maximize)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -139,12 +141,7 @@ class TrialResult:
 def _baseline_plans(model: torch.nn.Module) -> dict[str, DropoutPlan]:
     """The baselines every study compares against: no dropout at all, and the model's own dropout as written
     (only when it has some: inert ``p=0`` slots, like those of the Transformer zoo model, do not count)."""
-    has_dropout = any(
-        (is_dropout_module(m) or isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase)))
-        and (existing_rate(m) or 0.0) > 0
-        for m in model.modules()
-    )
-    if not has_dropout:
+    if not _own_dropout(model) > 0:
         return {BASELINE_NONE: DropoutPlan()}
     off = resolve(model, [Rule(replace=True, p=0.0)])
     return {BASELINE_NONE: off, BASELINE_AS_WRITTEN: DropoutPlan()}
@@ -210,8 +207,10 @@ class Tuner:
             direction=cast(Literal["minimize", "maximize"], cfg.direction),
             load_if_exists=True,
         )
-        if study.user_attrs.get("metric") != cfg.metric:  # `best` and `report` need nothing but the storage
-            study.set_user_attr("metric", cfg.metric)
+        # `best` and `report` need nothing but the storage
+        for key, value in (("metric", cfg.metric), ("winner_rule", cfg.winner), ("value", cfg.value)):
+            if study.user_attrs.get(key) != value:
+                study.set_user_attr(key, value)
         return study
 
     # -- one run -----------------------------------------------------------------------------------------------
@@ -262,6 +261,8 @@ class Tuner:
             metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
             best = pruning.best_index()
             metrics["best_value"] = math.nan if best is None else pruning.history[best]
+            value = trial_value(pruning.history, cfg.value, pruning.maximize, cfg.value_window)
+            metrics["value"] = value
             if best is not None:
                 metrics["best_epoch"] = float(pruning.epochs[best])
                 if gap is not None and best < len(gap.history):
@@ -273,7 +274,7 @@ class Tuner:
                             if k.startswith("gap/") and k != "gap/seconds"
                         }
                     )
-            result = TrialResult(pruning.best(), metrics, pruning.pruned)
+            result = TrialResult(None if best is None else value, metrics, pruning.pruned)
         finally:
             number = trial.number if trial is not None else number
             params: dict[str, Any] = {
@@ -307,10 +308,9 @@ class Tuner:
         metric = self.study_config.metric
         metrics = result.metrics if result is not None else {}
         out = {
-            f"hp/best_{metric}": result.value
-            if result is not None and result.value is not None
-            else math.nan,
+            f"hp/best_{metric}": metrics.get("best_value", math.nan),
             "hp/best_epoch": metrics.get("best_epoch", math.nan),
+            "hp/value": metrics.get("value", math.nan),
         }
         if with_gap:
             base = metric_base_name(metric)
@@ -334,6 +334,8 @@ class Tuner:
             assert trial is not None
             if baseline is not None:
                 return _baseline_plans(model)[baseline]
+            if FIXED_PLAN_ATTR in trial.user_attrs:
+                return DropoutPlan.from_yaml(trial.user_attrs[FIXED_PLAN_ATTR])
             example = getattr(model, "example_input_array", None)
             return suggest_plan(trial, self.space.groups, model, example)
 
@@ -412,6 +414,41 @@ class Tuner:
         for name in _baseline_plans(self.cli.fresh().model):
             if name not in present:
                 study.enqueue_trial({}, user_attrs={BASELINE_ATTR: name}, skip_if_exists=False)
+
+    def enqueue_fixed(self, study: optuna.Study) -> None:
+        """Enqueue, once per study, what runs before the sampler: the baselines, the warm-start grid
+        (``study.warm_start``) and the user's own trials (``study.enqueue``), in that order, as far as
+        ``n_trials`` leaves room (a warning names what did not fit)."""
+        self.enqueue_baselines(study)
+        cfg = self.study_config
+        alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        trials = study.get_trials(deepcopy=False, states=alive)
+        present = {t.user_attrs.get(a) for t in trials for a in (WARM_START_ATTR, ENQUEUED_ATTR)} - {None}
+        wanted: list[tuple[str, dict[str, Any], dict[str, Any]]] = []  # (label, params, user attrs)
+        if cfg.warm_start and cfg.warm_start_rates:
+            model = self.cli.fresh().model
+            example = getattr(model, "example_input_array", None)
+            seen: list[dict[str, Any]] = []
+            for rate in cfg.warm_start_rates:
+                params = uniform_params(self.space.groups, model, rate, example)
+                if params not in seen:  # a rate clipped into the groups' ranges onto an earlier point
+                    seen.append(params)
+                    label = f"uniform p={rate:g}"
+                    wanted.append((label, params, {WARM_START_ATTR: label}))
+        for i, item in enumerate(cfg.enqueue):
+            label = f"enqueued #{i + 1}"
+            if "params" in item:
+                wanted.append((label, item["params"], {ENQUEUED_ATTR: label}))
+            else:
+                plan = DropoutPlan.from_dict(item).to_yaml()
+                wanted.append((label, {}, {ENQUEUED_ATTR: label, FIXED_PLAN_ATTR: plan}))
+        room = cfg.n_trials - len(study.get_trials(deepcopy=False, states=alive))
+        missing = [w for w in wanted if w[0] not in present]
+        for label, params, attrs in missing[: max(room, 0)]:
+            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+        if len(missing) > room:
+            left = [w[0] for w in missing[max(room, 0) :]]
+            log.warning("study.n_trials=%d leaves no room for the enqueued trials %s", cfg.n_trials, left)
 
     def run_worker(self, index: int = 0, study: optuna.Study | None = None) -> None:
         """Run trials until the study holds ``n_trials`` finished ones; ``index`` tells workers apart (worker 0
@@ -536,39 +573,20 @@ def run_workers(tuner: Tuner, study: optuna.Study | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The whole study: trials, re-runs over seeds, the winner
 # ----------------------------------------------------------------------------------------------------------
-@dataclass
-class Candidate:
-    """A plan re-run over several seeds."""
-
-    label: str
-    trial: int
-    plan: DropoutPlan
-    values: list[float]
-
-    @property
-    def mean(self) -> float:
-        finite = [v for v in self.values if not math.isnan(v)]
-        return sum(finite) / len(finite) if finite else math.nan
-
-    @property
-    def std(self) -> float:
-        finite = [v for v in self.values if not math.isnan(v)]
-        if len(finite) < 2:
-            return 0.0
-        mean = sum(finite) / len(finite)
-        return math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
-
-
 def _trial_plan(trial: optuna.trial.FrozenTrial) -> DropoutPlan:
     return DropoutPlan.from_yaml(trial.user_attrs.get(PLAN_ATTR) or "sites: []")
 
 
 def _label(trial: optuna.trial.FrozenTrial) -> str:
-    return str(trial.user_attrs.get(BASELINE_ATTR) or f"trial {trial.number}")
+    for attr in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR):
+        if trial.user_attrs.get(attr):
+            return str(trial.user_attrs[attr])
+    return f"trial {trial.number}"
 
 
 def candidates(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
-    """The baselines plus the ``top_k`` best completed sampled trials, best first."""
+    """The trials re-run over seeds: the ``top_k`` best completed trials (by trial value), the best point of the
+    warm-start grid (when it is not among them) and the baselines."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
     ranked = sorted(
@@ -576,56 +594,82 @@ def candidates(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial
         key=lambda t: float(t.value or 0),
         reverse=reverse,
     )
-    baselines = [t for t in done if BASELINE_ATTR in t.user_attrs]
-    return ranked[:top_k] + baselines
+    chosen = ranked[:top_k]
+    grid = [t for t in ranked if WARM_START_ATTR in t.user_attrs]
+    if grid and grid[0] not in chosen:
+        chosen.append(grid[0])
+    return chosen + [t for t in done if BASELINE_ATTR in t.user_attrs]
+
+
+def rerun_seeds(cfg: StudyConfig) -> list[int]:
+    """The re-run seeds, the same for every candidate (paired comparison, common random numbers)."""
+    return [cfg.seed + 1000 * (i + 1) for i in range(cfg.seeds)]
+
+
+def _own_dropout(model: torch.nn.Module) -> float:
+    """The sum of the rates of the dropout a model has as written (modules, attention and RNN dropout)."""
+    return sum(
+        existing_rate(m) or 0.0
+        for m in model.modules()
+        if is_dropout_module(m) or isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase))
+    )
 
 
 def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | None = None) -> list[Candidate]:
-    """Re-run the candidates over ``study.seeds`` seeds; store the values on the study; best mean first."""
+    """Re-run the candidates over the ``study.seeds`` seeds of :func:`rerun_seeds`; store the values (and the
+    seeds, and each plan's amount of dropout) on the study; best mean first."""
     cfg = tuner.study_config
     stored: dict[str, Any] = dict(study.user_attrs.get("reruns", {}))
-    out = []
+    seeds = rerun_seeds(cfg)
     for trial in candidates(study, cfg.top_k):
         key = str(trial.number)
-        values = list(stored.get(key, {}).get("values", []))
+        info = dict(stored.get(key, {}))
+        values = list(info.get("values", []))
         plan = _trial_plan(trial)
+        if "amount" not in info:
+            as_written = trial.user_attrs.get(BASELINE_ATTR) == BASELINE_AS_WRITTEN
+            info["amount"] = _own_dropout(tuner.cli.fresh().model) if as_written else plan_amount(plan)
         for i in range(len(values), cfg.seeds):
-            seed = cfg.seed + 1000 * (i + 1)
             result = tuner.run_plan(
-                plan, seed, version=f"rerun_{trial.number:04d}_seed{i}", number=trial.number
+                plan, seeds[i], version=f"rerun_{trial.number:04d}_seed{i}", number=trial.number
             )
             values.append(result.value if result.value is not None else math.nan)
-            stored[key] = {"label": _label(trial), "values": values}
+            info.update(label=_label(trial), values=values, seeds=seeds[: len(values)])
+            stored[key] = info
             study.set_user_attr("reruns", stored)
             if on_done is not None:
                 on_done(f"{_label(trial)} seed {i + 1}/{cfg.seeds}")
-        out.append(Candidate(_label(trial), trial.number, plan, values))
-    return rank_candidates(out, cfg.direction == "maximize")
+    return rerun_candidates(study)
 
 
-def rank_candidates(candidates: list[Candidate], maximize: bool) -> list[Candidate]:
-    """Best mean first; candidates without a finite value last."""
-    return sorted(candidates, key=lambda c: (math.isnan(c.mean), -c.mean if maximize else c.mean))
+def plan_amount(plan: DropoutPlan) -> float:
+    """The total dropout of a plan, the "simplest" order of the ``one_se`` rule: the sum of its rates."""
+    return sum(s.p for s in plan)
+
+
+def rerun_candidates(study: optuna.Study) -> list[Candidate]:
+    """The study's re-run candidates, as stored, best mean first."""
+    out = []
+    for number, info in (study.user_attrs.get("reruns") or {}).items():
+        plan = _trial_plan(study.trials[int(number)])
+        amount = float(info.get("amount", plan_amount(plan)))
+        values = [float(v) for v in info["values"]]
+        out.append(Candidate(info["label"], int(number), plan, values, amount, info.get("seeds")))
+    return rank_candidates(out, study.direction == optuna.study.StudyDirection.MAXIMIZE)
 
 
 def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:
-    """The best plan of a study: by re-run mean when re-runs exist, else the best single trial."""
-    reruns = study.user_attrs.get("reruns") or {}
+    """The best plan of a study: chosen by the study's winner rule (``study.winner``) among the re-run
+    candidates when there are any, else the best single trial."""
+    reruns = rerun_candidates(study)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     if reruns:
-
-        def score(item: tuple[str, Any]) -> float:
-            vals = [v for v in item[1]["values"] if not math.isnan(v)]
-            mean = sum(vals) / len(vals) if vals else math.nan
-            return -math.inf if math.isnan(mean) else (mean if maximize else -mean)
-
-        number, info = max(reruns.items(), key=score)
-        trial = study.trials[int(number)]
-        return _trial_plan(trial), f"{info['label']} (mean over {len(info['values'])} seeds)"
+        best = choose_winner(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se")))
+        return best.plan, f"{best.label} (mean over {len(best.values)} seeds)"
     try:
-        best = study.best_trial
+        trial = study.best_trial
     except ValueError:
         raise DropoutConfigError(
             f"study {study.study_name!r} must have a completed trial, but has none."
         ) from None
-    return _trial_plan(best), _label(best)
+    return _trial_plan(trial), _label(trial)

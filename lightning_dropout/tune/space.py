@@ -24,7 +24,7 @@ from lightning_dropout.inject import Rule, resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.variants import get_variant
 
-__all__ = ["SearchGroup", "suggest_plan"]
+__all__ = ["SearchGroup", "suggest_plan", "uniform_params"]
 
 _SELECT_KEYS = ("match", "name", "regex", "exclude", "replace", "where", "exclude_output_layer")
 
@@ -163,3 +163,37 @@ def suggest_plan(
             if p > 0 or group.select.get("replace"):
                 rules.append(group.rule(variant, p, params, scaling))
     return resolve(model, rules, example_input) if rules else DropoutPlan()
+
+
+def uniform_params(
+    groups: Sequence[SearchGroup], model: nn.Module, rate: float, example_input: Any = None
+) -> dict[str, Any]:
+    """The Optuna parameters of the uniform design at ``rate``: every group (every site of a ``per_layer``
+    group) at its first variant, with ``rate`` clipped into the group's ``p`` range, the first choice of each
+    variant parameter and of ``depth_scaling``. Enqueued, they make :func:`suggest_plan` return that plan.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> group = SearchGroup("hidden", {"match": "Linear"}, ["standard", "gaussian"], p=[0.0, 0.3])
+        >>> uniform_params([group], net, 0.5)
+        {'hidden/variant': 'standard', 'hidden/standard/p': 0.3}
+    """
+    params: dict[str, Any] = {}
+    for group in groups:
+        variant = group.variants[0]
+        low, high = group.p
+        prefixes = (
+            [f"{group.name}/{t}" for t in group.targets(model, example_input)]
+            if group.per_layer
+            else [group.name]
+        )
+        for prefix in prefixes:
+            params[f"{prefix}/variant"] = variant
+            if low != high:
+                params[f"{prefix}/{variant}/p"] = min(max(float(rate), low), high)
+            for key, choices in sorted(group.params.get(variant, {}).items()):
+                params[f"{prefix}/{variant}/{key}"] = choices[0]
+        if not group.per_layer and len(group.depth_scaling) > 1:
+            params[f"{group.name}/depth_scaling"] = group.depth_scaling[0]
+    return params

@@ -17,9 +17,18 @@ from rich.table import Table
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
 from lightning_dropout.tune.report import plan_summary, write_study_images
-from lightning_dropout.tune.runner import Candidate, Tuner, _finished, rerun, run_workers, winner
+from lightning_dropout.tune.runner import (
+    BASELINE_NONE,
+    Candidate,
+    Tuner,
+    _finished,
+    rerun,
+    run_workers,
+    winner,
+)
+from lightning_dropout.tune.selection import Gain, choose_winner, paired_gain
 
-__all__ = ["plan_summary", "tune"]
+__all__ = ["plan_summary", "results_table", "tune", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,7 @@ def tune(
     tuner = Tuner(args)
     cfg = tuner.study_config
     study = tuner.study()
-    tuner.enqueue_baselines(study)
+    tuner.enqueue_fixed(study)
     console.print(
         f"study [bold]{cfg.name}[/] in {redact(cfg.storage_url())}: {cfg.metric} ({cfg.direction}), "
         f"{cfg.n_trials} trials, {cfg.workers} worker(s)"
@@ -99,7 +108,13 @@ def tune(
     path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
     write_study_images(study, images)
     results = Console()  # the result goes to stdout; progress and status to stderr
-    results.print(results_table(ranked, cfg.metric) if ranked else f"best trial: {label}")
+    maximize = cfg.direction == "maximize"
+    if ranked:
+        results.print(results_table(ranked, cfg.metric, maximize, cfg.winner))
+        for line in verdict(ranked, maximize, cfg.winner, cfg.metric):
+            results.print(line)
+    else:
+        results.print(f"best trial: {label}")
     results.print(f"winner: {label}; plan written to {path}")
     results.print(
         f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / cfg.name} (study figures under IMAGES, run "
@@ -109,11 +124,79 @@ def tune(
     return plan, ranked, path
 
 
-def results_table(ranked: list[Candidate], metric: str) -> Table:
-    table = Table(title=f"{metric} over seeds (best first)")
-    for column in ("plan", "trial", "mean", "std", "seeds", "sites"):
+def _references(ranked: list[Candidate]) -> tuple[Candidate | None, Candidate | None]:
+    """The "no dropout" baseline and the best uniform (warm-start) candidate among the re-run ones."""
+    none = next((c for c in ranked if c.label == BASELINE_NONE), None)
+    uniform = next((c for c in ranked if c.label.startswith("uniform p=")), None)  # ranked: best first
+    return none, uniform
+
+
+def _fmt_gain(gain: Gain | None) -> str:
+    if gain is None or math.isnan(gain.mean):
+        return "-"
+    if gain.n < 2:
+        return f"{gain.mean:+.4f}"
+    return f"{gain.mean:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}]" + (" *" if gain.significant else "")
+
+
+def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, rule: str = "one_se") -> Table:
+    """The re-run candidates, best mean first, with each one's paired gain (and its 95 % interval; ``*``: more
+    than the noise) over no dropout and over the best uniform rate; the winner is marked."""
+    chosen = choose_winner(ranked, maximize, rule)
+    none, uniform = _references(ranked)
+    table = Table(title=f"{metric} over seeds (best first; gain = paired difference, 95 % interval)")
+    for column in (
+        "plan",
+        "trial",
+        "mean",
+        "std",
+        "seeds",
+        "gain vs no dropout",
+        "gain vs best uniform",
+        "sites",
+    ):
         table.add_column(column)
     for c in ranked:
         mean = "nan" if math.isnan(c.mean) else f"{c.mean:.4f}"
-        table.add_row(c.label, str(c.trial), mean, f"{c.std:.4f}", str(len(c.values)), plan_summary(c.plan))
+        vs_none = paired_gain(c, none, maximize) if none is not None and c is not none else None
+        vs_uniform = paired_gain(c, uniform, maximize) if uniform is not None and c is not uniform else None
+        table.add_row(
+            f"{c.label} (winner)" if c is chosen else c.label,
+            str(c.trial),
+            mean,
+            f"{c.std:.4f}",
+            str(len(c.values)),
+            _fmt_gain(vs_none),
+            _fmt_gain(vs_uniform),
+            plan_summary(c.plan),
+        )
     return table
+
+
+def verdict(ranked: list[Candidate], maximize: bool, rule: str, metric: str) -> list[str]:
+    """The winner's gains in plain words: whether each is more than the noise of the re-run seeds."""
+    chosen = choose_winner(ranked, maximize, rule)
+    how = (
+        "the least dropout within one standard error of the best mean"
+        if rule == "one_se"
+        else "the best mean over the seeds"
+    )
+    lines = [f"chosen by {rule}: {how}."]
+    for reference in _references(ranked):
+        if reference is None or reference is chosen:
+            continue
+        gain = paired_gain(chosen, reference, maximize)
+        if gain.n < 2:
+            lines.append(
+                f"{chosen.label} vs {reference.label}: {gain.mean:+.4f} {metric} (one seed: no noise estimate)."
+            )
+            continue
+        span = f"{gain.mean:+.4f} {metric}, 95 % interval [{gain.low:+.4f}, {gain.high:+.4f}] over {gain.n} paired seeds"
+        if gain.significant and gain.mean > 0:
+            words = "better, by more than the noise"
+        elif gain.significant:
+            words = "worse, by more than the noise"
+        else:
+            words = "within the noise: these seeds cannot tell them apart"
+        lines.append(f"{chosen.label} vs {reference.label}: {span}: {words}.")
+    return lines

@@ -43,6 +43,10 @@ def main(spec_path: str) -> int:
             # the configured sampler and pruner decide on rank 0; a fresh process per trial, so the sampler is
             # seeded per trial (else every trial would repeat the same random startup draws)
             study = tuner.study(seed_offset=1 + spec["trial_id"])
+            if rank == 0:
+                # read the trials once: Optuna's storage cache maps a trial id to its study only after that,
+                # and an enqueued trial's first suggest writes its fixed parameter without reading
+                study.get_trials(deepcopy=False)
             trial = optuna.trial.Trial(study, spec["trial_id"]) if rank == 0 else None
             result, plan = tuner.run_trial(trial)
         record = {
