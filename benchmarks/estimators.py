@@ -178,7 +178,7 @@ def ranks(values: list[float]) -> list[float]:
 def spearman(x: list[float], y: list[float]) -> float:
     rx, ry = ranks(x), ranks(y)
     mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
     sy = math.sqrt(sum((b - my) ** 2 for b in ry))
     return cov / (sx * sy) if sx and sy else math.nan
@@ -261,12 +261,12 @@ def report(paths: list[Path], md: Path) -> str:
             f"Mean fresh-seed test accuracy ranges from {100 * lo:.1f} % to {100 * hi:.1f} % over the "
             f"configurations ({result['n']} of {n_total} finished).",
             "",
-            "| estimator | Spearman ρ | 90 % interval | best in |",
+            "| estimator | Spearman rho | 90 % interval | best in |",
             "|---|---:|---:|---:|",
         ]
         for name, rho in sorted(result["rho"].items(), key=lambda kv: -kv[1] if not math.isnan(kv[1]) else 9):
             a, b = result["interval"][name]
-            lines.append(f"| {name} | {rho:.3f} | {a:.2f} – {b:.2f} | {100 * result['wins'][name]:.0f} % |")
+            lines.append(f"| {name} | {rho:.3f} | {a:.2f} to {b:.2f} | {100 * result['wins'][name]:.0f} % |")
         lines.append("")
     text = "\n".join(lines)
     md.parent.mkdir(parents=True, exist_ok=True)

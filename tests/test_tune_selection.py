@@ -221,7 +221,7 @@ def test_a_study_starts_with_the_baseline_and_the_warm_start_grid(tmp_path, data
     assert trials[0].user_attrs["baseline"] == "no dropout"
     grid = trials[1:4]
     assert [t.user_attrs["warm_start"] for t in grid] == ["uniform p=0.1", "uniform p=0.2", "uniform p=0.5"]
-    for trial, rate in zip(grid, (0.1, 0.2, 0.5)):
+    for trial, rate in zip(grid, (0.1, 0.2, 0.5), strict=True):
         assert trial.state == TrialState.COMPLETE
         plan = DropoutPlan.from_yaml(trial.user_attrs["plan"])
         # the group's first variant at one rate on every site
@@ -307,7 +307,7 @@ def test_winner_of_a_study_follows_its_rule():
 
     study = optuna.create_study(direction="maximize")
     plans = {0: [], 1: [("linear1", 0.5), ("linear2", 0.5)], 2: [("linear1", 0.1)]}
-    for number, sites in plans.items():
+    for sites in plans.values():
         plan = DropoutPlan.from_dict(
             {"sites": [{"target": t, "variant": "standard", "p": p} for t, p in sites]}
         )

@@ -444,7 +444,7 @@ class Tuner:
                 wanted.append((label, {}, {ENQUEUED_ATTR: label, FIXED_PLAN_ATTR: plan}))
         room = cfg.n_trials - len(study.get_trials(deepcopy=False, states=alive))
         missing = [w for w in wanted if w[0] not in present]
-        for label, params, attrs in missing[: max(room, 0)]:
+        for _name, params, attrs in missing[: max(room, 0)]:
             study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
         if len(missing) > room:
             left = [w[0] for w in missing[max(room, 0) :]]

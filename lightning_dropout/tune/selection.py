@@ -143,7 +143,7 @@ def paired_gain(candidate: Candidate, reference: Candidate, maximize: bool) -> G
     sign = 1.0 if maximize else -1.0
     diffs = [
         sign * (a - b)
-        for a, b in zip(candidate.values, reference.values)
+        for a, b in zip(candidate.values, reference.values, strict=False)
         if not (math.isnan(a) or math.isnan(b))
     ]
     if not diffs:
