@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import subprocess
 import sys
 import time
@@ -77,12 +78,30 @@ class TrialPruning(Callback):
     Only rank 0 talks to the study; the decision reaches every rank through ``strategy.broadcast`` and stops
     the run gracefully (``trainer.should_stop``), so no rank is left waiting in a collective. The caller
     raises ``optuna.TrialPruned`` after ``fit`` when :attr:`pruned` is set.
+
+    Args:
+        trial: the Optuna trial (``None`` on the other ranks, and for re-runs).
+        monitor: the metric to report.
+        direction: ``maximize`` or ``minimize``.
+        prune_after: the pruner is not asked before this share of ``max_epochs`` (dropout learns slower at
+            first, so early values are biased against it).
+        prunable: ``False`` for fixed trials (baselines, the warm-start grid, enqueued trials): they report
+            every value, so the pruner can compare against them, but always run to the end.
     """
 
-    def __init__(self, trial: optuna.Trial | None, monitor: str, direction: str) -> None:
+    def __init__(
+        self,
+        trial: optuna.Trial | None,
+        monitor: str,
+        direction: str,
+        prune_after: float = 0.0,
+        prunable: bool = True,
+    ) -> None:
         self.trial = trial
         self.monitor = monitor
         self.maximize = direction == "maximize"
+        self.prune_after = prune_after
+        self.prunable = prunable
         self.pruned = False
         self.history: list[float] = []  # one value per validation
         self.epochs: list[int] = []  # the epoch of each
@@ -110,7 +129,9 @@ class TrialPruning(Callback):
         prune = False
         if trainer.is_global_zero and self.trial is not None:
             self.trial.report(score, step=trainer.current_epoch)
-            prune = self.trial.should_prune()
+            max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 0
+            if self.prunable and trainer.current_epoch + 1 >= self.prune_after * max_epochs:
+                prune = self.trial.should_prune()
         prune = bool(trainer.strategy.broadcast(prune, src=0))
         if prune:
             self.pruned = True
@@ -187,6 +208,13 @@ class Tuner:
                 "`dropout.groups` must list at least one group of sites to search, but the config has none."
             )
 
+    def pin_threads(self) -> int:
+        """Set this process's torch threads to ``study.threads`` (see
+        :meth:`~lightning_dropout.tune.config.StudyConfig.torch_threads`); return the number."""
+        threads = self.study_config.torch_threads()
+        torch.set_num_threads(threads)
+        return threads
+
     # -- storage ---------------------------------------------------------------------------------------------
     @property
     def storage_url(self) -> str:
@@ -231,7 +259,10 @@ class Tuner:
         belongs to) label that record."""
         cfg = self.study_config
         pl.seed_everything(seed, workers=True, verbose=False)
-        pruning = TrialPruning(trial, cfg.metric, cfg.direction)
+        fixed = trial is not None and any(
+            a in trial.user_attrs for a in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR)
+        )
+        pruning = TrialPruning(trial, cfg.metric, cfg.direction, cfg.prune_after, prunable=not fixed)
         injector = _ChosenPlanInjector(
             plan if callable(plan) else (lambda _: plan), dropout_seed=cfg.dropout_seed
         )
@@ -353,7 +384,9 @@ class Tuner:
         out.unlink(missing_ok=True)
         spec.write_text(json.dumps({"args": self.args, "out": str(out), **job}))
         cmd = [sys.executable, "-m", "lightning_dropout.tune.trial", str(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        threads = str(self.study_config.torch_threads())  # every rank's process: its own share, no more
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if not out.is_file():
             tail = (proc.stderr or proc.stdout)[-1500:]
             raise RuntimeError(f"trial process exited with {proc.returncode} and no result: {tail}")
@@ -454,6 +487,7 @@ class Tuner:
         """Run trials until the study holds ``n_trials`` finished ones; ``index`` tells workers apart (worker 0
         may pass the study it already opened)."""
         cfg = self.study_config
+        self.pin_threads()
         study = study if study is not None else self.study(seed_offset=index)
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -619,6 +653,7 @@ def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | No
     """Re-run the candidates over the ``study.seeds`` seeds of :func:`rerun_seeds`; store the values (and the
     seeds, and each plan's amount of dropout) on the study; best mean first."""
     cfg = tuner.study_config
+    tuner.pin_threads()
     stored: dict[str, Any] = dict(study.user_attrs.get("reruns", {}))
     seeds = rerun_seeds(cfg)
     for trial in candidates(study, cfg.top_k):

@@ -136,15 +136,15 @@ def _fmt_gain(gain: Gain | None) -> str:
         return "-"
     if gain.n < 2:
         return f"{gain.mean:+.4f}"
-    return f"{gain.mean:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}]" + (" *" if gain.significant else "")
+    return f"{gain.mean:+.4f} ± {gain.half_width:.4f}" + (" *" if gain.significant else "")
 
 
 def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, rule: str = "one_se") -> Table:
-    """The re-run candidates, best mean first, with each one's paired gain (and its 95 % interval; ``*``: more
-    than the noise) over no dropout and over the best uniform rate; the winner is marked."""
+    """The re-run candidates, best mean first, with each one's paired gain ± the half-width of its 95 % interval
+    (``*``: more than the noise) over no dropout and over the best uniform rate; the winner is marked."""
     chosen = choose_winner(ranked, maximize, rule)
     none, uniform = _references(ranked)
-    table = Table(title=f"{metric} over seeds (best first; gain = paired difference, 95 % interval)")
+    table = Table(title=f"{metric} over seeds, best first (gain: paired difference ± 95 % interval, * beyond the noise)")
     for column in (
         "plan",
         "trial",

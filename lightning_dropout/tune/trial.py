@@ -30,6 +30,7 @@ def main(spec_path: str) -> int:
     out = Path(spec["out"])
     try:
         tuner = Tuner(spec["args"])
+        tuner.pin_threads()
         if "plan" in spec:  # a re-run of a fixed plan with another seed
             result, plan = tuner.train(
                 DropoutPlan.from_yaml(spec["plan"]),
