@@ -455,7 +455,7 @@ def test_diverging_trial_fails_with_nan_reason(tmp_path, data_dir):
 # 5. Pruning
 # ----------------------------------------------------------------------------------------------------------
 def test_threshold_pruner_prunes_after_reporting_each_epoch(tmp_path, data_dir):
-    config = write_config(tmp_path, study={"n_trials": 2})
+    config = write_config(tmp_path, study={"n_trials": 2, "baselines": False})  # baselines are never pruned
     pruner = '--study.pruner={"name": "ThresholdPruner", "args": {"lower": 0.99, "n_warmup_steps": 1}}'
     rc = tune(config, tmp_path, data_dir, pruner)
     trials = load(tmp_path).get_trials()

@@ -38,11 +38,12 @@ def _run(tmp_path: Path, **study: object) -> optuna.Study:
 def test_ddp_trials_are_one_optuna_trial_for_all_ranks_and_pruning_reaches_every_rank(tmp_path):
     # val_loss of this model is far above 0.01, so the pruner stops every trial after its first validation
     # (of 2 epochs). Rank 1 learns it by broadcast: without that it would wait forever in the next collective.
-    study = _run(tmp_path, pruner={"name": "ThresholdPruner", "args": {"upper": 0.01}})
+    study = _run(tmp_path, pruner={"name": "ThresholdPruner", "args": {"upper": 0.01}}, warm_start=False)
     trials = study.get_trials()
-    # 2 study trials = 2 Optuna trials (not one per rank), the baseline first
+    # 2 study trials = 2 Optuna trials (not one per rank), the baseline first; the baseline is never pruned
     assert len(trials) == 2
-    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert sorted(trials[0].intermediate_values) == [0, 1]
     assert trials[0].user_attrs["baseline"] == "no dropout" and trials[0].params == {}
     sampled = trials[1]
     assert set(sampled.params) == {"hidden/variant", f"hidden/{sampled.params['hidden/variant']}/p"}

@@ -3,11 +3,13 @@ winner rule (issue 9)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 from rich.console import Console
 from torch import nn
@@ -370,3 +372,70 @@ def test_enqueue_items_are_normalized_once(tmp_path):
         {"params": {"g/variant": "standard"}},
     ]
     assert StudyConfig(enqueue=cfg.enqueue).enqueue == cfg.enqueue  # re-parsing in a worker changes nothing
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pruning fairness and threads
+# ----------------------------------------------------------------------------------------------------------
+THRESHOLD = '--study.pruner={"name": "ThresholdPruner", "args": {"lower": 0.99}}'
+
+
+def test_fixed_trials_report_but_are_never_pruned(tmp_path, data_dir):
+    config = write_config(tmp_path, study={"n_trials": 4, "warm_start": True, "warm_start_rates": [0.1, 0.2]})
+    assert tune(config, tmp_path, data_dir, THRESHOLD) == 0
+    trials = load(tmp_path).get_trials()
+    # no trial reaches val_acc 0.99: the sampled one is pruned, the baseline and the grid run to the end
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.PRUNED]
+    assert all(sorted(t.intermediate_values) == [0, 1] for t in trials[:3])
+
+
+@pytest.mark.parametrize(("prune_after", "reported"), [(0.0, [0]), (0.5, [0, 1]), (1.0, [0, 1, 2, 3])])
+def test_the_pruner_is_asked_only_from_prune_after(tmp_path, data_dir, prune_after, reported):
+    config = write_config(
+        tmp_path,
+        trainer={"max_epochs": 4},
+        study={"n_trials": 1, "baselines": False, "prune_after": prune_after},
+    )
+    assert tune(config, tmp_path, data_dir, THRESHOLD) == 0
+    (trial,) = load(tmp_path).get_trials()
+    assert trial.state == TrialState.PRUNED and sorted(trial.intermediate_values) == reported
+
+
+class ThreadProbe(Callback):
+    """Writes the torch threads a trial trains with to ``path`` (one line per run)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        with open(self.path, "a") as f:
+            f.write(f"{torch.get_num_threads()}\n")
+
+
+def test_trials_train_with_study_threads(tmp_path, data_dir):
+    record = tmp_path / "threads.txt"
+    probe = json.dumps(
+        [{"class_path": "tests.test_tune_selection.ThreadProbe", "init_args": {"path": str(record)}}]
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        config = write_config(tmp_path, study={"n_trials": 1, "threads": 1})
+        assert tune(config, tmp_path, data_dir, f"--trainer.callbacks={probe}") == 0
+        assert record.read_text().split() == ["1"]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_default_to_one_or_the_users_environment(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert StudyConfig().torch_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert StudyConfig().torch_threads() == 3
+    assert StudyConfig(threads=2).torch_threads() == 2
+    with pytest.raises(
+        DropoutConfigError, match=r"`study.threads` must be an integer >= 1 or null, but got threads=0"
+    ):
+        StudyConfig(threads=0)
+    with pytest.raises(DropoutConfigError, match=r"`study.prune_after` must satisfy 0 <= prune_after <= 1"):
+        StudyConfig(prune_after=1.5)
