@@ -1,28 +1,36 @@
-"""Tuning outcome on MNIST-1D: does the tuner beat no dropout and a hand-tuned rate grid? (issue 5)
+"""Tuning outcome on MNIST-1D, second edition: does the tuner beat no dropout, a uniform grid and a plain Optuna
+objective at an equal training budget, and the paper's figures? (issue 9, part 5)
 
-For each model of ``lightning_dropout.zoo`` (the MNIST-1D paper's MLP, CNN and GRU, plus a small Transformer
-encoder) on MNIST-1D (4000 train / 1000 test, generated locally; 400 of the 4000 training sequences are held
-out for validation, ``val_fraction=0.1``), three arms:
+For each model of ``lightning_dropout.zoo`` (the MNIST-1D paper's MLP, CNN and GRU, and a small Transformer
+encoder), on MNIST-1D (4000 training / 1000 test sequences, generated locally):
 
-(a) ``none``: no dropout.
-(b) ``grid``: the obvious dropout variant at a uniform rate ``p`` in {0.1, 0.2, 0.3, 0.4, 0.5} (what a user
-    does by hand): standard dropout after each hidden Linear (MLP), spatial (channel) dropout after each
-    convolution (CNN), variational dropout on the GRU's output sequence (GRU), the Transformer's own dropout
-    slots (``Rule(replace=True)``: what ``TransformerEncoderLayer(dropout=p)`` does). Each grid point is trained
-    once with the selection seed; the best by validation accuracy is kept.
-(c) ``tuner``: ``lightning_dropout.tune`` (``Tuner``, the CLI's code path) with a budget of 40 trials
-    (including its "no dropout" baseline trial) on the search space of ``benchmarks/configs/outcome_<model>.yaml``,
-    each trial with the selection seed, metric ``val_acc``, ``MedianPruner``; the best trial's plan wins.
+Selection happens on a 3600 / 400 split of the training sequences, each run at the model's training length
+(the paper's 150 epochs of batch 100 for the MLP and CNN; shorter for the GRU and Transformer, see ``FULL``).
 
-Then the three chosen configurations (no dropout, the best grid point, the tuner's winner) are each trained with
-3 further seeds and evaluated once on the 1000 test sequences: the only time the test set is used. Every run
-keeps the weights of its best validation epoch (the same "max over epochs" the tuner's trial value uses).
+(a) ``none``: no dropout (nothing to select).
+(c) ``tuner``: ``lightning-dropout tune`` with its defaults (``lightning_dropout.tune.study.tune``, the CLI's
+    code path) on ``benchmarks/configs/outcome_<model>.yaml``: baseline, warm-start grid, sampled trials,
+    pruning, paired re-runs of the candidates over 3 seeds and the one-SE winner rule.
+(d) ``optuna``: what a user would write instead, in the style of Optuna's PyTorch Lightning example: one
+    objective with ``trial.suggest_float("dropout", 0.0, 0.5)`` for one global rate of the obvious variant,
+    optuna-integration's ``PyTorchLightningPruningCallback`` (``MedianPruner``), the last epoch's ``val_acc``
+    returned; at least as many trials as (c), and trials until its epochs reach those of (c).
+(b) ``grid``: the obvious variant at one rate p in {0.1, ..., 0.5}, each point run on as many seeds as make its
+    epochs reach those of (c) (the seeds of (c)'s trials and re-runs); the best mean trial value wins.
+
+Final runs: every arm's chosen configuration is retrained on all 4000 training sequences for the same number of
+epochs (the paper's 6000 steps for the MLP and CNN) with 3 new seeds and tested once, at the last step: the
+paper's protocol, and the only use of the test set.
+
+Everything is resumable: each finished training run is saved at once in ``<work-dir>/<model>_stages.json`` and
+the studies live in journal files beside it (text, so partial work can be committed). Running the script again
+with the same ``--work-dir`` continues where it stopped.
 
 Usage::
 
-    python benchmarks/outcome.py                      # full run -> docs/benchmarks.md, benchmarks/results/outcome.json
-    python benchmarks/outcome.py --models mlp,cnn     # some models only (others kept from an existing JSON)
-    python benchmarks/outcome.py --quick --out-dir /tmp/x   # smoke test (1 model, 2 epochs, 2 trials, 1 seed)
+    python benchmarks/outcome.py --models mlp,transformer &  python benchmarks/outcome.py --models cnn,gru
+    python benchmarks/outcome.py --report-only       # docs/benchmarks.md from the stages files
+    python benchmarks/outcome.py --quick --work-dir /tmp/x --out-dir /tmp/x   # smoke test, numbers mean nothing
 """
 
 from __future__ import annotations
@@ -30,23 +38,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from common import quiet
+from common import cpu_model, quiet
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "benchmarks" / "configs"
+WORK_DIR = REPO / "benchmarks" / "results" / "outcome"
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "outcome.json"
 DEFAULT_MD = REPO / "docs" / "benchmarks.md"
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -54,9 +63,6 @@ THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MODELS = ("mlp", "cnn", "gru", "transformer")
 # MNIST-1D README (greydanus/mnist1d), test accuracy; the Transformer is not in the paper
 PAPER = {"mlp": 0.68, "cnn": 0.94, "gru": 0.91, "transformer": None}
-# the stored outputs of the paper's training notebook at step 6000 (context only; the target uses PAPER)
-NOTEBOOK = {"mlp": 0.651, "cnn": 0.923, "gru": 0.891}
-# arm (b): the obvious variant, as a Rule (kwargs) with the grid's p
 GRID_RULES: dict[str, dict[str, Any]] = {
     "mlp": {"match": "Linear", "variant": "standard"},
     "cnn": {"match": "Conv1d", "variant": "spatial"},
@@ -69,6 +75,13 @@ GRID_TEXT = {
     "gru": "variational dropout on the GRU output sequence",
     "transformer": "standard dropout in the encoder layers' own dropout slots (`Rule(replace=True)`)",
 }
+ARMS = ("none", "grid", "tuner", "optuna")
+ARM_TEXT = {
+    "none": "(a) no dropout",
+    "grid": "(b) uniform grid",
+    "tuner": "(c) lightning-dropout tune",
+    "optuna": "(d) plain Optuna",
+}
 
 
 @dataclass(frozen=True)
@@ -76,32 +89,28 @@ class Budget:
     models: tuple[str, ...]
     epochs: dict[str, int]
     trials: int
-    grid: tuple[float, ...]
-    final_seeds: tuple[int, ...]
-    selection_seed: int = 0  # grid points and tuner trials (the study's `seed`)
-    dropout_seed: int = 1234  # selection runs: masks from their own generator (the study's default)
-    n_startup_trials: int = 5
-    warmup_fraction: float = 0.25  # MedianPruner's n_warmup_steps = this x epochs
-    limit_batches: int | None = None  # train/val batches per epoch (quick only)
-    test_batches: int | None = None
+    grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+    final_seeds: tuple[int, ...] = (1, 2, 3)
+    selection_seed: int = 0
+    limit_batches: int | None = None  # quick only
+    extra: tuple[str, ...] = field(default=())  # more tune overrides (quick only)
 
 
 FULL = Budget(
     models=MODELS,
-    epochs={"mlp": 60, "cnn": 60, "gru": 30, "transformer": 20},
-    trials=40,
-    grid=(0.1, 0.2, 0.3, 0.4, 0.5),
-    final_seeds=(1, 2, 3),
+    # the paper's 6000 steps of 100 (150 epochs of the 4000) for the MLP and CNN; the GRU (~1.5 s an epoch) and
+    # the Transformer (~3 s) as long as about 4 hours on 2 cores allow
+    epochs={"mlp": 150, "cnn": 150, "gru": 30, "transformer": 20},
+    trials=20,
 )
 QUICK = Budget(
     models=("mlp",),
     epochs={"mlp": 2},
-    trials=2,
+    trials=3,
     grid=(0.1, 0.5),
     final_seeds=(1,),
-    n_startup_trials=1,
-    warmup_fraction=0.0,
-    limit_batches=4,
+    limit_batches=3,
+    extra=("--study.seeds=2", "--study.top_k=1", "--study.warm_start_rates=[0.1]", "--study.gap_samples=0"),
 )
 
 
@@ -111,56 +120,23 @@ def progress(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One training run
+# Training runs
 # ----------------------------------------------------------------------------------------------------------
-def _best_state_callback(monitor: str) -> Any:
+def _curve_callback() -> Any:
     from lightning.pytorch.callbacks import Callback
 
-    class BestState(Callback):
-        """Keep (in memory) the weights of the epoch with the best ``monitor`` (max)."""
-
+    class Curve(Callback):
         def __init__(self) -> None:
-            self.best = -math.inf
-            self.epoch = -1
-            self.state: dict[str, Any] | None = None
-            self.history: list[float] = []
+            self.values: list[float] = []
 
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            if trainer.sanity_checking:
-                return
-            value = float(trainer.callback_metrics[monitor])
-            self.history.append(value)
-            if value > self.best:
-                self.best, self.epoch = value, trainer.current_epoch
-                self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            if not trainer.sanity_checking:
+                self.values.append(float(trainer.callback_metrics["val_acc"]))
 
-    return BestState()
+    return Curve()
 
 
-def accuracy(model: Any, loader: Any, max_batches: int | None = None) -> float:
-    import torch
-
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    return correct / total
-
-
-def train_run(tuner: Any, injector: Any, seed: int, budget: Budget, test: bool) -> dict[str, Any]:
-    """Train the config of ``tuner`` once with ``injector`` (a DropoutInjector or None) and ``seed``.
-
-    Returns the best validation accuracy and its epoch; with ``test``, the test accuracy of the best-validation
-    weights (``test``) and of the last epoch's (``test_last``)."""
-    import lightning.pytorch as pl
-
-    start = time.perf_counter()
-    pl.seed_everything(seed, workers=True, verbose=False)
-    keeper = _best_state_callback(tuner.study_config.metric)
+def _trainer_kwargs(budget: Budget) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "logger": False,
         "enable_progress_bar": False,
@@ -169,37 +145,60 @@ def train_run(tuner: Any, injector: Any, seed: int, budget: Budget, test: bool) 
         "num_sanity_val_steps": 0,
     }
     if budget.limit_batches is not None:
-        kwargs.update(limit_train_batches=budget.limit_batches, limit_val_batches=budget.limit_batches)
-    cli = tuner.cli.fresh([c for c in (injector, keeper) if c is not None], **kwargs)
+        n = budget.limit_batches
+        kwargs.update(limit_train_batches=n, limit_val_batches=n, limit_test_batches=n)
+    return kwargs
+
+
+def selection_run(tuner: Any, rule: dict[str, Any], p: float, seed: int, budget: Budget) -> dict[str, Any]:
+    """One run of the obvious variant at rate ``p`` on the 3600/400 split: its validation curve and value."""
+    import lightning.pytorch as pl
+
+    from lightning_dropout import Rule
+    from lightning_dropout.callback import DropoutInjector
+    from lightning_dropout.tune.value import trial_value
+
+    cfg = tuner.study_config
+    start = time.perf_counter()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    curve = _curve_callback()
+    injector = DropoutInjector(rules=[Rule(**rule, p=p)], dropout_seed=cfg.dropout_seed)
+    cli = tuner.cli.fresh([injector, curve], **_trainer_kwargs(budget))
     with quiet():
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    out: dict[str, Any] = {
-        "seed": seed,
-        "val": keeper.best,
-        "best_epoch": keeper.epoch,
-        "val_last": keeper.history[-1],
-        "epochs": len(keeper.history),
-    }
-    if test:
-        model, loader = cli.model, cli.datamodule.test_dataloader()
-        out["test_last"] = accuracy(model, loader, budget.test_batches)
-        model.load_state_dict(keeper.state)
-        out["test"] = accuracy(model, loader, budget.test_batches)
-    out["seconds"] = time.perf_counter() - start
-    return out
-
-
-def summary(values: list[float]) -> dict[str, float]:
+    value = trial_value(curve.values, cfg.value, maximize=True, window=cfg.value_window)
     return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
+        "p": p,
+        "seed": seed,
+        "value": value,
+        "curve": curve.values,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def final_run(tuner: Any, plan: Any, seed: int, budget: Budget) -> dict[str, Any]:
+    """Train ``plan`` on all 4000 training sequences with ``seed``; test accuracy at the last step."""
+    import lightning.pytorch as pl
+
+    from lightning_dropout.callback import DropoutInjector
+
+    start = time.perf_counter()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    callbacks = [DropoutInjector(plan=plan, dropout_seed=seed)] if len(plan) else []
+    cli = tuner.cli.fresh(callbacks, **_trainer_kwargs(budget))
+    with quiet():
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        (result,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    return {
+        "seed": seed,
+        "test": float(result["test_acc"]),
+        "epochs": int(cli.trainer.current_epoch),
+        "seconds": time.perf_counter() - start,
     }
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One model: the three arms
+# Set-up
 # ----------------------------------------------------------------------------------------------------------
 def prepare_data(cache_dir: Path) -> None:
     """Generate MNIST-1D into the run's own cache once (copied from the user's cache when that holds the same
@@ -217,60 +216,57 @@ def prepare_data(cache_dir: Path) -> None:
     dm.prepare_data()
 
 
-def make_tuner(name: str, budget: Budget, tmp: Path, config_dir: Path, extra: tuple[str, ...] = ()) -> Any:
-    from lightning_dropout.tune import Tuner
-
-    epochs = budget.epochs[name]
-    warmup = int(budget.warmup_fraction * epochs)
-    pruner = {
-        "name": "MedianPruner",
-        "args": {"n_startup_trials": budget.n_startup_trials, "n_warmup_steps": warmup},
-    }
+def tune_args(name: str, budget: Budget, work: Path, tmp: Path, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The ``tune`` arguments of arm (c): the config, the model's length, the journal storage in ``work``."""
     args = [
         "--config",
         str(config_dir / f"outcome_{name}.yaml"),
-        f"--trainer.max_epochs={epochs}",
+        f"--trainer.max_epochs={budget.epochs[name]}",
         f"--data.init_args.cache_dir={tmp / 'data'}",
         f"--study.name=outcome_{name}",
         f"--study.run_dir={tmp / 'runs'}",
+        f"--study.storage=journal:{work / f'{name}_tuner.journal'}",
         f"--study.n_trials={budget.trials}",
         f"--study.seed={budget.selection_seed}",
-        f"--study.dropout_seed={budget.dropout_seed}",
-        f"--study.pruner={json.dumps(pruner)}",
-        "--study.seeds=0",
-        "--study.top_k=0",
     ]
     if budget.limit_batches is not None:
-        args += [
-            f"--trainer.limit_train_batches={budget.limit_batches}",
-            f"--trainer.limit_val_batches={budget.limit_batches}",
-        ]
-    args += list(extra)
+        n = budget.limit_batches
+        args += [f"--trainer.limit_train_batches={n}", f"--trainer.limit_val_batches={n}"]
+    return args + list(budget.extra)
+
+
+def make_tuner(name: str, budget: Budget, tmp: Path, config_dir: Path, extra: tuple[str, ...] = ()) -> Any:
+    """A Tuner of the model's config (its CLI builds the model, data and trainer of every run)."""
+    from lightning_dropout.tune import Tuner
+
     with quiet():
-        return Tuner(args)
+        return Tuner([*tune_args(name, budget, tmp, tmp, config_dir), *extra])
+
+
+def _fail_stale(study: Any) -> None:
+    """Trials left RUNNING by a killed earlier invocation (a journal storage has no heartbeat): failed, marked
+    interrupted so that they do not count towards ``n_trials``."""
+    from optuna.trial import TrialState
+
+    from lightning_dropout.tune.runner import FAIL_ATTR, INTERRUPTED
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, FAIL_ATTR, INTERRUPTED)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
 class Stages:
-    """What a model's run has done so far, saved after every training run in ``<work_dir>/<model>_stages.json``:
-    a later invocation with the same ``--work-dir`` skips what is there (the study resumes from its SQLite
-    storage in the same directory). ``on_save`` is called with the stages after each save (partial reports)."""
+    """What a model's run has done so far (``<work>/<model>_stages.json``), saved after every training run."""
 
-    def __init__(self, path: Path, budget: Budget, on_save: Any = None) -> None:
+    def __init__(self, path: Path, budget: Budget) -> None:
         self.path = path
-        self.on_save = on_save
         key = {
             "epochs": budget.epochs,
             "trials": budget.trials,
             "grid": list(budget.grid),
-            "quick": budget.limit_batches,
+            "quick": budget.extra != (),
         }
-        self.data: dict[str, Any] = {
-            "key": key,
-            "grid": {},
-            "final": {},
-            "study_seconds": 0.0,
-            "elapsed": 0.0,
-        }
+        self.data: dict[str, Any] = {"key": key, "grid": {}, "final": {}, "elapsed": 0.0}
         if path.is_file():
             old = json.loads(path.read_text())
             if old.get("key") == json.loads(json.dumps(key)):
@@ -285,503 +281,422 @@ class Stages:
     def save(self) -> None:
         self.data["elapsed"] = self.elapsed()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1))
-        if self.on_save is not None:
-            self.on_save(self.data)
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
 
 
-def run_model(name: str, budget: Budget, tmp: Path, config_dir: Path, on_save: Any = None) -> dict[str, Any]:
-    from optuna.trial import TrialState
+# ----------------------------------------------------------------------------------------------------------
+# The arms
+# ----------------------------------------------------------------------------------------------------------
+def arm_tuner(name: str, budget: Budget, work: Path, tmp: Path, stages: Stages) -> None:
+    """(c): the real ``tune`` with its defaults; the epochs of its trials and re-runs are its budget."""
+    import optuna
+    from rich.console import Console
 
-    from lightning_dropout import DropoutPlan, Rule
-    from lightning_dropout.callback import DropoutInjector
-    from lightning_dropout.tune import winner
-    from lightning_dropout.tune.runner import run_workers
-    from lightning_dropout.tune.study import plan_summary
+    from lightning_dropout.tune.runner import open_study, rerun_candidates
+    from lightning_dropout.tune.study import plan_summary, tune, verdict
 
-    stages = Stages(tmp / f"{name}_stages.json", budget, on_save)
-    tuner = make_tuner(name, budget, tmp, config_dir)
-    result: dict[str, Any] = {
-        "model": name,
-        "model_class": type(tuner.cli.fresh().model).__name__,
-        "parameters": sum(p.numel() for p in tuner.cli.model.parameters()),
-        "epochs": budget.epochs[name],
-        "paper": PAPER[name],
-    }
-
-    # (b) selection: each grid point once with the selection seed, chosen by validation accuracy
-    grid_runs = []
-    for p in budget.grid:
-        if str(p) in stages.data["grid"]:
-            grid_runs.append(stages.data["grid"][str(p)])
-            continue
-        rule = Rule(**GRID_RULES[name], p=p)
-        injector = DropoutInjector(rules=[rule], dropout_seed=budget.dropout_seed)
-        run = train_run(tuner, injector, budget.selection_seed, budget, test=False)
-        run["p"] = p
-        grid_runs.append(run)
-        stages.data["grid"][str(p)] = run
-        stages.save()
-        progress(
-            f"{name} grid p={p}: val {run['val']:.4f} (epoch {run['best_epoch']}) {run['seconds']:.1f} s"
-        )
-    best_grid = max(grid_runs, key=lambda r: r["val"])  # first (smallest p) on ties
-    probe = DropoutInjector(rules=[Rule(**GRID_RULES[name], p=best_grid["p"])])
-    model = tuner.cli.fresh().model
-    grid_plan = probe.inject(model)
-    result["grid"] = {
-        "rule": GRID_RULES[name],
-        "text": GRID_TEXT[name],
-        "selection": [{k: r[k] for k in ("p", "val", "best_epoch", "seconds")} for r in grid_runs],
-        "best_p": best_grid["p"],
-        "best_val": best_grid["val"],
-        "plan": plan_summary(grid_plan),
-    }
-    result["grid_selection_seconds"] = sum(r["seconds"] for r in grid_runs)
-
-    # (c) selection: the study
-    t0 = time.perf_counter()
-    with quiet():
-        study = tuner.study()
-        tuner.enqueue_baselines(study)
-        try:
-            run_workers(tuner, study)
-        finally:
-            stages.data["study_seconds"] += time.perf_counter() - t0
-            stages.save()
-    study_seconds = stages.data["study_seconds"]
+    if "tuner" in stages.data:
+        return
+    args = tune_args(name, budget, work, tmp)
+    storage = args[[a.startswith("--study.storage=") for a in args].index(True)].split("=", 1)[1]
+    with contextlib.suppress(Exception):
+        _fail_stale(open_study(f"outcome_{name}", storage))
+    start = time.perf_counter()
+    out = io.StringIO()
+    with quiet(), contextlib.redirect_stdout(out):
+        plan, ranked, _ = tune(args, console=Console(file=io.StringIO()))
+    study = open_study(f"outcome_{name}", storage)
     trials = study.get_trials(deepcopy=False)
-    states = {
-        s.name.lower(): sum(t.state == s for t in trials)
-        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    }
-    tuned_plan, label = winner(study)
-    best_trial = study.best_trial
-    result["tuner"] = {
-        "trials": len(trials),
-        **states,
-        "epochs_trained": sum(len(t.intermediate_values) for t in trials),
-        "best_trial": best_trial.number,
-        "best_label": label,
-        "best_val": float(best_trial.value),
-        "plan": plan_summary(tuned_plan),
-        "plan_yaml": tuned_plan.to_yaml(),
-        "pruner": {
-            "n_startup_trials": budget.n_startup_trials,
-            "n_warmup_steps": int(budget.warmup_fraction * budget.epochs[name]),
-        },
-        "seconds": study_seconds,
-    }
-    progress(
-        f"{name} tuner: {len(trials)} trials ({states['pruned']} pruned, {states['fail']} failed) in "
-        f"{study_seconds:.0f} s; best val {best_trial.value:.4f}: {label}: {plan_summary(tuned_plan)}"
-    )
+    states = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    epochs = budget.epochs[name]
+    trial_epochs = sum(len(t.intermediate_values) for t in trials)
+    rerun_epochs = sum(len(c.values) for c in ranked) * epochs
+    from lightning_dropout.tune import winner
 
-    # final: 3 seeds each, test set
-    arms: dict[str, DropoutPlan] = {"none": DropoutPlan(), "grid": grid_plan, "tuner": tuned_plan}
-    for arm, plan in arms.items():
-        runs = []
-        for seed in budget.final_seeds:
-            key = f"{arm}/{seed}/{plan.digest()}"
-            if key in stages.data["final"]:
-                runs.append(stages.data["final"][key])
-                continue
-            injector = DropoutInjector(plan=plan, dropout_seed=seed) if len(plan) else None
-            run = train_run(tuner, injector, seed, budget, test=True)
-            runs.append(run)
-            stages.data["final"][key] = run
-            stages.save()
-            progress(
-                f"{name} {arm} seed {seed}: val {run['val']:.4f} test {run['test']:.4f} "
-                f"(last {run['test_last']:.4f}) {run['seconds']:.1f} s"
-            )
-        result[arm] = {
-            **result.get(arm, {}),
-            "runs": runs,
-            "test": summary([r["test"] for r in runs]),
-            "test_last": summary([r["test_last"] for r in runs]),
-            "val": summary([r["val"] for r in runs]),
-        }
-    c, b, a = (result[k]["test"]["mean"] for k in ("tuner", "grid", "none"))
-    result["targets"] = {
-        "tuner_ge_grid": c >= b,
-        "tuner_ge_none": c >= a,
-        "tuner_gt_paper": None if PAPER[name] is None else c > PAPER[name],
+    _, label = winner(study)
+    stages.data["tuner"] = {
+        "plan": plan.to_yaml() if plan is not None else "sites: []\n",
+        "summary": plan_summary(plan) if plan is not None else "(no sites)",
+        "label": label,
+        "trials": len(trials),
+        "states": {k: v for k, v in states.items() if v},
+        "epochs": trial_epochs + rerun_epochs,
+        "trial_epochs": trial_epochs,
+        "rerun_epochs": rerun_epochs,
+        "candidates": [
+            {"label": c.label, "values": c.values, "amount": c.amount, "summary": plan_summary(c.plan)}
+            for c in rerun_candidates(study)
+        ],
+        "verdict": verdict(ranked, True, study.user_attrs.get("winner_rule", "one_se"), "val_acc")
+        if ranked
+        else [],
+        "seconds": time.perf_counter() - start,
     }
     stages.save()
-    result["seconds"] = stages.elapsed()  # earlier (interrupted) invocations included
-    result["resumed"] = stages.base > 0
+    progress(
+        f"{name} (c) tuner: {label}: {stages.data['tuner']['summary']} ({trial_epochs}+{rerun_epochs} epochs)"
+    )
+
+
+def arm_optuna(name: str, budget: Budget, work: Path, tuner: Any, stages: Stages) -> None:
+    """(d): a plain Optuna objective over one global rate, until its epochs reach (c)'s (and >= its trials)."""
+    import optuna
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from lightning_dropout import Rule
+    from lightning_dropout.callback import DropoutInjector
+
+    if "optuna" in stages.data:
+        return
+    target = stages.data["tuner"]["epochs"]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(work / f"{name}_optuna.journal"))
+    )
+    study = optuna.create_study(
+        study_name=f"plain_{name}",
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=budget.selection_seed),
+        pruner=optuna.pruners.MedianPruner(),
+        load_if_exists=True,
+    )
+    _fail_stale(study)
+
+    def objective(trial: optuna.Trial) -> float:  # the shape of Optuna's pytorch_lightning_simple.py
+        import lightning.pytorch as pl
+
+        p = trial.suggest_float("dropout", 0.0, 0.5)
+        pl.seed_everything(budget.selection_seed, workers=True, verbose=False)
+        injector = DropoutInjector(rules=[Rule(**GRID_RULES[name], p=p)])
+        pruning = PyTorchLightningPruningCallback(trial, monitor="val_acc")
+        cli = tuner.cli.fresh([injector, pruning], **_trainer_kwargs(budget))
+        with quiet():
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        trial.set_user_attr("epochs", int(cli.trainer.current_epoch))
+        pruning.check_pruned()
+        return float(cli.trainer.callback_metrics["val_acc"])
+
+    def spent() -> int:
+        done = study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        )
+        return sum(len(t.intermediate_values) for t in done), len(done)
+
+    start = time.perf_counter()
+    while True:
+        epochs, n = spent()
+        if n >= budget.trials and epochs >= target:
+            break
+        with quiet():
+            study.optimize(objective, n_trials=1)
+    epochs, n = spent()
+    stages.data["optuna"] = {
+        "p": study.best_params["dropout"],
+        "best_value": study.best_value,
+        "trials": n,
+        "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
+        "epochs": epochs,
+        "seconds": time.perf_counter() - start,
+    }
+    stages.save()
+    progress(
+        f"{name} (d) plain Optuna: p={study.best_params['dropout']:.3f} after {n} trials, {epochs} epochs"
+    )
+
+
+def arm_grid(name: str, budget: Budget, tuner: Any, stages: Stages) -> None:
+    """(b): every grid point on as many seeds as make its epochs reach (c)'s; the best mean value wins."""
+    if "grid_choice" in stages.data:
+        return
+    from lightning_dropout.tune.runner import rerun_seeds
+
+    epochs = budget.epochs[name]
+    target = stages.data["tuner"]["epochs"]
+    n_seeds = max(1, math.ceil(target / (epochs * len(budget.grid))))
+    seeds = [budget.selection_seed, *rerun_seeds(replace(tuner.study_config, seeds=n_seeds - 1))]
+    for seed in seeds:
+        for p in budget.grid:
+            key = f"{p}/{seed}"
+            if key not in stages.data["grid"]:
+                run = selection_run(tuner, GRID_RULES[name], p, seed, budget)
+                stages.data["grid"][key] = run
+                stages.save()
+                progress(
+                    f"{name} (b) grid p={p} seed {seed}: value {run['value']:.4f} ({run['seconds']:.0f} s)"
+                )
+    means = {
+        p: statistics.fmean(stages.data["grid"][f"{p}/{s}"]["value"] for s in seeds) for p in budget.grid
+    }
+    best = max(budget.grid, key=lambda p: (means[p], -p))
+    stages.data["grid_choice"] = {
+        "p": best,
+        "means": {str(p): m for p, m in means.items()},
+        "seeds": seeds,
+        "epochs": len(seeds) * len(budget.grid) * epochs,
+    }
+    stages.save()
+    progress(f"{name} (b) grid: p={best} (mean value {means[best]:.4f} over {len(seeds)} seeds)")
+
+
+def run_model(name: str, budget: Budget, work: Path, tmp: Path) -> dict[str, Any]:
+    from lightning_dropout import DropoutPlan, Rule
+    from lightning_dropout.inject import resolve
+    from lightning_dropout.tune.study import plan_summary
+
+    stages = Stages(work / f"{name}_stages.json", budget)
+    tuner = make_tuner(name, budget, tmp, CONFIG_DIR)
+    full = make_tuner(name, budget, tmp, CONFIG_DIR, ("--data.init_args.val_fraction=0",))
+    arm_tuner(name, budget, work, tmp, stages)
+    arm_optuna(name, budget, work, tuner, stages)
+    arm_grid(name, budget, tuner, stages)
+
+    model = tuner.cli.fresh().model
+    example = getattr(model, "example_input_array", None)
+
+    def uniform(p: float) -> DropoutPlan:
+        return resolve(model, [Rule(**GRID_RULES[name], p=p)], example)
+
+    plans = {
+        "none": DropoutPlan(),
+        "grid": uniform(stages.data["grid_choice"]["p"]),
+        "tuner": DropoutPlan.from_yaml(stages.data["tuner"]["plan"]),
+        "optuna": uniform(stages.data["optuna"]["p"]),
+    }
+    for arm, plan in plans.items():
+        for seed in budget.final_seeds:
+            key = f"{arm}/{seed}/{plan.digest()}"
+            if key not in stages.data["final"]:
+                run = final_run(full, plan, seed, budget)
+                stages.data["final"][key] = run
+                stages.save()
+                progress(f"{name} final {arm} seed {seed}: test {run['test']:.4f} ({run['seconds']:.0f} s)")
+    result: dict[str, Any] = {
+        "model": name,
+        "model_class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "epochs": budget.epochs[name],
+        "paper": PAPER[name],
+        "budget_epochs": {
+            "tuner": stages.data["tuner"]["epochs"],
+            "grid": stages.data["grid_choice"]["epochs"],
+            "optuna": stages.data["optuna"]["epochs"],
+            "none": 0,
+        },
+        "tuner": stages.data["tuner"],
+        "grid": stages.data["grid_choice"],
+        "optuna": stages.data["optuna"],
+        "plans": {arm: plan_summary(plan) for arm, plan in plans.items()},
+        "test": {},
+    }
+    for arm, plan in plans.items():
+        runs = [stages.data["final"][f"{arm}/{s}/{plan.digest()}"] for s in budget.final_seeds]
+        values = [r["test"] for r in runs]
+        result["test"][arm] = {
+            "values": values,
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
+    c = result["test"]["tuner"]["mean"]
+    result["targets"] = {
+        "c >= b": c >= result["test"]["grid"]["mean"],
+        "c >= a": c >= result["test"]["none"]["mean"],
+        "c >= d": c >= result["test"]["optuna"]["mean"],
+        "c >= paper": None if PAPER[name] is None else c >= PAPER[name],
+    }
+    result["seconds"] = stages.elapsed()
+    stages.data["result"] = result
+    stages.save()
     return result
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------
-# What was tried before the full run (sizing probes, all on the selection/validation side or no-dropout runs);
-# kept here so the report says it. Edit when the protocol changes.
-TRIED = [
-    "Sizing probes (one seed, no dropout and p=0.2 of the grid variant, 40 epochs; the Transformer 15): "
-    "per epoch MLP ~0.3 s, CNN ~0.4 s, GRU ~1.4-1.9 s, Transformer ~3 s on one core. The epochs per model "
-    "(MLP 60, CNN 60, GRU 30, Transformer 20) were sized from these so the whole run fits in about two hours on "
-    "one core of a shared 2-core machine; the paper trains 150 epochs (6000 steps of 100). These probes also "
-    "printed test accuracy (seed 1: MLP 63.1 / 65.1 %, CNN 89.0 / 90.4 %, GRU 87.1 / 88.2 % without / with "
-    "p=0.2, best-val epoch); it was not used for any choice.",
-    "Transformer learning rate: 1e-3 (the zoo default), 3e-3 and 1e-2 for 10 epochs without dropout gave "
-    "validation accuracy 50.7, 54.3 and 50.0 %: no clear gain, so the default was kept.",
-    "MedianPruner with 5 start-up trials and a warm-up of a quarter of the epochs, to fit 40 trials in the time; "
-    "the tuner's search spaces are those of `configs/mnist1d_<model>.yaml`, with the upper rate raised to 0.5 "
-    "where it was lower so that each search space contains the whole grid of arm (b).",
-]
-
-
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def pm(s: dict[str, float]) -> str:
-    return f"{pct(s['mean'])} ± {pct(s['std'])}"
-
-
-def yes_no(flag: bool | None) -> str:
-    return "n/a" if flag is None else ("yes" if flag else "**no**")
-
-
-def machine() -> dict[str, Any]:
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {"cpu": name, "nproc": os.cpu_count(), "torch_threads": 1, "loadavg_start": list(load)}
-
-
-def markdown(data: dict[str, Any]) -> str:
-    meta = data["meta"]
-    results = [data["models"][m] for m in MODELS if m in data["models"]]
+def markdown(results: dict[str, Any], partial: dict[str, Any], meta: dict[str, Any]) -> str:
     n_seeds = len(meta["final_seeds"])
     lines = [
-        "# Benchmarks: tuning outcome on MNIST-1D",
+        "# Benchmarks: tuning outcome on MNIST-1D (second edition)",
         "",
-        "Does `lightning-dropout tune` find dropout that beats no dropout and a hand-tuned rate grid? Test accuracy "
-        f"(%) on the 1000 MNIST-1D test sequences, mean ± standard deviation over {n_seeds} seed(s). "
-        "Generated by `python benchmarks/outcome.py`; raw numbers in `benchmarks/results/outcome.json`.",
+        "Does `lightning-dropout tune` find dropout that beats no dropout, a uniform rate grid and a plain Optuna "
+        "objective at an equal training budget, and the MNIST-1D paper's figures? Test accuracy (%) on the 1000 "
+        f"test sequences, mean ± standard deviation over {n_seeds} new seeds, each chosen configuration retrained "
+        "on all 4000 training sequences and tested at the last step (the paper's protocol). Generated by "
+        "`python benchmarks/outcome.py` (protocol in its docstring); raw numbers in "
+        "`benchmarks/results/outcome.json` and `benchmarks/results/outcome/`.",
         "",
     ]
-    if meta["quick"]:
+    if meta.get("quick"):
         lines += ["**`--quick` smoke run: tiny budget, the numbers mean nothing.**", ""]
-    if meta.get("partial"):
-        lines += [f"**Partial results: {meta['partial']}.**", ""]
-    for name, st in data.get("in_progress", {}).items():
-        grid = ", ".join(f"p={p}: val {pct(r['val'])}" for p, r in st["grid"].items()) or "none yet"
-        finals = ", ".join(
-            f"{k.split('/')[0]} seed {k.split('/')[1]}: test {pct(r['test'])}" for k, r in st["final"].items()
-        )
+    if partial:
         lines += [
-            f"**{name}: not finished** ({st.get('elapsed', 0.0) / 60:.1f} min so far). Grid selection runs done: "
-            f"{grid}. Tuner study: {st['study_seconds'] / 60:.1f} min spent"
-            + (" (finished)" if st["final"] else " (not finished)")
-            + f". Final runs done: {finals or 'none'}.",
+            f"**Partial: {', '.join(sorted(partial))} not finished yet** (see the end of this page).",
             "",
         ]
     lines += [
         "## Summary",
         "",
-        "| model | (a) no dropout | (b) best grid point | (c) tuner, "
-        f"{meta['trials']} trials | paper | (c) >= (b) | (c) >= (a) | (c) > paper |",
-        "|---|---:|---:|---:|---:|:-:|:-:|:-:|",
+        "| model | epochs | (a) no dropout | (b) grid | (c) tune | (d) plain Optuna | paper | targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in results:
+    for name in MODELS:
+        if name not in results:
+            continue
+        r = results[name]
+        t = r["test"]
+        cells = [f"{pct(t[a]['mean'])} ± {pct(t[a]['std'])}" for a in ARMS]
+        flags = ", ".join(
+            f"{k}: {'met' if v else '**missed**'}" for k, v in r["targets"].items() if v is not None
+        )
         paper = "-" if r["paper"] is None else pct(r["paper"])
-        t = r["targets"]
         lines.append(
-            f"| {r['model_class']} | {pm(r['none']['test'])} | {pm(r['grid']['test'])} (p={r['grid']['best_p']:g}) "
-            f"| {pm(r['tuner']['test'])} | {paper} | {yes_no(t['tuner_ge_grid'])} | {yes_no(t['tuner_ge_none'])} "
-            f"| {yes_no(t['tuner_gt_paper'])} |"
+            f"| {r['model_class']} | {r['epochs']} | " + " | ".join(cells) + f" | {paper} | {flags} |"
         )
-    m = meta["machine"]
-    load = meta.get("loadavg_start") or m.get("loadavg_start")
-    load = f" (1-minute load average {load[0]:.1f} at the start)" if load else ""
-    lines += [
-        "",
-        f"Total wall time: **{meta['wall_seconds'] / 60:.1f} min** (sum over the models) for everything above (selection runs, "
-        f"{meta['trials']}-trial studies and the final {n_seeds}-seed runs of every arm), in one process with one "
-        f"torch thread, on a {m['nproc']}-core CPU machine ({m['cpu']}; `nproc` = {m['nproc']}) shared with other "
-        f"jobs{load}, {meta['date']}. "
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
-        "",
-        "## Targets",
-        "",
-        "Target: (c) >= (b) and (c) >= (a) for every model, and (c) above the paper's figure for each of the "
-        "paper's architectures (comparing means over seeds).",
-        "",
-    ]
-    for r in results:
-        t = r["targets"]
-        c, b, a = (r[k]["test"]["mean"] for k in ("tuner", "grid", "none"))
-        missed = [
-            text
-            for flag, text in (
-                (t["tuner_ge_grid"], f"(c) {pct(c)} < (b) {pct(b)}"),
-                (t["tuner_ge_none"], f"(c) {pct(c)} < (a) {pct(a)}"),
-                (t["tuner_gt_paper"], f"(c) {pct(c)} <= paper {pct(r['paper'] or 0)}"),
-            )
-            if flag is False
-        ]
-        spread = max(r[k]["test"]["std"] for k in ("tuner", "grid", "none"))
-        verdict = "all met" if not missed else "**missed**: " + "; ".join(missed)
-        lines.append(
-            f"- {r['model_class']}: {verdict} (largest seed std of the three arms: {pct(spread)} pp; "
-            f"(c) - (b) = {100 * (c - b):+.1f} pp, (c) - (a) = {100 * (c - a):+.1f} pp)"
-        )
-    lines += [
-        "",
-        "## Protocol",
-        "",
-        "- **Data**: MNIST-1D generated locally with the paper's defaults (`MNIST1DDataModule`, data seed 42): "
-        "4000 training and 1000 test sequences of length 40. "
-        f"{int(100 * meta['val_fraction'])} % of the training sequences (400, a fixed split) are held out for "
-        "validation, so every model trains on 3600. The test set is used only by the final runs below.",
-        "- **Models** (`lightning_dropout.zoo`, checked against the paper's notebook `models.py`): MLP 40-100-100-10 "
-        "with ReLU and a residual second hidden layer (15,210 parameters); CNN of three Conv1d with 25 channels "
-        "(kernels 5/3/3, stride 2, padding 1) and a linear head (5,210); GRU bidirectional, hidden size 6, all "
-        "time steps into a linear head (5,134); plus a small Transformer encoder (2 post-norm layers, d_model 32, "
-        "4 heads, feed-forward 64, mean pooling; 18,762), not in the paper.",
-        "- **Training**: Adam, batch 100, learning rate 1e-2 (the paper's; 1e-3 for the Transformer, the zoo "
-        "default), no weight decay, one validation per epoch. Epochs per run: "
-        + ", ".join(f"{r['model']} {r['epochs']}" for r in results)
-        + " (the paper: 150). Every run keeps the weights of its best validation epoch (in memory) and is tested "
-        "with those; the last epoch's test accuracy is reported too.",
-        "- **(a) no dropout**: the model as is.",
-        f"- **(b) grid**: the obvious variant at one rate for all sites, p in "
-        f"{{{', '.join(f'{p:g}' for p in meta['grid'])}}}: "
-        + "; ".join(f"{k}: {v}" for k, v in GRID_TEXT.items() if k in data["models"])
-        + f". Each grid point is trained once with the selection seed ({meta['selection_seed']}); the point with "
-        "the best validation accuracy is chosen (ties: the smaller p).",
-        f"- **(c) tuner**: `Tuner` from `lightning_dropout.tune` (the code path of `lightning-dropout tune`) on "
-        "`benchmarks/configs/outcome_<model>.yaml`: TPE sampler (multivariate, grouped), "
-        f'{meta["trials"]} trials counting its "no dropout" baseline trial, every trial with the selection seed '
-        f"({meta['selection_seed']}) and dropout masks from their own generator (`dropout_seed`), metric `val_acc` "
-        "(best epoch), MedianPruner (5 start-up trials, warm-up a quarter of the epochs), no re-runs over seeds "
-        "(`study.seeds=0`): the winner is the best trial. Search spaces: MLP standard/Gaussian/concrete per layer, "
-        "p in [0, 0.5]; CNN spatial/DropBlock (block 3 or 5)/standard after each conv, p in [0, 0.5], optional "
-        "linear depth scaling; GRU variational/standard on the output sequence, p in [0, 0.5], plus DropConnect "
-        "on the recurrent weights, p in [0, 0.5]; Transformer standard/Gaussian in its own dropout slots, p in "
-        "[0, 0.5], plus attention dropout, p in [0, 0.3].",
-        f"- **Final runs**: the configuration each arm chose is trained with seeds "
-        f"{', '.join(str(s) for s in meta['final_seeds'])} (different from the selection seed; the seed sets the "
-        "initialization and the dropout masks) and tested once. The training order of the batches is fixed by the "
-        "datamodule (its shuffle is seeded by the data seed), so it is the same for all runs.",
-        "",
-    ]
-    for r in results:
-        g, tu = r["grid"], r["tuner"]
-        paper = "not in the paper" if r["paper"] is None else f"{pct(r['paper'])} %"
+    lines += ["", "## Per model", ""]
+    for name in MODELS:
+        if name not in results:
+            continue
+        r = results[name]
+        b, c, d = r["grid"], r["tuner"], r["optuna"]
         lines += [
-            f"## {r['model_class']} ({r['parameters']:,} parameters, {r['epochs']} epochs)",
+            f"### {r['model_class']} ({r['parameters']:,} parameters, {r['epochs']} epochs, "
+            f"{r['seconds'] / 60:.0f} min)",
             "",
-            "| arm | test (best-val epoch) | test (last epoch) | val (best epoch) | test per seed |",
-            "|---|---:|---:|---:|---|",
+            "| arm | chosen | selection epochs | test per seed | mean ± std |",
+            "|---|---|---:|---|---:|",
         ]
-        for arm, text in (
-            ("none", "(a) no dropout"),
-            ("grid", f"(b) grid, p={g['best_p']:g}"),
-            ("tuner", "(c) tuner winner"),
-        ):
-            a = r[arm]
-            seeds = ", ".join(pct(x["test"]) for x in a["runs"])
-            lines.append(f"| {text} | {pm(a['test'])} | {pm(a['test_last'])} | {pm(a['val'])} | {seeds} |")
-        sel = ", ".join(f"{s['p']:g}: {pct(s['val'])}" for s in g["selection"])
+        for arm in ARMS:
+            t = r["test"][arm]
+            lines.append(
+                f"| {ARM_TEXT[arm]} | {r['plans'][arm]} | {r['budget_epochs'][arm]} | "
+                + ", ".join(pct(v) for v in t["values"])
+                + f" | {pct(t['mean'])} ± {pct(t['std'])} |"
+            )
+        states = ", ".join(f"{v} {k}" for k, v in c["states"].items())
         lines += [
             "",
-            f"- paper (MNIST-1D README): {paper}",
-            f"- (b) validation accuracy of each grid point (selection seed): {sel}; chosen p = {g['best_p']:g} "
-            f"({g['plan']})",
-            f"- (c) {tu['trials']} trials: {tu['complete']} complete, {tu['pruned']} pruned, {tu['fail']} failed; "
-            f"{tu['epochs_trained']} epochs trained ({tu['seconds'] / 60:.1f} min). Winner: {tu['best_label']}, "
-            f"val {pct(tu['best_val'])}: {tu['plan']}",
-            f"- wall time for this model: {r['seconds'] / 60:.1f} min",
+            f"- (b) {GRID_TEXT[name]}; p chosen: {b['p']:g} (mean trial value over {len(b['seeds'])} seeds: "
+            + ", ".join(f"{p}: {pct(m)}" for p, m in b["means"].items())
+            + ").",
+            f"- (c) {c['trials']} trials ({states}), winner {c['label']}; re-run candidates (validation value per "
+            "seed): "
+            + "; ".join(f"{x['label']} {', '.join(pct(v) for v in x['values'])}" for x in c["candidates"])
+            + ".",
+            *[f"  - {line}" for line in c["verdict"]],
+            f"- (d) {d['trials']} trials ({d['pruned']} pruned), p = {d['p']:.3f} (last-epoch val_acc "
+            f"{pct(d['best_value'])}).",
             "",
         ]
-    lines += [
-        "## Notes",
-        "",
-        "- The paper's figures (MLP 68, CNN 94, GRU 91 %) are those of the MNIST-1D README; the stored outputs of "
-        "its training notebook at step 6000 are lower (MLP 65.1, CNN 92.3, GRU 89.1 %). They come from 4000 "
-        "training sequences and 150 epochs; here the models see 3600 (400 are the validation split the tuner "
-        "needs) for fewer epochs, and no arm is retrained on the full 4000.",
-        "- Validation uses 400 sequences: one sequence is 0.25 pp, and the seed-to-seed spread of a single "
-        "run is 1-2 pp. Both selection stages, (b) among 5 points and (c) among 40 trials, pick on one seed, so "
-        "their choice carries that noise (the tuner, choosing among more candidates, is more exposed to it). "
-        "Differences between arms smaller than about one seed standard deviation are not meaningful with 3 seeds.",
-        "- Wall times were measured on a machine shared with other engineers' jobs; on an idle machine they "
-        "would be shorter.",
-        *[
-            "- For context only, against the notebook's stored outputs instead of the README: "
-            + "; ".join(
-                f"{r['model_class']} (c) {pct(r['tuner']['test']['mean'])} vs {pct(NOTEBOOK[r['model']])}"
-                for r in results
-                if r["model"] in NOTEBOOK
+    if partial:
+        lines += ["## Not finished", ""]
+        for name, st in sorted(partial.items()):
+            done = [k for k in ("tuner", "optuna", "grid_choice") if k in st]
+            lines.append(
+                f"- {name}: {st.get('elapsed', 0.0) / 60:.0f} min spent; arms selected: {done or 'none'}; "
+                f"{len(st.get('grid', {}))} grid runs, {len(st.get('final', {}))} final runs done. Resume with "
+                "`python benchmarks/outcome.py --models " + name + "`."
             )
-            + "."
-            for _ in [0]
-            if any(r["model"] in NOTEBOOK for r in results)
-        ],
-        *[f"- {t}" for t in meta.get("run_notes", [])],
+        lines.append("")
+    lines += [
+        "## Protocol and noise",
         "",
-        "What was tried:",
-        "",
-        *[f"- {t}" for t in TRIED],
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        "python benchmarks/outcome.py                     # all four models -> docs/benchmarks.md, "
-        "benchmarks/results/outcome.json",
-        "python benchmarks/outcome.py --models gru        # one model; the others are kept from the JSON",
-        "python benchmarks/outcome.py --report-only       # rewrite docs/benchmarks.md from the JSON",
-        "python benchmarks/outcome.py --quick --out-dir /tmp/outcome   # smoke test, ~20 s, numbers mean nothing",
-        "```",
-        "",
-        "Flags: `--models a,b`, `--epochs N` (all models), `--trials N`, `--json PATH`, `--md PATH`, `--out-dir DIR`, "
-        "`--config-dir DIR`, `--report-only`, `--quick`. The script sets `OMP_NUM_THREADS=1` and uses one core.",
+        "- Data: MNIST-1D with the paper's defaults (data seed 42), 4000 training and 1000 test sequences. "
+        "Selection (every arm) trains on 3600 and validates on the other 400; the final runs train on all 4000 "
+        "and touch the test set once, at the last step.",
+        "- Training: Adam, batch 100, learning rate 1e-2 (1e-3 for the Transformer), epochs per model as in the "
+        "tables (the paper: 150 epochs = 6000 steps). Every process pins torch to one thread.",
+        "- Equal budget: (c)'s epochs (its trials, pruned ones by the epochs they ran, plus its re-runs) set the "
+        "budget; (b) runs each grid point on as many seeds as reach it and (d) runs trials until it reaches it "
+        "(and at least as many trials as (c)). (a) has nothing to select.",
+        "- Noise: one test sequence is 0.1 pp; the seed-to-seed spread of one configuration is about 1-2 pp, so "
+        f"with {n_seeds} seeds a difference of means below about 1.5 pp is within the noise.",
+        f"- Machine: {meta['machine']}; {meta['date']}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+        + ".",
     ]
     return "\n".join(lines).rstrip() + "\n"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke test: 1 model, 2 epochs, 2 trials, 1 seed"
-    )
-    parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (all models)")
-    parser.add_argument("--trials", type=int, default=None, help="tuner trials per model (default 40)")
-    parser.add_argument("--json", type=Path, default=None, help=f"raw results (default {DEFAULT_JSON})")
-    parser.add_argument("--md", type=Path, default=None, help=f"Markdown report (default {DEFAULT_MD})")
-    parser.add_argument(
-        "--out-dir", type=Path, default=None, help="write outcome.json and benchmarks.md here"
-    )
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=None,
-        help="keep the studies and finished runs here (default: a temporary directory); rerunning with the "
-        "same --work-dir resumes an interrupted run",
-    )
-    parser.add_argument(
-        "--report-only", action="store_true", help="only rewrite the Markdown report from the JSON"
-    )
-    parser.add_argument(
-        "--config-dir", type=Path, default=CONFIG_DIR, help="the outcome_<model>.yaml configs"
-    )
-    return parser.parse_args(argv)
+def write_report(
+    work: Path, json_path: Path, md_path: Path, meta: dict[str, Any], models: tuple[str, ...]
+) -> dict:
+    results, partial = {}, {}
+    for name in models:
+        path = work / f"{name}_stages.json"
+        if not path.is_file():
+            continue
+        st = json.loads(path.read_text())
+        if "result" in st:
+            results[name] = st["result"]
+        else:
+            partial[name] = st
+    data = {"meta": meta, "models": results, "partial": sorted(partial)}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(data, indent=1) + "\n")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown(results, partial, meta))
+    return data
+
+
+def _meta(budget: Budget, quick: bool) -> dict[str, Any]:
+    versions = {"python": platform.python_version()}
+    with contextlib.suppress(ImportError):
+        import lightning
+        import optuna
+        import torch
+
+        versions.update(torch=torch.__version__, lightning=lightning.__version__, optuna=optuna.__version__)
+    return {
+        "quick": quick,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "versions": versions,
+        "epochs": budget.epochs,
+        "trials": budget.trials,
+        "final_seeds": list(budget.final_seeds),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(argv)
-    json_path = ns.json or (ns.out_dir / "outcome.json" if ns.out_dir else DEFAULT_JSON)
-    md_path = ns.md or (ns.out_dir / "benchmarks.md" if ns.out_dir else DEFAULT_MD)
-    if ns.report_only:
-        data = json.loads(json_path.read_text())
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(markdown(data))
-        progress(f"wrote {md_path} from {json_path}")
-        return 0
-    os.environ.update(THREAD_ENV)
-    import lightning
-    import optuna
-    import torch
-
-    torch.set_num_threads(1)
-    budget = QUICK if ns.quick else FULL
-    if ns.models:
-        models = tuple(m.strip() for m in ns.models.split(",") if m.strip())
-        unknown = sorted(set(models) - set(MODELS))
-        if unknown:
-            raise SystemExit(f"--models must be among {list(MODELS)}, but got {unknown}")
-        budget = replace(budget, models=models, epochs={m: budget.epochs.get(m, 2) for m in models})
-    if ns.epochs is not None:
-        budget = replace(budget, epochs={m: ns.epochs for m in budget.models})
-    if ns.trials is not None:
-        budget = replace(budget, trials=ns.trials)
-
-    # keep other models' results from an earlier full run when only some are re-run
-    previous: dict[str, Any] = {}
-    if json_path.is_file() and ns.models and not ns.quick:
-        with contextlib.suppress(ValueError, KeyError):
-            previous = json.loads(json_path.read_text())["models"]
-    data: dict[str, Any] = {
-        "meta": {
-            "command": "python benchmarks/outcome.py"
-            + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-            "quick": ns.quick,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine(),
-            "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "lightning": lightning.__version__,
-                "optuna": optuna.__version__,
-            },
-            "trials": budget.trials,
-            "epochs": budget.epochs,
-            "grid": list(budget.grid),
-            "final_seeds": list(budget.final_seeds),
-            "selection_seed": budget.selection_seed,
-            "val_fraction": 0.1,
-        },
-        "models": dict(previous),
-    }
-
-    def write(partial: str | None) -> None:
-        # the sum of the models' wall times (each includes earlier, interrupted invocations with --work-dir)
-        data["meta"]["wall_seconds"] = sum(r["seconds"] for r in data["models"].values()) + sum(
-            st.get("elapsed", 0.0) for st in data.get("in_progress", {}).values()
-        )
-        data["meta"]["partial"] = partial
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(data, indent=1) + "\n")
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(markdown(data))
-
-    finish = "python benchmarks/outcome.py --models {models}" + (
-        f" --work-dir {ns.work_dir}" if ns.work_dir else ""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}"
     )
-    with contextlib.ExitStack() as stack:
-        if ns.work_dir is not None:
-            tmp = ns.work_dir.resolve()
-            tmp.mkdir(parents=True, exist_ok=True)
-        else:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ld-outcome-")))
-        prepare_data(tmp / "data")
-        for i, model in enumerate(budget.models):
-            left = ",".join(budget.models[i:])
-            partial = f"{left} not finished; to finish: `{finish.format(models=left)}`"
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="stages files and study journals")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="write outcome.json and benchmarks.md here"
+    )
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke test: MLP, 2 epochs, 3 trials, 1 seed")
+    ns = parser.parse_args(argv)
+    budget = QUICK if ns.quick else FULL
+    models = tuple(m for m in ns.models.split(",") if m)
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models must be among {list(MODELS)}, but got {unknown}")
+    if not ns.quick:
+        budget = replace(budget, models=models)
+    json_path = ns.out_dir / "outcome.json" if ns.out_dir else DEFAULT_JSON
+    md_path = ns.out_dir / "benchmarks.md" if ns.out_dir else DEFAULT_MD
+    work = ns.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    meta = _meta(budget, ns.quick)
+    if not ns.report_only:
+        os.environ.update(THREAD_ENV)
+        import torch
 
-            def on_save(stages: dict[str, Any], model: str = model, partial: str = partial) -> None:
-                data.setdefault("in_progress", {})[model] = stages
-                write(partial)
-
-            progress(f"{model}: {budget.epochs[model]} epochs per run, {budget.trials} trials")
-            data["models"][model] = run_model(model, budget, tmp, ns.config_dir, on_save)
-            data.get("in_progress", {}).pop(model, None)
-            left = ",".join(budget.models[i + 1 :])
-            write(f"{left} not run yet; to finish: `{finish.format(models=left)}`" if left else None)
-            progress(
-                f"{model} done in {data['models'][model]['seconds'] / 60:.1f} min; wrote {json_path}, {md_path}"
-            )
-    data.pop("in_progress", None)
-    write(None)
-    sys.stdout.write(markdown(data))
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory(prefix="ld-outcome-") as tmp:
+            prepare_data(Path(tmp) / "data")
+            for name in budget.models:
+                progress(f"{name}: {budget.epochs[name]} epochs per run, {budget.trials} trials")
+                run_model(name, budget, work, Path(tmp))
+                write_report(work, json_path, md_path, meta, MODELS)
+    write_report(work, json_path, md_path, meta, budget.models if ns.quick else MODELS)
+    progress(f"wrote {json_path} and {md_path}")
     return 0
 
 

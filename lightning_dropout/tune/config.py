@@ -121,7 +121,7 @@ class StudyConfig:
     dropout_seed: int | None = 1234
     gap_samples: int = 256
     mc_samples: int = 0
-    value: str = "window"
+    value: str = "ema"
     value_window: int = 5
     warm_start: bool = True
     warm_start_rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
