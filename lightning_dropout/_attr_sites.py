@@ -198,7 +198,8 @@ def _isolated(root: nn.Module) -> Iterator[None]:
     """Training mode, no gradients; train/eval flags, buffers and the random state restored afterwards."""
     flags = {m: m.training for m in root.modules()}
     buffers = [(b, b.detach().clone()) for b in root.buffers()]
-    devices = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"})
+    tensors = [*root.parameters(), *root.buffers()]
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             root.train()

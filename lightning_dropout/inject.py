@@ -69,6 +69,7 @@ __all__ = [
     "inject",
     "is_dropout_module",
     "output_layer",
+    "register_rate_attribute",
     "regularization",
     "resolve",
     "site_handles",
@@ -76,6 +77,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+register_rate_attribute = attr_sites.register_rate_attribute
 
 OUTPUT_CHILD = "ld_output"
 INPUT_CHILD = "ld_input"
