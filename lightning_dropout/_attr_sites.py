@@ -35,9 +35,9 @@ import functools
 import inspect
 import logging
 import textwrap
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -133,7 +133,7 @@ def _class_methods(cls: type) -> tuple[ast.AST, ...]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _static_proof(cls: type, attr: str) -> bool:
+def _static_proof(cls: Any, attr: str) -> bool:
     for klass in cls.__mro__:
         if klass is nn.Module or klass.__module__.startswith("torch."):
             break
@@ -156,7 +156,7 @@ def reaches_dropout(module: nn.Module, attr: str, probed: Probe | None = None) -
     the source of its class (see the module docstring)."""
     if probed is not None and id(module) in probed.called:
         return (id(module), attr) in probed.reached
-    return _static_proof(type(module), attr)
+    return _static_proof(cast(Hashable, type(module)), attr)
 
 
 # ----------------------------------------------------------------------------------------------------------
