@@ -1021,7 +1021,7 @@ def _check_runs(model: nn.Module, sites: list[Site], example_input: Any, eager: 
 
 
 _EAGER_HINT = (
-    "keep variant 'standard' there (the kernel applies it at the site's rate), or switch the owner to its eager "
+    "keep variant 'standard' there (or exclude the site), or switch the owner to its eager "
     'path (timm: `fused_attn = False`; Hugging Face: `attn_implementation="eager"`), which eager=True does'
 )
 
@@ -1032,66 +1032,60 @@ def _verify_runs(
     entries: list[tuple[str, str, nn.Module, DropoutVariant]],
     eager: bool,
 ) -> None:
-    """Probe ``run()`` (a forward of ``root``) in training mode; refuse, in one line, every variant whose owner
-    ran without calling it but passed its ``.p`` to a kernel; with ``eager``, switch those owners to their eager
-    path first. A variant whose owner ran without calling it or reading ``.p`` only warns (it acts nowhere)."""
+    """Probe ``run()`` (a forward of ``root``) in training mode and refuse, in one line, every variant whose
+    owner ran without calling it: it reads the module's ``.p`` into a fused kernel, or holds the rate elsewhere;
+    either way the variant would act nowhere. With ``eager``, those owners are first switched to their eager
+    path, and refused only if the variant still does not run."""
     rates = [(v, "p") for _, _, _, v in entries if "p" in vars(v)]
     watch = [m for _, _, owner, v in entries for m in (owner, v)]
     probed = attr_sites.probe(root, run, rates, watch)
     if probed is None:
         return
-    fused = []
+    unused = []
     for key, owner_name, owner, variant in entries:
         if id(owner) not in probed.called or id(variant) in probed.called:
             continue
         kernel = probed.reached.get((id(variant), "p"))
-        what = f"{type(owner).__name__} {owner_name!r}"
-        if kernel is None:
-            warnings.warn(
-                f"site {key!r}: variant {variant.variant_name!r} never runs: {what} ran in training mode without "
-                "calling it or reading its `.p`, so this site's dropout acts nowhere.",
-                UserWarning,
-                stacklevel=2,
+        why = (
+            f"reads the module's `.p` into {kernel}() instead of calling the module"
+            if kernel is not None
+            else "ran in training mode without calling the module (a fused path may hold the rate elsewhere)"
+        )
+        unused.append(
+            (
+                f"site {key!r}: variant {variant.variant_name!r} would never run: "
+                f"{type(owner).__name__} {owner_name!r} {why}",
+                owner,
+                variant,
             )
-        elif not eager:
-            hint = (
-                _EAGER_HINT + " for you"
-                if attr_sites.eager_switches(owner)
-                else "only variant 'standard' acts there"
-            )
-            raise DropoutConfigError(
-                f"site {key!r}: variant {variant.variant_name!r} would never run: {what} reads the module's `.p` "
-                f"into {kernel}() instead of calling the module; {hint}."
-            )
-        else:
-            fused.append((key, what, owner, variant, kernel))
-    if not fused:
+        )
+    if not unused:
         return
-    switches = {
-        id(owner): attr_sites.eager_switches(owner) for _, _, owner, _, _ in fused
-    }  # before any flips
-    for key, what, owner, variant, kernel in fused:
-        if not switches[id(owner)]:
-            raise DropoutConfigError(
-                f"site {key!r}: variant {variant.variant_name!r} would never run: {what} reads the module's "
-                f"`.p` into {kernel}() and has no eager path lightning-dropout knows (`fused_attn`, "
-                "`config._attn_implementation`); only variant 'standard' acts there."
+    switches = {id(owner): attr_sites.eager_switches(owner) for _, owner, _ in unused}  # before any flips
+    for head, owner, _ in unused:
+        if not eager or not switches[id(owner)]:
+            hint = (
+                f"{_EAGER_HINT} for you"
+                if switches[id(owner)]
+                else "only variant 'standard' can act there (or exclude the site)"
             )
+            raise DropoutConfigError(f"{head}; {hint}.")
     switched: list[nn.Module] = []
     try:
-        for _, _, owner, _, _ in fused:
+        for _, owner, _ in unused:
             if owner not in switched:
                 attr_sites.apply_switches(owner, switches[id(owner)])
                 switched.append(owner)
-        again = attr_sites.probe(root, run, [], [v for *_, v, _ in fused])
-        for key, what, _, variant, kernel in fused:
+        again = attr_sites.probe(root, run, [], [v for *_, v in unused])
+        for head, owner, variant in unused:
+            done = ", ".join(s.describe() for s in switches[id(owner)])
             if again is not None and id(variant) not in again.called:
                 raise DropoutConfigError(
-                    f"site {key!r}: variant {variant.variant_name!r} would never run: {what} reads the module's "
-                    f"`.p` into {kernel}() even on its eager path; only variant 'standard' acts there."
+                    f"{head}, even after switching it to its eager path ({done}); only variant 'standard' can act "
+                    "there (or exclude the site)."
                 )
             log.info(
-                "site %r: switched %s to its eager path so that %r runs", key, what, variant.variant_name
+                "%s: switched the owner to its eager path (%s), so the variant runs", head.split(":")[0], done
             )
     except DropoutConfigError:
         for owner in reversed(switched):

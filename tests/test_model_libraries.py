@@ -312,14 +312,16 @@ def test_non_standard_variant_acts_or_fails_in_one_line(model: Model, kind: str)
         off = _with_variant(model, key, "standard", p=0.0)
         torch.testing.assert_close(model.forward(off, seed=7), model.forward(off, seed=8), rtol=0, atol=0)
         return
-    assert "fused_attn = False" in message and "eager=True" in message
+    assert "would never run" in message
+    # the eager hint where the owner has a known eager path (timm, transformers 5), else only `standard` acts
+    assert ("fused_attn = False" in message and "eager=True" in message) or "only variant 'standard'" in message
     # eager=True: timm's eager path calls the module, so the variant acts; Hugging Face's does in transformers 4
     # (GPT-2, BERT) but reads `.p` into nn.functional.dropout in transformers 5, which is refused in one line
     try:
         net = _with_variant(model, key, "gaussian", eager=True)
     except DropoutConfigError as err:
         assert not model.eager_acts
-        assert "even on its eager path" in str(err) and "\n" not in str(err)
+        assert "only variant 'standard' can act there" in str(err) and "\n" not in str(err)
     else:
         assert getattr(net.get_submodule(key.split(":")[0].rpartition(".")[0]), "fused_attn", False) is False
         assert not torch.allclose(model.forward(net, seed=7), standard)
@@ -513,24 +515,29 @@ def test_non_standard_variant_on_a_rate_attribute_is_refused_in_one_line() -> No
     assert [s.key for s in plan] == ["1:replace"]
 
 
-def test_dead_dropout_module_warns_in_one_line() -> None:
-    class Dead(nn.Module):
+def test_dropout_module_its_owner_never_calls_is_refused_for_other_variants() -> None:
+    class Dead(
+        nn.Module
+    ):  # like transformers 4's BertSdpaSelfAttention: the kernel takes a float `dropout_prob`
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(4, 4)
-            self.unused = nn.Dropout(0.1)
+            self.dropout = nn.Dropout(0.1)
 
         def forward(self, x: Tensor) -> Tensor:
             return self.fc(x)
 
     model = nn.Sequential(Dead())
-    with pytest.warns(UserWarning, match=r"site '0.unused:replace': variant 'gaussian' never runs"):
+    with pytest.raises(DropoutConfigError) as err:
         inject(model, [Rule(replace=True, variant="gaussian")], example_input=torch.randn(2, 4))
+    assert one_line(err).startswith(
+        "site '0.dropout:replace': variant 'gaussian' would never run: Dead '0' ran"
+    )
+    assert "only variant 'standard' can act there (or exclude the site)" in str(err.value)
+    assert type(model[0].dropout) is nn.Dropout and not site_handles(model)  # nothing applied
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        inject(
-            nn.Sequential(Dead()), [Rule(replace=True)], example_input=torch.randn(2, 4)
-        )  # standard: quiet
+        inject(model, [Rule(replace=True)], example_input=torch.randn(2, 4))  # standard: not probed, quiet
 
 
 def test_callback_passes_eager_on() -> None:
