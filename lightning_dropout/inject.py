@@ -195,8 +195,11 @@ class Rule:
         exclude: glob(s) of qualified names never to touch.
         replace: ``True`` for every dropout the model has (``nn.Dropout*``, ``nn.AlphaDropout``, timm and
             torchvision drop-path/drop-block modules, the float ``dropout`` of attention and stacked RNNs
-            where the variant can take it), or class(es) to replace, e.g. ``nn.Dropout`` or ``nn.Identity``
-            placeholders (combine the latter with ``name``).
+            where the variant can take it, and float rates modules apply with ``F.dropout`` or an attention
+            kernel, such as Hugging Face BART's ``dropout``/``activation_dropout`` or timm's ``drop_rate``, when
+            the variant is ``standard``), or class(es) to replace, e.g. ``nn.Dropout`` or ``nn.Identity``
+            placeholders (combine the latter with ``name``); a class owning such float rates gets attribute
+            sites for them. ``name``/``regex`` see a float rate as ``"<module>.<attribute>"``.
         where: ``"output"`` (default), ``"input"`` or ``"both"``; ignored by ``replace`` rules and by the
             ``weight`` and ``attention`` variants, which act on weights and attention probabilities.
         params: the variant's own parameters, e.g. ``{"block_size": 5}``.
