@@ -986,6 +986,7 @@ def apply_plan(
         _check_site(model, site, _get(model, site.target, site))
     _warn_before_batchnorm(model, pending, trace.order if trace else _definition_order(model))
     previous: dict[str, _Record] = {}
+    order = list(records)
     for site in pending:
         if site.key in records:
             previous[site.key] = records.pop(site.key)
@@ -1003,6 +1004,9 @@ def apply_plan(
             _detach(model, records.pop(site.key))
             if site.key in previous:
                 records[site.key] = _attach(model, previous[site.key].site)
+        kept = {key: records[key] for key in order if key in records}
+        records.clear()
+        records.update(kept)
         raise
     log.debug("applied %d dropout sites to %s", len(pending), type(model).__name__)
     return applied_plan(model)

@@ -314,7 +314,9 @@ def test_non_standard_variant_acts_or_fails_in_one_line(model: Model, kind: str)
         return
     assert "would never run" in message
     # the eager hint where the owner has a known eager path (timm, transformers 5), else only `standard` acts
-    assert ("fused_attn = False" in message and "eager=True" in message) or "only variant 'standard'" in message
+    assert (
+        "fused_attn = False" in message and "eager=True" in message
+    ) or "only variant 'standard'" in message
     # eager=True: timm's eager path calls the module, so the variant acts; Hugging Face's does in transformers 4
     # (GPT-2, BERT) but reads `.p` into nn.functional.dropout in transformers 5, which is refused in one line
     try:
@@ -558,3 +560,28 @@ def test_callback_passes_eager_on() -> None:
     module = Module()
     DropoutInjector(rules=rules, eager=True).inject(module)
     assert not module.net.blocks[0].attn.fused_attn
+
+
+def test_replace_naming_an_owner_class_gives_attribute_sites() -> None:
+    model = nn.Sequential(Rates(), nn.Linear(6, 2))
+    plan = resolve(model, [Rule(replace=Rates, p=0.1)])
+    assert {(s.key, s.variant) for s in plan} == {
+        ("0.dropout:attribute", "standard"),
+        ("0.embed_dropout:attribute", "standard"),
+    }
+    with pytest.raises(
+        DropoutConfigError, match=r"site '0.dropout:attribute': Rates applies its float `dropout`"
+    ):
+        resolve(model, [Rule(replace=Rates, variant="gaussian")])
+
+
+def test_a_refused_site_leaves_the_earlier_plan_in_place() -> None:
+    model = next(m for m in MODELS if m.name == "timm-vit")
+    net = fresh(model)
+    first = inject(net, [Rule(replace=True, p=0.2)], example_input=model.example)
+    with pytest.raises(DropoutConfigError, match="would never run"):
+        apply_plan(
+            net, DropoutPlan([Site("blocks.0.attn.attn_drop", "replace", "gaussian", 0.2)]), model.example
+        )
+    assert [(s.key, s.variant, s.p) for s in describe(net)] == [(s.key, s.variant, s.p) for s in first]
+    assert net.blocks[0].attn.fused_attn
