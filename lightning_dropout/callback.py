@@ -143,6 +143,9 @@ class DropoutInjector(Callback):
             dropout see the same later random draws (initialization of lazily built layers, data order,
             augmentation): common random numbers for comparing plans. Its state is checkpointed. The float
             dropout of attention and RNN kernels (``where="attribute"``) cannot take a generator.
+        eager: when a non-standard variant replaces a dropout module that a fused attention kernel bypasses
+            (timm ``fused_attn``, Hugging Face SDPA read its ``.p``), switch that attention to its eager path
+            instead of refusing the site (see :func:`~lightning_dropout.inject.apply_plan`).
 
     Example:
         >>> from torch import nn
@@ -160,6 +163,7 @@ class DropoutInjector(Callback):
         track_drop_fraction: bool = False,
         use_example_input: bool = True,
         dropout_seed: int | None = None,
+        eager: bool = False,
     ) -> None:
         if (rules is None) == (plan is None):
             raise DropoutConfigError(
@@ -182,6 +186,7 @@ class DropoutInjector(Callback):
         if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)):
             raise DropoutConfigError(f"`dropout_seed` must be an integer or None, but got {dropout_seed=!r}.")
         self.dropout_seed = dropout_seed
+        self.eager = bool(eager)
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self.plan: DropoutPlan | None = None
@@ -213,9 +218,9 @@ class DropoutInjector(Callback):
         """Apply this callback's rules or plan to ``pl_module`` now (``setup`` calls it); returns the plan."""
         example = self._example(pl_module)
         if self._given_plan is not None:
-            self.plan = inject(pl_module, plan=self._given_plan, example_input=example)
+            self.plan = inject(pl_module, plan=self._given_plan, example_input=example, eager=self.eager)
         else:
-            self.plan = inject(pl_module, rules=self.rules or [], example_input=example)
+            self.plan = inject(pl_module, rules=self.rules or [], example_input=example, eager=self.eager)
         self._handles = site_handles(pl_module)
         for handle in self._handles:
             if handle.module is not None:

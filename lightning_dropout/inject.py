@@ -8,7 +8,15 @@ How sites are attached, and why the user's ``state_dict`` keys never change:
   target is an ``nn.Sequential`` the variant is appended to it instead (a child of a Sequential is run by
   its forward), which keeps the indices of the existing layers.
 * ``replace`` sites swap an existing dropout module for the variant under the same attribute name.
-* ``attribute`` sites set the float ``dropout`` of ``nn.MultiheadAttention`` or of a stacked RNN.
+* ``attribute`` sites set the float ``dropout`` of ``nn.MultiheadAttention`` or of a stacked RNN (target: the
+  module), or a float rate another module applies functionally, such as Hugging Face BART's
+  ``self.dropout``/``self.activation_dropout`` or timm's ``self.drop_rate`` (target: ``"<module>.<attribute>"``;
+  found and proven as described in ``lightning_dropout._attr_sites``). They take only the variant the
+  kernel applies (``standard``; ``attention`` on ``nn.MultiheadAttention``).
+* ``replace`` sites whose module the owner never calls (timm's fused ``Attention`` and Hugging Face attention
+  pass ``.p`` to ``scaled_dot_product_attention``) are detected by a training-mode probe, with the example
+  input at inject time or on the owner's first training forward: a non-``standard`` variant there is refused
+  in one line, or, with ``eager=True``, the owner is switched to its eager path (undone by :func:`undo`).
 * ``weight`` sites register a :class:`~lightning_dropout.variants.WeightDropout` child ``ld_weight`` and
   a pre/post hook pair that feeds the layer a dropped copy of its weights for one call: for torch RNNs
   through their flat weight list (the fused kernels read it), for other layers through their parameter
@@ -34,7 +42,7 @@ import importlib
 import logging
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -44,6 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils.rnn import PackedSequence
 
+from lightning_dropout import _attr_sites as attr_sites
 from lightning_dropout.errors import DropoutConfigError, check_rate, closest
 from lightning_dropout.plan import DropoutPlan, Site
 from lightning_dropout.variants import DropoutVariant, WeightDropout, build_variant, get_variant
@@ -60,6 +69,7 @@ __all__ = [
     "inject",
     "is_dropout_module",
     "output_layer",
+    "register_rate_attribute",
     "regularization",
     "resolve",
     "site_handles",
@@ -67,6 +77,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+register_rate_attribute = attr_sites.register_rate_attribute
 
 OUTPUT_CHILD = "ld_output"
 INPUT_CHILD = "ld_input"
@@ -183,8 +195,11 @@ class Rule:
         exclude: glob(s) of qualified names never to touch.
         replace: ``True`` for every dropout the model has (``nn.Dropout*``, ``nn.AlphaDropout``, timm and
             torchvision drop-path/drop-block modules, the float ``dropout`` of attention and stacked RNNs
-            where the variant can take it), or class(es) to replace, e.g. ``nn.Dropout`` or ``nn.Identity``
-            placeholders (combine the latter with ``name``).
+            where the variant can take it, and float rates modules apply with ``F.dropout`` or an attention
+            kernel, such as Hugging Face BART's ``dropout``/``activation_dropout`` or timm's ``drop_rate``, when
+            the variant is ``standard``), or class(es) to replace, e.g. ``nn.Dropout`` or ``nn.Identity``
+            placeholders (combine the latter with ``name``); a class owning such float rates gets attribute
+            sites for them. ``name``/``regex`` see a float rate as ``"<module>.<attribute>"``.
         where: ``"output"`` (default), ``"input"`` or ``"both"``; ignored by ``replace`` rules and by the
             ``weight`` and ``attention`` variants, which act on weights and attention probabilities.
         params: the variant's own parameters, e.g. ``{"block_size": 5}``.
@@ -422,10 +437,15 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _original_rate(model: nn.Module, qualname: str, module: nn.Module) -> float | None:
-    """The rate ``module`` had before we touched it (attribute sites change the float in place)."""
+def _original_rate(
+    model: nn.Module, qualname: str, module: nn.Module, attr: str | None = None
+) -> float | None:
+    """The rate ``module`` had before we touched it (attribute sites change the float in place); for a rate
+    attribute ``qualname`` is its path ``"<owner>.<attribute>"``."""
     record = _records(model).get(f"{qualname}:attribute")
-    return float(record.original) if record is not None else existing_rate(module)
+    if record is not None:
+        return float(record.original)
+    return float(getattr(module, attr)) if attr is not None else existing_rate(module)
 
 
 def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]:
@@ -457,9 +477,18 @@ def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]
     return [Site(qualname, w, rule.variant, rule.p, params) for w in places]
 
 
-def _replacement_sites(rule: Rule, qualname: str, module: nn.Module, model: nn.Module) -> list[Site]:
-    float_site = _has_float_dropout(module)
+def _replacement_sites(
+    rule: Rule, qualname: str, module: nn.Module, model: nn.Module, attr: str | None = None
+) -> list[Site]:
     explicit = rule.replace is not True
+    if attr is not None:  # a float rate the owner applies with nn.functional.dropout or an attention kernel
+        if rule.variant != "standard":
+            if explicit:
+                raise DropoutConfigError(_functional_refusal(qualname, module, attr, rule.variant))
+            return []
+        p = rule.p if rule.p is not None else cast(float, _original_rate(model, qualname, module, attr))
+        return [Site(qualname, "attribute", "standard", p)]
+    float_site = _has_float_dropout(module)
     if float_site:
         kind = _float_variant(module)
         if rule.variant not in (kind, "standard"):
@@ -484,13 +513,66 @@ def _replacement_sites(rule: Rule, qualname: str, module: nn.Module, model: nn.M
     ]
 
 
-def _selected(rule: Rule, model: nn.Module, excluded: set[str]) -> list[tuple[str, nn.Module]]:
-    picked = []
+def _functional_refusal(path: str, owner: nn.Module, attr: str, variant: str) -> str:
+    return (
+        f"site '{path}:attribute': {type(owner).__name__} applies its float `{attr}` functionally "
+        f"(nn.functional.dropout or an attention kernel), which takes only variant 'standard', but got {variant!r}; "
+        "keep 'standard' there (its rate can be set, tuned or switched off with p=0)."
+    )
+
+
+def _rate_owner(module: nn.Module) -> bool:
+    """Whether ``module`` may own functional rate attributes (dropout modules and the float-dropout owners
+    of torch are handled as such)."""
+    return not (is_dropout_module(module) or _has_float_dropout(module) or isinstance(module, nn.RNNBase))
+
+
+def _rate_attributes(
+    model: nn.Module, example_input: Any = None
+) -> dict[str, list[tuple[str, nn.Module, str]]]:
+    """Per owner name, the ``(path, owner, attribute)`` of every float rate the owner applies functionally.
+
+    Candidates by name and value (:func:`~lightning_dropout._attr_sites.rate_attribute_candidates`); proven
+    by a sentinel probe with ``example_input`` for owners it runs, else by the owner's source."""
+    owners = [
+        (q, m, attr_sites.rate_attribute_candidates(m)) for q, m in _candidates(model) if _rate_owner(m)
+    ]
+    owners = [(q, m, names) for q, m, names in owners if names]
+    if not owners:
+        return {}
+    probed = None
+    if example_input is not None:
+        probed = attr_sites.probe(
+            model,
+            lambda: _call(model, example_input),
+            [(m, n) for _, m, names in owners for n in names],
+            [m for _, m, _ in owners],
+        )
+    found: dict[str, list[tuple[str, nn.Module, str]]] = {}
+    for qualname, module, names in owners:
+        for name in names:
+            if attr_sites.reaches_dropout(module, name, probed):
+                path = f"{qualname}.{name}" if qualname else name
+                found.setdefault(qualname, []).append((path, module, name))
+    return found
+
+
+def _selected(
+    rule: Rule,
+    model: nn.Module,
+    excluded: set[str],
+    rates: dict[str, list[tuple[str, nn.Module, str]]] | None = None,
+) -> list[tuple[str, nn.Module, str | None]]:
+    """``(name, module, rate attribute or None)`` of every site ``rule`` selects; for rate attributes the
+    name is ``"<owner>.<attribute>"`` (what ``name``/``regex`` globs see) and the module is the owner."""
+    picked: list[tuple[str, nn.Module, str | None]] = []
     for qualname, module in _candidates(model):
+        owned = (rates or {}).get(qualname, [])
         if rule.replace is None:
             if qualname in excluded or is_dropout_module(module) or (qualname == "" and rule.name is None):
                 continue
-        elif rule.replace is True:
+        elif rule.replace is True or (owned and isinstance(module, rule.replace)):
+            picked.extend((path, module, attr) for path, module, attr in owned if rule._selects(path, module))
             if not (is_dropout_module(module) or _has_float_dropout(module)):
                 continue
         elif not isinstance(module, rule.replace):
@@ -498,7 +580,7 @@ def _selected(rule: Rule, model: nn.Module, excluded: set[str]) -> list[tuple[st
         if rule.replace is not None and qualname == "":
             continue
         if rule._selects(qualname, module):
-            picked.append((qualname, module))
+            picked.append((qualname, module, None))
     return picked
 
 
@@ -534,18 +616,37 @@ def resolve(
     rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
     wants_head = any(r.exclude_output_layer for r in rules)
     head = output_layer(model, example_input, _traced=_traced) if wants_head else None
+    rates = _rate_attributes(model, example_input) if any(r.replace is not None for r in rules) else {}
     sites: list[Site] = []
     for index, rule in enumerate(rules):
         excluded = {head} if (rule.exclude_output_layer and head is not None) else set()
-        picked = _selected(rule, model, excluded)
+        picked = _selected(rule, model, excluded, rates)
         new: list[Site] = []
-        for qualname, module in picked:
+        skipped: list[str] = []
+        for qualname, module, attr in picked:
             if rule.replace is None:
                 new.extend(_injection_sites(rule, qualname, module))
             else:
-                new.extend(_replacement_sites(rule, qualname, module, model))
+                found = _replacement_sites(rule, qualname, module, model, attr)
+                if not found and attr is not None and getattr(module, attr) > 0:
+                    skipped.append(qualname)
+                new.extend(found)
+        if not new and skipped:
+            raise DropoutConfigError(
+                f"rules[{index}] {rule.label()} selects only float rates the model applies functionally "
+                f"({skipped[:3]}{' ...' if len(skipped) > 3 else ''}), which take only variant 'standard', but got "
+                f"{rule.variant!r}."
+            )
         if not new:
             raise _no_match_error(rule, index, model)
+        if skipped:
+            warnings.warn(
+                f"rules[{index}] {rule.label()} leaves {len(skipped)} float rates the model applies functionally "
+                f"as they are ({skipped[:3]}{' ...' if len(skipped) > 3 else ''}): they take only variant 'standard'; "
+                "add a Rule(replace=True, variant='standard') to set or tune them.",
+                UserWarning,
+                stacklevel=2,
+            )
         if rule.depth_scaling == "linear" and len(new) > 1:
             n = len(new)
             new = [Site(s.target, s.where, s.variant, s.p * i / (n - 1), s.params) for i, s in enumerate(new)]
@@ -626,6 +727,34 @@ def _remove_hooks(module: nn.Module, key: str) -> None:
     for hooks in (module._forward_hooks, module._forward_pre_hooks):
         for hook_id in [i for i, h in hooks.items() if isinstance(h, _SiteHook) and h.key == key]:
             del hooks[hook_id]
+            for flags in (
+                module._forward_hooks_with_kwargs,
+                module._forward_pre_hooks_with_kwargs,
+                module._forward_hooks_always_called,
+            ):
+                flags.pop(hook_id, None)
+
+
+class _FirstTrainingForward(_SiteHook):
+    """One-shot pre-hook on the owner of a ``replace`` site with a non-standard variant: on the owner's first
+    training forward, probe it with the real arguments to see whether it calls the variant (see
+    :func:`_verify_runs`); then remove itself."""
+
+    def __init__(self, key: str, child: str, eager: bool) -> None:
+        super().__init__(key, child)
+        self.eager = eager
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not module.training:
+            return None
+        _remove_hooks(module, self.key)  # first: the probe calls the owner again
+        variant = module._modules.get(self.child)
+        if isinstance(variant, DropoutVariant):
+            owner_name = self.key.rpartition(":")[0].rpartition(".")[0]
+            _verify_runs(
+                module, lambda: module(*args, **kwargs), [(self.key, owner_name, module, variant)], self.eager
+            )
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -642,9 +771,18 @@ def _records(model: nn.Module) -> dict[str, _Record]:
 
 
 def _get(model: nn.Module, target: str, site: Site) -> nn.Module:
+    """The module ``site`` acts on; for a rate-attribute site (``"<owner>.<attribute>"``) its owner."""
     try:
         return model.get_submodule(target)
     except AttributeError:
+        if site.where == "attribute" and target:
+            owner_name, _, attr = target.rpartition(".")
+            try:
+                owner = model.get_submodule(owner_name)
+            except AttributeError:
+                owner = None
+            if owner is not None and attr in vars(owner):
+                return owner
         names = [n for n, _ in model.named_modules()]
         raise DropoutConfigError(
             f"site {site.key!r} targets a module that must exist in {type(model).__name__}, but there is no "
@@ -652,9 +790,29 @@ def _get(model: nn.Module, target: str, site: Site) -> nn.Module:
         ) from None
 
 
+def _float_slot(model: nn.Module, site: Site) -> tuple[nn.Module, str]:
+    """``(module, attribute)`` holding the float rate of an attribute site: ``dropout`` of the target module
+    (nn.MultiheadAttention, stacked RNNs), or the attribute of a ``"<owner>.<attribute>"`` path."""
+    try:
+        return model.get_submodule(site.target), "dropout"
+    except AttributeError:
+        return _get(model, site.target, site), site.target.rpartition(".")[2]
+
+
 def _check_site(model: nn.Module, site: Site, module: nn.Module) -> None:
     """Refuse sites whose target cannot take them, naming the site."""
-    if site.where == "attribute":
+    if site.where == "attribute" and _is_rate_path(model, site):
+        attr = site.target.rpartition(".")[2]
+        value = vars(module).get(attr)
+        if not (attr_sites.is_rate_name(attr) and attr_sites.is_rate_value(value)):
+            raise DropoutConfigError(
+                f"site {site.key!r}: an attribute site on {type(module).__name__} needs a float rate 0 <= p < 1 "
+                f"named like {attr_sites.RATE_ATTRIBUTES} (extend with register_rate_attribute), but got "
+                f"{attr}={value!r}."
+            )
+        if site.variant != "standard":
+            raise DropoutConfigError(_functional_refusal(site.target, module, attr, site.variant))
+    elif site.where == "attribute":
         if not _has_float_dropout(module):
             raise DropoutConfigError(
                 f"site {site.key!r}: where='attribute' needs nn.MultiheadAttention or an RNN with "
@@ -681,6 +839,15 @@ def _check_site(model: nn.Module, site: Site, module: nn.Module) -> None:
         )
     if site.where == "replace" and site.target == "":
         raise DropoutConfigError(f"site {site.key!r}: the root module cannot be replaced.")
+
+
+def _is_rate_path(model: nn.Module, site: Site) -> bool:
+    """Whether an attribute site names ``"<owner>.<attribute>"`` rather than a torch float-dropout module."""
+    try:
+        model.get_submodule(site.target)
+    except AttributeError:
+        return True
+    return False
 
 
 def _check_shapes(plan: DropoutPlan, trace: _Trace) -> None:
@@ -727,8 +894,9 @@ def _attach(model: nn.Module, site: Site) -> _Record:
     module = _get(model, site.target, site)
     _check_site(model, site, module)
     if site.where == "attribute":
-        record = _Record(site, float(module.dropout))  # type: ignore[arg-type]  # a float on MHA/RNNBase
-        module.dropout = site.p  # type: ignore[assignment]  # a float on MHA/RNNBase
+        owner, attr = _float_slot(model, site)
+        record = _Record(site, getattr(owner, attr))
+        setattr(owner, attr, site.p)
         return record
     params = _complete_params(site.variant, site.where, module, site.params)
     drop = build_variant(site.variant, site.p, **params)
@@ -764,12 +932,16 @@ def _attach(model: nn.Module, site: Site) -> _Record:
 
 def _detach(model: nn.Module, record: _Record) -> None:
     site = record.site
-    module = model.get_submodule(site.target)
     if site.where == "attribute":
-        module.dropout = record.original
-    elif site.where == "replace":
+        owner, attr = _float_slot(model, site)
+        setattr(owner, attr, record.original)
+        return
+    module = model.get_submodule(site.target)
+    if site.where == "replace":
         parent_name, _, child = site.target.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, record.original)
+        parent = model.get_submodule(parent_name)
+        _remove_hooks(parent, site.key)
+        setattr(parent, child, record.original)
     elif isinstance(module, nn.Sequential) and site.where == "output":
         del module._modules[record.original]  # by key: `del seq[i]` would renumber named children
     else:
@@ -780,13 +952,25 @@ def _detach(model: nn.Module, record: _Record) -> None:
 
 
 def apply_plan(
-    model: nn.Module, plan: DropoutPlan, example_input: Any = None, *, _traced: _Trace | None = None
+    model: nn.Module,
+    plan: DropoutPlan,
+    example_input: Any = None,
+    *,
+    eager: bool = False,
+    _traced: _Trace | None = None,
 ) -> DropoutPlan:
     """Apply ``plan`` to ``model`` in place; return the plan now in effect (see :func:`applied_plan`).
 
     Sites already applied identically are left alone (applying a plan twice changes nothing); a site applied
     with other settings is re-applied with the new ones. With ``example_input``, each site is first checked
     against the shape it will see, and the BatchNorm warning follows execution order.
+
+    A ``replace`` site with a variant other than ``standard`` must run: its owner must call the module. This
+    is checked by a training-mode probe with ``example_input`` now, or else on the owner's first training
+    forward. An owner that passes the module's ``.p`` to a fused kernel instead (timm ``fused_attn``,
+    Hugging Face SDPA) is refused in one line; with ``eager=True`` it is switched to its eager path first
+    (timm ``fused_attn = False``, Hugging Face ``config._attn_implementation = "eager"``; :func:`undo`
+    restores it), and refused only if the module still does not run.
     """
     if not isinstance(plan, DropoutPlan):
         raise DropoutConfigError(f"`plan` must be a DropoutPlan, but got {type(plan).__name__}.")
@@ -801,12 +985,119 @@ def apply_plan(
     for site in pending:  # validate every site before touching the model
         _check_site(model, site, _get(model, site.target, site))
     _warn_before_batchnorm(model, pending, trace.order if trace else _definition_order(model))
+    previous: dict[str, _Record] = {}
+    order = list(records)
     for site in pending:
         if site.key in records:
-            _detach(model, records.pop(site.key))
+            previous[site.key] = records.pop(site.key)
+            _detach(model, previous[site.key])
         records[site.key] = _attach(model, site)
+    try:
+        _check_runs(
+            model,
+            [s for s in pending if s.where == "replace" and s.variant != "standard"],
+            example_input,
+            eager,
+        )
+    except DropoutConfigError:
+        for site in reversed(list(pending)):  # leave the model as it was
+            _detach(model, records.pop(site.key))
+            if site.key in previous:
+                records[site.key] = _attach(model, previous[site.key].site)
+        kept = {key: records[key] for key in order if key in records}
+        records.clear()
+        records.update(kept)
+        raise
     log.debug("applied %d dropout sites to %s", len(pending), type(model).__name__)
     return applied_plan(model)
+
+
+def _check_runs(model: nn.Module, sites: list[Site], example_input: Any, eager: bool) -> None:
+    """Verify that the variants of non-standard ``replace`` sites run: now with ``example_input``, else on
+    each owner's first training forward."""
+    entries = []
+    for site in sites:
+        owner_name, _, child = site.target.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if example_input is None:
+            owner.register_forward_pre_hook(_FirstTrainingForward(site.key, child, eager), with_kwargs=True)
+        else:
+            entries.append((site.key, owner_name, owner, cast(DropoutVariant, owner._modules[child])))
+    if entries:
+        _verify_runs(model, lambda: _call(model, example_input), entries, eager)
+
+
+_EAGER_HINT = (
+    "keep variant 'standard' there (or exclude the site), or switch the owner to its eager "
+    'path (timm: `fused_attn = False`; Hugging Face: `attn_implementation="eager"`), which eager=True does'
+)
+
+
+def _verify_runs(
+    root: nn.Module,
+    run: Callable[[], Any],
+    entries: list[tuple[str, str, nn.Module, DropoutVariant]],
+    eager: bool,
+) -> None:
+    """Probe ``run()`` (a forward of ``root``) in training mode and refuse, in one line, every variant whose
+    owner ran without calling it: it reads the module's ``.p`` into a fused kernel, or holds the rate elsewhere;
+    either way the variant would act nowhere. With ``eager``, those owners are first switched to their eager
+    path, and refused only if the variant still does not run."""
+    rates = [(v, "p") for _, _, _, v in entries if "p" in vars(v)]
+    watch = [m for _, _, owner, v in entries for m in (owner, v)]
+    probed = attr_sites.probe(root, run, rates, watch)
+    if probed is None:
+        return
+    unused = []
+    for key, owner_name, owner, variant in entries:
+        if id(owner) not in probed.called or id(variant) in probed.called:
+            continue
+        kernel = probed.reached.get((id(variant), "p"))
+        why = (
+            f"reads the module's `.p` into {kernel}() instead of calling the module"
+            if kernel is not None
+            else "ran in training mode without calling the module (a fused path may hold the rate elsewhere)"
+        )
+        unused.append(
+            (
+                f"site {key!r}: variant {variant.variant_name!r} would never run: "
+                f"{type(owner).__name__} {owner_name!r} {why}",
+                owner,
+                variant,
+            )
+        )
+    if not unused:
+        return
+    switches = {id(owner): attr_sites.eager_switches(owner) for _, owner, _ in unused}  # before any flips
+    for head, owner, _ in unused:
+        if not eager or not switches[id(owner)]:
+            hint = (
+                f"{_EAGER_HINT} for you"
+                if switches[id(owner)]
+                else "only variant 'standard' can act there (or exclude the site)"
+            )
+            raise DropoutConfigError(f"{head}; {hint}.")
+    switched: list[nn.Module] = []
+    try:
+        for _, owner, _ in unused:
+            if owner not in switched:
+                attr_sites.apply_switches(owner, switches[id(owner)])
+                switched.append(owner)
+        again = attr_sites.probe(root, run, [], [v for *_, v in unused])
+        for head, owner, variant in unused:
+            done = ", ".join(s.describe() for s in switches[id(owner)])
+            if again is not None and id(variant) not in again.called:
+                raise DropoutConfigError(
+                    f"{head}, even after switching it to its eager path ({done}); only variant 'standard' can act "
+                    "there (or exclude the site)."
+                )
+            log.info(
+                "%s: switched the owner to its eager path (%s), so the variant runs", head.split(":")[0], done
+            )
+    except DropoutConfigError:
+        for owner in reversed(switched):
+            attr_sites.restore_switches(owner)
+        raise
 
 
 def inject(
@@ -814,10 +1105,14 @@ def inject(
     rules: Sequence[Rule] | Rule | None = None,
     plan: DropoutPlan | None = None,
     example_input: Any = None,
+    *,
+    eager: bool = False,
 ) -> DropoutPlan:
     """Resolve ``rules`` (or take ``plan``) and apply it to ``model`` in place; returns the applied plan.
 
-    Exactly one of ``rules`` and ``plan`` must be given.
+    Exactly one of ``rules`` and ``plan`` must be given. ``eager=True`` lets a non-standard variant replace a
+    dropout module that a fused attention kernel bypasses, by switching its owner to the eager path (see
+    :func:`apply_plan`).
     """
     if (rules is None) == (plan is None):
         raise DropoutConfigError(
@@ -827,9 +1122,9 @@ def inject(
     if rules is not None:
         traced = _trace(model, example_input) if example_input is not None else None  # one forward for both
         plan = resolve(model, [rules] if isinstance(rules, Rule) else rules, example_input, _traced=traced)
-        return apply_plan(model, plan, example_input, _traced=traced)
+        return apply_plan(model, plan, example_input, eager=eager, _traced=traced)
     assert plan is not None
-    return apply_plan(model, plan, example_input)
+    return apply_plan(model, plan, example_input, eager=eager)
 
 
 def undo(model: nn.Module) -> None:
@@ -838,6 +1133,7 @@ def undo(model: nn.Module) -> None:
     for key in reversed(list(records)):
         _detach(model, records.pop(key))
     model.__dict__.pop(_STATE_ATTR, None)
+    attr_sites.restore_switches(model)
 
 
 def applied_plan(model: nn.Module) -> DropoutPlan:
@@ -847,19 +1143,21 @@ def applied_plan(model: nn.Module) -> DropoutPlan:
 
 @dataclass
 class SiteHandle:
-    """A live site: its plan entry, the variant module (``None`` for attribute sites) and its owner."""
+    """A live site: its plan entry, the variant module (``None`` for attribute sites), its owner and, for
+    attribute sites, the name of the float it sets on the owner."""
 
     site: Site
     module: DropoutVariant | None
     owner: nn.Module
+    attr: str = "dropout"  # the float an attribute site sets on its owner
 
     @property
     def rate(self) -> float:
-        return float(self.owner.dropout) if self.module is None else float(self.module.p)  # type: ignore[arg-type]  # float on MHA/RNNBase
+        return float(getattr(self.owner, self.attr)) if self.module is None else float(self.module.p)
 
     def set_rate(self, p: float) -> None:
         if self.module is None:
-            self.owner.dropout = check_rate(p)  # type: ignore[assignment]  # a float on MHA/RNNBase
+            setattr(self.owner, self.attr, check_rate(p))
         else:
             self.module.set_rate(p)
 
@@ -869,16 +1167,19 @@ def site_handles(model: nn.Module) -> list[SiteHandle]:
     out = []
     for record in model.__dict__.get(_STATE_ATTR, {}).values():
         site = record.site
-        owner = model.get_submodule(site.target)
+        attr = "dropout"
         if site.where == "attribute":
+            owner, attr = _float_slot(model, site)
             module = None
-        elif site.where == "replace":
-            module = owner
-        elif isinstance(owner, nn.Sequential) and site.where == "output":
-            module = owner._modules[record.original]
         else:
-            module = owner._modules[_CHILD_FOR[site.where]]
-        out.append(SiteHandle(site, module, owner))  # type: ignore[arg-type]
+            owner = model.get_submodule(site.target)
+            if site.where == "replace":
+                module = owner
+            elif isinstance(owner, nn.Sequential) and site.where == "output":
+                module = owner._modules[record.original]
+            else:
+                module = owner._modules[_CHILD_FOR[site.where]]
+        out.append(SiteHandle(site, module, owner, attr))  # type: ignore[arg-type]
     return out
 
 

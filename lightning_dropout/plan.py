@@ -34,7 +34,8 @@ WHERE = ("output", "input", "replace", "attribute", "weight")
 * ``input``: dropout on the module's first positional input;
 * ``replace``: the target *is* an existing dropout module (or placeholder), swapped for the variant;
 * ``attribute``: the float ``dropout`` of ``nn.MultiheadAttention`` (attention weights) or of a stacked
-  ``nn.RNN/LSTM/GRU`` (between layers), set to ``p``;
+  ``nn.RNN/LSTM/GRU`` (between layers), set to ``p``; or, with a target ``"<module>.<attribute>"``, a float rate
+  the module applies functionally (Hugging Face BART's ``dropout``, timm's ``drop_rate``; variant ``standard``);
 * ``weight``: DropConnect on the module's weights.
 """
 
