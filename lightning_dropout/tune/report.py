@@ -41,6 +41,7 @@ from lightning_dropout.tune.runner import (
     rerun_candidates,
     winner,
 )
+from lightning_dropout.tune.selection import Comparison, compare
 
 __all__ = ["plan_summary", "study_figures", "write_report", "write_study_images"]
 
@@ -228,10 +229,24 @@ def plan_summary(plan: DropoutPlan) -> str:
     return ", ".join(parts) if parts else "(no sites)"
 
 
+def _comparisons(study: optuna.Study) -> list[Comparison]:
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    reruns = rerun_candidates(study)
+    return compare(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se"))) if reruns else []
+
+
 def _markdown_results(study: optuna.Study) -> str:
-    rows = ["| plan | trial | mean | std | seeds |", "|---|---|---|---|---|"]
-    for c in rerun_candidates(study):
-        rows.append(f"| {c.label} | {c.trial} | {c.mean:.4f} | {c.std:.4f} | {len(c.values)} |")
+    rows = [
+        "| plan | trial | mean | std | seeds | gain vs no dropout | gain vs best uniform |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in _comparisons(study):
+        c = row.candidate
+        label = f"**{c.label}** (winner)" if row.winner else c.label
+        rows.append(
+            f"| {label} | {c.trial} | {c.mean:.4f} | {c.std:.4f} | {len(c.values)} | "
+            f"{Comparison.format(row.vs_none)} | {Comparison.format(row.vs_uniform)} |"
+        )
     if len(rows) == 2:
         return "No re-runs over seeds yet."
     return "\n".join(rows)
@@ -290,22 +305,38 @@ def write_report(study: optuna.Study, out: str | Path, storage: str = "") -> Pat
         ]
     except Exception as err:  # no completed trial yet
         parts.append(f"<h2>Best plan</h2><p class='note'>{html.escape(str(err))}</p>")
-    reruns = rerun_candidates(study)
+    comparisons = _comparisons(study)
     parts.append(f"<h2>Best plans and baselines over seeds ({html.escape(metric)})</h2>")
-    if reruns:
+    if comparisons:
         rows = [
             [
-                c.label,
-                c.trial,
-                _fmt(c.mean),
-                _fmt(c.std),
-                len(c.values),
-                ", ".join(_fmt(v) for v in c.values),
-                plan_summary(c.plan),
+                f"{row.candidate.label} (winner)" if row.winner else row.candidate.label,
+                row.candidate.trial,
+                _fmt(row.candidate.mean),
+                _fmt(row.candidate.std),
+                len(row.candidate.values),
+                ", ".join(_fmt(v) for v in row.candidate.values),
+                Comparison.format(row.vs_none),
+                Comparison.format(row.vs_uniform),
+                plan_summary(row.candidate.plan),
             ]
-            for c in reruns
+            for row in comparisons
         ]
-        parts.append(_table(["plan", "trial", "mean", "std", "seeds", "values", "sites"], rows))
+        header = [
+            "plan",
+            "trial",
+            "mean",
+            "std",
+            "seeds",
+            "values",
+            "gain vs no dropout",
+            "gain vs best uniform",
+        ]
+        parts.append(_table([*header, "sites"], rows))
+        parts.append(
+            "<p class='note'>gain: the mean paired difference over the same seeds ± the half-width of its 95 % "
+            "interval; * marks a gain beyond the noise.</p>"
+        )
     else:
         parts.append(
             "<p class='note'>No re-runs over seeds (study.seeds &lt; 2, or the study is still running).</p>"

@@ -47,7 +47,13 @@ from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_bas
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
-from lightning_dropout.tune.selection import Candidate, choose_winner, rank_candidates
+from lightning_dropout.tune.selection import (
+    NO_DROPOUT,
+    UNIFORM_PREFIX,
+    Candidate,
+    choose_winner,
+    rank_candidates,
+)
 from lightning_dropout.tune.space import suggest_plan, uniform_params
 from lightning_dropout.tune.value import best_index, trial_value
 
@@ -63,7 +69,7 @@ PLAN_ATTR = "plan"
 METRICS_ATTR = "metrics"
 FAIL_ATTR = "fail_reason"
 INTERRUPTED = "interrupted (Ctrl-C)"
-BASELINE_NONE = "no dropout"
+BASELINE_NONE = NO_DROPOUT
 BASELINE_AS_WRITTEN = "as written"
 HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
 
@@ -466,7 +472,7 @@ class Tuner:
                 params = uniform_params(self.space.groups, model, rate, example)
                 if params not in seen:  # a rate clipped into the groups' ranges onto an earlier point
                     seen.append(params)
-                    label = f"uniform p={rate:g}"
+                    label = f"{UNIFORM_PREFIX}{rate:g}"
                     wanted.append((label, params, {WARM_START_ATTR: label}))
         for i, item in enumerate(cfg.enqueue):
             label = f"enqueued #{i + 1}"

@@ -36,16 +36,23 @@ from dataclasses import dataclass
 from lightning_dropout.plan import DropoutPlan
 
 __all__ = [
+    "NO_DROPOUT",
+    "UNIFORM_PREFIX",
     "WINNER_RULES",
     "Candidate",
+    "Comparison",
     "Gain",
     "choose_winner",
+    "compare",
     "paired_gain",
     "rank_candidates",
+    "references",
     "t_quantile",
 ]
 
 WINNER_RULES = ("one_se", "best_mean")
+NO_DROPOUT = "no dropout"  # the label of the no-dropout baseline
+UNIFORM_PREFIX = "uniform p="  # the labels of the warm-start grid ("uniform p=0.2")
 
 # two-sided 95 % quantiles of Student's t (0.975) by degrees of freedom; 1.96 beyond the table
 _T975 = {
@@ -177,3 +184,45 @@ def choose_winner(candidates: Sequence[Candidate], maximize: bool, rule: str = "
             close.append(c)
     # least dropout; among equals the better mean (ranked order is kept by the stable sort)
     return min(close, key=lambda c: c.amount)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row of the results table: a candidate, whether it won, and its paired gains over the references."""
+
+    candidate: Candidate
+    winner: bool
+    vs_none: Gain | None
+    vs_uniform: Gain | None
+
+    @staticmethod
+    def format(gain: Gain | None) -> str:
+        """``+0.0275 ± 0.0121 *`` (mean ± half-width of the 95 % interval, ``*``: beyond the noise), ``-``."""
+        if gain is None or math.isnan(gain.mean):
+            return "-"
+        if gain.n < 2:
+            return f"{gain.mean:+.4f}"
+        return f"{gain.mean:+.4f} ± {gain.half_width:.4f}" + (" *" if gain.significant else "")
+
+
+def references(ranked: Sequence[Candidate]) -> tuple[Candidate | None, Candidate | None]:
+    """The no-dropout baseline and the best uniform (warm-start) candidate of a ranked list, when present."""
+    none = next((c for c in ranked if c.label == NO_DROPOUT), None)
+    uniform = next((c for c in ranked if c.label.startswith(UNIFORM_PREFIX)), None)
+    return none, uniform
+
+
+def compare(candidates: Sequence[Candidate], maximize: bool, rule: str = "one_se") -> list[Comparison]:
+    """Every candidate, best mean first, with its paired gains over no dropout and the best uniform rate."""
+    ranked = rank_candidates(candidates, maximize)
+    chosen = choose_winner(ranked, maximize, rule)
+    none, uniform = references(ranked)
+    return [
+        Comparison(
+            c,
+            c is chosen,
+            paired_gain(c, none, maximize) if none is not None and c is not none else None,
+            paired_gain(c, uniform, maximize) if uniform is not None and c is not uniform else None,
+        )
+        for c in ranked
+    ]

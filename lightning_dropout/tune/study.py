@@ -18,7 +18,6 @@ from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
 from lightning_dropout.tune.report import plan_summary, write_study_images
 from lightning_dropout.tune.runner import (
-    BASELINE_NONE,
     Candidate,
     Tuner,
     _finished,
@@ -26,7 +25,7 @@ from lightning_dropout.tune.runner import (
     run_workers,
     winner,
 )
-from lightning_dropout.tune.selection import Gain, choose_winner, paired_gain
+from lightning_dropout.tune.selection import Comparison, choose_winner, compare, paired_gain, references
 
 __all__ = ["plan_summary", "results_table", "tune", "verdict"]
 
@@ -124,27 +123,12 @@ def tune(
     return plan, ranked, path
 
 
-def _references(ranked: list[Candidate]) -> tuple[Candidate | None, Candidate | None]:
-    """The "no dropout" baseline and the best uniform (warm-start) candidate among the re-run ones."""
-    none = next((c for c in ranked if c.label == BASELINE_NONE), None)
-    uniform = next((c for c in ranked if c.label.startswith("uniform p=")), None)  # ranked: best first
-    return none, uniform
-
-
-def _fmt_gain(gain: Gain | None) -> str:
-    if gain is None or math.isnan(gain.mean):
-        return "-"
-    if gain.n < 2:
-        return f"{gain.mean:+.4f}"
-    return f"{gain.mean:+.4f} ± {gain.half_width:.4f}" + (" *" if gain.significant else "")
-
-
 def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, rule: str = "one_se") -> Table:
     """The re-run candidates, best mean first, with each one's paired gain ± the half-width of its 95 % interval
     (``*``: more than the noise) over no dropout and over the best uniform rate; the winner is marked."""
-    chosen = choose_winner(ranked, maximize, rule)
-    none, uniform = _references(ranked)
-    table = Table(title=f"{metric} over seeds, best first (gain: paired difference ± 95 % interval, * beyond the noise)")
+    table = Table(
+        title=f"{metric} over seeds, best first (gain: paired difference ± 95 % interval, * beyond the noise)"
+    )
     for column in (
         "plan",
         "trial",
@@ -156,18 +140,16 @@ def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, r
         "sites",
     ):
         table.add_column(column)
-    for c in ranked:
-        mean = "nan" if math.isnan(c.mean) else f"{c.mean:.4f}"
-        vs_none = paired_gain(c, none, maximize) if none is not None and c is not none else None
-        vs_uniform = paired_gain(c, uniform, maximize) if uniform is not None and c is not uniform else None
+    for row in compare(ranked, maximize, rule):
+        c = row.candidate
         table.add_row(
-            f"{c.label} (winner)" if c is chosen else c.label,
+            f"{c.label} (winner)" if row.winner else c.label,
             str(c.trial),
-            mean,
+            "nan" if math.isnan(c.mean) else f"{c.mean:.4f}",
             f"{c.std:.4f}",
             str(len(c.values)),
-            _fmt_gain(vs_none),
-            _fmt_gain(vs_uniform),
+            Comparison.format(row.vs_none),
+            Comparison.format(row.vs_uniform),
             plan_summary(c.plan),
         )
     return table
@@ -182,7 +164,7 @@ def verdict(ranked: list[Candidate], maximize: bool, rule: str, metric: str) -> 
         else "the best mean over the seeds"
     )
     lines = [f"chosen by {rule}: {how}."]
-    for reference in _references(ranked):
+    for reference in references(ranked):
         if reference is None or reference is chosen:
             continue
         gain = paired_gain(chosen, reference, maximize)
