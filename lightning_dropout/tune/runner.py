@@ -45,7 +45,8 @@ from lightning_dropout.inject import Rule, existing_rate, is_dropout_module, res
 from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
-from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
+from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, redact
+from lightning_dropout.tune.seeding import seeded_sampler
 from lightning_dropout.tune.space import suggest_plan
 
 __all__ = ["TrialPruning", "TrialResult", "Tuner", "open_study"]
@@ -198,14 +199,15 @@ class Tuner:
     def storage(self) -> optuna.storages.BaseStorage:
         return open_storage(self.storage_url)
 
-    def study(self, seed_offset: int = 0) -> optuna.Study:
-        """Open (or create) the study. ``seed_offset`` gives each worker process its own sampler seed, so
-        workers do not propose the same parameters."""
+    def study(self) -> optuna.Study:
+        """Open (or create) the study. The sampler draws each trial from its own stream, seeded from the trial
+        number (:mod:`~lightning_dropout.tune.seeding`): a resumed study, a second worker or a joining machine
+        never replays the proposals of earlier trials, and a fresh study is reproducible."""
         cfg = self.study_config
         study = optuna.create_study(
             study_name=cfg.name,
             storage=self.storage(),
-            sampler=make_sampler(cfg.sampler, cfg.seed + seed_offset),
+            sampler=seeded_sampler(cfg.sampler, cfg.seed),
             pruner=make_pruner(cfg.pruner),
             direction=cast(Literal["minimize", "maximize"], cfg.direction),
             load_if_exists=True,
@@ -417,7 +419,7 @@ class Tuner:
         """Run trials until the study holds ``n_trials`` finished ones; ``index`` tells workers apart (worker 0
         may pass the study it already opened)."""
         cfg = self.study_config
-        study = study if study is not None else self.study(seed_offset=index)
+        study = study if study is not None else self.study()
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # trials other workers are running count too, so the workers do not all start the last one

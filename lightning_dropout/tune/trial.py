@@ -40,9 +40,8 @@ def main(spec_path: str) -> int:
                 number=spec.get("number"),
             )
         else:
-            # the configured sampler and pruner decide on rank 0; a fresh process per trial, so the sampler is
-            # seeded per trial (else every trial would repeat the same random startup draws)
-            study = tuner.study(seed_offset=1 + spec["trial_id"])
+            # the configured sampler and pruner decide on rank 0 (the sampler is seeded per trial number)
+            study = tuner.study()
             trial = optuna.trial.Trial(study, spec["trial_id"]) if rank == 0 else None
             result, plan = tuner.run_trial(trial)
         record = {
