@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lightning_dropout.errors import closest, summarize
+from lightning_dropout.secrets import redact_value
 
 __all__ = ["ConfigCLI", "ConfigError", "load_config", "quiet_lightning"]
 
@@ -56,6 +57,14 @@ def quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
+class RedactedSaveConfig(SaveConfigCallback):
+    """Lightning's ``SaveConfigCallback`` writing the run's ``config.yaml`` with every password in it (a
+    storage URL's) replaced by ``***``."""
+
+    def __init__(self, parser: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(parser, redact_value(config), *args, **kwargs)
+
+
 class ConfigCLI(LightningCLI):
     """LightningCLI that parses only; see the module docstring.
 
@@ -75,7 +84,7 @@ class ConfigCLI(LightningCLI):
             subclass_mode_data=True,
             args=args,
             run=False,
-            save_config_callback=SaveConfigCallback if save_config else None,
+            save_config_callback=RedactedSaveConfig if save_config else None,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
         )

@@ -10,10 +10,10 @@ import json
 
 import optuna
 import pytest
+from studies import load, tune, write_config
 
 from lightning_dropout.tune.runner import BASELINE_ATTR
 from lightning_dropout.tune.seeding import PerTrialSeeded, derive_seed, seeded_sampler
-from tests.studies import load, tune, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 

@@ -16,7 +16,6 @@ storage a heartbeat marks trials of a killed worker as failed and re-queues them
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import multiprocessing
@@ -44,6 +43,7 @@ from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import Rule, existing_rate, is_dropout_module, resolve
 from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, redact
 from lightning_dropout.tune.seeding import seeded_sampler
@@ -348,16 +348,15 @@ class Tuner:
         rank 0 rebuilds it from the storage by id, samples, reports and prunes; the plan and the pruning
         decisions are broadcast to the other ranks."""
         workdir = Path(self.study_config.run_dir) / self.study_config.name / "trial_io"
-        workdir.mkdir(parents=True, exist_ok=True)
         spec, out = workdir / f"{name}.json", workdir / f"{name}.result.json"
-        out.unlink(missing_ok=True)
-        spec.write_text(json.dumps({"args": self.args, "out": str(out), **job}))
+        # the config arguments (the storage URL, password included) go by environment, never into a file
+        env = trial_io.write_spec(spec, out, job, self.args)
         cmd = [sys.executable, "-m", "lightning_dropout.tune.trial", str(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if not out.is_file():
-            tail = (proc.stderr or proc.stdout)[-1500:]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        data = trial_io.read_result(out)
+        if data is None:
+            tail = redact((proc.stderr or proc.stdout)[-1500:])
             raise RuntimeError(f"trial process exited with {proc.returncode} and no result: {tail}")
-        data = json.loads(out.read_text())
         if data.get("fatal"):
             raise MetricNotLoggedError(data["fatal"])
         if data.get("error"):
