@@ -45,6 +45,7 @@ from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_bas
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
+from lightning_dropout.tune.checks import check_groups, check_run_dir
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, redact
 from lightning_dropout.tune.seeding import seeded_sampler
 from lightning_dropout.tune.space import suggest_plan
@@ -190,6 +191,8 @@ class Tuner:
             raise DropoutConfigError(
                 "`dropout.groups` must list at least one group of sites to search, but the config has none."
             )
+        check_run_dir(self.study_config.run_dir)
+        check_groups(self.space.groups, self.cli.model, getattr(self.cli.model, "example_input_array", None))
 
     # -- storage ---------------------------------------------------------------------------------------------
     @property
@@ -391,6 +394,8 @@ class Tuner:
             if isinstance(err, MetricNotLoggedError):  # every trial would fail alike: stop, then report it
                 self._fatal = err
                 trial.study.stop()
+            else:
+                log.warning("trial %d failed: %s", trial.number, redact(f"{type(err).__name__}: {err}")[:300])
             raise
         trial.set_user_attr(PLAN_ATTR, plan.to_yaml())
         trial.set_user_attr(METRICS_ATTR, result.metrics)
@@ -400,6 +405,7 @@ class Tuner:
         if result.state() == "failed":
             reason = f"`{cfg.metric}` was NaN" if not diverged else f"{diverged} became NaN"
             trial.set_user_attr(FAIL_ATTR, f"{reason}: the training diverged")
+            log.warning("trial %d failed: %s: the training diverged", trial.number, reason)
             raise FloatingPointError(reason)
         assert result.value is not None  # a complete trial has a finite value
         return result.value
@@ -456,7 +462,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         backend = JournalFileBackend(str(path))
         return optuna.storages.JournalStorage(backend)
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DropoutConfigError(
+                f"`study.storage` must be a database this machine can open, but {redact(url)!r} is not: "
+                f"{(err.strerror or type(err).__name__).lower()}."
+            ) from None
     if not any(url.startswith(s) for s in ("sqlite:", "postgresql", "mysql")):
         raise DropoutConfigError(
             f"`study.storage` must be a sqlite:///, postgresql://, mysql:// or journal: URL, "
