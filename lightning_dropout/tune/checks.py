@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,8 +42,14 @@ def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input:
 
 
 def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
-    """Raise unless ``run_dir`` is (or can be made) a directory this user can write."""
-    path = Path(run_dir)
+    """Raise unless ``run_dir`` is, or can be made, a directory this user can write (tried by writing a
+    temporary file; directories made for the try are removed again, so a failing config leaves nothing)."""
+    path = Path(run_dir).absolute()
+    first_missing = None
+    for parent in (path, *path.parents):
+        if parent.exists():
+            break
+        first_missing = parent
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -52,3 +59,6 @@ def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
         raise DropoutConfigError(
             f"`study.run_dir` must be a directory this user can write, but {str(run_dir)!r} is not: {reason}."
         ) from None
+    finally:
+        if first_missing is not None:
+            shutil.rmtree(first_missing, ignore_errors=True)
