@@ -153,6 +153,12 @@ CONFIG_CASES = [
     ConfigCase(
         "study-run-dir-unwritable", _set("study.run_dir", "/proc/nope"), ("study.run_dir", "/proc/nope")
     ),
+    ConfigCase(  # the storage elsewhere: every trial used to fail with "you tried to log nan"
+        "study-run-dir-unwritable-storage-elsewhere",
+        _set("study.run_dir", "/proc/nope"),
+        ("study.run_dir", "/proc/nope"),
+        extra=("--study.storage=sqlite:///{tmp}/elsewhere/study.db",),
+    ),
     ConfigCase(
         "study-metric-never-logged",
         _set("study.metric", "val_accuracy"),
@@ -369,8 +375,9 @@ def _check_one_line(rc: int, out: str, err: str, expect: tuple[str, ...], progre
 
 @pytest.mark.parametrize("case", CONFIG_CASES, ids=[c.id for c in CONFIG_CASES])
 def test_bad_config(
-    case: ConfigCase, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    case: ConfigCase, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # a default that reaches the disk (lightning_logs/) lands here
     path = tmp_path / "study.yaml"
     if case.raw is not None:
         path.write_bytes(case.raw)
@@ -383,7 +390,7 @@ def test_bad_config(
         assert case.edit is not None
         case.edit(config)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-    rc = main([case.command, str(path), *case.extra])
+    rc = main([case.command, str(path), *(a.replace("{tmp}", str(tmp_path)) for a in case.extra)])
     captured = capsys.readouterr()
     line = _check_one_line(rc, captured.out, captured.err, case.expect, case.progress)
     if case.names_file:
@@ -392,8 +399,9 @@ def test_bad_config(
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
 def test_bad_command_line(
-    case: CliCase, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    case: CliCase, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     config = tmp_path / "study.yaml"
     good = copy.deepcopy(BASE)
     good["data"]["init_args"]["cache_dir"] = str(data_dir)
