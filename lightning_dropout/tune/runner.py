@@ -512,11 +512,15 @@ def open_study(name: str, storage: str) -> optuna.Study:
 
 def _worker_main(args: list[str], index: int) -> None:
     logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in `tune`: one line of ours per failed trial
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # as the CLI does
     try:
         Tuner(args).run_worker(index)
     except DropoutConfigError as err:
-        sys.stderr.write(f"lightning-dropout: error: {err}\n")
+        sys.stderr.write(f"lightning-dropout: error: {redact(str(err))}\n")
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: its trial is recorded; the parent says so once
+        sys.exit(130)
 
 
 def run_workers(tuner: Tuner, study: optuna.Study | None = None) -> None:
