@@ -84,7 +84,7 @@ def _as_rules(rules: Sequence[Rule | Mapping[str, Any]] | Rule) -> list[Rule]:
         elif isinstance(rule, Mapping):
             try:
                 out.append(Rule(**rule))
-            except TypeError as err:
+            except (TypeError, DropoutConfigError) as err:
                 raise DropoutConfigError(f"rules[{i}]: {err}") from None
         else:
             raise DropoutConfigError(f"rules[{i}] must be a Rule or a mapping, but got {rule!r}.")

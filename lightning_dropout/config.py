@@ -189,7 +189,7 @@ def explain_parse_error(message: str, keys: list[str]) -> str:
         elif token.group("expected") is not None:
             want = _type_names(f"<class '{token.group('expected')}'>")
             return f"`{'.'.join(path)}` must be {want}, but got {token.group('got').strip()!r}."
-        elif token.group("subtypes") is not None and subtypes is None:
+        elif token.group("subtypes") is not None:  # the innermost union is the one that failed
             subtypes = token.group("subtypes")
         elif token.group("given") is not None and subtypes is not None:
             return f"`{'.'.join(path)}` must be {_type_names(subtypes)}, but got {token.group('given').strip()!r}."

@@ -19,6 +19,16 @@ _RULE_BROKEN = re.compile(
 )
 
 
+# the alternatives jsonargparse lists for every union, which never are the reason
+_UNION_NOISE = (
+    "Not a valid subclass",
+    "Expected a <class 'NoneType'>",
+    "a class path",
+    "a dict ",
+    "Subclass types",
+)
+
+
 class DropoutConfigError(ValueError):
     """Raised when a rule, plan, variant or schedule is misconfigured.
 
@@ -84,4 +94,11 @@ def summarize(message: str) -> str:
     message if there is one, else the whole message with its whitespace collapsed."""
     flat = " ".join(str(message).split())
     found = _RULE_BROKEN.search(flat)
-    return found.group(0) if found else flat
+    if found:
+        return found.group(0)
+    if "Does not validate against any of the Union subtypes" in flat:  # jsonargparse: the one real reason
+        prefix = flat[: flat.index("Does not validate")].strip()
+        for item in flat.split(" - ")[1:]:
+            if not item.startswith(_UNION_NOISE):
+                return f"{prefix} {item.strip()}".strip()
+    return flat

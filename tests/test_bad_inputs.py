@@ -244,6 +244,20 @@ CONFIG_CASES = [
         command="describe",
         names_file=False,
     ),
+    ConfigCase(
+        "injector-dropout-seed-type",
+        _set(
+            "trainer.callbacks", [{**INJECTOR, "init_args": {**INJECTOR["init_args"], "dropout_seed": True}}]
+        ),
+        ("trainer.callbacks.init_args.dropout_seed", "int or None", "True"),
+        command="describe",
+    ),
+    ConfigCase(
+        "injector-rules-and-plan",
+        _set("trainer.callbacks", [{**INJECTOR, "init_args": {**INJECTOR["init_args"], "plan": "p.yaml"}}]),
+        ("trainer.callbacks[0]", "exactly one of `rules` and `plan`"),
+        command="describe",
+    ),
     # -- the file itself --------------------------------------------------------------------------------------
     ConfigCase("file-empty", None, ("empty",), raw=b""),
     ConfigCase("file-binary", None, ("UTF-8",), raw=bytes(range(256)) * 4),
