@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -134,9 +135,10 @@ def _is_dataclass(path: str) -> bool:
 
 def _type_names(subtypes: str) -> str:
     """``[<class 'int'>, <class 'NoneType'>]`` -> ``int or None``."""
-    names = [n.rpartition(".")[2] for n in re.findall(r"<class '([\w.]+)'>", subtypes)]
-    names = ["None" if n == "NoneType" else n for n in names]
-    return " or ".join(dict.fromkeys(names)) if names else subtypes.strip("[] ")
+    text = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", subtypes.strip()[1:-1])
+    text = re.sub(r"typing\.Literal\[([^\]]*)\]", r"one of [\1]", text).replace("NoneType", "None")
+    parts = [p.strip() for p in re.split(r",\s*(?![^\[]*\])", text) if p.strip()]
+    return " or ".join(dict.fromkeys(parts))
 
 
 _TOKEN = re.compile(
@@ -303,6 +305,8 @@ class ConfigCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError) as err:  # DropoutConfigError included
             raise ConfigError(self._where(str(err)) + summarize(str(err))) from err
+        except MisconfigurationException as err:  # Lightning refusing a trainer argument
+            raise ConfigError(self._where(str(err)) + "trainer: " + summarize(str(err))) from err
 
     def _where(self, message: str) -> str:
         """``"<file>: <key>: "`` for an error raised while building a class of the config."""

@@ -110,6 +110,13 @@ CONFIG_CASES = [
         _set("data.class_path", "lightning_dropout.data.MNIST2D"),
         ("data.class_path", "MNIST2D", "MNIST1DDataModule"),
     ),
+    ConfigCase("trainer-max-epochs-negative", _set("trainer.max_epochs", -5), ("max_epochs", "-5")),
+    ConfigCase("trainer-devices-zero", _set("trainer.devices", 0), ("devices=0",)),
+    ConfigCase("trainer-accelerator", _set("trainer.accelerator", "tpu2"), ("tpu2", "cpu")),
+    ConfigCase(
+        "trainer-precision", _set("trainer.precision", "bad"), ("trainer.precision", "bad", "16-mixed")
+    ),
+    ConfigCase("study-storage-type", _set("study.storage", 5), ("study.storage", "str or None", "5")),
     # -- study: -----------------------------------------------------------------------------------------------
     ConfigCase("study-key-typo", _set("study.n_trial", 3), ("study.n_trial", "study.n_trials")),
     ConfigCase(
