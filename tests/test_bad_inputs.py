@@ -167,6 +167,12 @@ CONFIG_CASES = [
         extra=("--study.storage=sqlite:///{tmp}/elsewhere/study.db",),
     ),
     ConfigCase(
+        "study-run-dir-under-a-file",
+        None,
+        ("study.run_dir", "study.yaml/runs", "not a directory"),
+        extra=("--study.run_dir={tmp}/study.yaml/runs",),
+    ),
+    ConfigCase(
         "study-metric-never-logged",
         _set("study.metric", "val_accuracy"),
         ("study.metric", "val_accuracy", "val_acc"),
@@ -408,8 +414,8 @@ def test_bad_config(
         config["data"]["init_args"]["cache_dir"] = str(data_dir)
         if case.command == "describe":
             config["trainer"]["callbacks"] = [INJECTOR]
-        assert case.edit is not None
-        case.edit(config)
+        if case.edit is not None:
+            case.edit(config)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
     rc = main([case.command, str(path), *(a.replace("{tmp}", str(tmp_path)) for a in case.extra)])
     captured = capsys.readouterr()

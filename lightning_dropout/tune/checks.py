@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,23 +41,18 @@ def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input:
 
 
 def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
-    """Raise unless ``run_dir`` is, or can be made, a directory this user can write (tried by writing a
-    temporary file; directories made for the try are removed again, so a failing config leaves nothing)."""
+    """Raise unless ``run_dir`` is, or can be made, a directory this user can write: a temporary file is tried
+    in it, or in its nearest existing ancestor when it does not exist yet. Nothing is created or removed, so a
+    failing config leaves nothing behind and processes starting together never race on the directory."""
     path = Path(run_dir).absolute()
-    first_missing = None
-    for parent in (path, *path.parents):
-        if parent.exists():
-            break
-        first_missing = parent
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file, not a directory")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         reason = (err.strerror or type(err).__name__).lower()
         raise DropoutConfigError(
             f"`study.run_dir` must be a directory this user can write, but {str(run_dir)!r} is not: {reason}."
         ) from None
-    finally:
-        if first_missing is not None:
-            shutil.rmtree(first_missing, ignore_errors=True)
