@@ -84,7 +84,7 @@ def _as_rules(rules: Sequence[Rule | Mapping[str, Any]] | Rule) -> list[Rule]:
         elif isinstance(rule, Mapping):
             try:
                 out.append(Rule(**rule))
-            except TypeError as err:
+            except (TypeError, DropoutConfigError) as err:
                 raise DropoutConfigError(f"rules[{i}]: {err}") from None
         else:
             raise DropoutConfigError(f"rules[{i}] must be a Rule or a mapping, but got {rule!r}.")
@@ -189,6 +189,7 @@ class DropoutInjector(Callback):
         self.eager = bool(eager)
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
+        self._global_rng: dict[str, Any] | None = None  # from a checkpoint, restored at the next epoch start
         self.plan: DropoutPlan | None = None
         self._handles: list[SiteHandle] = []
         self._schedules: list[tuple[SiteHandle, Schedule, float]] = []
@@ -315,6 +316,9 @@ class DropoutInjector(Callback):
             handle.set_rate(base * schedule.factor(t, total_f))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._global_rng is not None:  # resumed: continue the random stream the checkpoint left off
+            _set_global_rng(self._global_rng)
+            self._global_rng = None
         self._apply_schedule(trainer, "epoch")
 
     def on_train_batch_start(
@@ -354,10 +358,14 @@ class DropoutInjector(Callback):
         state: dict[str, Any] = {"plan": self.plan.to_dict() if self.plan is not None else None}
         if self._generator is not None:
             state["generator"] = self._generator.get_state()
+        # the global generator draws the masks when `dropout_seed` is None (and always for the sites that
+        # cannot take a generator): saved so that a resumed fit draws what an uninterrupted one would
+        state["global_rng"] = _global_rng()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._generator_state = state_dict.get("generator")
+        self._global_rng = state_dict.get("global_rng")
         saved = DropoutPlan.from_dict(state_dict.get("plan"))
         if self.plan is not None and saved != self.plan:
             rank_zero_warn(
@@ -365,6 +373,20 @@ class DropoutInjector(Callback):
                 f"DropoutInjector applied plan {self.plan.digest()} ({len(self.plan)} sites); training continues "
                 "with the current plan. Pass `plan=` the checkpoint's plan to resume it exactly."
             )
+
+
+def _global_rng() -> dict[str, Any]:
+    """torch's global random states (CPU, and every CUDA device once CUDA is initialized)."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_global_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _rate_kind(handle: SiteHandle) -> str:

@@ -28,10 +28,11 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning_dropout.config import ConfigError, load_config, quiet_lightning
-from lightning_dropout.errors import DropoutConfigError, summarize
+from lightning_dropout.errors import DropoutConfigError, closest, summarize
+from lightning_dropout.secrets import redact
 
 __all__ = ["main"]
 
@@ -106,7 +107,18 @@ def _study_shortcuts(args: list[str]) -> list[str]:
 def _study_parser(command: str, out_help: str) -> Any:
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"lightning-dropout {command}", exit_on_error=False)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:  # one line, the nearest option, no usage block
+            unknown = re.search(r"unrecognized arguments: (\S+)", message)
+            if unknown:
+                options = [o for a in self._actions for o in a.option_strings]
+                raise DropoutConfigError(
+                    f"`{self.prog}` takes the options {options}, but got {unknown.group(1)!r}; nearest: "
+                    f"{closest(unknown.group(1), options)}."
+                )
+            raise DropoutConfigError(f"`{self.prog}`: {message} (usage: {self.format_usage().strip()[7:]}).")
+
+    parser = Parser(prog=f"lightning-dropout {command}", exit_on_error=False)
     parser.add_argument("study", help="the study name (`study.name` of its config)")
     parser.add_argument(
         "--storage", default=None, help="the study's storage URL; default: sqlite:///runs/STUDY/study.db"
@@ -145,9 +157,15 @@ def _report(rest: list[str]) -> int:
     return 0
 
 
-def _fail(message: str) -> int:
-    """Print one line on stderr: the house-style sentence buried in the message if there is one."""
-    sys.stderr.write(f"lightning-dropout: error: {summarize(message)[:600]}\n")
+def _fail(message: str, config: str | None = None) -> int:
+    """Print one line on stderr: the house-style sentence buried in the message if there is one, after the
+    config file it comes from; passwords redacted."""
+    if config and message.startswith(f"{config}: "):
+        message = message[len(config) + 2 :]
+    line = summarize(message)
+    if config and config not in line:
+        line = f"{config}: {line}"
+    sys.stderr.write(f"lightning-dropout: error: {redact(line)[:800]}\n")
     return 2
 
 
@@ -192,38 +210,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     try:
-        if command in _LIGHTNING_COMMANDS:
-            return _lightning(command, _config_args(rest))
-        if command == "tune":
-            return _tune(_config_args(rest))
-        if command == "best":
-            return _best(rest)
-        if command == "report":
-            return _report(rest)
-        if command == "describe":
-            return _describe(_config_args(rest))
-        if command == "variants":
-            return _variants()
-    except ConfigError as err:  # already one line, with the file and the key
-        sys.stderr.write(f"lightning-dropout: error: {str(err)[:800]}\n")
-        return 2
-    except DropoutConfigError as err:
-        return _fail(str(err))
+        return _run(command, rest)
+    except KeyboardInterrupt as err:
+        kept = getattr(err, "kept", None)
+        counted = f"{kept} trial{'s' if kept != 1 else ''} kept; " if kept is not None else ""
+        sys.stderr.write(f"lightning-dropout: interrupted; {counted}re-run to resume\n")
+        return 130
     except BrokenPipeError:  # e.g. `lightning-dropout variants | head`: the reader has gone, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        sys.stderr.write(
-            "lightning-dropout: interrupted; the study storage is consistent: run again to resume\n"
-        )
-        return 130
     except SystemExit as exit_:  # --help, or a parser that printed its own message
         return int(exit_.code or 0) if isinstance(exit_.code, int) or exit_.code is None else 2
     except Exception as err:
-        if type(err).__name__ == "ArgumentError":  # argparse/jsonargparse, with exit_on_error=False
-            return _fail(str(err))
-        raise
-    return _fail(f"the command must be one of {list(_COMMANDS)}, but got {command!r}.")
+        message = user_error(err)
+        if message is None:  # a bug, not a bad input: the traceback helps
+            raise
+        config = _config_file(rest) if command in (*_LIGHTNING_COMMANDS, "tune", "describe") else None
+        return _fail(message, config)
+
+
+def _run(command: str, rest: list[str]) -> int:
+    if command in _LIGHTNING_COMMANDS:
+        return _lightning(command, _config_args(rest))
+    if command == "tune":
+        return _tune(_config_args(rest))
+    if command == "best":
+        return _best(rest)
+    if command == "report":
+        return _report(rest)
+    if command == "describe":
+        return _describe(_config_args(rest))
+    if command == "variants":
+        return _variants()
+    near = closest(command, _COMMANDS)
+    raise DropoutConfigError(
+        f"the command must be one of {list(_COMMANDS)}, but got {command!r}"
+        + (f"; nearest: {near}." if near else ".")
+    )
+
+
+def _config_file(rest: list[str]) -> str | None:
+    args = _config_args(rest)
+    files = [a for i, a in enumerate(args) if i > 0 and args[i - 1] in ("--config", "-c")]
+    return files[-1] if files else None
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message of an error caused by the input (a config, a file, a URL, a command line), or
+    ``None`` for any other error. Every command goes through here, so every bad input reads alike."""
+    if isinstance(err, (ConfigError, DropoutConfigError)):
+        return str(err)
+    if type(err).__name__ == "ArgumentError":  # argparse/jsonargparse, with exit_on_error=False
+        return str(err)
+    if isinstance(err, UnicodeDecodeError):
+        return (
+            f"a file must be UTF-8 text, but byte {err.object[err.start]:#04x} at offset {err.start} is not."
+        )
+    if isinstance(err, OSError) and err.filename is not None:
+        reason = (err.strerror or type(err).__name__).lower()
+        return f"`{err.filename}` must be a path this user can read and write, but it is not: {reason}."
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

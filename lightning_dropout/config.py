@@ -9,21 +9,33 @@ into a :class:`ConfigError` the CLI prints in one line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import inspect
 import logging
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lightning_dropout.errors import closest, summarize
+from lightning_dropout.secrets import redact_value
 
-__all__ = ["ConfigCLI", "ConfigError", "load_config", "quiet_lightning"]
+__all__ = [
+    "ConfigCLI",
+    "ConfigError",
+    "check_config_file",
+    "explain_parse_error",
+    "load_config",
+    "quiet_lightning",
+]
 
 
 def _nearest_class(path: str) -> str:
@@ -39,7 +51,170 @@ def _nearest_class(path: str) -> str:
 
 
 class ConfigError(Exception):
-    """A class named in the config refused its arguments (raised while instantiating it)."""
+    """A class named in the config refused its arguments (raised while instantiating it), or the config file
+    or a key in it is wrong; the message is one line with the file and the key."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (YAML itself keeps the last silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(
+                f"line {line}: key `{key}` must appear once in its mapping, but it appears twice (lines "
+                f"{seen[key]} and {line}); YAML would keep only the last."
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def check_config_file(path: str) -> None:
+    """Refuse, in one line naming ``path``, a config file that is not UTF-8 text, not valid YAML, empty, not a
+    mapping, or that repeats a key. A missing file is left to the parser (it says so)."""
+    file = Path(path)
+    if not file.is_file():
+        return
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: a config must be UTF-8 YAML text, but byte {err.object[err.start]:#04x} at offset "
+            f"{err.start} is not UTF-8 (a binary file?)."
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            f"{path}: a config must be a readable file, but reading it failed: {err.strerror}."
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: a config must be valid YAML, but it is not: {problem}{at}.") from None
+    if data is None:
+        raise ConfigError(
+            f"{path}: a config must be a YAML mapping of sections (model, data, trainer, ...), but the file is "
+            "empty."
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a config must be a YAML mapping of sections (model, data, trainer, ...), but it holds a "
+            f"{type(data).__name__}: {str(data)[:80]!r}."
+        )
+
+
+def _class_params(path: str) -> list[str]:
+    """The ``__init__`` parameter names of the class at ``path`` (``[]`` when it does not import)."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+        params = inspect.signature(cls).parameters.values()
+    except Exception:
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _is_dataclass(path: str) -> bool:
+    module_name, _, name = path.rpartition(".")
+    try:
+        return dataclasses.is_dataclass(getattr(importlib.import_module(module_name), name))
+    except Exception:
+        return False
+
+
+def _type_names(subtypes: str) -> str:
+    """``[<class 'int'>, <class 'NoneType'>]`` -> ``int or None``."""
+    text = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", subtypes.strip()[1:-1])
+    text = re.sub(r"typing\.Literal\[([^\]]*)\]", r"one of [\1]", text).replace("NoneType", "None")
+    parts = [p.strip() for p in re.split(r",\s*(?![^\[]*\])", text) if p.strip()]
+    return " or ".join(dict.fromkeys(parts))
+
+
+_TOKEN = re.compile(
+    r'Parser key "(?P<key>[^"]+)":'
+    r"|Problem with given class_path '(?P<cls>[^']+)':(?=\s*(?P<reason>.*?)(?: - |$))"
+    r"|Option '(?P<option>[^']+)' is not accepted"
+    r"|Group '(?P<group>[\w.]+)' does not accept option '(?P<goption>[\w.]+)'"
+    r"|Expected a <class '(?P<expected>[\w.]+)'>\. Got value: (?P<got>.*?)(?= - |$)"
+    r"|Subtypes: (?P<subtypes>\[.*?\]) Errors:"
+    r"|Given value: (?P<given>.*?)(?= - |$)"
+    r"|(?:unrecognized arguments: --|[Kk]ey ')(?P<unknown>[A-Za-z_][\w.]*)"
+    r"|the following arguments are required: (?P<required>[\w., ]+)"
+)
+
+
+def explain_parse_error(message: str, keys: list[str]) -> str:
+    """One house-style sentence for a jsonargparse error: the full key path (``model.init_args.hidden``), the
+    value and the expected type, or the nearest known key or argument; ``keys`` are the parser's keys."""
+    flat = " ".join(str(message).split())
+    path: list[str] = []
+    cls: str | None = None
+    subtypes: str | None = None
+    for token in _TOKEN.finditer(flat):
+        if token.group("key") is not None:
+            path.append(token.group("key"))
+        elif token.group("cls") is not None:
+            reason = (token.group("reason") or "").strip()
+            if reason and not reason.startswith(("Parser key", "Option", "Does not validate", "Group")):
+                key = ".".join(path) or "class_path"
+                nearest = _nearest_class(token.group("cls"))
+                return (
+                    f"`{key}.class_path` must name an importable class, but {token.group('cls')!r} is not: "
+                    f"{reason.rstrip('.')}{nearest}."
+                )
+            cls = token.group("cls")
+            if not _is_dataclass(
+                cls
+            ):  # a dataclass item (a rule, a search group) is written without init_args
+                path.append("init_args")
+        elif token.group("option") is not None or token.group("goption") is not None:
+            option = token.group("option") or f"{token.group('group')}.{token.group('goption')}"
+            if cls is None:  # a key of the config itself
+                return _unknown_key(".".join([*path, option]), keys)
+            params = _class_params(cls)
+            key = ".".join([*path, option])
+            return (
+                f"`{key}` must be an argument of {cls.rpartition('.')[2]}, but it is not; nearest: "
+                f"{closest(option, params)}; choices: {params}."
+            )
+        elif token.group("expected") is not None:
+            want = _type_names(f"<class '{token.group('expected')}'>")
+            return f"`{'.'.join(path)}` must be {want}, but got {token.group('got').strip()!r}."
+        elif token.group("subtypes") is not None:  # the innermost union is the one that failed
+            subtypes = token.group("subtypes")
+        elif token.group("given") is not None and subtypes is not None:
+            return f"`{'.'.join(path)}` must be {_type_names(subtypes)}, but got {token.group('given').strip()!r}."
+        elif token.group("unknown") is not None:
+            return _unknown_key(token.group("unknown"), keys)
+        elif token.group("required") is not None:
+            missing = [k.strip() for k in token.group("required").split(",")]
+            return (
+                f"the config must give {missing} (a config file: `lightning-dropout COMMAND CONFIG.yaml`), but "
+                "got none of them."
+            )
+    return summarize(flat)
+
+
+def _unknown_key(key: str, keys: list[str]) -> str:
+    """An unknown key: the nearest section when its first part is unknown, else the nearest full keys."""
+    sections = sorted({k.split(".")[0] for k in keys if k and not k.startswith("_")})
+    head = key.split(".")[0]
+    if head not in sections:
+        return (
+            f"`{key}` must be a known key, but `{head}` is not a section; nearest: {closest(head, sections)}."
+        )
+    return f"`{key}` must be a known key, but it is not; nearest: {closest(key, keys)}."
 
 
 @contextlib.contextmanager
@@ -54,6 +229,14 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+class RedactedSaveConfig(SaveConfigCallback):
+    """Lightning's ``SaveConfigCallback`` writing the run's ``config.yaml`` with every password in it (a
+    storage URL's) replaced by ``***``."""
+
+    def __init__(self, parser: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(parser, redact_value(config), *args, **kwargs)
 
 
 class ConfigCLI(LightningCLI):
@@ -75,7 +258,7 @@ class ConfigCLI(LightningCLI):
             subclass_mode_data=True,
             args=args,
             run=False,
-            save_config_callback=SaveConfigCallback if save_config else None,
+            save_config_callback=RedactedSaveConfig if save_config else None,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
         )
@@ -102,31 +285,17 @@ class ConfigCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
+        files = [a for i, a in enumerate(args or []) if i > 0 and args[i - 1] in ("--config", "-c")]
+        for path in files:
+            check_config_file(path)
         try:
             super().parse_arguments(parser, args)
-        except Exception as err:  # jsonargparse ArgumentError: name the nearest known key for an unknown one
-            message = " ".join(str(err).split())
-            files = [a for i, a in enumerate(args or []) if i > 0 and args[i - 1] in ("--config", "-c")]
-            where = f"{files[-1]}: " if files else ""
-            missing = re.search(
-                r'Parser key "([\w.]+)":.*?Problem with given class_path \'([^\']+)\': (.+?)(?: - |$)',
-                message,
-            )
-            if type(err).__name__ == "ArgumentError" and missing is not None:
-                key, path, reason = missing.groups()
-                raise ConfigError(
-                    f"{where}`{key}.class_path` must name an importable class, but {path!r} is not: "
-                    f"{reason.strip().rstrip('.')}{_nearest_class(path)}."
-                ) from None
-            group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
-            found = re.search(r"(?:unrecognized arguments: --|[Kk]ey ')([A-Za-z_][\w.]*)", message)
-            if type(err).__name__ != "ArgumentError" or (group is None and found is None):
+        except Exception as err:  # jsonargparse ArgumentError: one line with the key, the value, the choices
+            if type(err).__name__ != "ArgumentError":
                 raise
-            key = f"{group.group(1)}.{group.group(2)}" if group else found.group(1)  # type: ignore[union-attr]
+            where = f"{files[-1]}: " if files else ""
             keys = [a.dest for a in parser._actions if isinstance(getattr(a, "dest", None), str)]
-            raise ConfigError(
-                f"{where}`{key}` must be a known key, but it is not; nearest: {closest(key, keys)}."
-            ) from None
+            raise ConfigError(where + explain_parse_error(str(err), keys)) from None
 
     def instantiate_classes(self) -> None:
         if self._skip_instantiation:  # LightningCLI.__init__ calls this; `fresh()` instantiates later
@@ -136,6 +305,8 @@ class ConfigCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError) as err:  # DropoutConfigError included
             raise ConfigError(self._where(str(err)) + summarize(str(err))) from err
+        except MisconfigurationException as err:  # Lightning refusing a trainer argument
+            raise ConfigError(self._where(str(err)) + "trainer: " + summarize(str(err))) from err
 
     def _where(self, message: str) -> str:
         """``"<file>: <key>: "`` for an error raised while building a class of the config."""

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
-__all__ = ["DropoutConfigError", "check_rate", "closest"]
+_T = TypeVar("_T")
+
+__all__ = ["DropoutConfigError", "Interrupted", "check_rate", "closest", "strict_init"]
 
 # "`x` must ..., but got ...", with the key path that may precede it ("dropout.groups['hidden']: ")
 _RULE_BROKEN = re.compile(
-    r"(?:[A-Za-z_][\w.\[\]'\"-]*: )?`[^`]+` (must|needs|names) .*?but got .*?(?=\s+- |\s+Given value|$)"
+    r"(?:[A-Za-z_][\w.\[\]'\"/-]*: )?`[^`]+` (must|needs|names) .*?but got .*?(?=\s+- |\s+Given value|$)"
+)
+
+
+# the alternatives jsonargparse lists for every union, which never are the reason
+_UNION_NOISE = (
+    "Not a valid subclass",
+    "Expected a <class 'NoneType'>",
+    "a class path",
+    "a dict ",
+    "Subclass types",
 )
 
 
@@ -22,6 +37,14 @@ class DropoutConfigError(ValueError):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a study: ``kept`` finished trials are in the storage (a re-run resumes from them)."""
+
+    def __init__(self, kept: int) -> None:
+        super().__init__(kept)
+        self.kept = kept
+
+
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The ``n`` entries of ``choices`` nearest to ``word`` (by difflib ratio), best first."""
     pool = list(dict.fromkeys(choices))
@@ -30,6 +53,30 @@ def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
         # Fall back on substring matches so that ``lin`` still finds ``net.linear1``.
         near = [c for c in pool if word.lower() in c.lower()][:n]
     return near
+
+
+def strict_init(cls: type[_T]) -> type[_T]:
+    """Make a dataclass refuse an unknown or surplus argument with a :class:`DropoutConfigError` naming the
+    argument, the nearest field and every field (instead of Python's bare ``TypeError``)."""
+    init: Callable[..., None] = cls.__init__  # type: ignore[misc]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise DropoutConfigError(
+                f"`{cls.__name__}` takes the arguments {names}, but got unknown {unknown}; nearest: "
+                f"{closest(unknown[0], names)}."
+            )
+        if len(args) > len(names):
+            raise DropoutConfigError(
+                f"`{cls.__name__}` takes at most {len(names)} arguments {names}, but got {len(args)} positional."
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
 
 
 def check_rate(p: object, name: str = "p") -> float:
@@ -47,4 +94,11 @@ def summarize(message: str) -> str:
     message if there is one, else the whole message with its whitespace collapsed."""
     flat = " ".join(str(message).split())
     found = _RULE_BROKEN.search(flat)
-    return found.group(0) if found else flat
+    if found:
+        return found.group(0)
+    if "Does not validate against any of the Union subtypes" in flat:  # jsonargparse: the one real reason
+        prefix = flat[: flat.index("Does not validate")].strip()
+        for item in flat.split(" - ")[1:]:
+            if not item.startswith(_UNION_NOISE):
+                return f"{prefix} {item.strip()}".strip()
+    return flat

@@ -53,7 +53,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils.rnn import PackedSequence
 
 from lightning_dropout import _attr_sites as attr_sites
-from lightning_dropout.errors import DropoutConfigError, check_rate, closest
+from lightning_dropout.errors import DropoutConfigError, check_rate, closest, strict_init
 from lightning_dropout.plan import DropoutPlan, Site
 from lightning_dropout.variants import DropoutVariant, WeightDropout, build_variant, get_variant
 
@@ -177,6 +177,7 @@ def _as_globs(spec: Any, field_name: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+@strict_init
 @dataclass
 class Rule:
     """Where dropout goes, which variant and which rate; resolved against a model into plan sites.
@@ -588,12 +589,26 @@ def _no_match_error(rule: Rule, index: int, model: nn.Module) -> DropoutConfigEr
     names = [n for n, _ in model.named_modules() if n]
     probe = (rule.name or [rule.regex or ""])[0] if (rule.name or rule.regex) else ""
     probe = probe.replace("*", "").replace("?", "").strip(".") if probe else ""
-    near = closest(probe, names) if probe else names[:5]
+    near = (closest(probe, names) if probe else []) or names[:5]
     types = sorted({type(m).__name__ for _, m in model.named_modules()})
     return DropoutConfigError(
         f"rules[{index}] {rule.label()} must match at least one module of {type(model).__name__}, but matches none;"
         f" closest module names: {near}; module types present: {types}."
     )
+
+
+def _check_rules(rules: Any, call: str) -> None:
+    """``rules`` must be a Rule or a sequence of Rules / mappings of Rule arguments."""
+    items = [rules] if isinstance(rules, (Rule, Mapping)) else rules
+    if isinstance(rules, (str, bytes)) or not isinstance(items, Sequence):
+        items = [rules]
+    for item in items:
+        if not isinstance(item, (Rule, Mapping)):
+            hint = f"; for a module class write Rule(match={item!r}, p=...)" if isinstance(item, str) else ""
+            raise DropoutConfigError(
+                f"`{call}` takes Rule objects (or mappings of their arguments) as `rules`, but got {item!r} "
+                f"({type(item).__name__}){hint}."
+            )
 
 
 def resolve(
@@ -613,6 +628,7 @@ def resolve(
     """
     if isinstance(rules, Rule):
         rules = [rules]
+    _check_rules(rules, "resolve(model, rules)")
     rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
     wants_head = any(r.exclude_output_layer for r in rules)
     head = output_layer(model, example_input, _traced=_traced) if wants_head else None
@@ -1100,6 +1116,16 @@ def _verify_runs(
         raise
 
 
+def check_plan(model: nn.Module, plan: DropoutPlan, example_input: Any = None) -> None:
+    """Raise the :class:`DropoutConfigError` that ``apply_plan(model, plan, example_input)`` would raise (a
+    site that does not exist, a variant that does not fit the module or the shape it sees); ``model`` is left
+    unchanged."""
+    if example_input is not None:
+        _check_shapes(plan, _trace(model, example_input))
+    for site in plan:
+        _check_site(model, site, _get(model, site.target, site))
+
+
 def inject(
     model: nn.Module,
     rules: Sequence[Rule] | Rule | None = None,
@@ -1119,7 +1145,13 @@ def inject(
             "give exactly one of `rules` and `plan`, but got "
             f"rules={'set' if rules is not None else None}, plan={'set' if plan is not None else None}."
         )
+    if isinstance(rules, DropoutPlan):
+        raise DropoutConfigError(
+            f"`inject(model, rules)` takes Rule objects as `rules`, but got a DropoutPlan ({len(rules)} sites); "
+            "pass a plan by keyword: inject(model, plan=...)."
+        )
     if rules is not None:
+        _check_rules(rules, "inject(model, rules)")
         traced = _trace(model, example_input) if example_input is not None else None  # one forward for both
         plan = resolve(model, [rules] if isinstance(rules, Rule) else rules, example_input, _traced=traced)
         return apply_plan(model, plan, example_input, eager=eager, _traced=traced)

@@ -193,6 +193,11 @@ class DropoutPlan:
 
     @classmethod
     def from_yaml(cls, text: str, where_from: str = "plan") -> DropoutPlan:
+        if not isinstance(text, str):
+            raise DropoutConfigError(
+                f"{where_from} must be given as YAML text (str), but got {text!r} ({type(text).__name__}); "
+                "use DropoutPlan.load(path) for a file."
+            )
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -210,7 +215,14 @@ class DropoutPlan:
         path = Path(path)
         if not path.is_file():
             raise DropoutConfigError(f"a plan file must exist, but got path={str(path)!r}.")
-        return cls.from_yaml(path.read_text(), where_from=str(path))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DropoutConfigError(
+                f"{path}: a plan file must be UTF-8 YAML text, but byte {err.object[err.start]:#04x} at offset "
+                f"{err.start} is not UTF-8 (a binary file?)."
+            ) from None
+        return cls.from_yaml(text, where_from=str(path))
 
     def digest(self) -> str:
         """A short hash of the canonical form: equal plans have equal digests in any process."""

@@ -170,3 +170,39 @@ def postgres_url() -> Iterator[str]:
         yield _with_driver(url)
     finally:
         cluster.__exit__(None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tests write only under tmp_path: a session guard fails when the run leaves anything new in the working tree
+# ----------------------------------------------------------------------------------------------------------
+_CACHES = (".venv", ".cache", ".pytest_cache", ".ruff_cache", ".mypy_cache", "__pycache__", ".egg-info")
+
+
+def _strays(root: Path) -> set[str] | None:
+    """Untracked and ignored paths of the checkout (directories collapsed), caches aside; None without git."""
+    try:
+        proc = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored=matching", "--untracked-files=normal"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    paths = {line[3:] for line in proc.stdout.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if not any(c in p for c in _CACHES)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def working_tree_untouched() -> Iterator[None]:
+    root = Path(__file__).resolve().parents[1]
+    before = _strays(root)
+    yield
+    after = _strays(root)
+    if before is not None and after is not None:
+        new = sorted(after - before)
+        assert not new, f"the tests wrote into the working tree (write under tmp_path instead): {new[:20]}"

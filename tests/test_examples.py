@@ -39,7 +39,8 @@ def test_attach_callback_example(tmp_path, data_dir):
     assert list((tmp_path / "attach_callback").rglob("events.out.tfevents.*"))
 
 
-def test_tune_from_yaml_example(tmp_path, data_dir, capsys):
+def test_tune_from_yaml_example(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its `fit --plan` logs to ./lightning_logs, as a user's run would
     out = _load("tune_from_yaml").main(
         [
             "--n-trials",

@@ -420,16 +420,14 @@ def test_inert_dropout_slots_are_not_a_baseline(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # 4. Faults
 # ----------------------------------------------------------------------------------------------------------
-def test_trial_that_cannot_apply_its_plan_fails_and_the_study_goes_on(tmp_path, data_dir):
+def test_a_group_whose_variant_cannot_apply_fails_before_trial_0(tmp_path, data_dir, capsys):
+    # every trial choosing `spatial` would fail on the Linear sites: refused at once, not trial after trial
     group = {"name": "hidden", "select": {"match": "Linear"}, "variants": ["spatial"], "p": [0.1, 0.5]}
     config = write_config(tmp_path, dropout={"groups": [group]})
-    assert tune(config, tmp_path, data_dir) == 0  # the baseline completed, so there is a winner
-    trials = load(tmp_path).get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
-    for trial in trials[1:]:
-        reason = trial.user_attrs["fail_reason"]
-        assert "DropoutConfigError" in reason and "linear1:output" in reason and "spatial" in reason
-    assert len(DropoutPlan.load(tmp_path / "runs" / "s" / "best_plan.yaml")) == 0
+    assert tune(config, tmp_path, data_dir) == 2
+    line = one_error(capsys)
+    assert "dropout.groups['hidden']" in line and "linear1:output" in line and "spatial" in line
+    assert not (tmp_path / "runs").exists()
 
 
 def test_diverging_trial_fails_with_nan_reason(tmp_path, data_dir):
@@ -474,7 +472,7 @@ def test_threshold_pruner_prunes_after_reporting_each_epoch(tmp_path, data_dir):
 # 6. Re-runs over seeds and the winner
 # ----------------------------------------------------------------------------------------------------------
 def test_reruns_over_seeds_pick_the_best_mean(tmp_path, data_dir):
-    config = write_config(tmp_path, study={"n_trials": 2, "seeds": 2, "top_k": 1})
+    config = write_config(tmp_path, study={"n_trials": 2, "seeds": 2, "top_k": 1, "winner": "best_mean"})
     assert tune(config, tmp_path, data_dir) == 0
     study = load(tmp_path)
     reruns = study.user_attrs["reruns"]

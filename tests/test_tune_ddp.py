@@ -15,12 +15,33 @@ from lightning_dropout.cli import main
 CONFIG = {
     "model": {"class_path": "lightning_dropout.zoo.MLP"},
     "data": {"class_path": "lightning_dropout.data.MNIST1DDataModule", "init_args": {"batch_size": 100}},
-    "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2,
-                "limit_train_batches": 3, "limit_val_batches": 2, "enable_checkpointing": False},
-    "dropout": {"groups": [{"name": "hidden", "select": {"match": "Linear"}, "variants": ["standard", "gaussian"],
-                            "p": [0.05, 0.5]}]},
-    "study": {"name": "ddp", "metric": "val_loss", "direction": "minimize", "n_trials": 2, "seeds": 0,
-              "pruner": None},
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 2,
+        "strategy": "ddp",
+        "max_epochs": 2,
+        "limit_train_batches": 3,
+        "limit_val_batches": 2,
+        "enable_checkpointing": False,
+    },
+    "dropout": {
+        "groups": [
+            {
+                "name": "hidden",
+                "select": {"match": "Linear"},
+                "variants": ["standard", "gaussian"],
+                "p": [0.05, 0.5],
+            }
+        ]
+    },
+    "study": {
+        "name": "ddp",
+        "metric": "val_loss",
+        "direction": "minimize",
+        "n_trials": 2,
+        "seeds": 0,
+        "pruner": None,
+    },
 }
 
 
@@ -30,8 +51,10 @@ def _run(tmp_path: Path, **study: object) -> optuna.Study:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["tune", str(path)]) == 0
-    return optuna.load_study(study_name=config["study"]["name"],
-                             storage=f"sqlite:///{tmp_path / 'runs' / config['study']['name'] / 'study.db'}")
+    return optuna.load_study(
+        study_name=config["study"]["name"],
+        storage=f"sqlite:///{tmp_path / 'runs' / config['study']['name'] / 'study.db'}",
+    )
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -349,7 +350,9 @@ def test_ctrl_c_fails_the_running_trial_and_a_rerun_finishes_the_study(
     returncode, victim = _tune_interrupted(pg, name, _study_args(pg, name, run_dir, 3, *LONG))
     first = capfd.readouterr()
     assert returncode == 130, first.err[-3000:]
-    assert "interrupted; the study storage is consistent: run again to resume" in first.err
+    assert re.search(r"lightning-dropout: interrupted; \d+ trials? kept; re-run to resume", first.err), (
+        first.err
+    )
     assert "Traceback" not in first.out + first.err
     # the storage is consistent: the study loads (as `tune`/`best` open it), the trial is failed, not running
     study = optuna.load_study(study_name=name, storage=runner.open_storage(pg.url))

@@ -465,10 +465,7 @@ _CHECK_SHAPES = [(), (5,), (4, 3), (1, 2, 3, 4, 5, 6)]
 
 @pytest.mark.parametrize(
     "name",
-    [
-        n
-        for n in ALL
-    ],
+    [n for n in ALL],
 )
 def test_forward_enforces_check_input(name: str) -> None:
     """Every shape ``check_input`` refuses makes a training forward raise DropoutConfigError naming it."""
@@ -598,7 +595,9 @@ def test_variational_time_major_same_mask_every_step() -> None:
 
 def test_variational_refuses_2d_input() -> None:
     # after a Linear a 2-D tensor is a batch of vectors, not a sequence: one mask for the batch would be wrong
-    with pytest.raises(DropoutConfigError, match=r"needs a sequence \(B, T, \*\) or \(T, B, \*\), but got shape \(9, 32\)"):
+    with pytest.raises(
+        DropoutConfigError, match=r"needs a sequence \(B, T, \*\) or \(T, B, \*\), but got shape \(9, 32\)"
+    ):
         VariationalDropout(0.5)(torch.ones(9, 32))
 
 

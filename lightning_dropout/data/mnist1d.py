@@ -24,9 +24,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-__all__ = ["CACHE_ENV_VAR", "MNIST1DDataModule", "default_cache_dir"]
+__all__ = ["CACHE_ENV_VAR", "EpochShuffle", "MNIST1DDataModule", "default_cache_dir"]
 
 CACHE_ENV_VAR = "LIGHTNING_DROPOUT_CACHE"
 """Environment variable naming lightning-dropout's cache root (default ``~/.cache/lightning_dropout``)."""
@@ -44,6 +44,25 @@ def default_cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV_VAR)
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "lightning_dropout"
     return base / "mnist1d"
+
+
+class EpochShuffle(RandomSampler):
+    """A random permutation per epoch, a function of ``seed + epoch`` alone (Lightning calls ``set_epoch`` at
+    every epoch start, as for ``DistributedSampler``): a run resumed at epoch ``k`` sees the order an
+    uninterrupted run sees at epoch ``k``. Under DDP Lightning replaces it, as any ``RandomSampler``, with a
+    ``DistributedSampler`` (which is seeded per epoch too)."""
+
+    def __init__(self, data_source: Any, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from super().__iter__()
 
 
 def _is_int(value: object) -> bool:
@@ -247,16 +266,21 @@ class MNIST1DDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the order is reproducible from ``seed``."""
+        """Shuffled training batches; the order of epoch ``e`` is a function of ``seed`` and ``e``
+        (:class:`EpochShuffle`), so a resumed fit replays the uninterrupted order. The loader has its own
+        generator, so iterating it never draws from the global random state."""
+        if self.train_dataset is None:
+            return self._loader(None, "train_dataset")
+        sampler = EpochShuffle(self.train_dataset, self.seed)
         generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.train_dataset, "train_dataset", shuffle=True, generator=generator)
+        return self._loader(self.train_dataset, "train_dataset", sampler=sampler, generator=generator)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order, or ``[]`` when ``val_fraction == 0``."""
         if self.val_fraction == 0:
             return []
-        return self._loader(self.val_dataset, "val_dataset", shuffle=False)
+        return self._loader(self.val_dataset, "val_dataset", shuffle=False, generator=torch.Generator())
 
     def test_dataloader(self) -> DataLoader:
         """The held-out test sequences (1000 with the defaults), in a fixed order."""
-        return self._loader(self.test_dataset, "test_dataset", shuffle=False)
+        return self._loader(self.test_dataset, "test_dataset", shuffle=False, generator=torch.Generator())

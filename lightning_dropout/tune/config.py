@@ -18,6 +18,7 @@ import optuna
 
 from lightning_dropout.errors import DropoutConfigError, check_rate, closest
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.secrets import redact
 from lightning_dropout.tune.selection import WINNER_RULES
 from lightning_dropout.tune.space import SearchGroup
 from lightning_dropout.tune.value import ESTIMATORS
@@ -259,9 +260,3 @@ def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
     if spec is None:
         return optuna.pruners.NopPruner()
     return _build("pruner", optuna.pruners, spec, optuna.pruners.BasePruner)
-
-
-def redact(url: str) -> str:
-    """A storage URL with any password replaced by ``***`` (safe to print or log)."""
-    url = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)  # user:password@ (user may be empty)
-    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)  # ?password=... in the query

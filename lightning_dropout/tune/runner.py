@@ -16,11 +16,9 @@ storage a heartbeat marks trials of a killed worker as failed and re-queues them
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import multiprocessing
-import os
 import subprocess
 import sys
 import time
@@ -45,8 +43,11 @@ from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import Rule, existing_rate, is_dropout_module, resolve
 from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
-from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
+from lightning_dropout.tune.checks import check_groups, check_run_dir
+from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, redact
+from lightning_dropout.tune.seeding import seeded_sampler
 from lightning_dropout.tune.selection import (
     NO_DROPOUT,
     UNIFORM_PREFIX,
@@ -213,6 +214,8 @@ class Tuner:
             raise DropoutConfigError(
                 "`dropout.groups` must list at least one group of sites to search, but the config has none."
             )
+        check_run_dir(self.study_config.run_dir)
+        check_groups(self.space.groups, self.cli.model, getattr(self.cli.model, "example_input_array", None))
 
     def pin_threads(self) -> int:
         """Set this process's torch threads to ``study.threads`` (see
@@ -229,14 +232,15 @@ class Tuner:
     def storage(self) -> optuna.storages.BaseStorage:
         return open_storage(self.storage_url)
 
-    def study(self, seed_offset: int = 0) -> optuna.Study:
-        """Open (or create) the study. ``seed_offset`` gives each worker process its own sampler seed, so
-        workers do not propose the same parameters."""
+    def study(self) -> optuna.Study:
+        """Open (or create) the study. The sampler draws each trial from its own stream, seeded from the trial
+        number (:mod:`~lightning_dropout.tune.seeding`): a resumed study, a second worker or a joining machine
+        never replays the proposals of earlier trials, and a fresh study is reproducible."""
         cfg = self.study_config
         study = optuna.create_study(
             study_name=cfg.name,
             storage=self.storage(),
-            sampler=make_sampler(cfg.sampler, cfg.seed + seed_offset),
+            sampler=seeded_sampler(cfg.sampler, cfg.seed),
             pruner=make_pruner(cfg.pruner),
             direction=cast(Literal["minimize", "maximize"], cfg.direction),
             load_if_exists=True,
@@ -385,18 +389,17 @@ class Tuner:
         rank 0 rebuilds it from the storage by id, samples, reports and prunes; the plan and the pruning
         decisions are broadcast to the other ranks."""
         workdir = Path(self.study_config.run_dir) / self.study_config.name / "trial_io"
-        workdir.mkdir(parents=True, exist_ok=True)
         spec, out = workdir / f"{name}.json", workdir / f"{name}.result.json"
-        out.unlink(missing_ok=True)
-        spec.write_text(json.dumps({"args": self.args, "out": str(out), **job}))
+        # the config arguments (the storage URL, password included) go by environment, never into a file
+        env = trial_io.write_spec(spec, out, job, self.args)
         cmd = [sys.executable, "-m", "lightning_dropout.tune.trial", str(spec)]
         threads = str(self.study_config.torch_threads())  # every rank's process: its own share, no more
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if not out.is_file():
-            tail = (proc.stderr or proc.stdout)[-1500:]
+        data = trial_io.read_result(out)
+        if data is None:
+            tail = redact((proc.stderr or proc.stdout)[-1500:])
             raise RuntimeError(f"trial process exited with {proc.returncode} and no result: {tail}")
-        data = json.loads(out.read_text())
         if data.get("fatal"):
             raise MetricNotLoggedError(data["fatal"])
         if data.get("error"):
@@ -431,6 +434,8 @@ class Tuner:
             if isinstance(err, MetricNotLoggedError):  # every trial would fail alike: stop, then report it
                 self._fatal = err
                 trial.study.stop()
+            else:
+                log.warning("trial %d failed: %s", trial.number, redact(f"{type(err).__name__}: {err}")[:300])
             raise
         trial.set_user_attr(PLAN_ATTR, plan.to_yaml())
         trial.set_user_attr(METRICS_ATTR, result.metrics)
@@ -440,6 +445,7 @@ class Tuner:
         if result.state() == "failed":
             reason = f"`{cfg.metric}` was NaN" if not diverged else f"{diverged} became NaN"
             trial.set_user_attr(FAIL_ATTR, f"{reason}: the training diverged")
+            log.warning("trial %d failed: %s: the training diverged", trial.number, reason)
             raise FloatingPointError(reason)
         assert result.value is not None  # a complete trial has a finite value
         return result.value
@@ -494,7 +500,7 @@ class Tuner:
         may pass the study it already opened)."""
         cfg = self.study_config
         self.pin_threads()
-        study = study if study is not None else self.study(seed_offset=index)
+        study = study if study is not None else self.study()
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # trials other workers are running count too, so the workers do not all start the last one
@@ -532,7 +538,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         backend = JournalFileBackend(str(path))
         return optuna.storages.JournalStorage(backend)
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DropoutConfigError(
+                f"`study.storage` must be a database this machine can open, but {redact(url)!r} is not: "
+                f"{(err.strerror or type(err).__name__).lower()}."
+            ) from None
     if not any(url.startswith(s) for s in ("sqlite:", "postgresql", "mysql")):
         raise DropoutConfigError(
             f"`study.storage` must be a sqlite:///, postgresql://, mysql:// or journal: URL, "
@@ -576,11 +588,15 @@ def open_study(name: str, storage: str) -> optuna.Study:
 
 def _worker_main(args: list[str], index: int) -> None:
     logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in `tune`: one line of ours per failed trial
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # as the CLI does
     try:
         Tuner(args).run_worker(index)
     except DropoutConfigError as err:
-        sys.stderr.write(f"lightning-dropout: error: {err}\n")
+        sys.stderr.write(f"lightning-dropout: error: {redact(str(err))}\n")
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: its trial is recorded; the parent says so once
+        sys.exit(130)
 
 
 def run_workers(tuner: Tuner, study: optuna.Study | None = None) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from torch import nn
 
-from lightning_dropout.errors import DropoutConfigError, check_rate
+from lightning_dropout.errors import DropoutConfigError, check_rate, strict_init
 from lightning_dropout.inject import Rule, resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.variants import get_variant
@@ -29,6 +29,7 @@ __all__ = ["SearchGroup", "suggest_plan", "uniform_params"]
 _SELECT_KEYS = ("match", "name", "regex", "exclude", "replace", "where", "exclude_output_layer")
 
 
+@strict_init
 @dataclass
 class SearchGroup:
     """One group of dropout sites and what the tuner may put there.

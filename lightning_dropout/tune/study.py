@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lightning_dropout.errors import Interrupted
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
 from lightning_dropout.tune.report import plan_summary, write_study_images
@@ -50,7 +51,7 @@ def tune(
     """Run (or resume) the study of the config ``args``; return the winning plan, the re-run table and the path
     the plan was written to (``None`` and ``None`` when no trial completed, e.g. all were pruned or failed)."""
     console = console or Console(stderr=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the table replace its lines
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress bar, table, one line per failed trial
     tuner = Tuner(args)
     cfg = tuner.study_config
     study = tuner.study()
@@ -87,6 +88,8 @@ def tune(
         poller.start()
         try:
             run_workers(tuner, study)
+        except KeyboardInterrupt as err:  # the CLI prints one line with the count
+            raise Interrupted(_finished(study)) from err
         finally:
             stop.set()
             poller.join()

@@ -17,6 +17,8 @@ from pathlib import Path
 import optuna
 
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.secrets import redact
+from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.runner import MetricNotLoggedError, Tuner
 
 
@@ -29,7 +31,7 @@ def main(spec_path: str) -> int:
     rank = _global_rank()
     out = Path(spec["out"])
     try:
-        tuner = Tuner(spec["args"])
+        tuner = Tuner(trial_io.read_args())
         tuner.pin_threads()
         if "plan" in spec:  # a re-run of a fixed plan with another seed
             result, plan = tuner.train(
@@ -41,9 +43,8 @@ def main(spec_path: str) -> int:
                 number=spec.get("number"),
             )
         else:
-            # the configured sampler and pruner decide on rank 0; a fresh process per trial, so the sampler is
-            # seeded per trial (else every trial would repeat the same random startup draws)
-            study = tuner.study(seed_offset=1 + spec["trial_id"])
+            # the configured sampler and pruner decide on rank 0 (the sampler is seeded per trial number)
+            study = tuner.study()
             if rank == 0:
                 # read the trials once: Optuna's storage cache maps a trial id to its study only after that,
                 # and an enqueued trial's first suggest writes its fixed parameter without reading
@@ -59,9 +60,12 @@ def main(spec_path: str) -> int:
     except MetricNotLoggedError as err:  # the study process stops the study on it
         record = {"fatal": str(err)}
     except Exception as err:  # reported to the study process, which records the reason on the trial
-        record = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
+        record = {
+            "error": redact(f"{type(err).__name__}: {err}"),
+            "traceback": redact(traceback.format_exc()[-4000:]),
+        }
     if _global_rank() == 0:
-        out.write_text(json.dumps(record))
+        trial_io.write_result(out, record)
     return 0
 
 

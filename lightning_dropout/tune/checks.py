@@ -1,0 +1,58 @@
+"""Checks ``tune`` runs once before trial 0, so a config that would fail every trial fails in one line instead.
+
+* every search group selects at least one site of the model, with every variant it lists (a group that matches
+  nothing, or ``dropblock`` on Linear layers, would otherwise fail each trial while the baseline "wins");
+* ``study.run_dir`` can be written (else every trial fails with a misleading reason and uses up ``n_trials``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.inject import check_plan, resolve
+from lightning_dropout.tune.space import SearchGroup
+
+__all__ = ["check_groups", "check_run_dir"]
+
+
+def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input: Any = None) -> None:
+    """Raise when a group selects no site of ``model`` or one of its variants cannot go on a selected site
+    (the same check, and message, as ``fit``/``describe`` for a rule). A model that builds its layers later
+    (in ``configure_model``) has nothing to check yet."""
+    if not any(True for _ in model.parameters()):
+        return
+    for group in groups:
+        for variant in group.variants:
+            p = group.p[1] if group.p[1] > 0 else 0.1
+            params = {k: v[0] for k, v in group.params.get(variant, {}).items()}
+            try:
+                check_plan(
+                    model, resolve(model, [group.rule(variant, p, params)], example_input), example_input
+                )
+            except DropoutConfigError as err:
+                raise DropoutConfigError(f"dropout.groups[{group.name!r}]: {err}") from None
+
+
+def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
+    """Raise unless ``run_dir`` is, or can be made, a directory this user can write: a temporary file is tried
+    in it, or in its nearest existing ancestor when it does not exist yet. Nothing is created or removed, so a
+    failing config leaves nothing behind and processes starting together never race on the directory."""
+    path = Path(run_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file, not a directory")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        raise DropoutConfigError(
+            f"`study.run_dir` must be a directory this user can write, but {str(run_dir)!r} is not: {reason}."
+        ) from None

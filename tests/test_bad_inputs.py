@@ -1,0 +1,460 @@
+"""The bad-input table: every bad config, command line or API call gives exit status 2 (or a
+``DropoutConfigError``), exactly one line, no traceback, and a message that names the file or key, shows the
+value and, where there is one, the nearest choice.
+
+To add a case, append a row to CONFIG_CASES (a change to the tiny tuning config of ``tests/studies.py``),
+CLI_CASES (a command line) or API_CASES (a call): the id, what to do, and the texts the message must hold.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from studies import BASE
+
+from lightning_dropout.cli import main
+from lightning_dropout.errors import DropoutConfigError
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
+
+Config = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ConfigCase:
+    """``command`` run on BASE changed by ``edit`` (or on the raw bytes ``raw``), plus ``extra`` arguments."""
+
+    id: str
+    edit: Callable[[Config], Any] | None
+    expect: tuple[str, ...]
+    command: str = "tune"
+    extra: tuple[str, ...] = ()
+    raw: bytes | None = None
+    names_file: bool = True
+    progress: bool = False  # found only by training: the study's header and progress lines come first
+
+
+def _set(path: str, value: Any) -> Callable[[Config], None]:
+    """An edit that sets the dotted ``path`` (``study.n_trials``; ``dropout.groups.0.p``) to ``value``."""
+
+    def edit(config: Config) -> None:
+        *parents, last = path.split(".")
+        node: Any = config
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+    return edit
+
+
+def _drop(path: str) -> Callable[[Config], None]:
+    def edit(config: Config) -> None:
+        *parents, last = path.split(".")
+        node: Any = config
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        del node[last]
+
+    return edit
+
+
+def _group(**changes: Any) -> Callable[[Config], None]:
+    return _set("dropout.groups", [{**BASE["dropout"]["groups"][0], **changes}])
+
+
+INJECTOR = {
+    "class_path": "lightning_dropout.callback.DropoutInjector",
+    "init_args": {"rules": [{"match": "Linear", "p": 0.2}]},
+}
+
+
+def _rules(*rules: dict[str, Any]) -> Callable[[Config], None]:
+    return _set("trainer.callbacks", [{**INJECTOR, "init_args": {"rules": list(rules)}}])
+
+
+CONFIG_CASES = [
+    # -- the model, data and trainer sections --------------------------------------------------------------
+    ConfigCase(
+        "model-init-arg-type", _set("model.init_args.hidden", "abc"), ("model.init_args.hidden", "abc")
+    ),
+    ConfigCase("model-init-arg-unknown", _set("model.init_args.hiden", 16), ("hiden", "nearest", "hidden")),
+    ConfigCase("model-init-arg-value", _set("model.init_args.lr", -1), ("lr", "-1")),
+    ConfigCase(
+        "model-class-typo",
+        _set("model.class_path", "lightning_dropout.zoo.MLPP"),
+        ("model.class_path", "MLPP", "'MLP'"),
+    ),
+    ConfigCase(
+        "model-module-missing", _set("model.class_path", "nope.Nope"), ("model.class_path", "nope.Nope")
+    ),
+    ConfigCase("data-batch-size", _set("data.init_args.batch_size", 0), ("batch_size", "0")),
+    ConfigCase("data-val-fraction", _set("data.init_args.val_fraction", 1.5), ("val_fraction", "1.5")),
+    ConfigCase(
+        "data-init-arg-type", _set("data.init_args.batch_size", "many"), ("data.init_args.batch_size", "many")
+    ),
+    ConfigCase("trainer-key-typo", _set("trainer.max_epoch", 2), ("trainer.max_epoch", "trainer.max_epochs")),
+    ConfigCase("trainer-value-type", _set("trainer.max_epochs", "two"), ("trainer.max_epochs", "two")),
+    ConfigCase("top-level-key-typo", _set("studdy", {"name": "x"}), ("studdy", "'study'")),
+    ConfigCase(
+        "top-level-data-class",
+        _set("data.class_path", "lightning_dropout.data.MNIST2D"),
+        ("data.class_path", "MNIST2D", "MNIST1DDataModule"),
+    ),
+    ConfigCase("trainer-max-epochs-negative", _set("trainer.max_epochs", -5), ("max_epochs", "-5")),
+    ConfigCase("trainer-devices-zero", _set("trainer.devices", 0), ("devices=0",)),
+    ConfigCase("trainer-accelerator", _set("trainer.accelerator", "tpu2"), ("tpu2", "cpu")),
+    ConfigCase(
+        "trainer-precision", _set("trainer.precision", "bad"), ("trainer.precision", "bad", "16-mixed")
+    ),
+    ConfigCase("study-storage-type", _set("study.storage", 5), ("study.storage", "str or None", "5")),
+    # -- study: -----------------------------------------------------------------------------------------------
+    ConfigCase("study-key-typo", _set("study.n_trial", 3), ("study.n_trial", "study.n_trials")),
+    ConfigCase(
+        "study-direction", _set("study.direction", "maximise"), ("study.direction", "maximise", "maximize")
+    ),
+    ConfigCase("study-n-trials-zero", _set("study.n_trials", 0), ("study.n_trials", "n_trials=0")),
+    ConfigCase("study-n-trials-type", _set("study.n_trials", "many"), ("study.n_trials", "many")),
+    ConfigCase("study-workers-zero", _set("study.workers", 0), ("study.workers", "workers=0")),
+    ConfigCase("study-seeds-negative", _set("study.seeds", -1), ("study.seeds", "seeds=-1")),
+    ConfigCase("study-mc-samples-one", _set("study.mc_samples", 1), ("study.mc_samples", "mc_samples=1")),
+    ConfigCase("study-timeout-negative", _set("study.timeout", -5), ("study.timeout", "-5")),
+    ConfigCase("study-name-space", _set("study.name", "my study"), ("study.name", "my study")),
+    ConfigCase(
+        "study-sampler-typo",
+        _set("study.sampler", {"name": "TPESamplr"}),
+        ("study.sampler.name", "TPESamplr", "TPESampler"),
+    ),
+    ConfigCase(
+        "study-sampler-arg",
+        _set("study.sampler", {"name": "TPESampler", "args": {"n_startup": 3}}),
+        ("study.sampler", "n_startup"),
+    ),
+    ConfigCase(
+        "study-sampler-not-mapping", _set("study.sampler", "TPESampler"), ("study.sampler", "TPESampler")
+    ),
+    ConfigCase(
+        "study-pruner-typo",
+        _set("study.pruner", {"name": "MedianPrunr"}),
+        ("study.pruner.name", "MedianPrunr", "MedianPruner"),
+    ),
+    ConfigCase(
+        "study-storage-scheme",
+        _set("study.storage", "redis://host/0"),
+        ("study.storage", "redis://host/0", "sqlite:///"),
+    ),
+    ConfigCase(
+        "study-storage-proc",
+        _set("study.storage", "sqlite:////proc/nope/study.db"),
+        ("study.storage", "/proc/nope/study.db"),
+    ),
+    ConfigCase(
+        "study-run-dir-unwritable", _set("study.run_dir", "/proc/nope"), ("study.run_dir", "/proc/nope")
+    ),
+    ConfigCase(  # the storage elsewhere: every trial used to fail with "you tried to log nan"
+        "study-run-dir-unwritable-storage-elsewhere",
+        _set("study.run_dir", "/proc/nope"),
+        ("study.run_dir", "/proc/nope"),
+        extra=("--study.storage=sqlite:///{tmp}/elsewhere/study.db",),
+    ),
+    ConfigCase(
+        "study-run-dir-under-a-file",
+        None,
+        ("study.run_dir", "study.yaml/runs", "not a directory"),
+        extra=("--study.run_dir={tmp}/study.yaml/runs",),
+    ),
+    ConfigCase(
+        "study-metric-never-logged",
+        _set("study.metric", "val_accuracy"),
+        ("study.metric", "val_accuracy", "val_acc"),
+        progress=True,
+    ),
+    # -- dropout: ---------------------------------------------------------------------------------------------
+    ConfigCase("dropout-no-groups", _set("dropout.groups", []), ("dropout.groups",)),
+    ConfigCase("dropout-variant-typo", _group(variants=["standrd"]), ("standrd", "standard")),
+    ConfigCase("dropout-p-reversed", _group(p=[0.5, 0.1]), ("dropout.groups['hidden']", "p=[0.5, 0.1]")),
+    ConfigCase("dropout-p-too-high", _group(p=[0.0, 1.5]), ("p[1]", "1.5")),
+    ConfigCase("dropout-p-one-value", _group(p=[0.1]), ("dropout.groups['hidden']", "p=[0.1]")),
+    ConfigCase(
+        "dropout-log-zero",
+        _group(log=True, p=[0.0, 0.5]),
+        ("dropout.groups['hidden']", "log: true", "p=[0.0, 0.5]"),
+    ),
+    ConfigCase(
+        "dropout-select-key", _group(select={"matc": "Linear"}), ("dropout.groups['hidden']", "matc", "match")
+    ),
+    ConfigCase("dropout-select-class-typo", _group(select={"match": "Linar"}), ("Linar", "Linear")),
+    ConfigCase(
+        "dropout-match-nothing",
+        _group(select={"match": "Conv2d"}),
+        ("dropout.groups['hidden']", "Conv2d", "Linear"),
+    ),
+    ConfigCase(
+        "dropout-name-nothing",
+        _group(select={"name": "nonexistent*"}),
+        ("dropout.groups['hidden']", "nonexistent*", "linear1"),
+    ),
+    ConfigCase(
+        "dropout-variant-misfit",
+        _group(variants=["dropblock"]),
+        ("dropout.groups['hidden']", "dropblock", "linear1"),
+    ),
+    ConfigCase(
+        "dropout-params-unlisted",
+        _group(variants=["standard"], params={"dropblock": {"block_size": [3]}}),
+        ("dropout.groups['hidden']", "dropblock"),
+    ),
+    ConfigCase(
+        "dropout-params-unknown",
+        _group(variants=["dropblock"], params={"dropblock": {"size": [3]}}),
+        ("dropout.groups['hidden']", "size", "block_size"),
+    ),
+    ConfigCase(
+        "dropout-depth-scaling",
+        _group(per_layer=False, depth_scaling=["quadratic"]),
+        ("dropout.groups['hidden']", "quadratic", "linear"),
+    ),
+    ConfigCase("dropout-group-name-slash", _group(name="a/b"), ("a/b",)),
+    ConfigCase(
+        "dropout-duplicate-groups",
+        lambda c: c["dropout"].update(groups=[BASE["dropout"]["groups"][0]] * 2),
+        ("dropout.groups", "hidden"),
+    ),
+    ConfigCase("dropout-group-key-typo", _group(variant=["standard"]), ("variant", "variants")),
+    # -- the injector of fit/describe ---------------------------------------------------------------------
+    ConfigCase(
+        "rule-class-typo", _rules({"match": "Linar", "p": 0.2}), ("Linar", "'Linear'"), command="describe"
+    ),
+    ConfigCase("rule-rate", _rules({"match": "Linear", "p": 1.2}), ("p=1.2",), command="describe"),
+    ConfigCase(
+        "rule-variant-misfit",
+        _rules({"match": "Linear", "variant": "spatial", "p": 0.2}),
+        ("spatial", "linear1"),
+        command="describe",
+    ),
+    ConfigCase(
+        "rule-unknown-key", _rules({"match": "Linear", "rate": 0.2}), ("rate", "'p'"), command="describe"
+    ),
+    ConfigCase(
+        "rule-variant-typo",
+        _rules({"match": "Linear", "variant": "gausian", "p": 0.2}),
+        ("gausian", "gaussian"),
+        command="describe",
+    ),
+    ConfigCase(
+        "describe-no-injector",
+        _set("trainer.callbacks", []),
+        ("DropoutInjector",),
+        command="describe",
+        names_file=False,
+    ),
+    ConfigCase(
+        "injector-dropout-seed-type",
+        _set(
+            "trainer.callbacks", [{**INJECTOR, "init_args": {**INJECTOR["init_args"], "dropout_seed": True}}]
+        ),
+        ("trainer.callbacks.init_args.dropout_seed", "int or None", "True"),
+        command="describe",
+    ),
+    ConfigCase(
+        "injector-rules-and-plan",
+        _set("trainer.callbacks", [{**INJECTOR, "init_args": {**INJECTOR["init_args"], "plan": "p.yaml"}}]),
+        ("trainer.callbacks[0]", "exactly one of `rules` and `plan`"),
+        command="describe",
+    ),
+    # -- the file itself --------------------------------------------------------------------------------------
+    ConfigCase("file-empty", None, ("empty",), raw=b""),
+    ConfigCase("file-binary", None, ("UTF-8",), raw=bytes(range(256)) * 4),
+    ConfigCase("file-not-mapping", None, ("mapping", "list"), raw=b"- a\n- b\n"),
+    ConfigCase("file-yaml-syntax", None, ("YAML", "line"), raw=b"study: {name: x\nmodel: [\n"),
+    ConfigCase(
+        "file-duplicate-key",
+        None,
+        ("study", "twice", "line"),
+        raw=yaml.safe_dump(BASE).encode() + b"study:\n  name: other\n",
+    ),
+    ConfigCase(
+        "file-duplicate-nested-key",
+        None,
+        ("n_trials", "twice"),
+        raw=yaml.safe_dump(BASE).encode().replace(b"  n_trials: 3\n", b"  n_trials: 3\n  n_trials: 4\n"),
+    ),
+]
+
+
+@dataclass(frozen=True)
+class CliCase:
+    """A command line; ``{tmp}`` in an argument is the test's tmp_path, ``{config}`` a valid config there."""
+
+    id: str
+    argv: tuple[str, ...]
+    expect: tuple[str, ...]
+    plan: bytes | None = None  # written to {tmp}/plan.yaml
+
+
+CLI_CASES = [
+    CliCase("unknown-command", ("tunee",), ("command", "tunee", "'tune'")),
+    CliCase("tune-no-config", ("tune",), ("config",)),
+    CliCase("config-missing", ("tune", "{tmp}/nope.yaml"), ("nope.yaml", "does not exist")),
+    CliCase("workers-no-value", ("tune", "{config}", "--workers"), ("--workers", "value")),
+    CliCase("n-trials-not-int", ("tune", "{config}", "--n_trials", "abc"), ("study.n_trials", "abc")),
+    CliCase(
+        "override-unknown", ("tune", "{config}", "--study.n_trails=3"), ("study.n_trails", "study.n_trials")
+    ),
+    CliCase("override-bad-json", ("tune", "{config}", "--dropout.groups=[{"), ("dropout.groups", "[{")),
+    CliCase("best-no-study", ("best",), ("study",)),
+    CliCase("best-unknown-flag", ("best", "s", "--outt", "x.yaml"), ("--outt", "--out")),
+    CliCase(
+        "best-no-such-study",
+        ("best", "nope", "--storage", "sqlite:///{tmp}/empty.db"),
+        ("nope", "studies there"),
+    ),
+    CliCase("best-bad-storage", ("best", "s", "--storage", "redis://h/0"), ("storage", "redis://h/0")),
+    CliCase(
+        "report-bad-storage",
+        ("report", "s", "--storage", "sqlite:////proc/nope/x.db"),
+        ("storage", "/proc/nope/x.db"),
+    ),
+    CliCase("fit-plan-missing", ("fit", "{config}", "--plan", "{tmp}/nope.yaml"), ("plan", "nope.yaml")),
+    CliCase(
+        "fit-plan-binary",
+        ("fit", "{config}", "--plan", "{tmp}/plan.yaml"),
+        ("plan.yaml", "UTF-8"),
+        plan=bytes(range(256)),
+    ),
+    CliCase(
+        "fit-plan-bad-rate",
+        ("fit", "{config}", "--plan", "{tmp}/plan.yaml"),
+        ("plan.yaml", "sites[0]", "p=2"),
+        plan=b"sites:\n- {target: linear1, where: output, variant: standard, p: 2}\n",
+    ),
+    CliCase(
+        "fit-plan-not-mapping",
+        ("fit", "{config}", "--plan", "{tmp}/plan.yaml"),
+        ("plan.yaml", "sites"),
+        plan=b"- 1\n",
+    ),
+    CliCase(
+        "fit-plan-unknown-site",
+        ("fit", "{config}", "--plan", "{tmp}/plan.yaml"),
+        ("linear9", "linear1"),
+        plan=b"sites:\n- {target: linear9, where: output, variant: standard, p: 0.2}\n",
+    ),
+    CliCase("describe-config-no-value", ("describe", "--config"), ("--config",)),
+]
+
+
+def _api_cases() -> list[tuple[str, Callable[[], Any], tuple[str, ...]]]:
+    from lightning_dropout import DropoutPlan, Rule, inject
+    from lightning_dropout.callback import DropoutInjector
+    from lightning_dropout.errors import check_rate
+    from lightning_dropout.plan import Site
+    from lightning_dropout.tune import SearchGroup, StudyConfig
+    from lightning_dropout.variants import get_variant
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    plan = DropoutPlan([Site("0", "output", "standard", 0.2)])
+    return [
+        ("rule-unknown-arg", lambda: Rule(foo=1), ("foo", "Rule", "match")),
+        ("rule-unknown-arg-typo", lambda: Rule(mach="Linear"), ("mach", "match")),
+        ("rule-rate", lambda: Rule(match="Linear", p=1.5), ("p=1.5",)),
+        ("rule-variant-typo", lambda: Rule(match="Linear", variant="standrd"), ("standrd", "standard")),
+        ("inject-plan-positional", lambda: inject(model, plan), ("inject", "plan=", "DropoutPlan")),
+        ("inject-string-positional", lambda: inject(model, "Linear"), ("inject", "'Linear'", "match=")),
+        ("plan-from-yaml-int", lambda: DropoutPlan.from_yaml(42), ("42", "YAML text")),
+        ("plan-from-yaml-sites", lambda: DropoutPlan.from_yaml("sites: 3"), ("sites", "3")),
+        ("plan-load-missing", lambda: DropoutPlan.load("/no/such/plan.yaml"), ("/no/such/plan.yaml",)),
+        ("site-bad-where", lambda: Site("0", "outside", "standard", 0.2), ("where", "outside", "output")),
+        (
+            "injector-bad-seed",
+            lambda: DropoutInjector(rules=[Rule(match="Linear", p=0.2)], dropout_seed="x"),
+            ("dropout_seed", "'x'"),
+        ),
+        ("group-no-variants", lambda: SearchGroup(name="g", variants=[]), ("variants", "[]")),
+        ("study-direction", lambda: StudyConfig(direction="up"), ("study.direction", "'up'", "maximize")),
+        ("variant-unknown", lambda: get_variant("gausian"), ("gausian", "gaussian")),
+        ("check-rate-str", lambda: check_rate("x"), ("p='x'",)),
+    ]
+
+
+def _check_one_line(rc: int, out: str, err: str, expect: tuple[str, ...], progress: bool = False) -> str:
+    lines = err.strip().splitlines()
+    if progress:  # the study's own lines (header, progress bar) may precede the error
+        lines = [line for line in lines if line.startswith("lightning-dropout:")]
+    assert rc == 2, (rc, err[-3000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("lightning-dropout: error: "), line
+    missing = [text for text in expect if text not in line]
+    assert not missing, f"{missing} not in: {line}"
+    return line
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[c.id for c in CONFIG_CASES])
+def test_bad_config(
+    case: ConfigCase, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a default that reaches the disk (lightning_logs/) lands here
+    path = tmp_path / "study.yaml"
+    if case.raw is not None:
+        path.write_bytes(case.raw)
+    else:
+        config = copy.deepcopy(BASE)
+        config["study"]["run_dir"] = str(tmp_path / "runs")
+        config["data"]["init_args"]["cache_dir"] = str(data_dir)
+        if case.command == "describe":
+            config["trainer"]["callbacks"] = [INJECTOR]
+        if case.edit is not None:
+            case.edit(config)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    rc = main([case.command, str(path), *(a.replace("{tmp}", str(tmp_path)) for a in case.extra)])
+    captured = capsys.readouterr()
+    line = _check_one_line(rc, captured.out, captured.err, case.expect, case.progress)
+    if case.names_file:
+        assert str(path) in line, line
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_bad_command_line(
+    case: CliCase, tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "study.yaml"
+    good = copy.deepcopy(BASE)
+    good["data"]["init_args"]["cache_dir"] = str(data_dir)
+    good["study"]["run_dir"] = str(tmp_path / "runs")
+    config.write_text(yaml.safe_dump(good, sort_keys=False))
+    if case.plan is not None:
+        (tmp_path / "plan.yaml").write_bytes(case.plan)
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{config}", str(config)) for a in case.argv]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    _check_one_line(rc, captured.out, captured.err, case.expect)
+
+
+API_IDS = [c[0] for c in _api_cases()]
+
+
+@pytest.mark.parametrize("index", range(len(API_IDS)), ids=API_IDS)
+def test_bad_api_call(index: int) -> None:
+    _, call, expect = _api_cases()[index]
+    with pytest.raises(DropoutConfigError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message.strip(), message
+    missing = [text for text in expect if text not in message]
+    assert not missing, f"{missing} not in: {message}"
+
+
+def test_the_table_is_big_enough() -> None:
+    assert len(CONFIG_CASES) + len(CLI_CASES) + len(API_IDS) >= 60

@@ -1,0 +1,131 @@
+"""Faults on a shared study: two ``tune`` processes join one PostgreSQL study (the documented multi-machine
+mode), then a third is killed with SIGKILL mid-trial and a fourth resumes. No two trials share their
+parameters unless Optuna enqueued them (baselines, the heartbeat's retry of the killed trial), and no completed
+trial is lost or run again."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from lightning_dropout.tune import runner
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "scripts" / "tune_worker.py"
+CONFIG = str(ROOT / "configs" / "mnist1d_mlp.yaml")
+SHORT = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+LONG = ["--trainer.max_epochs=100000", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+
+
+def _enqueued(trial: FrozenTrial) -> bool:
+    """Enqueued by the tuner (a baseline) or by Optuna's heartbeat (the retry of a stale trial)."""
+    return (
+        "fixed_params" in trial.system_attrs
+        or "failed_trial" in trial.system_attrs
+        or runner.BASELINE_ATTR in trial.user_attrs
+    )
+
+
+def test_joined_killed_and_resumed_study_repeats_and_loses_nothing(postgres_url, tmp_path, data_dir):
+    url = make_url(postgres_url).set(password="fault-pw").render_as_string(hide_password=False)
+    storage = optuna.storages.RDBStorage(url)  # Optuna's tables, created once before the racing processes
+    name = f"ld-fault-{uuid.uuid4().hex[:10]}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH", "")) if p),
+        "TUNE_TEST_HEARTBEAT_INTERVAL": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+    def args(n_trials: int, budget: list[str]) -> list[str]:
+        return [
+            sys.executable,
+            str(WORKER),
+            CONFIG,
+            f"--study.name={name}",
+            f"--study.storage={url}",
+            f"--study.run_dir={tmp_path / 'runs'}",
+            f"--study.n_trials={n_trials}",
+            "--study.seeds=0",
+            f"--data.init_args.cache_dir={data_dir}",
+            *budget,
+        ]
+
+    def trials() -> list[FrozenTrial]:
+        return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+    # 1. two processes join one study, as two machines would
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [
+        subprocess.Popen(
+            args(6, SHORT), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path
+        )
+        for log in logs
+    ]
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+    before = {t.number: t for t in trials() if t.state == TrialState.COMPLETE}
+    assert len(before) >= 6
+
+    # 2. a third process is killed with SIGKILL while it trains a trial
+    log = tmp_path / "killed.log"
+    killed = subprocess.Popen(
+        args(9, LONG),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        victim = None
+        while victim is None and time.monotonic() < deadline:
+            assert killed.poll() is None, log.read_text()[-3000:]
+            running = [t for t in trials() if t.state == TrialState.RUNNING and t.intermediate_values]
+            victim = running[0] if running else None
+            time.sleep(0.3)
+        assert victim is not None, log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=30)
+
+    # 3. resume: the heartbeat fails the killed trial and re-queues it; the study reaches n_trials
+    time.sleep(3)  # past the 2 s grace period of a 1 s heartbeat
+    log = tmp_path / "resumed.log"
+    resumed = subprocess.run(
+        args(9, SHORT), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path
+    )
+    assert resumed.returncode == 0, log.read_text()[-3000:]
+
+    after = {t.number: t for t in trials()}
+    # no completed trial was lost or changed
+    for number, trial in before.items():
+        assert after[number].state == TrialState.COMPLETE
+        assert (after[number].params, after[number].value) == (trial.params, trial.value)
+    # no two trials share their parameters unless enqueued
+    sampled = [t for t in after.values() if not _enqueued(t)]
+    params = [json.dumps(t.params, sort_keys=True) for t in sampled]
+    duplicates = len(params) - len(set(params))
+    assert duplicates == 0, [(t.number, t.state.name, t.params) for t in sampled]
+    # the killed trial was failed and run again once (as an enqueued retry), nothing else was re-run
+    assert after[victim.number].state == TrialState.FAIL
+    retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in after.values())
+    print(f"fault test: {len(after)} trials, {duplicates} duplicates")  # shown with -s

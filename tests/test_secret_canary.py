@@ -1,0 +1,100 @@
+"""Secrets never reach disk nor output: a password canary in the storage URL runs through ``tune`` (with DDP
+trials), ``best``, ``report`` and ``fit --plan``; then every file the run wrote (run dir, ``lightning_logs``,
+trial files, the HTML report, the plan) and all output are searched for it.
+
+The throwaway PostgreSQL server trusts local connections and ignores the password, so the URL works.
+"""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+import yaml
+from sqlalchemy.engine import make_url
+
+from lightning_dropout.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+
+CANARY = "canary-Q7vX2-secret"
+
+CONFIG = {
+    "model": {"class_path": "lightning_dropout.zoo.MLP"},
+    "data": {"class_path": "lightning_dropout.data.MNIST1DDataModule", "init_args": {"batch_size": 100}},
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 2,
+        "strategy": "ddp",
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "limit_test_batches": 1,
+        "enable_checkpointing": False,
+    },
+    "dropout": {"groups": [{"name": "hidden", "select": {"match": "Linear"}, "variants": ["standard"]}]},
+    "study": {"metric": "val_loss", "direction": "minimize", "n_trials": 2, "seeds": 0, "pruner": None},
+}
+
+
+def test_the_storage_password_reaches_no_file_and_no_output(
+    postgres_url, tmp_path, data_dir, monkeypatch, capfd
+):
+    monkeypatch.chdir(tmp_path)  # defaults (runs/, lightning_logs/) land here too
+    url = make_url(postgres_url).set(password=CANARY).render_as_string(hide_password=False)
+    assert CANARY in url
+    name = f"canary-{tmp_path.name[-12:]}".replace("_", "-")
+    config = {**CONFIG, "study": {**CONFIG["study"], "name": name, "storage": url, "run_dir": "runs"}}
+    config["data"] = {
+        **config["data"],
+        "init_args": {**config["data"]["init_args"], "cache_dir": str(data_dir)},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    # the storage also on the command line: the arguments a DDP trial process gets hold it
+    assert main(["tune", str(path), "--storage", url]) == 0  # 2 trials, each a 2-process DDP run
+    assert main(["best", name, "--storage", url, "--out", "best.yaml"]) == 0
+    assert main(["report", name, "--storage", url, "--out", "report.html"]) == 0
+    single = ["--trainer.devices=1", "--trainer.strategy=auto", f"--trainer.default_root_dir={tmp_path}"]
+    assert main(["fit", str(path), "--plan", "best.yaml", *single]) == 0
+    output = capfd.readouterr()
+
+    written = {p for p in tmp_path.rglob("*") if p.is_file() and p != path}
+    names = {p.name for p in written}
+    # the files that once held the password are among those checked
+    assert "config.yaml" in names, names  # lightning_logs/version_0/config.yaml of `fit --plan`
+    assert {"trial_0000.json", "trial_0001.json"} <= names, names  # the DDP trials' job files
+    assert {"report.html", "best.yaml", "best_plan.yaml"} <= names, names
+    assert any(n.startswith("events.out.tfevents") for n in names), names
+    leaked = sorted(str(p.relative_to(tmp_path)) for p in written if CANARY.encode() in p.read_bytes())
+    assert leaked == [], leaked
+    assert CANARY not in output.out + output.err
+    assert ":***@" in output.err  # the study line names the storage, redacted
+    for trial_file in (p for p in written if p.parent.name == "trial_io"):
+        assert stat.S_IMODE(trial_file.stat().st_mode) == 0o600, trial_file
+    saved = yaml.safe_load(next(p for p in written if p.name == "config.yaml").read_text())
+    assert saved["study"]["storage"] == url.replace(CANARY, "***")
+    print(f"secret canary: {len(written)} files checked")  # shown with -s
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://user:pa/ss@host/db", "postgresql://user:***@host/db"),
+        ("postgresql://user:p@ss@host:5432/db", "postgresql://user:***@host:5432/db"),
+        ("postgresql://user:a@b/c@host/db", "postgresql://user:***@host/db"),
+        ("postgresql://host/db?user=u&passwd=hunter2", "postgresql://host/db?user=u&passwd=***"),
+        ("postgresql://host/db?pwd=hunter2&sslmode=require", "postgresql://host/db?pwd=***&sslmode=require"),
+        (
+            "mysql://root:Sec:ret@localhost/optuna?PASSWORD=x2",
+            "mysql://root:***@localhost/optuna?PASSWORD=***",
+        ),
+        ("failed: 'postgresql://u:pw@h/d' refused", "failed: 'postgresql://u:***@h/d' refused"),
+        ("sqlite:////tmp/a@b/study.db", "sqlite:////tmp/a@b/study.db"),
+    ],
+)
+def test_redact_hides_passwords_with_special_characters(url, expected):
+    from lightning_dropout.tune import redact
+
+    assert redact(url) == expected
