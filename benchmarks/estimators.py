@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from common import quiet
+from outcome import FULL, curve_callback, make_tuner, prepare_data, trainer_kwargs
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -60,23 +61,6 @@ def progress(msg: str) -> None:
     sys.stderr.flush()
 
 
-def curve_callback() -> Any:
-    from lightning.pytorch.callbacks import Callback
-
-    class Curves(Callback):
-        def __init__(self) -> None:
-            self.acc: list[float] = []
-            self.loss: list[float] = []
-
-        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            if trainer.sanity_checking:
-                return
-            self.acc.append(float(trainer.callback_metrics["val_acc"]))
-            self.loss.append(float(trainer.callback_metrics["val_loss"]))
-
-    return Curves()
-
-
 def train(tuner: Any, plan: Any, seed: int, epochs: int, limit: int | None, test: bool) -> dict[str, Any]:
     import lightning.pytorch as pl
 
@@ -84,26 +68,19 @@ def train(tuner: Any, plan: Any, seed: int, epochs: int, limit: int | None, test
 
     start = time.perf_counter()
     pl.seed_everything(seed, workers=True, verbose=False)
-    curves = curve_callback()
+    curves = curve_callback("val_acc", "val_loss")
     callbacks = [curves] + ([DropoutInjector(plan=plan, dropout_seed=seed)] if len(plan) else [])
-    kwargs: dict[str, Any] = {
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "max_epochs": epochs,
-    }
-    if limit is not None:
-        kwargs.update(limit_train_batches=limit, limit_val_batches=limit, limit_test_batches=limit)
-    cli = tuner.cli.fresh(callbacks, **kwargs)
+    cli = tuner.cli.fresh(callbacks, **trainer_kwargs(limit), max_epochs=epochs)
     with quiet():
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        out: dict[str, Any] = {"seed": seed, "acc": curves.acc, "loss": curves.loss}
+        out: dict[str, Any] = {
+            "seed": seed,
+            "acc": curves.curves["val_acc"],
+            "loss": curves.curves["val_loss"],
+        }
         if test:
-            out["test"] = float(
-                cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test_acc"]
-            )
+            result = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+            out["test"] = float(result[0]["test_acc"])
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -129,9 +106,6 @@ def configurations(name: str, tuner: Any, n_random: int) -> list[tuple[str, Any]
 
 
 def run_model(name: str, n_random: int, epochs: int, limit: int | None, path: Path, tmp: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from outcome import FULL, make_tuner, prepare_data  # the outcome benchmark's configs and data
-
     from lightning_dropout.tune.study import plan_summary
 
     prepare_data(tmp / "data")

@@ -122,21 +122,24 @@ def progress(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Training runs
 # ----------------------------------------------------------------------------------------------------------
-def _curve_callback() -> Any:
+def curve_callback(*metrics: str) -> Any:
+    """A callback keeping each of ``metrics`` (default ``val_acc``) after every validation: ``.curves[name]``."""
     from lightning.pytorch.callbacks import Callback
 
-    class Curve(Callback):
+    class Curves(Callback):
         def __init__(self) -> None:
-            self.values: list[float] = []
+            self.curves: dict[str, list[float]] = {m: [] for m in metrics or ("val_acc",)}
 
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
             if not trainer.sanity_checking:
-                self.values.append(float(trainer.callback_metrics["val_acc"]))
+                for name, values in self.curves.items():
+                    values.append(float(trainer.callback_metrics[name]))
 
-    return Curve()
+    return Curves()
 
 
-def _trainer_kwargs(budget: Budget) -> dict[str, Any]:
+def trainer_kwargs(limit_batches: int | None = None) -> dict[str, Any]:
+    """The Trainer overrides of every benchmark run: no logger, bar, summary or checkpoint."""
     kwargs: dict[str, Any] = {
         "logger": False,
         "enable_progress_bar": False,
@@ -144,8 +147,8 @@ def _trainer_kwargs(budget: Budget) -> dict[str, Any]:
         "enable_checkpointing": False,
         "num_sanity_val_steps": 0,
     }
-    if budget.limit_batches is not None:
-        n = budget.limit_batches
+    if limit_batches is not None:
+        n = limit_batches
         kwargs.update(limit_train_batches=n, limit_val_batches=n, limit_test_batches=n)
     return kwargs
 
@@ -161,17 +164,18 @@ def selection_run(tuner: Any, rule: dict[str, Any], p: float, seed: int, budget:
     cfg = tuner.study_config
     start = time.perf_counter()
     pl.seed_everything(seed, workers=True, verbose=False)
-    curve = _curve_callback()
+    curve = curve_callback()
     injector = DropoutInjector(rules=[Rule(**rule, p=p)], dropout_seed=cfg.dropout_seed)
-    cli = tuner.cli.fresh([injector, curve], **_trainer_kwargs(budget))
+    cli = tuner.cli.fresh([injector, curve], **trainer_kwargs(budget.limit_batches))
     with quiet():
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    value = trial_value(curve.values, cfg.value, maximize=True, window=cfg.value_window)
+    values = curve.curves["val_acc"]
+    value = trial_value(values, cfg.value, maximize=True, window=cfg.value_window)
     return {
         "p": p,
         "seed": seed,
         "value": value,
-        "curve": curve.values,
+        "curve": values,
         "seconds": time.perf_counter() - start,
     }
 
@@ -185,7 +189,7 @@ def final_run(tuner: Any, plan: Any, seed: int, budget: Budget) -> dict[str, Any
     start = time.perf_counter()
     pl.seed_everything(seed, workers=True, verbose=False)
     callbacks = [DropoutInjector(plan=plan, dropout_seed=seed)] if len(plan) else []
-    cli = tuner.cli.fresh(callbacks, **_trainer_kwargs(budget))
+    cli = tuner.cli.fresh(callbacks, **trainer_kwargs(budget.limit_batches))
     with quiet():
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         (result,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -369,7 +373,7 @@ def arm_optuna(name: str, budget: Budget, work: Path, tuner: Any, stages: Stages
         pl.seed_everything(budget.selection_seed, workers=True, verbose=False)
         injector = DropoutInjector(rules=[Rule(**GRID_RULES[name], p=p)])
         pruning = PyTorchLightningPruningCallback(trial, monitor="val_acc")
-        cli = tuner.cli.fresh([injector, pruning], **_trainer_kwargs(budget))
+        cli = tuner.cli.fresh([injector, pruning], **trainer_kwargs(budget.limit_batches))
         with quiet():
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         trial.set_user_attr("epochs", int(cli.trainer.current_epoch))
