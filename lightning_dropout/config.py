@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from lightning_dropout.errors import closest, summarize
+from lightning_dropout.errors import ConfigError, closest, summarize
 
 __all__ = ["ConfigCLI", "ConfigError", "load_config", "quiet_lightning"]
 
@@ -36,10 +36,6 @@ def _nearest_class(path: str) -> str:
         return ""
     classes = [n for n in dir(module) if not n.startswith("_") and inspect.isclass(getattr(module, n))]
     return f"; nearest: {closest(name, classes)}" if classes else ""
-
-
-class ConfigError(Exception):
-    """A class named in the config refused its arguments (raised while instantiating it)."""
 
 
 @contextlib.contextmanager

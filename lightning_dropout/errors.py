@@ -6,7 +6,7 @@ import difflib
 import re
 from collections.abc import Iterable
 
-__all__ = ["DropoutConfigError", "check_rate", "closest"]
+__all__ = ["ConfigError", "DropoutConfigError", "check_rate", "closest"]
 
 # "`x` must ..., but got ...", with the key path that may precede it ("dropout.groups['hidden']: ")
 _RULE_BROKEN = re.compile(
@@ -20,6 +20,11 @@ class DropoutConfigError(ValueError):
     Every message states the rule that was broken, shows the offending value and, where there is a
     finite set of valid values, lists the choices (or the nearest ones).
     """
+
+
+class ConfigError(Exception):
+    """A class named in the config refused its arguments (raised while instantiating it; see
+    :mod:`lightning_dropout.config`). Defined here, with no Lightning import, so the CLI can catch it cheaply."""
 
 
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
