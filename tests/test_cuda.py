@@ -99,7 +99,7 @@ def test_weight_dropout_on_a_cudnn_lstm(moved):
     assert not torch.allclose(first, plain(x)[0])
     # after each call the parameters are back in `_flat_weights`, and still in one flat buffer
     assert _flat_weights_are_parameters(lstm)
-    assert [lstm.weight_hh_l0, lstm.weight_hh_l1] == weights
+    assert lstm.weight_hh_l0 is weights[0] and lstm.weight_hh_l1 is weights[1]
     (first.sum() + second.sum()).backward()
     for weight in (*weights, lstm.weight_ih_l0):
         assert weight.grad is not None and bool(weight.grad.abs().sum() > 0)
@@ -127,6 +127,43 @@ def test_weight_dropout_with_a_device_generator_is_reproducible():
     torch.testing.assert_close(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
     assert _flat_weights_are_parameters(root.lstm)
+
+
+class LSTMNet(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(1, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+        self.example_input_array = torch.zeros(2, 16)
+
+    def forward(self, x):
+        return self.head(self.lstm(x.unsqueeze(-1))[0][:, -1])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_weight_dropout_on_a_cudnn_lstm_through_the_callback():
+    torch.manual_seed(0)
+    model = LSTMNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    injector = DropoutInjector(rules=[Rule(name="lstm", variant="weight", p=0.3)], dropout_seed=5)
+    t = fit_trainer(callbacks=[injector])
+    t.fit(model, DataLoader(data(64, 0), batch_size=16))
+    assert [s.key for s in injector.plan] == ["lstm:weight"]
+    lstm = model.lstm
+    assert lstm.weight_hh_l0.device.type == DEVICE
+    assert _flat_weights_are_parameters(lstm)
+    if CUDA:
+        assert _one_flat_buffer(lstm)
+    after = model.state_dict()
+    assert list(after) == list(before)  # no parameter renamed or re-registered
+    for name in ("lstm.weight_hh_l0", "lstm.weight_hh_l1", "lstm.weight_ih_l0"):
+        assert not torch.equal(after[name].cpu(), before[name]), name  # trained through the dropped weights
 
 
 # ----------------------------------------------------------------------------------------------------------
