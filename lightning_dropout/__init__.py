@@ -5,21 +5,83 @@ The layers, with arrows pointing one way: :mod:`~lightning_dropout.variants`, :m
 only torch; :mod:`~lightning_dropout.callback` knows Lightning; the CLI alone reads argv.
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.inject import (
-    Rule,
-    applied_plan,
-    apply_plan,
-    describe,
-    format_sites,
-    inject,
-    output_layer,
-    resolve,
-    site_handles,
-    undo,
-)
-from lightning_dropout.plan import DropoutPlan, Site
-from lightning_dropout.variants import VARIANTS, build_variant, get_variant, variant_names
+
+if TYPE_CHECKING:
+    from lightning_dropout.inject import (
+        Rule,
+        applied_plan,
+        apply_plan,
+        describe,
+        format_sites,
+        inject,
+        output_layer,
+        resolve,
+        site_handles,
+        undo,
+    )
+    from lightning_dropout.plan import DropoutPlan, Site
+    from lightning_dropout.variants import VARIANTS, build_variant, get_variant, variant_names
+
+# The public names and the module each lives in, imported on first use: `lightning-dropout --help` and
+# `import lightning_dropout.cli` do not pay for torch.
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "Rule",
+            "applied_plan",
+            "apply_plan",
+            "describe",
+            "format_sites",
+            "inject",
+            "output_layer",
+            "resolve",
+            "site_handles",
+            "undo",
+        ),
+        "lightning_dropout.inject",
+    ),
+    **dict.fromkeys(("DropoutPlan", "Site"), "lightning_dropout.plan"),
+    **dict.fromkeys(
+        ("VARIANTS", "build_variant", "get_variant", "variant_names"), "lightning_dropout.variants"
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    """``lightning_dropout.inject`` is the function (as with eager imports), not the submodule of that name
+    the import system sets on the package when ``lightning_dropout.inject`` is first imported."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (
+            name == "inject"
+            and isinstance(value, types.ModuleType)
+            and value.__name__ == f"{__name__}.inject"
+        ):
+            value = value.inject
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,9 @@ The algorithm lives in :mod:`lightning_dropout.inject`; this callback only decid
   Lightning's ``WeightAveraging`` does; Lightning requires ``configure_model`` to be idempotent).
 * ``on_fit_start()`` checks that learned rates are visible to an optimizer.
 * ``on_train_epoch_start()`` / ``on_train_batch_start()`` apply the rate schedule from the trainer's progress
-  counters, so a resumed run continues where it stopped; ``on_train_batch_end()`` logs the rates.
+  counters, so a resumed run continues where it stopped. Rates that cannot change within an epoch (constant,
+  or on an epoch schedule) are logged once per epoch, at its start; ``on_train_batch_end()`` logs those that
+  can (step schedules, learned rates) and the measured drop fractions.
 * Concrete dropout's regularizer is added to the loss that ``training_step`` returns (automatic
   optimization); nothing in the module changes.
 
@@ -130,9 +132,11 @@ class DropoutInjector(Callback):
             from site globs (matched against ``"<target>:<where>"`` keys, e.g. ``"encoder.*"``) to schedules;
             the first matching glob wins. Learned (``concrete``) sites are never scheduled.
         log_rates: log each site's current rate as ``dropout/rate/<site>`` (learned rates of ``concrete``
-            sites as ``dropout/learned/<site>``) and their mean as ``dropout/mean_rate``, every
-            ``log_every_n_steps``; with a TensorBoard logger, also write a "Custom Scalars" layout that puts the
-            sites of a group (see :func:`site_groups`) on one chart per quantity.
+            sites as ``dropout/learned/<site>``) and their mean as ``dropout/mean_rate``: rates that can change
+            from step to step (a ``unit="step"`` schedule, learned rates) every ``log_every_n_steps``, the others
+            (constant, or on an epoch schedule) once per epoch, straight to the loggers; with a TensorBoard
+            logger, also write a "Custom Scalars" layout that puts the sites of a group (see
+            :func:`site_groups`) on one chart per quantity.
         track_drop_fraction: also measure and log the fraction of units each site actually dropped
             (``dropout/fraction/<site>``); costs one reduction per site and step.
         use_example_input: when the module sets ``example_input_array``, use it to check that each variant
@@ -193,6 +197,7 @@ class DropoutInjector(Callback):
         self.plan: DropoutPlan | None = None
         self._handles: list[SiteHandle] = []
         self._schedules: list[tuple[SiteHandle, Schedule, float]] = []
+        self._per_step: list[SiteHandle] = []  # sites whose rate may change between steps
 
     def __repr__(self) -> str:
         what = (
@@ -227,6 +232,10 @@ class DropoutInjector(Callback):
             if handle.module is not None:
                 handle.module.track = self.track_drop_fraction
         self._schedules = self._bind_schedules()
+        stepped = {id(handle) for handle, schedule, _ in self._schedules if schedule.unit == "step"}
+        self._per_step = [
+            h for h in self._handles if id(h) in stepped or isinstance(h.module, ConcreteDropout)
+        ]
         if any(isinstance(h.module, ConcreteDropout) for h in self._handles):
             if not pl_module.automatic_optimization:
                 raise DropoutConfigError(
@@ -320,28 +329,42 @@ class DropoutInjector(Callback):
             _set_global_rng(self._global_rng)
             self._global_rng = None
         self._apply_schedule(trainer, "epoch")
+        self._log_epoch_rates(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._apply_schedule(trainer, "step")
 
+    def _log_epoch_rates(self, trainer: pl.Trainer) -> None:
+        """The rates that cannot change within the epoch, once, at its start, straight to the loggers: a constant
+        rate needs no per-step scalar (``self.log`` costs a result-collection update per call and step)."""
+        if not (self.log_rates and self._handles and trainer.is_global_zero and trainer.loggers):
+            return
+        per_step = {id(h) for h in self._per_step}
+        values = {_tag(h, "rate"): h.rate for h in self._handles if id(h) not in per_step}
+        if not per_step:
+            values[f"{_LOG_PREFIX}/mean_rate"] = sum(values.values()) / len(values)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.log_rates or not self._handles:
+        if not self.log_rates or not (self._per_step or self.track_drop_fraction):
             return
         if batch_idx % max(trainer.log_every_n_steps, 1) != 0:  # type: ignore[attr-defined]  # set by Lightning
             return
-        rates = []
-        for handle in self._handles:
-            rate = handle.rate
-            rates.append(rate)
-            pl_module.log(_tag(handle, "rate"), rate, on_step=True, on_epoch=False)
-            fraction = handle.module.drop_fraction if handle.module is not None else None
-            if self.track_drop_fraction and fraction is not None:
-                pl_module.log(_tag(handle, "fraction"), fraction, on_step=True, on_epoch=False)
-        pl_module.log(f"{_LOG_PREFIX}/mean_rate", sum(rates) / len(rates), on_step=True, on_epoch=False)
+        for handle in self._per_step:
+            pl_module.log(_tag(handle, "rate"), handle.rate, on_step=True, on_epoch=False)
+        if self.track_drop_fraction:
+            for handle in self._handles:
+                fraction = handle.module.drop_fraction if handle.module is not None else None
+                if fraction is not None:
+                    pl_module.log(_tag(handle, "fraction"), fraction, on_step=True, on_epoch=False)
+        if self._per_step:  # the mean moves with them
+            mean = sum(h.rate for h in self._handles) / len(self._handles)
+            pl_module.log(f"{_LOG_PREFIX}/mean_rate", mean, on_step=True, on_epoch=False)
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         """TensorBoard "Custom Scalars": one chart per quantity and group of similar sites, all sites of a group

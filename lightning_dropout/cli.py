@@ -30,8 +30,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from lightning_dropout.config import ConfigError, load_config, quiet_lightning
-from lightning_dropout.errors import DropoutConfigError, closest, summarize
+# argv handling, `--help` and `variants` stay cheap: Lightning, jsonargparse and Optuna load in the commands
+from lightning_dropout.errors import ConfigError, DropoutConfigError, closest, summarize
 from lightning_dropout.secrets import redact
 
 __all__ = ["main"]
@@ -61,6 +61,7 @@ def _config_args(rest: list[str]) -> list[str]:
 
 def _lightning(command: str, rest: list[str]) -> int:
     from lightning_dropout.callback import DropoutInjector
+    from lightning_dropout.config import load_config
 
     cli = load_config(rest, instantiate=False)
     plan = cli.config.get("plan")
@@ -132,10 +133,10 @@ def _default_storage(study: str) -> str:
 
 
 def _best(rest: list[str]) -> int:
-    from lightning_dropout.tune.runner import open_study, winner
+    ns = _study_parser("best", "also write the plan to this YAML file (default: print only)").parse_args(rest)
+    from lightning_dropout.tune.runner import open_study, winner  # after parsing: `best --help` stays cheap
     from lightning_dropout.tune.study import plan_summary
 
-    ns = _study_parser("best", "also write the plan to this YAML file (default: print only)").parse_args(rest)
     study = open_study(ns.study, ns.storage or _default_storage(ns.study))
     plan, label = winner(study)
     sys.stdout.write(f"# best plan of {ns.study}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
@@ -145,11 +146,11 @@ def _best(rest: list[str]) -> int:
 
 
 def _report(rest: list[str]) -> int:
-    from lightning_dropout.tune.config import redact
+    ns = _study_parser("report", "the HTML file to write (default: runs/STUDY/report.html)").parse_args(rest)
+    from lightning_dropout.tune.config import redact  # after parsing: `report --help` stays cheap
     from lightning_dropout.tune.report import write_report
     from lightning_dropout.tune.runner import open_study
 
-    ns = _study_parser("report", "the HTML file to write (default: runs/STUDY/report.html)").parse_args(rest)
     storage = ns.storage or _default_storage(ns.study)
     study = open_study(ns.study, storage)
     path = write_report(study, ns.out or f"runs/{ns.study}/report.html", storage=redact(storage))
@@ -171,6 +172,7 @@ def _fail(message: str, config: str | None = None) -> int:
 
 def _describe(args: list[str]) -> int:
     from lightning_dropout.callback import DropoutInjector
+    from lightning_dropout.config import load_config, quiet_lightning
     from lightning_dropout.inject import describe, format_sites
 
     cli = load_config(args)

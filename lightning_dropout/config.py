@@ -25,7 +25,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from lightning_dropout.errors import closest, summarize
+from lightning_dropout.errors import ConfigError, closest, summarize
 from lightning_dropout.secrets import redact_value
 
 __all__ = [
@@ -48,11 +48,6 @@ def _nearest_class(path: str) -> str:
         return ""
     classes = [n for n in dir(module) if not n.startswith("_") and inspect.isclass(getattr(module, n))]
     return f"; nearest: {closest(name, classes)}" if classes else ""
-
-
-class ConfigError(Exception):
-    """A class named in the config refused its arguments (raised while instantiating it), or the config file
-    or a key in it is wrong; the message is one line with the file and the key."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
-__all__ = ["DropoutConfigError", "Interrupted", "check_rate", "closest", "strict_init"]
+__all__ = ["ConfigError", "DropoutConfigError", "Interrupted", "check_rate", "closest", "strict_init"]
 
 # "`x` must ..., but got ...", with the key path that may precede it ("dropout.groups['hidden']: ")
 _RULE_BROKEN = re.compile(
@@ -35,6 +35,12 @@ class DropoutConfigError(ValueError):
     Every message states the rule that was broken, shows the offending value and, where there is a
     finite set of valid values, lists the choices (or the nearest ones).
     """
+
+
+class ConfigError(Exception):
+    """The config file, a key in it, or a class it names is wrong (raised while reading or instantiating it; see
+    :mod:`lightning_dropout.config`); the message is one line with the file and the key. Defined here, with no
+    Lightning import, so the CLI can catch it cheaply."""
 
 
 class Interrupted(KeyboardInterrupt):

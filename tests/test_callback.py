@@ -149,6 +149,37 @@ def test_schedule_mapping_by_site_glob_and_unmatched_glob():
         trainer(callbacks=[bad]).fit(TinyNet(), loader())
 
 
+def _scalar_steps(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = logdir.rglob("events.out.tfevents*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_constant_rates_are_logged_once_per_epoch_and_scheduled_ones_per_step(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    # fc1 constant, fc2 on a step schedule: 4 steps per epoch, 2 epochs, a scalar every step
+    injector = DropoutInjector(rules=[Rule(match=nn.Linear, p=0.4)], schedule={"fc2:*": Linear(unit="step")})
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(callbacks=[injector], logger=logger, log_every_n_steps=1, max_epochs=2).fit(TinyNet(), loader())
+    scalars = _scalar_steps(tmp_path)
+    assert scalars["dropout/rate/fc1:output"] == [(0, pytest.approx(0.4)), (4, pytest.approx(0.4))]
+    assert [step for step, _ in scalars["dropout/rate/fc2:output"]] == list(range(8))
+    assert [step for step, _ in scalars["dropout/mean_rate"]] == list(range(8))  # it moves with fc2
+    # nothing varies within an epoch: every rate and the mean once per epoch
+    injector = DropoutInjector(rules=[Rule(match=nn.Linear, p=0.3)], schedule=EarlyDropout(cutoff=1))
+    logger = TensorBoardLogger(tmp_path / "constant", name="tb", version=0)
+    trainer(callbacks=[injector], logger=logger, log_every_n_steps=1, max_epochs=2).fit(TinyNet(), loader())
+    scalars = _scalar_steps(tmp_path / "constant")
+    for tag in ("dropout/rate/fc1:output", "dropout/rate/fc2:output", "dropout/mean_rate"):
+        assert scalars[tag] == [(0, pytest.approx(0.3)), (4, 0.0)], (
+            tag
+        )  # the epoch schedule's value each epoch
+
+
 def test_track_drop_fraction_is_logged():
     injector = DropoutInjector(rules=[Rule(match=nn.Linear, p=0.5)], track_drop_fraction=True)
     t = trainer(callbacks=[injector], log_every_n_steps=1, max_epochs=1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,44 @@ def test_help_and_no_arguments(capsys):
     assert main(["--help"]) == 0
     assert "describe" in capsys.readouterr().out
     assert main([]) == 2
+
+
+_MODULES_AFTER = """
+import json, sys
+from lightning_dropout.cli import main
+heavy = ("torch", "lightning", "optuna", "jsonargparse")
+seen = {"import": [m for m in heavy if m in sys.modules]}
+for args in (["--help"], ["best", "--help"], ["report", "--help"], ["variants"]):
+    try:
+        main(args)
+    except SystemExit:
+        pass
+    seen[" ".join(args)] = [m for m in heavy if m in sys.modules]
+print(json.dumps(seen))
+"""
+
+
+def test_help_and_variants_import_neither_lightning_nor_optuna():
+    # a fresh interpreter: this one has imported everything already
+    proc = subprocess.run(
+        [sys.executable, "-c", _MODULES_AFTER], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["import"] == seen["--help"] == seen["best --help"] == seen["report --help"] == []
+    assert seen["variants"] == ["torch"]  # the registry's classes are torch modules; nothing above torch
+
+
+def test_lazy_package_names_are_the_public_objects():
+    # in a fresh interpreter, where importing the submodule `lightning_dropout.inject` sets it on the package
+    code = (
+        "import lightning_dropout.inject, lightning_dropout as ld\n"
+        "from lightning_dropout import DropoutPlan, inject\n"
+        "from lightning_dropout.plan import DropoutPlan as P\n"
+        "print(callable(inject), inject is ld.inject, inject.__module__, DropoutPlan is P,"
+        " set(ld.__all__) <= set(dir(ld)), hasattr(ld, 'nope'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert proc.stdout.split() == ["True", "True", "lightning_dropout.inject", "True", "True", "False"]
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,9 @@ numbers. Every study is tiny (MLP on MNIST-1D, 2 epochs of 3 batches, 1 validati
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import traceback
 from pathlib import Path
@@ -565,6 +567,66 @@ def test_journal_storage_end_to_end(tmp_path, data_dir, capsys):
     assert main(["best", "s", "--storage", f"journal:{journal}"]) == 0
     body = capsys.readouterr().out.partition("\n")[2]
     assert DropoutPlan.from_yaml(body) == DropoutPlan.load(tmp_path / "runs" / "s" / "best_plan.yaml")
+
+
+class PidProbe(L.Callback):
+    """Appends the process id of every run it sees to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+class FakeContext:
+    """A multiprocessing context whose processes are recorded, never started; each exits with ``exitcode``."""
+
+    def __init__(self, exitcode: int = 0) -> None:
+        self.exitcode = exitcode
+        self.started: list[tuple[Any, ...]] = []
+
+    def Process(self, target, args, name):  # multiprocessing's name
+        context = self
+
+        class _Process:
+            exitcode = context.exitcode
+
+            def start(self) -> None:
+                context.started.append(args)
+
+            def join(self, timeout: float | None = None) -> None:
+                pass
+
+            def terminate(self) -> None:
+                pass
+
+        return _Process()
+
+
+def test_worker_0_runs_in_the_tune_process(tmp_path, data_dir, monkeypatch):
+    from lightning_dropout.tune import runner
+
+    context = FakeContext()
+    monkeypatch.setattr(runner.multiprocessing, "get_context", lambda method: context)
+    record = tmp_path / "pids.txt"
+    probe = json.dumps([{"class_path": "test_tune.PidProbe", "init_args": {"path": str(record)}}])
+    config = write_config(tmp_path, study={"n_trials": 2, "workers": 3})
+    assert tune(config, tmp_path, data_dir, f"--trainer.callbacks={probe}") == 0
+    # two other workers were spawned (indices 1 and 2); this process, worker 0, trained the trials itself
+    assert [args[1] for args in context.started] == [1, 2]
+    assert record.read_text().split() == [str(os.getpid())] * 2
+    assert [t.state for t in load(tmp_path).get_trials()] == [TrialState.COMPLETE] * 2
+
+
+def test_a_spawned_worker_stopping_on_a_config_error_exits_2(tmp_path, data_dir, monkeypatch, capsys):
+    from lightning_dropout.tune import runner
+
+    monkeypatch.setattr(runner.multiprocessing, "get_context", lambda method: FakeContext(exitcode=2))
+    config = write_config(tmp_path, study={"n_trials": 1, "workers": 2})
+    assert tune(config, tmp_path, data_dir) == 2
+    assert "a worker stopped the study on a configuration error" in one_error(capsys)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class StudyConfig:
         storage: an Optuna storage URL; default ``sqlite:///<run_dir>/<name>/study.db``. ``journal:PATH`` selects
             the journal-file storage; ``postgresql://...`` for many machines.
         seed: seeds the sampler and every trial's ``seed_everything``.
-        workers: worker processes sharing the study on this machine.
+        workers: worker processes sharing the study on this machine (the ``tune`` process is worker 0).
         top_k: after the study, re-run the best ``top_k`` plans (and the baselines) over ``seeds`` seeds.
         seeds: seeds per re-run; 0 or 1 disables re-runs.
         run_dir: where the storage, TensorBoard logs and the best plan are written.

@@ -600,20 +600,32 @@ def _worker_main(args: list[str], index: int) -> None:
 
 
 def run_workers(tuner: Tuner, study: optuna.Study | None = None) -> None:
-    """Run the study's trials in ``study.workers`` processes (in this process, with ``study`` if given, when
-    there is one)."""
+    """Run the study's trials in ``study.workers`` workers: worker 0 in this process (with ``study`` if given),
+    the others in spawned processes, so a study of N workers starts N-1 interpreters, not N."""
     n = tuner.study_config.workers
     if n == 1:
         tuner.run_worker(0, study)
         return
     context = multiprocessing.get_context("spawn")
     procs = [
-        context.Process(target=_worker_main, args=(tuner.args, i), name=f"tune-worker-{i}") for i in range(n)
+        context.Process(target=_worker_main, args=(tuner.args, i), name=f"tune-worker-{i}")
+        for i in range(1, n)
     ]
     for proc in procs:
         proc.start()
-        time.sleep(0.5)  # stagger the first asks so the sampler's startup trials differ
     try:
+        try:
+            # the spawned workers need seconds to import: this one asks first, so the startup trials differ
+            tuner.run_worker(0, study)
+        except DropoutConfigError:  # the others stop on it too (a fatal error ends the study): wait for them
+            for proc in procs:
+                proc.join()
+            raise
+        except Exception:  # not a trial's failure (those are recorded): do not leave the others running
+            for proc in procs:
+                proc.terminate()
+                proc.join(timeout=60)
+            raise
         for proc in procs:
             proc.join()
         if any(proc.exitcode == 2 for proc in procs):
