@@ -81,7 +81,7 @@ def strict_init(cls: type[_T]) -> type[_T]:
             )
         init(self, *args, **kwargs)
 
-    cls.__init__ = __init__  # type: ignore[misc]
+    cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
 
 
