@@ -38,6 +38,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import (
@@ -208,6 +209,7 @@ class DropoutInjector(Callback):
         return f"{type(self).__name__}({what}, schedule={self.schedule!r})"
 
     # -- setup: the injection itself ---------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if is_overridden("configure_model", pl_module):
             log.debug("calling %s.configure_model() before injecting", type(pl_module).__name__)
@@ -277,11 +279,13 @@ class DropoutInjector(Callback):
                 )
         return bound
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if isinstance(pl_module.__dict__.get("training_step"), _RegularizedTrainingStep):
             del pl_module.training_step
 
     # -- fit start: learned rates must be optimized -------------------------------------------------------------
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.dropout_seed is not None:
             self._generator = torch.Generator(device=pl_module.device)
@@ -324,6 +328,7 @@ class DropoutInjector(Callback):
             total_f = float(total) if total not in (None, -1) and total != float("inf") else None
             handle.set_rate(base * schedule.factor(t, total_f))
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._global_rng is not None:  # resumed: continue the random stream the checkpoint left off
             _set_global_rng(self._global_rng)
@@ -331,6 +336,7 @@ class DropoutInjector(Callback):
         self._apply_schedule(trainer, "epoch")
         self._log_epoch_rates(trainer)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -348,6 +354,7 @@ class DropoutInjector(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -377,6 +384,7 @@ class DropoutInjector(Callback):
                 logger.experiment.add_custom_scalars(layout)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"plan": self.plan.to_dict() if self.plan is not None else None}
         if self._generator is not None:
@@ -386,6 +394,7 @@ class DropoutInjector(Callback):
         state["global_rng"] = _global_rng()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._generator_state = state_dict.get("generator")
         self._global_rng = state_dict.get("global_rng")

@@ -24,6 +24,7 @@ import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from typing_extensions import override
 
 from lightning_dropout.errors import ConfigError, closest, summarize
 from lightning_dropout.secrets import redact_value
@@ -258,6 +259,7 @@ class ConfigCLI(LightningCLI):
             parser_kwargs={"exit_on_error": False},
         )
 
+    @override
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
             "--ckpt_path",
@@ -279,6 +281,7 @@ class ConfigCLI(LightningCLI):
             DropoutSpace, "dropout", help="where dropout may go and what to search (tune)"
         )
 
+    @override
     def parse_arguments(self, parser: Any, args: Any) -> None:
         files = [a for i, a in enumerate(args or []) if i > 0 and args[i - 1] in ("--config", "-c")]
         for path in files:
@@ -292,6 +295,7 @@ class ConfigCLI(LightningCLI):
             keys = [a.dest for a in parser._actions if isinstance(getattr(a, "dest", None), str)]
             raise ConfigError(where + explain_parse_error(str(err), keys)) from None
 
+    @override
     def instantiate_classes(self) -> None:
         if self._skip_instantiation:  # LightningCLI.__init__ calls this; `fresh()` instantiates later
             self._skip_instantiation = False
@@ -319,6 +323,7 @@ class ConfigCLI(LightningCLI):
                 return f"{prefix}trainer.callbacks[{i}].init_args: "
         return f"{prefix}{found.group(1)}: "
 
+    @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
         config = {**config, **self.extra_trainer_kwargs}
         return super()._instantiate_trainer(config, [*callbacks, *self.extra_callbacks])

@@ -43,6 +43,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
+from typing_extensions import override
 
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.mc import mc_dropout, predictive_entropy
@@ -320,10 +321,12 @@ class GapMonitor(Callback):
         return out
 
     # -- hooks -------------------------------------------------------------------------------------------------
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_started = time.perf_counter()
         self._batches = None
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
@@ -350,6 +353,7 @@ class GapMonitor(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit_started is None or not self.history:
             return
@@ -423,6 +427,7 @@ class UncertaintyMonitor(Callback):
     def __repr__(self) -> str:
         return f"UncertaintyMonitor(n_samples={self.n_samples}, n_bins={self.n_bins})"
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return

@@ -25,6 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from typing_extensions import override
 
 __all__ = ["CACHE_ENV_VAR", "EpochShuffle", "MNIST1DDataModule", "default_cache_dir"]
 
@@ -187,6 +188,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return self.cache_dir / f"mnist1d_n{self.num_samples}_seed{self.seed}_{digest}.npz"
 
+    @override
     def prepare_data(self) -> None:
         """Generate MNIST-1D locally and cache it, unless the cache file already exists."""
         path = self.cache_path
@@ -236,6 +238,7 @@ class MNIST1DDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ datasets and loaders
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Load the cached arrays and build the train / validation / test datasets."""
         if self.train_dataset is not None:
@@ -265,6 +268,7 @@ class MNIST1DDataModule(L.LightningDataModule):
             **kwargs,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the order of epoch ``e`` is a function of ``seed`` and ``e``
         (:class:`EpochShuffle`), so a resumed fit replays the uninterrupted order. The loader has its own
@@ -275,12 +279,14 @@ class MNIST1DDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader(self.train_dataset, "train_dataset", sampler=sampler, generator=generator)
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order, or ``[]`` when ``val_fraction == 0``."""
         if self.val_fraction == 0:
             return []
         return self._loader(self.val_dataset, "val_dataset", shuffle=False, generator=torch.Generator())
 
+    @override
     def test_dataloader(self) -> DataLoader:
         """The held-out test sequences (1000 with the defaults), in a fixed order."""
         return self._loader(self.test_dataset, "test_dataset", shuffle=False, generator=torch.Generator())

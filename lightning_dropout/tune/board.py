@@ -21,6 +21,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
+from typing_extensions import override
 
 from lightning_dropout.inject import resolve
 from lightning_dropout.plan import DropoutPlan
@@ -88,9 +89,11 @@ class TrialLogger(TensorBoardLogger):
         self._module_hparams: dict[str, Any] = {}
         self._status = "success"
 
+    @override
     def log_hyperparams(self, params: Any, metrics: Any = None) -> None:  # type: ignore[override]
         self._module_hparams.update(params if isinstance(params, Mapping) else vars(params))
 
+    @override
     def finalize(self, status: str) -> None:
         self._status = status
         if self._experiment is not None:

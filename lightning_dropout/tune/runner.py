@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from typing_extensions import override
 
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.config import ConfigCLI, load_config, quiet_lightning
@@ -121,6 +122,7 @@ class TrialPruning(Callback):
         """The index (validation number) of the best finite value so far."""
         return best_index(self.history, self.maximize)
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -184,6 +186,7 @@ class _ChosenPlanInjector(DropoutInjector):
         self._choose = choose
         self._chosen = False
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self._chosen:
             # only rank 0 talks to the study; every rank applies the plan it chose (DDP: one tree everywhere)

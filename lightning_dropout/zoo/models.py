@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 __all__ = ["CNN", "GRU", "MLP", "MNIST1DClassifier", "TransformerEncoderClassifier"]
 
@@ -69,6 +70,7 @@ class MNIST1DClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.example_input_array = torch.zeros(2, INPUT_LENGTH)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - every subclass overrides it
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x) -> logits.")
 
@@ -77,11 +79,13 @@ class MNIST1DClassifier(L.LightningModule):
         logits = self(x)
         return F.cross_entropy(logits, y), logits, y
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, _, _ = self._loss(batch)
         self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True)
         return loss
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, logits, y = self._loss(batch)
         self.val_acc(logits, y)
@@ -89,6 +93,7 @@ class MNIST1DClassifier(L.LightningModule):
         self.log("val_acc", self.val_acc, prog_bar=True)
         return loss
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, logits, y = self._loss(batch)
         self.test_acc(logits, y)
@@ -96,6 +101,7 @@ class MNIST1DClassifier(L.LightningModule):
         self.log("test_acc", self.test_acc)
         return loss
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hparams = self.hparams
         return torch.optim.Adam(
@@ -129,6 +135,7 @@ class MLP(MNIST1DClassifier):
         self.linear2 = nn.Linear(hidden, hidden)
         self.linear3 = nn.Linear(hidden, NUM_CLASSES)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         h = self.linear1(x).relu()
         h = h + self.linear2(h).relu()
@@ -171,6 +178,7 @@ class CNN(MNIST1DClassifier):
             length = _conv_out(length, kernel, stride=2, padding=1)
         self.head = nn.Linear(channels * length, NUM_CLASSES)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         h = x.unsqueeze(1)
         h = self.conv1(h).relu()
@@ -211,6 +219,7 @@ class GRU(MNIST1DClassifier):
         directions = 2 if bidirectional else 1
         self.head = nn.Linear(INPUT_LENGTH * directions * hidden, NUM_CLASSES)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.gru(x.unsqueeze(-1))
         return self.head(out.flatten(1))
@@ -268,6 +277,7 @@ class TransformerEncoderClassifier(MNIST1DClassifier):
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, NUM_CLASSES)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         h = self.embed(x.unsqueeze(-1)) + self.pos_embedding
         h = self.encoder(h)
