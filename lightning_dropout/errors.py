@@ -11,7 +11,15 @@ from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
-__all__ = ["ConfigError", "DropoutConfigError", "Interrupted", "check_rate", "closest", "strict_init"]
+__all__ = [
+    "ConfigError",
+    "DropoutConfigError",
+    "Interrupted",
+    "check_int",
+    "check_rate",
+    "closest",
+    "strict_init",
+]
 
 # "`x` must ..., but got ...", with the key path that may precede it ("dropout.groups['hidden']: ")
 _RULE_BROKEN = re.compile(
@@ -92,6 +100,31 @@ def check_rate(p: object, name: str = "p") -> float:
     value = float(p)
     if not 0.0 <= value < 1.0:  # also rejects NaN
         raise DropoutConfigError(f"`{name}` must satisfy 0 <= {name} < 1, but got {name}={p!r}.")
+    return value
+
+
+def check_int(
+    value: object, name: str, minimum: int = 1, *, key: str | None = None, or_none: str = ""
+) -> Any:
+    """Validate an integer ``>= minimum`` (``True``/``False`` refused); returns it. ``key`` is the name shown in
+    backticks (default ``name``, e.g. ``study.n_trials``); with ``or_none`` (``"None"``, ``"null"``) ``None`` is
+    accepted too and the message says so.
+
+    Example:
+        >>> check_int(3, "n_samples", 2)
+        3
+        >>> check_int(0, "n_trials", key="study.n_trials")
+        Traceback (most recent call last):
+        ...
+        lightning_dropout.errors.DropoutConfigError: `study.n_trials` must be an integer >= 1, but got n_trials=0.
+    """
+    if value is None and or_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        alt = f" or {or_none}" if or_none else ""
+        raise DropoutConfigError(
+            f"`{key or name}` must be an integer >= {minimum}{alt}, but got {name}={value!r}."
+        )
     return value
 
 

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import check_int
 from lightning_dropout.inject import _call, is_dropout_module
 
 __all__ = ["MCPrediction", "mc_dropout", "mc_predict", "predictive_entropy"]
@@ -84,8 +84,7 @@ def mc_predict(
     Returns:
         :class:`MCPrediction` with ``mean`` and ``std`` of shape ``output_shape``.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise DropoutConfigError(f"`n_samples` must be an integer >= 2, but got {n_samples=!r}.")
+    check_int(n_samples, "n_samples", 2)
     outs = []
     with mc_dropout(model):
         for _ in range(n_samples):

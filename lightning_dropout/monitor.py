@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import DropoutConfigError, check_int
 from lightning_dropout.mc import mc_dropout, predictive_entropy
 from lightning_dropout.variants import DropoutVariant
 
@@ -203,14 +203,8 @@ class GapMonitor(Callback):
     def __init__(
         self, num_samples: int = 256, train_mode: bool = True, seed: int = 0, batch_size: int | None = None
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise DropoutConfigError(f"`num_samples` must be an integer >= 1, but got {num_samples=!r}.")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise DropoutConfigError(
-                f"`batch_size` must be an integer >= 1 or None, but got {batch_size=!r}."
-            )
+        check_int(num_samples, "num_samples")
+        check_int(batch_size, "batch_size", or_none="None")
         self.num_samples = num_samples
         self.train_mode = bool(train_mode)
         self.seed = int(seed)
@@ -416,8 +410,7 @@ class UncertaintyMonitor(Callback):
             ("n_bins", n_bins, 1),
             ("every_n_epochs", every_n_epochs, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise DropoutConfigError(f"`{key}` must be an integer >= {low}, but got {key}={value!r}.")
+            check_int(value, key, low)
         self.n_samples = n_samples
         self.n_bins = n_bins
         self.every_n_epochs = every_n_epochs

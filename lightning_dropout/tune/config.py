@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 
-from lightning_dropout.errors import DropoutConfigError, check_rate, closest
+from lightning_dropout.errors import DropoutConfigError, check_int, check_rate, closest
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.secrets import redact
 from lightning_dropout.tune.selection import WINNER_RULES
@@ -146,16 +146,9 @@ class StudyConfig:
             raise DropoutConfigError(
                 f"`study.prune_after` must satisfy 0 <= prune_after <= 1, but got prune_after={self.prune_after!r}."
             )
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
-            raise DropoutConfigError(
-                f"`study.threads` must be an integer >= 1 or null, but got threads={self.threads!r}."
-            )
+        check_int(self.threads, "threads", key="study.threads", or_none="null")
         for key in ("n_trials", "workers", "value_window"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DropoutConfigError(f"`study.{key}` must be an integer >= 1, but got {key}={value!r}.")
+            check_int(getattr(self, key), key, key=f"study.{key}")
         if self.value not in ESTIMATORS:
             raise DropoutConfigError(
                 f"`study.value` must be one of {list(ESTIMATORS)}, but got {self.value!r}; "
@@ -171,9 +164,7 @@ class StudyConfig:
         ]
         self.enqueue = [_check_enqueued(item, i) for i, item in enumerate(self.enqueue)]
         for key in ("top_k", "seeds", "gap_samples", "mc_samples"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise DropoutConfigError(f"`study.{key}` must be an integer >= 0, but got {key}={value!r}.")
+            check_int(getattr(self, key), key, 0, key=f"study.{key}")
         if self.mc_samples == 1:
             raise DropoutConfigError("`study.mc_samples` must be 0 (off) or >= 2, but got mc_samples=1.")
         if self.timeout is not None and not self.timeout > 0:

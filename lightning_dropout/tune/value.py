@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from lightning_dropout.errors import check_int
+
 __all__ = ["ESTIMATORS", "best_index", "trial_value"]
 
 ESTIMATORS = ("best", "window", "ema", "tail", "last")
@@ -68,8 +70,7 @@ def trial_value(values: Sequence[float], estimator: str, maximize: bool, window:
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, but got {estimator!r}.")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"`window` must be an integer >= 1, but got window={window!r}.")
+    check_int(window, "window")
     index = best_index(values, maximize)
     if index is None:
         return math.nan

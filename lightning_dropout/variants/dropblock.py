@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import check_int
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = ["DropBlock", "drop_block", "seed_rate"]
@@ -79,9 +79,7 @@ def _block_keep(
 
 
 def _check_block_size(block_size: int) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise DropoutConfigError(f"`block_size` must be an integer >= 1, but got {block_size=!r}.")
-    return block_size
+    return int(check_int(block_size, "block_size"))
 
 
 def drop_block(

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_dropout.errors import check_int
+
 __all__ = ["CNN", "GRU", "MLP", "MNIST1DClassifier", "TransformerEncoderClassifier"]
 
 NUM_CLASSES = 10
@@ -39,8 +41,7 @@ INPUT_LENGTH = 40
 
 def _check_positive_int(**values: object) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, but got {name}={value!r}.")
+        check_int(value, name)
 
 
 def _check_optim(lr: object, weight_decay: object) -> None:
