@@ -129,7 +129,9 @@ def _study_parser(command: str, out_help: str) -> Any:
 
 
 def _default_storage(study: str) -> str:
-    return f"sqlite:///runs/{study}/study.db"
+    from lightning_dropout.tune.config import default_storage  # after parsing: `--help` stays cheap
+
+    return default_storage(study)
 
 
 def _best(rest: list[str]) -> int:

@@ -41,7 +41,7 @@ def plan_columns(
     columns: dict[str, list[str]] = {}
     for group in groups:
         for variant in group.variants:
-            plan = resolve(model, [group.rule(variant, max(group.p[1], 0.1))], example_input)
+            plan = resolve(model, [group.rule(variant, group.probe_rate)], example_input)
             searched = sorted(group.params.get(variant, {}))
             for site in plan:
                 names = columns.setdefault(site.key, [])

@@ -30,7 +30,7 @@ def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input:
         return
     for group in groups:
         for variant in group.variants:
-            p = group.p[1] if group.p[1] > 0 else 0.1
+            p = group.probe_rate
             params = {k: v[0] for k, v in group.params.get(variant, {}).items()}
             try:
                 check_plan(

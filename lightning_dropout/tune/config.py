@@ -182,7 +182,12 @@ class StudyConfig:
         return int(env) if env.isdigit() and int(env) > 0 else 1
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{self.run_dir}/{self.name}/study.db"
+        return self.storage or default_storage(self.name, self.run_dir)
+
+
+def default_storage(name: str, run_dir: str = "runs") -> str:
+    """The storage of a study that names none: ``sqlite:///<run_dir>/<name>/study.db``."""
+    return f"sqlite:///{run_dir}/{name}/study.db"
 
 
 def _check_enqueued(item: Any, index: int) -> dict[str, Any]:

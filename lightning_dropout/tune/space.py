@@ -109,7 +109,13 @@ class SearchGroup:
                 raise DropoutConfigError(
                     f"{where}: `depth_scaling` choices must be 'none' or 'linear', but got {choice!r}."
                 )
-        self.rule(self.variants[0], self.p[1] if self.p[1] > 0 else 0.1)  # selectors validated once, here
+        self.rule(self.variants[0], self.probe_rate)  # selectors validated once, here
+
+    @property
+    def probe_rate(self) -> float:
+        """A rate > 0 in the group's range (its upper end, or 0.1 when that is 0), to resolve which sites the
+        group selects: a rule at rate 0 would inject nothing."""
+        return max(self.p[1], 0.1)
 
     def rule(
         self,
@@ -127,7 +133,7 @@ class SearchGroup:
 
     def targets(self, model: nn.Module, example_input: Any = None) -> list[str]:
         """The site targets the group selects in ``model``, in model order."""
-        plan = resolve(model, [self.rule(self.variants[0], max(self.p[1], 0.1))], example_input)
+        plan = resolve(model, [self.rule(self.variants[0], self.probe_rate)], example_input)
         return list(dict.fromkeys(s.target for s in plan))
 
 
