@@ -1,8 +1,10 @@
 """lightning-dropout: the right dropout in the right places of any PyTorch Lightning model.
 
 The layers, with arrows pointing one way: :mod:`~lightning_dropout.variants`, :mod:`~lightning_dropout.plan`,
-:mod:`~lightning_dropout.inject`, :mod:`~lightning_dropout.schedules` and :mod:`~lightning_dropout.mc` know
-only torch; :mod:`~lightning_dropout.callback` knows Lightning; the CLI alone reads argv.
+the injection engine (:mod:`~lightning_dropout.inject`, which re-exports the public names of the modules it is
+built from: ``rules``, ``handles`` and private ones), :mod:`~lightning_dropout.schedules` and
+:mod:`~lightning_dropout.mc` know only torch; :mod:`~lightning_dropout.callback` knows Lightning; the CLI alone
+reads argv.
 """
 
 from __future__ import annotations

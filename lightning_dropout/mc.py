@@ -26,8 +26,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_dropout._trace import call_model
 from lightning_dropout.errors import check_int
-from lightning_dropout.inject import _call, is_dropout_module
+from lightning_dropout.rules import is_dropout_module
 
 __all__ = ["MCPrediction", "mc_dropout", "mc_predict", "predictive_entropy"]
 
@@ -88,7 +89,7 @@ def mc_predict(
     outs = []
     with mc_dropout(model):
         for _ in range(n_samples):
-            out = _call(model, x)
+            out = call_model(model, x)
             outs.append(transform(out) if transform is not None else out)
     stacked = torch.stack(outs)
     return MCPrediction(stacked.mean(0), stacked.std(0), stacked if keep_samples else None)

@@ -1,0 +1,323 @@
+"""Rules -> plan: :func:`resolve` turns rules into a :class:`~lightning_dropout.plan.DropoutPlan` for a model,
+changing nothing (torch only)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from torch import nn
+
+from lightning_dropout import _attr_sites as attr_sites
+from lightning_dropout._state import site_records
+from lightning_dropout._trace import Trace, call_model, output_layer
+from lightning_dropout.errors import DropoutConfigError, closest
+from lightning_dropout.plan import DropoutPlan, Site
+from lightning_dropout.rules import Rule, existing_rate, has_float_dropout, is_dropout_module
+from lightning_dropout.variants import DropoutVariant
+
+__all__ = ["check_rules", "complete_params", "float_variant", "functional_refusal", "resolve"]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules -> plan
+# ----------------------------------------------------------------------------------------------------------
+def _weight_names(module: nn.Module, params: Mapping[str, Any]) -> list[str]:
+    names = params.get("weights")
+    if names is None:
+        if isinstance(module, nn.RNNBase):
+            names = [n for n in module._flat_weights_names if n.startswith("weight_hh")]
+        else:
+            names = ["weight"]
+    present = [n for n, _ in module.named_parameters(recurse=False)]
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise DropoutConfigError(
+            f"variant 'weight' needs parameters {missing} on {type(module).__name__}, which has {present}."
+        )
+    return list(names)
+
+
+def complete_params(
+    site_variant: str, where: str, module: nn.Module, params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Fill the parameters a site can read off its target (RNN layout, weight names)."""
+    out = dict(params)
+    if site_variant == "variational" and "batch_first" not in out and isinstance(module, nn.RNNBase):
+        out["batch_first"] = bool(module.batch_first)
+    if where == "weight":
+        out["weights"] = _weight_names(module, out)
+    return out
+
+
+def _attention_targets(qualname: str, module: nn.Module) -> list[str]:
+    if isinstance(module, nn.MultiheadAttention):
+        return [qualname]
+    prefix = f"{qualname}." if qualname else ""
+    return [f"{prefix}{n}" for n, c in module.named_children() if isinstance(c, nn.MultiheadAttention)]
+
+
+def float_variant(module: nn.Module) -> str:
+    return "attention" if isinstance(module, nn.MultiheadAttention) else "standard"
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that may carry a site: not our own variants, not the insides of nn.MultiheadAttention (its
+    forward calls no submodule), not containers without a forward. A module we replaced is seen as the
+    original it replaced, so resolving the same rules again gives the same plan."""
+    replaced = {r.site.target: r.original for r in site_records(model).values() if r.site.where == "replace"}
+    inside_mha = {
+        id(c)
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for c in m.modules()
+        if c is not m
+    }
+    out = []
+    for qualname, module in model.named_modules():
+        if qualname in replaced:
+            out.append((qualname, replaced[qualname]))
+        elif (
+            not isinstance(module, (DropoutVariant, nn.ModuleList, nn.ModuleDict))
+            and id(module) not in inside_mha
+        ):
+            out.append((qualname, module))
+    return out
+
+
+def _original_rate(
+    model: nn.Module, qualname: str, module: nn.Module, attr: str | None = None
+) -> float | None:
+    """The rate ``module`` had before we touched it (attribute sites change the float in place); for a rate
+    attribute ``qualname`` is its path ``"<owner>.<attribute>"``."""
+    record = site_records(model).get(f"{qualname}:attribute")
+    if record is not None:
+        return float(record.original)
+    return float(getattr(module, attr)) if attr is not None else existing_rate(module)
+
+
+def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]:
+    assert rule.p is not None  # guaranteed by Rule.__post_init__ for injecting rules
+    if rule.variant == "attention":
+        targets = _attention_targets(qualname, module)
+        if not targets:
+            raise DropoutConfigError(
+                f"variant 'attention' applies to nn.MultiheadAttention or a layer holding one (nn.Transformer*Layer),"
+                f" but {rule.label()} selected {qualname!r} ({type(module).__name__})."
+            )
+        return [Site(t, "attribute", "attention", rule.p) for t in targets]
+    if rule.variant == "weight":
+        return [
+            Site(
+                qualname,
+                "weight",
+                "weight",
+                rule.p,
+                complete_params("weight", "weight", module, rule.params),
+            )
+        ]
+    places = ("input", "output") if rule.where == "both" else (rule.where,)
+    if "input" in places and isinstance(module, nn.Sequential):
+        raise DropoutConfigError(
+            f"where='input' is not supported on nn.Sequential {qualname!r}: target its first module instead."
+        )
+    params = complete_params(rule.variant, rule.where, module, rule.params)
+    return [Site(qualname, w, rule.variant, rule.p, params) for w in places]
+
+
+def _replacement_sites(
+    rule: Rule, qualname: str, module: nn.Module, model: nn.Module, attr: str | None = None
+) -> list[Site]:
+    explicit = rule.replace is not True
+    if attr is not None:  # a float rate the owner applies with nn.functional.dropout or an attention kernel
+        if rule.variant != "standard":
+            if explicit:
+                raise DropoutConfigError(functional_refusal(qualname, module, attr, rule.variant))
+            return []
+        p = rule.p if rule.p is not None else cast(float, _original_rate(model, qualname, module, attr))
+        return [Site(qualname, "attribute", "standard", p)]
+    float_site = has_float_dropout(module)
+    if float_site:
+        kind = float_variant(module)
+        if rule.variant not in (kind, "standard"):
+            if explicit:
+                raise DropoutConfigError(
+                    f"the float `dropout` of {type(module).__name__} {qualname!r} runs inside torch's kernel and takes "
+                    f"only variant {kind!r}, but {rule.label()} asks for {rule.variant!r}."
+                )
+            return []
+        # a float-dropout owner (MultiheadAttention/RNNBase) always has a rate
+        p = rule.p if rule.p is not None else cast(float, _original_rate(model, qualname, module))
+        return [Site(qualname, "attribute", kind, p)]
+    p = rule.p if rule.p is not None else (existing_rate(module) or 0.0)
+    return [
+        Site(
+            qualname,
+            "replace",
+            rule.variant,
+            p,
+            complete_params(rule.variant, "replace", module, rule.params),
+        )
+    ]
+
+
+def functional_refusal(path: str, owner: nn.Module, attr: str, variant: str) -> str:
+    return (
+        f"site '{path}:attribute': {type(owner).__name__} applies its float `{attr}` functionally "
+        f"(nn.functional.dropout or an attention kernel), which takes only variant 'standard', but got {variant!r}; "
+        "keep 'standard' there (its rate can be set, tuned or switched off with p=0)."
+    )
+
+
+def _rate_owner(module: nn.Module) -> bool:
+    """Whether ``module`` may own functional rate attributes (dropout modules and the float-dropout owners
+    of torch are handled as such)."""
+    return not (is_dropout_module(module) or has_float_dropout(module) or isinstance(module, nn.RNNBase))
+
+
+def _rate_attributes(
+    model: nn.Module, example_input: Any = None
+) -> dict[str, list[tuple[str, nn.Module, str]]]:
+    """Per owner name, the ``(path, owner, attribute)`` of every float rate the owner applies functionally.
+
+    Candidates by name and value (:func:`~lightning_dropout._attr_sites.rate_attribute_candidates`); proven
+    by a sentinel probe with ``example_input`` for owners it runs, else by the owner's source."""
+    owners = [
+        (q, m, attr_sites.rate_attribute_candidates(m)) for q, m in _candidates(model) if _rate_owner(m)
+    ]
+    owners = [(q, m, names) for q, m, names in owners if names]
+    if not owners:
+        return {}
+    probed = None
+    if example_input is not None:
+        probed = attr_sites.probe(
+            model,
+            lambda: call_model(model, example_input),
+            [(m, n) for _, m, names in owners for n in names],
+            [m for _, m, _ in owners],
+        )
+    found: dict[str, list[tuple[str, nn.Module, str]]] = {}
+    for qualname, module, names in owners:
+        for name in names:
+            if attr_sites.reaches_dropout(module, name, probed):
+                path = f"{qualname}.{name}" if qualname else name
+                found.setdefault(qualname, []).append((path, module, name))
+    return found
+
+
+def _selected(
+    rule: Rule,
+    model: nn.Module,
+    excluded: set[str],
+    rates: dict[str, list[tuple[str, nn.Module, str]]] | None = None,
+) -> list[tuple[str, nn.Module, str | None]]:
+    """``(name, module, rate attribute or None)`` of every site ``rule`` selects; for rate attributes the
+    name is ``"<owner>.<attribute>"`` (what ``name``/``regex`` globs see) and the module is the owner."""
+    picked: list[tuple[str, nn.Module, str | None]] = []
+    for qualname, module in _candidates(model):
+        owned = (rates or {}).get(qualname, [])
+        if rule.replace is None:
+            if qualname in excluded or is_dropout_module(module) or (qualname == "" and rule.name is None):
+                continue
+        elif rule.replace is True or (owned and isinstance(module, rule.replace)):
+            picked.extend((path, module, attr) for path, module, attr in owned if rule._selects(path, module))
+            if not (is_dropout_module(module) or has_float_dropout(module)):
+                continue
+        elif not isinstance(module, rule.replace):
+            continue
+        if rule.replace is not None and qualname == "":
+            continue
+        if rule._selects(qualname, module):
+            picked.append((qualname, module, None))
+    return picked
+
+
+def _no_match_error(rule: Rule, index: int, model: nn.Module) -> DropoutConfigError:
+    names = [n for n, _ in model.named_modules() if n]
+    probe = (rule.name or [rule.regex or ""])[0] if (rule.name or rule.regex) else ""
+    probe = probe.replace("*", "").replace("?", "").strip(".") if probe else ""
+    near = (closest(probe, names) if probe else []) or names[:5]
+    types = sorted({type(m).__name__ for _, m in model.named_modules()})
+    return DropoutConfigError(
+        f"rules[{index}] {rule.label()} must match at least one module of {type(model).__name__}, but matches none;"
+        f" closest module names: {near}; module types present: {types}."
+    )
+
+
+def check_rules(rules: Any, call: str) -> None:
+    """``rules`` must be a Rule or a sequence of Rules / mappings of Rule arguments."""
+    items = [rules] if isinstance(rules, (Rule, Mapping)) else rules
+    if isinstance(rules, (str, bytes)) or not isinstance(items, Sequence):
+        items = [rules]
+    for item in items:
+        if not isinstance(item, (Rule, Mapping)):
+            hint = f"; for a module class write Rule(match={item!r}, p=...)" if isinstance(item, str) else ""
+            raise DropoutConfigError(
+                f"`{call}` takes Rule objects (or mappings of their arguments) as `rules`, but got {item!r} "
+                f"({type(item).__name__}){hint}."
+            )
+
+
+def resolve(
+    model: nn.Module, rules: Sequence[Rule], example_input: Any = None, *, _traced: Trace | None = None
+) -> DropoutPlan:
+    """Turn ``rules`` into a :class:`~lightning_dropout.plan.DropoutPlan` for ``model`` (nothing is changed).
+
+    Args:
+        model: any ``nn.Module`` (already injected modules are looked through).
+        rules: the rules, applied in order; a later rule overrides an earlier one on the same site.
+        example_input: optional input (tensor, tuple of positional args, or dict of kwargs); when given, the
+            output layer is found by execution order.
+
+    Raises:
+        DropoutConfigError: a rule matches nothing (with the closest module names) or a variant cannot
+            apply to a selected module.
+    """
+    if isinstance(rules, Rule):
+        rules = [rules]
+    check_rules(rules, "resolve(model, rules)")
+    rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
+    wants_head = any(r.exclude_output_layer for r in rules)
+    head = output_layer(model, example_input, _traced=_traced) if wants_head else None
+    rates = _rate_attributes(model, example_input) if any(r.replace is not None for r in rules) else {}
+    sites: list[Site] = []
+    for index, rule in enumerate(rules):
+        excluded = {head} if (rule.exclude_output_layer and head is not None) else set()
+        picked = _selected(rule, model, excluded, rates)
+        new: list[Site] = []
+        skipped: list[str] = []
+        for qualname, module, attr in picked:
+            if rule.replace is None:
+                new.extend(_injection_sites(rule, qualname, module))
+            else:
+                found = _replacement_sites(rule, qualname, module, model, attr)
+                if not found and attr is not None and getattr(module, attr) > 0:
+                    skipped.append(qualname)
+                new.extend(found)
+        if not new and skipped:
+            raise DropoutConfigError(
+                f"rules[{index}] {rule.label()} selects only float rates the model applies functionally "
+                f"({skipped[:3]}{' ...' if len(skipped) > 3 else ''}), which take only variant 'standard', but got "
+                f"{rule.variant!r}."
+            )
+        if not new:
+            raise _no_match_error(rule, index, model)
+        if skipped:
+            warnings.warn(
+                f"rules[{index}] {rule.label()} leaves {len(skipped)} float rates the model applies functionally "
+                f"as they are ({skipped[:3]}{' ...' if len(skipped) > 3 else ''}): they take only variant 'standard'; "
+                "add a Rule(replace=True, variant='standard') to set or tune them.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if rule.depth_scaling == "linear" and len(new) > 1:
+            n = len(new)
+            new = [Site(s.target, s.where, s.variant, s.p * i / (n - 1), s.params) for i, s in enumerate(new)]
+        sites.extend(new)
+    plan = DropoutPlan(sites)
+    log.debug("resolved %d rules into %d sites", len(rules), len(plan))
+    return plan

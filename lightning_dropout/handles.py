@@ -1,0 +1,145 @@
+"""Inspecting applied sites: live handles on their rates, :func:`describe` and its table, and the
+regularization of learned-rate sites (torch only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_dropout._state import CHILD_FOR, STATE_ATTR, float_slot
+from lightning_dropout._trace import trace_input
+from lightning_dropout.errors import check_rate
+from lightning_dropout.plan import Site
+from lightning_dropout.variants import DropoutVariant
+
+__all__ = ["SiteHandle", "SiteInfo", "describe", "format_sites", "regularization", "site_handles"]
+
+
+@dataclass
+class SiteHandle:
+    """A live site: its plan entry, the variant module (``None`` for attribute sites), its owner and, for
+    attribute sites, the name of the float it sets on the owner."""
+
+    site: Site
+    module: DropoutVariant | None
+    owner: nn.Module
+    attr: str = "dropout"  # the float an attribute site sets on its owner
+
+    @property
+    def rate(self) -> float:
+        return float(getattr(self.owner, self.attr)) if self.module is None else float(self.module.p)
+
+    def set_rate(self, p: float) -> None:
+        if self.module is None:
+            setattr(self.owner, self.attr, check_rate(p))
+        else:
+            self.module.set_rate(p)
+
+
+def site_handles(model: nn.Module) -> list[SiteHandle]:
+    """Handles on every applied site, in plan order."""
+    out = []
+    for record in model.__dict__.get(STATE_ATTR, {}).values():
+        site = record.site
+        attr = "dropout"
+        if site.where == "attribute":
+            owner, attr = float_slot(model, site)
+            module = None
+        else:
+            owner = model.get_submodule(site.target)
+            if site.where == "replace":
+                module = owner
+            elif isinstance(owner, nn.Sequential) and site.where == "output":
+                module = owner._modules[record.original]
+            else:
+                module = owner._modules[CHILD_FOR[site.where]]
+        out.append(SiteHandle(site, module, owner, attr))  # type: ignore[arg-type]
+    return out
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One row of :func:`describe`."""
+
+    key: str
+    target: str
+    module_type: str
+    where: str
+    variant: str
+    p: float
+    params: dict[str, Any]
+    shape: tuple[int, ...] | None
+
+
+def describe(model: nn.Module, example_input: Any = None) -> list[SiteInfo]:
+    """List every applied site: name, module type, variant, current rate, and the shape the site sees when
+    ``example_input`` is given. ``print(format_sites(describe(model)))`` shows it as a table."""
+    trace = trace_input(model, example_input) if example_input is not None else None
+    rows = []
+    for handle in site_handles(model):
+        site = handle.site
+        shape = None
+        if trace is not None:
+            shapes = trace.in_shapes if site.where in ("input", "replace") else trace.out_shapes
+            shape = shapes.get(site.target)
+        module_type = type(
+            handle.owner if site.where != "replace" else model.__dict__[STATE_ATTR][site.key].original
+        )
+        rows.append(
+            SiteInfo(
+                site.key,
+                site.target,
+                module_type.__name__,
+                site.where,
+                site.variant,
+                handle.rate,
+                dict(site.params),
+                shape,
+            )
+        )
+    return rows
+
+
+def format_sites(rows: Iterable[SiteInfo]) -> str:
+    """A fixed-width text table of :func:`describe` rows."""
+    header = ("site", "module", "variant", "p", "params", "shape")
+    body = [
+        (
+            r.key,
+            r.module_type,
+            r.variant,
+            f"{r.p:.3g}",
+            ", ".join(f"{k}={v}" for k, v in r.params.items()),
+            "x".join(map(str, r.shape)) if r.shape else "",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *body]
+    ]
+    return "\n".join(lines)
+
+
+def regularization(model: nn.Module) -> Tensor:
+    """The sum of the regularizers of every learned-rate (``concrete``) site applied to ``model``; a zero
+    tensor when there is none. Each site's weight term uses the parameters of the module it sits on (for
+    ``replace`` sites, which own none, only the rate term counts)."""
+    total: Tensor | None = None
+    for handle in site_handles(model):
+        regularizer = getattr(handle.module, "regularizer", None)
+        if regularizer is None:
+            continue
+        own = {id(p) for p in handle.module.parameters()}  # type: ignore[union-attr]
+        weights = [p for p in handle.owner.parameters() if id(p) not in own]
+        term = regularizer(weights)
+        total = term if total is None else total + term
+    if total is None:
+        first = next(model.parameters(), None)
+        return torch.zeros((), device=first.device if first is not None else None)
+    return total

@@ -1,0 +1,229 @@
+"""Rules: what counts as dropout in a model we did not write, and :class:`Rule`, which says where dropout
+goes, which variant and which rate (torch only).
+
+Rules are turned into a plan by :func:`~lightning_dropout.inject.resolve` (in
+:mod:`lightning_dropout._resolve`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
+
+from lightning_dropout.errors import DropoutConfigError, check_rate, closest, strict_init
+from lightning_dropout.variants import DropoutVariant, build_variant, get_variant
+
+__all__ = ["Rule", "existing_rate", "has_float_dropout", "is_dropout_module", "is_leaf"]
+
+_PLACEMENTS = ("output", "input", "both")
+_DEPTH_SCALINGS = ("none", "linear")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What counts as dropout in a model we did not write
+# ----------------------------------------------------------------------------------------------------------
+def is_dropout_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a dropout module: torch's ``nn.Dropout*``/``nn.AlphaDropout`` family, one of our
+    variants, or a module that carries a float ``drop_prob`` (timm's ``DropPath``/``DropBlock2d``) or is a
+    torchvision ``StochasticDepth``/``DropBlock`` (a float ``p`` from ``torchvision.ops``)."""
+    if isinstance(module, (_DropoutNd, DropoutVariant)):
+        return True
+    if isinstance(getattr(module, "drop_prob", None), float):
+        return True
+    return type(module).__module__.startswith("torchvision.ops") and isinstance(
+        getattr(module, "p", None), float
+    )
+
+
+def existing_rate(module: nn.Module) -> float | None:
+    """The rate an existing dropout module (or float-dropout owner) uses, or ``None``."""
+    if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+        return float(module.dropout)
+    for attr in ("p", "drop_prob"):
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def has_float_dropout(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    return isinstance(module, nn.RNNBase) and module.num_layers > 1
+
+
+def _user_children(module: nn.Module) -> list[nn.Module]:
+    return [c for c in module.children() if not isinstance(c, DropoutVariant)]
+
+
+def is_leaf(module: nn.Module) -> bool:
+    return not _user_children(module)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules
+# ----------------------------------------------------------------------------------------------------------
+def _resolve_type(spec: Any, field_name: str) -> type[nn.Module]:
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return spec
+    if not isinstance(spec, str):
+        raise DropoutConfigError(f"`{field_name}` must name nn.Module classes, but got {spec!r}.")
+    if "." not in spec:
+        found = getattr(nn, spec, None)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found
+        choices = [
+            n for n in dir(nn) if isinstance(getattr(nn, n), type) and issubclass(getattr(nn, n), nn.Module)
+        ]
+        raise DropoutConfigError(
+            f"`{field_name}` names a class in torch.nn or by its import path ('pkg.module.Class'), but got "
+            f"{spec!r}; nearest in torch.nn: {closest(spec, choices)}."
+        )
+    module_name, _, cls_name = spec.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError):
+        raise DropoutConfigError(
+            f"`{field_name}` must be an importable nn.Module class, but got {spec!r}."
+        ) from None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise DropoutConfigError(f"`{field_name}` must be an nn.Module class, but {spec!r} is {found!r}.")
+    return found
+
+
+def _as_types(spec: Any, field_name: str) -> tuple[type[nn.Module], ...]:
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    if not items:
+        raise DropoutConfigError(f"`{field_name}` must name at least one class, but got {spec!r}.")
+    return tuple(_resolve_type(s, field_name) for s in items)
+
+
+def _as_globs(spec: Any, field_name: str) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not all(isinstance(s, str) for s in items):
+        raise DropoutConfigError(f"`{field_name}` must be a glob string or a list of them, but got {spec!r}.")
+    return tuple(items)
+
+
+@strict_init
+@dataclass
+class Rule:
+    """Where dropout goes, which variant and which rate; resolved against a model into plan sites.
+
+    A rule either *injects* (give ``match``, ``name`` and/or ``regex``: every module passing all the given
+    filters gets a site) or *replaces* existing dropout (give ``replace``). Later rules override earlier
+    ones on the same site.
+
+    Args:
+        variant: a registered variant name (``"standard"``, ``"spatial"``, ...).
+        p: the rate. For ``replace`` rules ``None`` keeps each replaced module's own rate.
+        match: module class(es), as classes or names (``"Linear"`` for ``torch.nn.Linear``, or
+            ``"pkg.module.Class"``); subclasses match too.
+        name: glob(s) on qualified module names (``"encoder.layers.*.linear1"``).
+        regex: a regular expression that must match a whole qualified module name.
+        exclude: glob(s) of qualified names never to touch.
+        replace: ``True`` for every dropout the model has (``nn.Dropout*``, ``nn.AlphaDropout``, timm and
+            torchvision drop-path/drop-block modules, the float ``dropout`` of attention and stacked RNNs
+            where the variant can take it, and float rates modules apply with ``F.dropout`` or an attention
+            kernel, such as Hugging Face BART's ``dropout``/``activation_dropout`` or timm's ``drop_rate``, when
+            the variant is ``standard``), or class(es) to replace, e.g. ``nn.Dropout`` or ``nn.Identity``
+            placeholders (combine the latter with ``name``); a class owning such float rates gets attribute
+            sites for them. ``name``/``regex`` see a float rate as ``"<module>.<attribute>"``.
+        where: ``"output"`` (default), ``"input"`` or ``"both"``; ignored by ``replace`` rules and by the
+            ``weight`` and ``attention`` variants, which act on weights and attention probabilities.
+        params: the variant's own parameters, e.g. ``{"block_size": 5}``.
+        exclude_output_layer: never put dropout after the model's final output layer (default ``True``).
+        depth_scaling: ``"linear"`` scales the rate of the rule's i-th site of n by ``i / (n - 1)``
+            (``linspace(0, p, n)``, timm's drop-path rule); ``"none"`` keeps ``p`` everywhere.
+
+    Example:
+        >>> Rule(match="Linear", p=0.2).match
+        (<class 'torch.nn.modules.linear.Linear'>,)
+    """
+
+    variant: str = "standard"
+    p: float | None = None
+    match: Any = None
+    name: Any = None
+    regex: str | None = None
+    exclude: Any = None
+    replace: Any = None
+    where: str = "output"
+    params: dict[str, Any] = field(default_factory=dict)
+    exclude_output_layer: bool = True
+    depth_scaling: str = "none"
+
+    def __post_init__(self) -> None:
+        get_variant(self.variant)
+        if self.p is not None:
+            self.p = check_rate(self.p)
+        self.match = _as_types(self.match, "match") if self.match is not None else None
+        self.name = _as_globs(self.name, "name") or None
+        self.exclude = _as_globs(self.exclude, "exclude")
+        if self.regex is not None:
+            try:
+                self._regex = re.compile(self.regex)
+            except re.error as err:
+                raise DropoutConfigError(
+                    f"`regex` must be a valid regular expression, but got regex={self.regex!r} ({err})."
+                ) from None
+        if self.replace is not None and self.replace is not True:
+            if self.replace is False:
+                self.replace = None
+            else:
+                self.replace = _as_types(self.replace, "replace")
+        if self.replace is None:
+            if self.match is None and self.name is None and self.regex is None:
+                raise DropoutConfigError(
+                    "a rule must select modules with `match`, `name` or `regex`, or replace "
+                    f"existing dropout with `replace`, but got {self!r}."
+                )
+            if self.p is None:
+                raise DropoutConfigError(
+                    f"an injecting rule needs a rate `p` with 0 <= p < 1, but got p=None in {self!r}."
+                )
+        if self.where not in _PLACEMENTS:
+            raise DropoutConfigError(
+                f"`where` must be one of {list(_PLACEMENTS)}, but got where={self.where!r}."
+            )
+        if self.depth_scaling not in _DEPTH_SCALINGS:
+            raise DropoutConfigError(
+                f"`depth_scaling` must be one of {list(_DEPTH_SCALINGS)}, but got depth_scaling={self.depth_scaling!r}."
+            )
+        if not isinstance(self.params, Mapping):
+            raise DropoutConfigError(f"`params` must be a mapping, but got params={self.params!r}.")
+        self.params = dict(self.params)
+        build_variant(self.variant, self.p or 0.1, **self.params)  # validates the variant's parameters now
+
+    def label(self) -> str:
+        """A short human description used in messages."""
+        parts = []
+        if self.replace is True:
+            parts.append("replace=True")
+        elif self.replace:
+            parts.append(f"replace={[t.__name__ for t in self.replace]}")
+        if self.match:
+            parts.append(f"match={[t.__name__ for t in self.match]}")
+        if self.name:
+            parts.append(f"name={list(self.name)}")
+        if self.regex:
+            parts.append(f"regex={self.regex!r}")
+        return f"Rule({', '.join(parts)}, variant={self.variant!r})"
+
+    def _selects(self, qualname: str, module: nn.Module) -> bool:
+        if self.match is not None and not isinstance(module, self.match):
+            return False
+        if self.name is not None and not any(fnmatch.fnmatchcase(qualname, g) for g in self.name):
+            return False
+        if self.regex is not None and not self._regex.fullmatch(qualname):
+            return False
+        return not any(fnmatch.fnmatchcase(qualname, g) for g in self.exclude)
