@@ -252,7 +252,7 @@ def _fail_stale(study: Any) -> None:
     interrupted so that they do not count towards ``n_trials``."""
     from optuna.trial import TrialState
 
-    from lightning_dropout.tune.runner import FAIL_ATTR, INTERRUPTED
+    from lightning_dropout.tune.records import FAIL_ATTR, INTERRUPTED
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(trial._trial_id, FAIL_ATTR, INTERRUPTED)
@@ -296,7 +296,7 @@ def arm_tuner(name: str, budget: Budget, work: Path, tmp: Path, stages: Stages) 
     import optuna
     from rich.console import Console
 
-    from lightning_dropout.tune.runner import open_study, rerun_candidates
+    from lightning_dropout.tune.records import open_study, rerun_candidates
     from lightning_dropout.tune.study import plan_summary, tune, verdict
 
     if "tuner" in stages.data:

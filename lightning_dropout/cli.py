@@ -136,7 +136,7 @@ def _default_storage(study: str) -> str:
 
 def _best(rest: list[str]) -> int:
     ns = _study_parser("best", "also write the plan to this YAML file (default: print only)").parse_args(rest)
-    from lightning_dropout.tune.runner import open_study, winner  # after parsing: `best --help` stays cheap
+    from lightning_dropout.tune.records import open_study, winner  # after parsing: `best --help` stays cheap
     from lightning_dropout.tune.study import plan_summary
 
     study = open_study(ns.study, ns.storage or _default_storage(ns.study))
@@ -150,8 +150,8 @@ def _best(rest: list[str]) -> int:
 def _report(rest: list[str]) -> int:
     ns = _study_parser("report", "the HTML file to write (default: runs/STUDY/report.html)").parse_args(rest)
     from lightning_dropout.tune.config import redact  # after parsing: `report --help` stays cheap
+    from lightning_dropout.tune.records import open_study
     from lightning_dropout.tune.report import write_report
-    from lightning_dropout.tune.runner import open_study
 
     storage = ns.storage or _default_storage(ns.study)
     study = open_study(ns.study, storage)

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from studies import load, tune, write_config
 
-from lightning_dropout.tune.runner import BASELINE_ATTR
+from lightning_dropout.tune.records import BASELINE_ATTR
 from lightning_dropout.tune.seeding import PerTrialSeeded, derive_seed, seeded_sampler
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")

@@ -1,17 +1,10 @@
 """Tuning studies: per-layer dropout rate and variant search with Optuna (the only layer that imports Optuna)."""
 
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
-from lightning_dropout.tune.runner import (
-    Candidate,
-    TrialPruning,
-    Tuner,
-    candidates,
-    open_storage,
-    open_study,
-    rerun,
-    run_workers,
-    winner,
-)
+from lightning_dropout.tune.pruning import TrialPruning
+from lightning_dropout.tune.records import candidates, open_storage, open_study, winner
+from lightning_dropout.tune.runner import Tuner, rerun, run_workers
+from lightning_dropout.tune.selection import Candidate
 from lightning_dropout.tune.space import SearchGroup, suggest_plan
 
 __all__ = [

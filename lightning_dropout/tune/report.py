@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lightning_dropout.monitor import metric_base_name
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.tune.runner import (
+from lightning_dropout.tune.records import (
     BASELINE_ATTR,
     FAIL_ATTR,
     METRICS_ATTR,

@@ -21,7 +21,6 @@ import math
 import multiprocessing
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +29,9 @@ from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import optuna
-import sqlalchemy.exc
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from typing_extensions import override
 
@@ -48,103 +45,68 @@ from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
 from lightning_dropout.tune.checks import check_groups, check_run_dir
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, redact
+from lightning_dropout.tune.pruning import MetricNotLoggedError, TrialPruning
+from lightning_dropout.tune.records import (
+    BASELINE_AS_WRITTEN,
+    BASELINE_ATTR,
+    BASELINE_NONE,
+    ENQUEUED_ATTR,
+    FAIL_ATTR,
+    FIXED_PLAN_ATTR,
+    INTERRUPTED,
+    METRICS_ATTR,
+    PLAN_ATTR,
+    WARM_START_ATTR,
+    candidates,
+    finished_trials,
+    open_storage,
+    open_study,
+    plan_amount,
+    rerun_candidates,
+    stored_plan,
+    trial_label,
+    winner,
+)
 from lightning_dropout.tune.seeding import seeded_sampler
 from lightning_dropout.tune.selection import (
-    NO_DROPOUT,
     UNIFORM_PREFIX,
     Candidate,
-    choose_winner,
     rank_candidates,
 )
 from lightning_dropout.tune.space import suggest_plan, uniform_params
-from lightning_dropout.tune.value import best_index, trial_value
+from lightning_dropout.tune.value import trial_value
 
-__all__ = ["Candidate", "TrialPruning", "TrialResult", "Tuner", "open_study", "rank_candidates"]
+# the storage schema (records) and the pruning callback are re-exported: they were defined here before
+__all__ = [
+    "BASELINE_AS_WRITTEN",
+    "BASELINE_ATTR",
+    "BASELINE_NONE",
+    "ENQUEUED_ATTR",
+    "FAIL_ATTR",
+    "FIXED_PLAN_ATTR",
+    "INTERRUPTED",
+    "METRICS_ATTR",
+    "PLAN_ATTR",
+    "WARM_START_ATTR",
+    "Candidate",
+    "MetricNotLoggedError",
+    "TrialPruning",
+    "TrialResult",
+    "Tuner",
+    "candidates",
+    "finished_trials",
+    "open_storage",
+    "open_study",
+    "plan_amount",
+    "rank_candidates",
+    "rerun",
+    "rerun_candidates",
+    "rerun_seeds",
+    "run_workers",
+    "winner",
+]
 
 log = logging.getLogger(__name__)
-
-BASELINE_ATTR = "baseline"
-WARM_START_ATTR = "warm_start"  # the label of a warm-start trial ("uniform p=0.2")
-ENQUEUED_ATTR = "enqueued"  # the label of a trial from `study.enqueue` ("enqueued #1")
-FIXED_PLAN_ATTR = "fixed_plan"  # the plan (YAML) of an enqueued plan: trained as is, nothing sampled
-PLAN_ATTR = "plan"
-METRICS_ATTR = "metrics"
-FAIL_ATTR = "fail_reason"
-INTERRUPTED = "interrupted (Ctrl-C)"
-BASELINE_NONE = NO_DROPOUT
-BASELINE_AS_WRITTEN = "as written"
-HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
-
-
-class MetricNotLoggedError(DropoutConfigError):
-    """The study's metric is not logged: every trial would fail the same way, so the study stops."""
-
-
-class TrialPruning(Callback):
-    """Report the monitored metric to an Optuna trial after each validation; stop when it should be pruned.
-
-    Only rank 0 talks to the study; the decision reaches every rank through ``strategy.broadcast`` and stops
-    the run gracefully (``trainer.should_stop``), so no rank is left waiting in a collective. The caller
-    raises ``optuna.TrialPruned`` after ``fit`` when :attr:`pruned` is set.
-
-    Args:
-        trial: the Optuna trial (``None`` on the other ranks, and for re-runs).
-        monitor: the metric to report.
-        direction: ``maximize`` or ``minimize``.
-        prune_after: the pruner is not asked before this share of ``max_epochs`` (dropout learns slower at
-            first, so early values are biased against it).
-        prunable: ``False`` for fixed trials (baselines, the warm-start grid, enqueued trials): they report
-            every value, so the pruner can compare against them, but always run to the end.
-    """
-
-    def __init__(
-        self,
-        trial: optuna.Trial | None,
-        monitor: str,
-        direction: str,
-        prune_after: float = 0.0,
-        prunable: bool = True,
-    ) -> None:
-        self.trial = trial
-        self.monitor = monitor
-        self.maximize = direction == "maximize"
-        self.prune_after = prune_after
-        self.prunable = prunable
-        self.pruned = False
-        self.history: list[float] = []  # one value per validation
-        self.epochs: list[int] = []  # the epoch of each
-
-    def best(self) -> float | None:
-        index = self.best_index()
-        return None if index is None else self.history[index]
-
-    def best_index(self) -> int | None:
-        """The index (validation number) of the best finite value so far."""
-        return best_index(self.history, self.maximize)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            raise MetricNotLoggedError(
-                f"`study.metric` must be a metric the module logs during validation, but {self.monitor!r} is not "
-                f"among {sorted(trainer.callback_metrics)}."
-            )
-        score = float(value)
-        self.history.append(score)
-        self.epochs.append(trainer.current_epoch)
-        prune = False
-        if trainer.is_global_zero and self.trial is not None:
-            self.trial.report(score, step=trainer.current_epoch)
-            max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 0
-            if self.prunable and trainer.current_epoch + 1 >= self.prune_after * max_epochs:
-                prune = self.trial.should_prune()
-        prune = bool(trainer.strategy.broadcast(prune, src=0))
-        if prune:
-            self.pruned = True
-            trainer.should_stop = True
 
 
 @dataclass
@@ -508,10 +470,10 @@ class Tuner:
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # trials other workers are running count too, so the workers do not all start the last one
             running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if _finished(study) + running >= cfg.n_trials:
+            if finished_trials(study) + running >= cfg.n_trials:
                 study.stop()
 
-        if _finished(study) >= cfg.n_trials:
+        if finished_trials(study) >= cfg.n_trials:
             return
         study.optimize(
             self.objective,
@@ -522,71 +484,6 @@ class Tuner:
         )
         if self._fatal is not None:
             raise self._fatal
-
-
-def _finished(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: complete, pruned, or failed for a reason other than Ctrl-C."""
-    trials = study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    )
-    return sum(t.user_attrs.get(FAIL_ATTR) != INTERRUPTED for t in trials)
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``: ``sqlite:///``, ``postgresql://``, ``mysql://`` (with heartbeat and retry
-    of stale trials) or ``journal:PATH`` (journal file; no heartbeat)."""
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend)
-    if url.startswith("sqlite:///"):
-        try:
-            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise DropoutConfigError(
-                f"`study.storage` must be a database this machine can open, but {redact(url)!r} is not: "
-                f"{(err.strerror or type(err).__name__).lower()}."
-            ) from None
-    if not any(url.startswith(s) for s in ("sqlite:", "postgresql", "mysql")):
-        raise DropoutConfigError(
-            f"`study.storage` must be a sqlite:///, postgresql://, mysql:// or journal: URL, "
-            f"but got {redact(url)!r}."
-        )
-    for attempt in range(3):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API
-                return optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=HEARTBEAT_INTERVAL,
-                    grace_period=2 * HEARTBEAT_INTERVAL,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=2
-                    ),
-                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-                )
-        except sqlalchemy.exc.IntegrityError:
-            # several workers or machines creating Optuna's tables in an empty database at the same moment:
-            # one wins, the others find the tables on the next try
-            time.sleep(0.5 * (attempt + 1))
-        except (ImportError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as err:
-            raise DropoutConfigError(
-                f"`study.storage` must be a database this machine can open, but {redact(url)!r} failed: "
-                f"{type(err).__name__}: {redact(str(err)).splitlines()[0]}"
-            ) from None
-    raise DropoutConfigError(f"`study.storage` {redact(url)!r} could not be initialized after 3 tries.")
-
-
-def open_study(name: str, storage: str) -> optuna.Study:
-    """Load an existing study (for ``best`` and ``report``)."""
-    try:
-        return optuna.load_study(study_name=name, storage=open_storage(storage))
-    except KeyError:
-        names = optuna.get_all_study_names(open_storage(storage))
-        raise DropoutConfigError(
-            f"`study` must name a study in {redact(storage)}, but got {name!r}; studies there: {names}."
-        ) from None
 
 
 def _worker_main(args: list[str], index: int) -> None:
@@ -644,34 +541,6 @@ def run_workers(tuner: Tuner, study: optuna.Study | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The whole study: trials, re-runs over seeds, the winner
 # ----------------------------------------------------------------------------------------------------------
-def _trial_plan(trial: optuna.trial.FrozenTrial) -> DropoutPlan:
-    return DropoutPlan.from_yaml(trial.user_attrs.get(PLAN_ATTR) or "sites: []")
-
-
-def _label(trial: optuna.trial.FrozenTrial) -> str:
-    for attr in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR):
-        if trial.user_attrs.get(attr):
-            return str(trial.user_attrs[attr])
-    return f"trial {trial.number}"
-
-
-def candidates(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
-    """The trials re-run over seeds: the ``top_k`` best completed trials (by trial value), the best point of the
-    warm-start grid (when it is not among them) and the baselines."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    ranked = sorted(
-        (t for t in done if BASELINE_ATTR not in t.user_attrs),
-        key=lambda t: float(t.value or 0),
-        reverse=reverse,
-    )
-    chosen = ranked[:top_k]
-    grid = [t for t in ranked if WARM_START_ATTR in t.user_attrs]
-    if grid and grid[0] not in chosen:
-        chosen.append(grid[0])
-    return chosen + [t for t in done if BASELINE_ATTR in t.user_attrs]
-
-
 def rerun_seeds(cfg: StudyConfig) -> list[int]:
     """The re-run seeds, the same for every candidate (paired comparison, common random numbers)."""
     return [cfg.seed + 1000 * (i + 1) for i in range(cfg.seeds)]
@@ -697,7 +566,7 @@ def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | No
         key = str(trial.number)
         info = dict(stored.get(key, {}))
         values = list(info.get("values", []))
-        plan = _trial_plan(trial)
+        plan = stored_plan(trial)
         if "amount" not in info:
             as_written = trial.user_attrs.get(BASELINE_ATTR) == BASELINE_AS_WRITTEN
             info["amount"] = _own_dropout(tuner.cli.fresh().model) if as_written else plan_amount(plan)
@@ -706,42 +575,9 @@ def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | No
                 plan, seeds[i], version=f"rerun_{trial.number:04d}_seed{i}", number=trial.number
             )
             values.append(result.value if result.value is not None else math.nan)
-            info.update(label=_label(trial), values=values, seeds=seeds[: len(values)])
+            info.update(label=trial_label(trial), values=values, seeds=seeds[: len(values)])
             stored[key] = info
             study.set_user_attr("reruns", stored)
             if on_done is not None:
-                on_done(f"{_label(trial)} seed {i + 1}/{cfg.seeds}")
+                on_done(f"{trial_label(trial)} seed {i + 1}/{cfg.seeds}")
     return rerun_candidates(study)
-
-
-def plan_amount(plan: DropoutPlan) -> float:
-    """The total dropout of a plan, the "simplest" order of the ``one_se`` rule: the sum of its rates."""
-    return sum(s.p for s in plan)
-
-
-def rerun_candidates(study: optuna.Study) -> list[Candidate]:
-    """The study's re-run candidates, as stored, best mean first."""
-    out = []
-    for number, info in (study.user_attrs.get("reruns") or {}).items():
-        plan = _trial_plan(study.trials[int(number)])
-        amount = float(info.get("amount", plan_amount(plan)))
-        values = [float(v) for v in info["values"]]
-        out.append(Candidate(info["label"], int(number), plan, values, amount, info.get("seeds")))
-    return rank_candidates(out, study.direction == optuna.study.StudyDirection.MAXIMIZE)
-
-
-def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:
-    """The best plan of a study: chosen by the study's winner rule (``study.winner``) among the re-run
-    candidates when there are any, else the best single trial."""
-    reruns = rerun_candidates(study)
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    if reruns:
-        best = choose_winner(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se")))
-        return best.plan, f"{best.label} (mean over {len(best.values)} seeds)"
-    try:
-        trial = study.best_trial
-    except ValueError:
-        raise DropoutConfigError(
-            f"study {study.study_name!r} must have a completed trial, but has none."
-        ) from None
-    return _trial_plan(trial), _label(trial)

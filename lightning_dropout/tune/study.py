@@ -17,16 +17,17 @@ from rich.table import Table
 from lightning_dropout.errors import Interrupted
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
+from lightning_dropout.tune.records import finished_trials, winner
 from lightning_dropout.tune.report import plan_summary, write_study_images
-from lightning_dropout.tune.runner import (
+from lightning_dropout.tune.runner import Tuner, rerun, run_workers
+from lightning_dropout.tune.selection import (
     Candidate,
-    Tuner,
-    _finished,
-    rerun,
-    run_workers,
-    winner,
+    Comparison,
+    choose_winner,
+    compare,
+    paired_gain,
+    references,
 )
-from lightning_dropout.tune.selection import Comparison, choose_winner, compare, paired_gain, references
 
 __all__ = ["plan_summary", "results_table", "tune", "verdict"]
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def _status(study: optuna.Study) -> tuple[int, int, int, str]:
     trials = study.get_trials(deepcopy=False)
-    done = _finished(study)
+    done = finished_trials(study)
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
     failed = sum(t.state == TrialState.FAIL for t in trials)
     try:
@@ -89,7 +90,7 @@ def tune(
         try:
             run_workers(tuner, study)
         except KeyboardInterrupt as err:  # the CLI prints one line with the count
-            raise Interrupted(_finished(study)) from err
+            raise Interrupted(finished_trials(study)) from err
         finally:
             stop.set()
             poller.join()

@@ -19,7 +19,8 @@ import optuna
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.secrets import redact
 from lightning_dropout.tune import trial_io
-from lightning_dropout.tune.runner import MetricNotLoggedError, Tuner
+from lightning_dropout.tune.pruning import MetricNotLoggedError
+from lightning_dropout.tune.runner import Tuner
 
 
 def _global_rank() -> int:

@@ -1,0 +1,180 @@
+"""The study's storage schema in one place: the trial attributes a study writes, opening storages and studies,
+and reading the results back (the stored plan of a trial, the re-run candidates, the winner). ``tune``, ``best``,
+``report`` and the TensorBoard records all read a study through this module; it needs nothing but the storage.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.secrets import redact
+from lightning_dropout.tune.selection import NO_DROPOUT, Candidate, choose_winner, rank_candidates
+
+__all__ = [
+    "BASELINE_AS_WRITTEN",
+    "BASELINE_ATTR",
+    "BASELINE_NONE",
+    "ENQUEUED_ATTR",
+    "FAIL_ATTR",
+    "FIXED_PLAN_ATTR",
+    "INTERRUPTED",
+    "METRICS_ATTR",
+    "PLAN_ATTR",
+    "WARM_START_ATTR",
+    "candidates",
+    "finished_trials",
+    "open_storage",
+    "open_study",
+    "plan_amount",
+    "rerun_candidates",
+    "stored_plan",
+    "trial_label",
+    "winner",
+]
+
+BASELINE_ATTR = "baseline"
+WARM_START_ATTR = "warm_start"  # the label of a warm-start trial ("uniform p=0.2")
+ENQUEUED_ATTR = "enqueued"  # the label of a trial from `study.enqueue` ("enqueued #1")
+FIXED_PLAN_ATTR = "fixed_plan"  # the plan (YAML) of an enqueued plan: trained as is, nothing sampled
+PLAN_ATTR = "plan"
+METRICS_ATTR = "metrics"
+FAIL_ATTR = "fail_reason"
+INTERRUPTED = "interrupted (Ctrl-C)"
+BASELINE_NONE = NO_DROPOUT
+BASELINE_AS_WRITTEN = "as written"
+HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that count towards ``n_trials``: complete, pruned, or failed for a reason other than Ctrl-C."""
+    trials = study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    )
+    return sum(t.user_attrs.get(FAIL_ATTR) != INTERRUPTED for t in trials)
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``: ``sqlite:///``, ``postgresql://``, ``mysql://`` (with heartbeat and retry
+    of stale trials) or ``journal:PATH`` (journal file; no heartbeat)."""
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend)
+    if url.startswith("sqlite:///"):
+        try:
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DropoutConfigError(
+                f"`study.storage` must be a database this machine can open, but {redact(url)!r} is not: "
+                f"{(err.strerror or type(err).__name__).lower()}."
+            ) from None
+    if not any(url.startswith(s) for s in ("sqlite:", "postgresql", "mysql")):
+        raise DropoutConfigError(
+            f"`study.storage` must be a sqlite:///, postgresql://, mysql:// or journal: URL, "
+            f"but got {redact(url)!r}."
+        )
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=2 * HEARTBEAT_INTERVAL,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=2
+                    ),
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                )
+        except sqlalchemy.exc.IntegrityError:
+            # several workers or machines creating Optuna's tables in an empty database at the same moment:
+            # one wins, the others find the tables on the next try
+            time.sleep(0.5 * (attempt + 1))
+        except (ImportError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as err:
+            raise DropoutConfigError(
+                f"`study.storage` must be a database this machine can open, but {redact(url)!r} failed: "
+                f"{type(err).__name__}: {redact(str(err)).splitlines()[0]}"
+            ) from None
+    raise DropoutConfigError(f"`study.storage` {redact(url)!r} could not be initialized after 3 tries.")
+
+
+def open_study(name: str, storage: str) -> optuna.Study:
+    """Load an existing study (for ``best`` and ``report``)."""
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(storage))
+    except KeyError:
+        names = optuna.get_all_study_names(open_storage(storage))
+        raise DropoutConfigError(
+            f"`study` must name a study in {redact(storage)}, but got {name!r}; studies there: {names}."
+        ) from None
+
+
+def stored_plan(trial: optuna.trial.FrozenTrial) -> DropoutPlan:
+    return DropoutPlan.from_yaml(trial.user_attrs.get(PLAN_ATTR) or "sites: []")
+
+
+def trial_label(trial: optuna.trial.FrozenTrial) -> str:
+    for attr in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR):
+        if trial.user_attrs.get(attr):
+            return str(trial.user_attrs[attr])
+    return f"trial {trial.number}"
+
+
+def candidates(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
+    """The trials re-run over seeds: the ``top_k`` best completed trials (by trial value), the best point of the
+    warm-start grid (when it is not among them) and the baselines."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(
+        (t for t in done if BASELINE_ATTR not in t.user_attrs),
+        key=lambda t: float(t.value or 0),
+        reverse=reverse,
+    )
+    chosen = ranked[:top_k]
+    grid = [t for t in ranked if WARM_START_ATTR in t.user_attrs]
+    if grid and grid[0] not in chosen:
+        chosen.append(grid[0])
+    return chosen + [t for t in done if BASELINE_ATTR in t.user_attrs]
+
+
+def plan_amount(plan: DropoutPlan) -> float:
+    """The total dropout of a plan, the "simplest" order of the ``one_se`` rule: the sum of its rates."""
+    return sum(s.p for s in plan)
+
+
+def rerun_candidates(study: optuna.Study) -> list[Candidate]:
+    """The study's re-run candidates, as stored, best mean first."""
+    out = []
+    for number, info in (study.user_attrs.get("reruns") or {}).items():
+        plan = stored_plan(study.trials[int(number)])
+        amount = float(info.get("amount", plan_amount(plan)))
+        values = [float(v) for v in info["values"]]
+        out.append(Candidate(info["label"], int(number), plan, values, amount, info.get("seeds")))
+    return rank_candidates(out, study.direction == optuna.study.StudyDirection.MAXIMIZE)
+
+
+def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:
+    """The best plan of a study: chosen by the study's winner rule (``study.winner``) among the re-run
+    candidates when there are any, else the best single trial."""
+    reruns = rerun_candidates(study)
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    if reruns:
+        best = choose_winner(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se")))
+        return best.plan, f"{best.label} (mean over {len(best.values)} seeds)"
+    try:
+        trial = study.best_trial
+    except ValueError:
+        raise DropoutConfigError(
+            f"study {study.study_name!r} must have a completed trial, but has none."
+        ) from None
+    return stored_plan(trial), trial_label(trial)
