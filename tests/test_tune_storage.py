@@ -27,7 +27,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from lightning_dropout.cli import main
-from lightning_dropout.tune import runner
+from lightning_dropout.tune import records, runner
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
@@ -254,7 +254,7 @@ def test_sigkilled_worker_trial_is_failed_by_the_heartbeat_and_retried(
 ) -> None:
     # A 1 s heartbeat (grace 2 s) instead of 10 s (grace 20 s): in this process through the module constant,
     # in the worker process through tune_worker.py's $TUNE_TEST_HEARTBEAT_INTERVAL. The mechanism is the same.
-    monkeypatch.setattr(runner, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(records, "HEARTBEAT_INTERVAL", 1)
     name, run_dir = _name("sigkill"), tmp_path / "runs"
     # two completed trials first (the baseline and one sampled plan)
     assert main(["tune", *_study_args(pg, name, run_dir, 2, *SHORT)]) == 0
@@ -271,7 +271,7 @@ def test_sigkilled_worker_trial_is_failed_by_the_heartbeat_and_retried(
     assert victim.params, "the killed trial should be a sampled one"
     assert next(t for t in _trials(pg, name) if t.number == victim.number).state == TrialState.RUNNING
 
-    time.sleep(2 * runner.HEARTBEAT_INTERVAL + 1)  # past the grace period
+    time.sleep(2 * records.HEARTBEAT_INTERVAL + 1)  # past the grace period
     assert main(["tune", *_study_args(pg, name, run_dir, 3, *SHORT)]) == 0
 
     trials = {t.number: t for t in _trials(pg, name)}

@@ -49,9 +49,9 @@ class PidRecorder(Callback):
 def main(argv: list[str]) -> int:
     interval = os.environ.get("TUNE_TEST_HEARTBEAT_INTERVAL")
     if interval:
-        from lightning_dropout.tune import runner
+        from lightning_dropout.tune import records
 
-        runner.HEARTBEAT_INTERVAL = int(interval)
+        records.HEARTBEAT_INTERVAL = int(interval)
     from lightning_dropout.cli import main as cli_main
 
     return cli_main(["tune", *argv])
