@@ -590,7 +590,9 @@ def markdown(results: dict[str, Any], partial: dict[str, Any], meta: dict[str, A
             + "; ".join(f"{x['label']} {', '.join(pct(v) for v in x['values'])}" for x in c["candidates"])
             + ".",
             *[f"  - {line}" for line in c["verdict"]],
-            f"- (d) {d['trials']} trials ({d['pruned']} pruned), p = {d['p']:.3f} (last-epoch val_acc "
+            f"- (d) {d['trials']} trials ({d['pruned']} pruned by Optuna's default median rule, which compares "
+            "from the first epochs, where dropout still trails: its budget goes to many short trials), "
+            f"p = {d['p']:.3f} (last-epoch val_acc "
             f"{pct(d['best_value'])}).",
             "",
         ]
