@@ -61,7 +61,7 @@ from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.data import MNIST1DDataModule
 from lightning_dropout.monitor import GapMonitor
 from lightning_dropout.tune.board import TrialLogger
-from lightning_dropout.tune.runner import TrialPruning
+from lightning_dropout.tune.pruning import TrialPruning
 from lightning_dropout.zoo import CNN, GRU, MLP, TransformerEncoderClassifier
 
 P = 0.1

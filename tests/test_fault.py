@@ -16,13 +16,10 @@ import uuid
 from pathlib import Path
 
 import optuna
-import pytest
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from lightning_dropout.tune import runner
-
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+from lightning_dropout.tune import records
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "tune_worker.py"
@@ -36,7 +33,7 @@ def _enqueued(trial: FrozenTrial) -> bool:
     return (
         "fixed_params" in trial.system_attrs
         or "failed_trial" in trial.system_attrs
-        or runner.BASELINE_ATTR in trial.user_attrs
+        or records.BASELINE_ATTR in trial.user_attrs
     )
 
 

@@ -27,7 +27,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from lightning_dropout.cli import main
-from lightning_dropout.tune import records, runner
+from lightning_dropout.tune import records
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
@@ -211,10 +211,10 @@ def test_two_workers_share_a_postgres_study(pg: Postgres, two_workers: TwoWorker
     assert run.returncode == 0, run.output[-4000:]
     assert "Traceback" not in run.output, run.output[-4000:]  # neither worker process died with an error
     assert len(run.trials) >= 4 and all(t.state == TrialState.COMPLETE for t in run.trials), [
-        (t.number, t.state.name, t.user_attrs.get(runner.FAIL_ATTR)) for t in run.trials
+        (t.number, t.state.name, t.user_attrs.get(records.FAIL_ATTR)) for t in run.trials
     ]
-    assert sum(runner.BASELINE_ATTR in t.user_attrs for t in run.trials) == 1
-    assert all(runner.PLAN_ATTR in t.user_attrs and runner.METRICS_ATTR in t.user_attrs for t in run.trials)
+    assert sum(records.BASELINE_ATTR in t.user_attrs for t in run.trials) == 1
+    assert all(records.PLAN_ATTR in t.user_attrs and records.METRICS_ATTR in t.user_attrs for t in run.trials)
     # two worker processes ran the trials: the `tune` process itself (worker 0) and the one it spawned
     pids = {t.user_attrs.get(PID_ATTR) for t in run.trials}
     assert len(pids) == 2 and None not in pids and run.main_pid in pids, pids
@@ -236,7 +236,7 @@ def test_two_workers_share_a_postgres_study(pg: Postgres, two_workers: TwoWorker
 
 
 def test_two_workers_sample_different_plans(two_workers: TwoWorkerRun) -> None:
-    sampled = [t for t in two_workers.trials if runner.BASELINE_ATTR not in t.user_attrs]
+    sampled = [t for t in two_workers.trials if records.BASELINE_ATTR not in t.user_attrs]
     assert len(sampled) >= 2
     params = [json.dumps(t.params, sort_keys=True) for t in sampled]
     assert len(set(params)) == len(params), [(t.number, t.user_attrs[PID_ATTR], t.params) for t in sampled]
@@ -355,25 +355,27 @@ def test_ctrl_c_fails_the_running_trial_and_a_rerun_finishes_the_study(
     )
     assert "Traceback" not in first.out + first.err
     # the storage is consistent: the study loads (as `tune`/`best` open it), the trial is failed, not running
-    study = optuna.load_study(study_name=name, storage=runner.open_storage(pg.url))
+    study = optuna.load_study(study_name=name, storage=records.open_storage(pg.url))
     after = {t.number: t for t in study.get_trials()}
     assert after[victim.number].state == TrialState.FAIL
-    assert after[victim.number].user_attrs.get(runner.FAIL_ATTR) == runner.INTERRUPTED
+    assert after[victim.number].user_attrs.get(records.FAIL_ATTR) == records.INTERRUPTED
     assert all(t.state in FINISHED or t.state == TrialState.WAITING for t in after.values()), after
 
     # running `tune` again finishes the study: n_trials trials that count (the interrupted one does not)
     assert main(["tune", *_study_args(pg, name, run_dir, 3, *SHORT)]) == 0
     trials = _trials(pg, name)
     counted = [
-        t for t in trials if t.state in FINISHED and t.user_attrs.get(runner.FAIL_ATTR) != runner.INTERRUPTED
+        t
+        for t in trials
+        if t.state in FINISHED and t.user_attrs.get(records.FAIL_ATTR) != records.INTERRUPTED
     ]
     assert len(counted) >= 3 and all(t.state == TrialState.COMPLETE for t in counted), [
-        (t.number, t.state.name, t.user_attrs.get(runner.FAIL_ATTR)) for t in trials
+        (t.number, t.state.name, t.user_attrs.get(records.FAIL_ATTR)) for t in trials
     ]
     assert all(t.state in FINISHED for t in trials)  # nothing left running or queued
     assert next(t for t in trials if t.number == victim.number).state == TrialState.FAIL
-    if runner.BASELINE_ATTR in victim.user_attrs:  # an interrupted baseline is run again
-        baseline = victim.user_attrs[runner.BASELINE_ATTR]
-        assert any(t.user_attrs.get(runner.BASELINE_ATTR) == baseline for t in counted)
+    if records.BASELINE_ATTR in victim.user_attrs:  # an interrupted baseline is run again
+        baseline = victim.user_attrs[records.BASELINE_ATTR]
+        assert any(t.user_attrs.get(records.BASELINE_ATTR) == baseline for t in counted)
     second = capfd.readouterr()
     _assert_secret_not_printed(pg, first.out + first.err + second.out + second.err)

@@ -60,51 +60,20 @@ from lightning_dropout.tune.records import (
     candidates,
     finished_trials,
     open_storage,
-    open_study,
     plan_amount,
     rerun_candidates,
     stored_plan,
     trial_label,
-    winner,
 )
 from lightning_dropout.tune.seeding import seeded_sampler
 from lightning_dropout.tune.selection import (
     UNIFORM_PREFIX,
     Candidate,
-    rank_candidates,
 )
 from lightning_dropout.tune.space import suggest_plan, uniform_params
 from lightning_dropout.tune.value import trial_value
 
-# the storage schema (records) and the pruning callback are re-exported: they were defined here before
-__all__ = [
-    "BASELINE_AS_WRITTEN",
-    "BASELINE_ATTR",
-    "BASELINE_NONE",
-    "ENQUEUED_ATTR",
-    "FAIL_ATTR",
-    "FIXED_PLAN_ATTR",
-    "INTERRUPTED",
-    "METRICS_ATTR",
-    "PLAN_ATTR",
-    "WARM_START_ATTR",
-    "Candidate",
-    "MetricNotLoggedError",
-    "TrialPruning",
-    "TrialResult",
-    "Tuner",
-    "candidates",
-    "finished_trials",
-    "open_storage",
-    "open_study",
-    "plan_amount",
-    "rank_candidates",
-    "rerun",
-    "rerun_candidates",
-    "rerun_seeds",
-    "run_workers",
-    "winner",
-]
+__all__ = ["TrialResult", "Tuner", "rerun", "rerun_seeds", "run_workers"]
 
 log = logging.getLogger(__name__)
 

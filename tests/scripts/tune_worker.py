@@ -30,7 +30,7 @@ class PidRecorder(Callback):
         self.timeout = timeout
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from lightning_dropout.tune.runner import TrialPruning
+        from lightning_dropout.tune.pruning import TrialPruning
 
         pid = os.getpid()
         for callback in trainer.callbacks:
