@@ -599,6 +599,12 @@ def markdown(results: dict[str, Any], partial: dict[str, Any], meta: dict[str, A
     if partial:
         lines += ["## Not finished", ""]
         for name, st in sorted(partial.items()):
+            if not st:
+                lines.append(
+                    f"- {name}: arm (c)'s study is under way (its journal is in `benchmarks/results/outcome/`). "
+                    f"Resume with `python benchmarks/outcome.py --models {name}`."
+                )
+                continue
             done = [k for k in ("tuner", "optuna", "grid_choice") if k in st]
             lines.append(
                 f"- {name}: {st.get('elapsed', 0.0) / 60:.0f} min spent; arms selected: {done or 'none'}; "
@@ -633,6 +639,8 @@ def write_report(
     for name in models:
         path = work / f"{name}_stages.json"
         if not path.is_file():
+            if (work / f"{name}_tuner.journal").is_file():  # started: arm (c)'s study is under way
+                partial[name] = {}
             continue
         st = json.loads(path.read_text())
         if "result" in st:
