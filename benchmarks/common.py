@@ -22,6 +22,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def markdown_table(rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table: ``rows[0]`` is the header; every other column is right-aligned."""
+    align = "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"
+    return ["| " + " | ".join(rows[0]) + " |", align, *("| " + " | ".join(row) + " |" for row in rows[1:])]
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence Lightning's and Optuna's warnings and info lines for the block."""

@@ -51,7 +51,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import cpu_model, quiet
+from common import cpu_model, markdown_table, quiet
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
@@ -343,9 +343,7 @@ def format_markdown(rows: list[list[str]], meta: dict[str, str]) -> str:
         "",
     ]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
-    align = "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"
-    lines += ["", "| " + " | ".join(rows[0]) + " |", align]
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    lines += ["", *markdown_table(rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import cpu_model
+from common import cpu_model, markdown_table
 from torch import Tensor, nn
 
 import lightning_dropout
@@ -358,9 +358,7 @@ def format_markdown(rows: list[list[str]], meta: dict[str, str]) -> str:
         "",
     ]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
-    align = "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"
-    lines += ["", "| " + " | ".join(rows[0]) + " |", align]
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    lines += ["", *markdown_table(rows)]
     return "\n".join(lines) + "\n"
 
 
