@@ -13,7 +13,7 @@ creation of the subset loader). Two figures per model:
 - **end to end**: time of an epoch with the monitor / time of the adjacent epoch without it, minus 1.
 
 Both are summarized by the median (and IQR) over all pairs. Target: <= 5 %. The breakdown section splits one
-monitor call into its parts (the ``_untouched`` context with its deep copies of metric states and
+monitor call into its parts (the ``untouched`` context with its deep copies of metric states and
 ``fork_rng``, the module's ``validation_step``, the clean pass, the dropout pass) and times the same call with
 the first version's settings (batches of 100 from the training loader, the subset re-read every pass) for
 comparison.
@@ -43,7 +43,8 @@ from lightning.pytorch.callbacks import Callback
 
 import lightning_dropout
 from lightning_dropout.data import MNIST1DDataModule
-from lightning_dropout.monitor import GapMonitor, _LogCapture, _untouched
+from lightning_dropout.monitor import GapMonitor, _LogCapture
+from lightning_dropout.passes import untouched
 from lightning_dropout.zoo import CNN, GRU, MLP
 
 TARGET = 0.05
@@ -88,7 +89,7 @@ class Breakdown(Callback):
             return min(samples)
 
         def untouched_only():
-            with _untouched(pl_module):
+            with untouched(pl_module):
                 pass
 
         def fork_only():
@@ -142,16 +143,16 @@ class Breakdown(Callback):
                 del pl_module.log
 
         def one_call():
-            with _untouched(pl_module):
+            with untouched(pl_module):
                 mon._evaluate(trainer, pl_module, dropout_on=False)
                 mon._evaluate(trainer, pl_module, dropout_on=True)
 
         def clean():
-            with _untouched(pl_module):
+            with untouched(pl_module):
                 mon._evaluate(trainer, pl_module, dropout_on=False)
 
         def noisy():
-            with _untouched(pl_module):
+            with untouched(pl_module):
                 mon._evaluate(trainer, pl_module, dropout_on=True)
 
         def variant(batch_size: int | None, keep: bool):
@@ -169,7 +170,7 @@ class Breakdown(Callback):
                 if not keep:
                     del mon._subset_batches
 
-        with torch.no_grad(), _untouched(pl_module):
+        with torch.no_grad(), untouched(pl_module):
             default_bs = len(batches[0][0])
             self.parts = {
                 f"subset batches built (once per fit; {len(batches)} of {default_bs})": timed(build_batches),

@@ -26,13 +26,11 @@ by torchmetrics) and only rank 0 writes to the loggers. The values also go to ``
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,13 +39,14 @@ import torchmetrics
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from lightning_dropout.errors import DropoutConfigError, check_int
-from lightning_dropout.mc import mc_dropout, predictive_entropy
-from lightning_dropout.variants import DropoutVariant
+from lightning_dropout.mc import mc_dropout
+from lightning_dropout.passes import metric_modules, untouched
+from lightning_dropout.uncertainty import UncertaintyMonitor
 
 __all__ = ["GapMonitor", "UncertaintyMonitor", "metric_base_name"]
 
@@ -125,57 +124,6 @@ class _LogCapture:
         else:
             total[0] = max(total[0], value) if op == "max" else min(total[0], value)
         total[1] += weight
-
-
-def _metric_modules(module: nn.Module) -> list[torchmetrics.Metric]:
-    return [m for m in module.modules() if isinstance(m, torchmetrics.Metric)]
-
-
-@contextmanager
-def _untouched(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Run extra passes without changing training: random number generators (global, CUDA, and each dropout
-    site's own) are forked; every torchmetrics state, every module's train/eval flag and the module's public
-    list and dict attributes (outputs that ``validation_step`` collects) are restored."""
-    generators = [
-        m.generator for m in pl_module.modules() if isinstance(m, DropoutVariant) and m.generator is not None
-    ]
-    states = [(g, g.get_state()) for g in {id(g): g for g in generators}.values()]
-    metrics = [
-        (m, {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._update_count, m._computed)
-        for m in _metric_modules(pl_module)
-    ]
-    flags = {m: m.training for m in pl_module.modules()}
-    # what validation_step may append to (Lightning 2's `self.validation_step_outputs.append(...)` pattern)
-    containers = [
-        (v, copy.copy(v))
-        for k, v in vars(pl_module).items()
-        if not k.startswith("_") and isinstance(v, (list, dict))
-    ]
-    device = pl_module.device
-    devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda"
-        else []
-    )
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        for g, rng_state in states:
-            g.set_state(rng_state)
-        for metric, metric_state, count, computed in metrics:
-            for k, v in metric_state.items():
-                setattr(metric, k, v)
-            metric._update_count = count
-            metric._computed = computed
-        for module, flag in flags.items():
-            module.training = flag
-        for container, saved in containers:  # restored in place: the module may hold other references
-            container.clear()
-            if isinstance(container, dict):
-                container.update(saved)
-            else:
-                container.extend(saved)
 
 
 class GapMonitor(Callback):
@@ -273,13 +221,13 @@ class GapMonitor(Callback):
         subset (all ranks)."""
         capture = _LogCapture()
         batches = self._subset_batches(trainer)
-        for metric in _metric_modules(pl_module):
+        for metric in metric_modules(pl_module):
             metric.reset()
         pl_module.log = capture  # type: ignore[method-assign]  # instance attribute shadows the method
         try:
             with torch.no_grad():
                 pl_module.eval()
-                context = mc_dropout(pl_module) if dropout_on else _nothing()
+                context = mc_dropout(pl_module) if dropout_on else nullcontext()
                 with context:
                     for batch_idx, batch in enumerate(batches):
                         batch = trainer.strategy.batch_to_device(batch)
@@ -325,7 +273,7 @@ class GapMonitor(Callback):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         started = time.perf_counter()
-        with _untouched(pl_module):
+        with untouched(pl_module):
             clean = self._evaluate(trainer, pl_module, dropout_on=False)
             noisy = self._evaluate(trainer, pl_module, dropout_on=True) if self.train_mode else {}
         values: dict[str, float] = {}
@@ -360,127 +308,3 @@ class GapMonitor(Callback):
             100 * self.seconds / max(total, 1e-9),
             total,
         )
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
-def _default_unpack(batch: Any) -> tuple[Any, Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict):
-        for x_key, y_key in (("x", "y"), ("input", "target"), ("inputs", "targets"), ("image", "label")):
-            if x_key in batch and y_key in batch:
-                return batch[x_key], batch[y_key]
-    raise DropoutConfigError(
-        "UncertaintyMonitor needs `(input, target)` batches (a tuple/list, or a dict with x/y, input/target, "
-        f"inputs/targets or image/label keys), but got {type(batch).__name__}; pass `unpack=`."
-    )
-
-
-class UncertaintyMonitor(Callback):
-    """MC-dropout uncertainty on the validation set for classifiers: after each validation during ``fit``
-    (every ``every_n_epochs``), ``n_samples`` stochastic passes with only dropout active (BatchNorm stays in
-    eval mode) and logs
-
-    - ``mc/ece``: expected calibration error of the MC-averaged probabilities (torchmetrics, L1, ``n_bins``);
-    - ``mc/ece_no_dropout``: the same for the deterministic (dropout off) probabilities, for comparison;
-    - ``mc/entropy``: mean predictive entropy (nats) of the MC-averaged probabilities;
-    - ``mc/accuracy``: accuracy of the MC-averaged prediction.
-
-    Args:
-        n_samples: stochastic passes per batch (>= 2).
-        n_bins: calibration bins.
-        every_n_epochs: run after every n-th validation epoch.
-        unpack: ``batch -> (input, target)``; default handles ``(x, y)`` tuples and common dict keys. The
-            module's ``forward(input)`` must return class logits ``(N, C)``.
-    """
-
-    def __init__(
-        self,
-        n_samples: int = 20,
-        n_bins: int = 15,
-        every_n_epochs: int = 1,
-        unpack: Callable[[Any], tuple[Any, Tensor]] | None = None,
-    ) -> None:
-        for key, value, low in (
-            ("n_samples", n_samples, 2),
-            ("n_bins", n_bins, 1),
-            ("every_n_epochs", every_n_epochs, 1),
-        ):
-            check_int(value, key, low)
-        self.n_samples = n_samples
-        self.n_bins = n_bins
-        self.every_n_epochs = every_n_epochs
-        self.unpack = unpack or _default_unpack
-        self.history: list[dict[str, float]] = []
-
-    def __repr__(self) -> str:
-        return f"UncertaintyMonitor(n_samples={self.n_samples}, n_bins={self.n_bins})"
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        loaders = trainer.val_dataloaders
-        if not isinstance(loaders, DataLoader):
-            raise DropoutConfigError(
-                f"UncertaintyMonitor needs one validation DataLoader, but got {type(loaders).__name__}."
-            )
-        with _untouched(pl_module):
-            values = self._measure(trainer, pl_module, loaders)
-        self.history.append({"epoch": float(trainer.current_epoch), **values})
-        trainer.callback_metrics.update(
-            {k: torch.tensor(v, device=pl_module.device) for k, v in values.items()}
-        )
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(values, step=trainer.global_step)
-
-    def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader[Any]
-    ) -> dict[str, float]:
-        device = pl_module.device
-        ece_mc: torchmetrics.Metric | None = None
-        ece_det: torchmetrics.Metric | None = None
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # entropy sum, correct, count
-        pl_module.eval()  # mc_dropout() restores these flags after each batch's stochastic passes
-        with torch.no_grad():
-            for batch in loader:
-                x, y = self.unpack(trainer.strategy.batch_to_device(batch))
-                det = pl_module(x).softmax(-1)
-                with mc_dropout(pl_module):
-                    probs = torch.stack([pl_module(x).softmax(-1) for _ in range(self.n_samples)]).mean(0)
-                if ece_mc is None:
-                    classes = probs.shape[-1]
-                    ece_mc, ece_det = (
-                        torchmetrics.classification.MulticlassCalibrationError(
-                            classes, n_bins=self.n_bins
-                        ).to(device)
-                        for _ in range(2)
-                    )
-                assert ece_det is not None
-                ece_mc.update(probs, y)
-                ece_det.update(det, y)
-                totals += torch.stack(
-                    [
-                        predictive_entropy(probs).sum(),
-                        (probs.argmax(-1) == y).sum(),
-                        torch.tensor(y.numel(), device=device),
-                    ]
-                ).to(torch.float64)
-        if ece_mc is None or ece_det is None:
-            raise DropoutConfigError("UncertaintyMonitor found no validation batches.")
-        if trainer.world_size > 1:
-            totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        entropy, correct, count = totals.tolist()
-        return {
-            "mc/ece": float(ece_mc.compute()),
-            "mc/ece_no_dropout": float(ece_det.compute()),
-            "mc/entropy": entropy / count,
-            "mc/accuracy": correct / count,
-        }
