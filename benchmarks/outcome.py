@@ -220,6 +220,11 @@ def prepare_data(cache_dir: Path) -> None:
     dm.prepare_data()
 
 
+def tuner_storage(name: str, work: Path) -> str:
+    """Arm (c)'s study storage: a journal file in the work directory (text, so partial work can be committed)."""
+    return f"journal:{work / f'{name}_tuner.journal'}"
+
+
 def tune_args(name: str, budget: Budget, work: Path, tmp: Path, config_dir: Path = CONFIG_DIR) -> list[str]:
     """The ``tune`` arguments of arm (c): the config, the model's length, the journal storage in ``work``."""
     args = [
@@ -229,7 +234,7 @@ def tune_args(name: str, budget: Budget, work: Path, tmp: Path, config_dir: Path
         f"--data.init_args.cache_dir={tmp / 'data'}",
         f"--study.name=outcome_{name}",
         f"--study.run_dir={tmp / 'runs'}",
-        f"--study.storage=journal:{work / f'{name}_tuner.journal'}",
+        f"--study.storage={tuner_storage(name, work)}",
         f"--study.n_trials={budget.trials}",
         f"--study.seed={budget.selection_seed}",
     ]
@@ -296,13 +301,13 @@ def arm_tuner(name: str, budget: Budget, work: Path, tmp: Path, stages: Stages) 
     import optuna
     from rich.console import Console
 
-    from lightning_dropout.tune.records import open_study, rerun_candidates
+    from lightning_dropout.tune.records import open_study, winner
     from lightning_dropout.tune.study import plan_summary, tune, verdict
 
     if "tuner" in stages.data:
         return
     args = tune_args(name, budget, work, tmp)
-    storage = args[[a.startswith("--study.storage=") for a in args].index(True)].split("=", 1)[1]
+    storage = tuner_storage(name, work)
     with contextlib.suppress(Exception):
         _fail_stale(open_study(f"outcome_{name}", storage))
     start = time.perf_counter()
@@ -315,8 +320,6 @@ def arm_tuner(name: str, budget: Budget, work: Path, tmp: Path, stages: Stages) 
     epochs = budget.epochs[name]
     trial_epochs = sum(len(t.intermediate_values) for t in trials)
     rerun_epochs = sum(len(c.values) for c in ranked) * epochs
-    from lightning_dropout.tune import winner
-
     _, label = winner(study)
     stages.data["tuner"] = {
         "plan": plan.to_yaml() if plan is not None else "sites: []\n",
@@ -329,7 +332,7 @@ def arm_tuner(name: str, budget: Budget, work: Path, tmp: Path, stages: Stages) 
         "rerun_epochs": rerun_epochs,
         "candidates": [
             {"label": c.label, "values": c.values, "amount": c.amount, "summary": plan_summary(c.plan)}
-            for c in rerun_candidates(study)
+            for c in ranked
         ],
         "verdict": verdict(ranked, True, study.user_attrs.get("winner_rule", "one_se"), "val_acc")
         if ranked

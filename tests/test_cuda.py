@@ -20,6 +20,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -40,17 +41,7 @@ pytestmark = [
 
 
 def fit_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="gpu" if CUDA else "cpu",
-        devices=1,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    return trainer(**{"accelerator": "gpu" if CUDA else "cpu", "max_epochs": 2, **kwargs})
 
 
 def data(n: int, seed: int, features: int = 16, classes: int = 4) -> TensorDataset:
