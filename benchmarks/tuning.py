@@ -508,7 +508,7 @@ def bench_overhead(tmp: Path, sizes: Sizes) -> dict[str, Any]:
         start = time.perf_counter()
         study = tuner.study()
         opened = time.perf_counter()
-        tuner.enqueue_baselines(study)
+        tuner.enqueue_fixed(study)
         fits.clear()
         timer.durations.clear()
         collects: list[tuple[float, float]] = []

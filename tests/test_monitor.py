@@ -25,8 +25,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from lightning_dropout import DropoutConfigError, Rule
-from lightning_dropout.callback import DropoutInjector, site_groups
+from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, _LogCapture, metric_base_name
+from lightning_dropout.scalars import site_groups
 
 HERE = Path(__file__).parent
 CLASSES = 3

@@ -3,9 +3,11 @@
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
 from lightning_dropout.tune.pruning import TrialPruning
 from lightning_dropout.tune.records import candidates, open_storage, open_study, winner
-from lightning_dropout.tune.runner import Tuner, rerun, run_workers
+from lightning_dropout.tune.reruns import rerun
+from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import Candidate
 from lightning_dropout.tune.space import SearchGroup, suggest_plan
+from lightning_dropout.tune.workers import run_workers
 
 __all__ = [
     "Candidate",
