@@ -23,7 +23,7 @@ from lightning_dropout.tune.selection import WINNER_RULES
 from lightning_dropout.tune.space import SearchGroup
 from lightning_dropout.tune.value import ESTIMATORS
 
-__all__ = ["DropoutSpace", "StudyConfig", "make_pruner", "make_sampler", "redact"]
+__all__ = ["CONFIG_SECTIONS", "DropoutSpace", "StudyConfig", "make_pruner", "make_sampler", "redact"]
 
 _DIRECTIONS = ("minimize", "maximize")
 
@@ -256,3 +256,11 @@ def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
     if spec is None:
         return optuna.pruners.NopPruner()
     return _build("pruner", optuna.pruners, spec, optuna.pruners.BasePruner)
+
+
+CONFIG_SECTIONS: dict[str, tuple[type, str]] = {
+    "study": (StudyConfig, "the Optuna study (tune)"),
+    "dropout": (DropoutSpace, "where dropout may go and what to search (tune)"),
+}
+"""The tuner's top-level sections of a config, for :func:`lightning_dropout.config.load_config`: always
+known (and validated), so one file serves ``tune``, ``fit`` and ``describe``."""

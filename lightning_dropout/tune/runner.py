@@ -38,10 +38,11 @@ from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune import trial_io
-from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
+from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.checks import check_groups, check_run_dir
-from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, redact
+from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
 from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed
+from lightning_dropout.tune.loggers import check_loggers, finish_loggers, logger_specs, trial_loggers
 from lightning_dropout.tune.pruning import MetricNotLoggedError, TrialPruning
 from lightning_dropout.tune.records import (
     BASELINE_ATTR,
@@ -100,7 +101,9 @@ class Tuner:
     def __init__(self, args: Sequence[str]) -> None:
         self.args = list(args)
         # no per-trial config.yaml: it would repeat the study's storage URL, password included, on disk
-        self.cli: ConfigCLI = load_config(self.args, instantiate=False, save_config=False)
+        self.cli: ConfigCLI = load_config(
+            self.args, instantiate=False, save_config=False, sections=CONFIG_SECTIONS
+        )
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self._fatal: DropoutConfigError | None = None
         self._site_columns: dict[str, list[str]] | None = None
@@ -111,6 +114,9 @@ class Tuner:
                 "`dropout.groups` must list at least one group of sites to search, but the config has none."
             )
         check_run_dir(self.study_config.run_dir)
+        # the config's own loggers, rebuilt per run with the run's identity (checked here, before trial 0)
+        self.logger_specs = logger_specs(self.cli.config["trainer"]["logger"])
+        check_loggers(self.logger_specs)
         check_groups(self.space.groups, self.cli.model, getattr(self.cli.model, "example_input_array", None))
 
     def pin_threads(self) -> int:
@@ -159,9 +165,10 @@ class Tuner:
     ) -> tuple[TrialResult, DropoutPlan]:
         """Train one model with ``plan`` (or a function of the fresh model giving one) and return its metrics.
 
-        The run is logged to TensorBoard as ``<run_dir>/<study>/trials/<version>`` and ends with one HParams
+        The run is logged through the config's own loggers with ``version`` as its identity, or to TensorBoard
+        as ``<run_dir>/<study>/trials/<version>`` (:mod:`~lightning_dropout.tune.loggers`), and ends with one
         record (the plan over the study's fixed site columns, the best value, the gap at the best epoch and the
-        state), whatever the outcome. ``kind`` (``trial``/``rerun``) and ``number`` (the study trial it
+        state; TensorBoard's HParams), whatever the outcome. ``kind`` (``trial``/``rerun``) and ``number`` (the study trial it
         belongs to) label that record."""
         cfg = self.study_config
         pl.seed_everything(seed, workers=True, verbose=False)
@@ -172,10 +179,10 @@ class Tuner:
         monitors: list[Callback] = [m for m in (gap,) if m is not None]
         if cfg.mc_samples:
             monitors.append(UncertaintyMonitor(cfg.mc_samples))
-        logger = TrialLogger(Path(cfg.run_dir) / cfg.name, name="trials", version=version)
+        loggers = trial_loggers(self.logger_specs, Path(cfg.run_dir), cfg.name, version)
         cli = self.cli.fresh(
             [injector, *monitors, pruning],
-            logger=logger,
+            logger=loggers or False,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
@@ -219,7 +226,7 @@ class Tuner:
             }
             chosen = injector.plan if injector.plan is not None else DropoutPlan()
             params.update(plan_hparams(chosen, columns))
-            logger.finish(params, self._hparam_metrics(result, gap is not None))
+            finish_loggers(loggers, params, self._hparam_metrics(result, gap is not None))
         assert injector.plan is not None and result is not None  # set in setup() / after fit
         return result, injector.plan
 

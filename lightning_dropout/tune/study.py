@@ -17,6 +17,7 @@ from rich.table import Table
 from lightning_dropout.errors import Interrupted
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
+from lightning_dropout.tune.loggers import uses_tensorboard
 from lightning_dropout.tune.records import DUPLICATE, FAIL_ATTR, finished_trials, winner
 from lightning_dropout.tune.report import plan_summary, write_study_images
 from lightning_dropout.tune.reruns import rerun
@@ -121,11 +122,16 @@ def tune(
     else:
         results.print(f"best trial: {label}")
     results.print(f"winner: {label}; plan written to {path}")
-    results.print(
-        f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / cfg.name} (study figures under IMAGES, run "
-        f"`study`); HTML report: lightning-dropout report {cfg.name}"
-        + (f" --storage {redact(cfg.storage)}" if cfg.storage else "")
+    report = f"lightning-dropout report {cfg.name}" + (
+        f" --storage {redact(cfg.storage)}" if cfg.storage else ""
     )
+    if uses_tensorboard(tuner.logger_specs):
+        results.print(
+            f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / cfg.name} (study figures under IMAGES, run "
+            f"`study`); HTML report: {report}"
+        )
+    else:
+        results.print(f"runs logged to the config's trainer.logger; HTML report: {report}")
     return plan, ranked, path
 
 
