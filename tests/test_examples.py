@@ -111,3 +111,25 @@ def test_scale_out_example(tmp_path, data_dir):
     assert len(finished) >= 3
     assert all("plan" in t.user_attrs for t in finished)
     assert out["storage"] == (storage or f"sqlite:///{tmp_path / 'runs' / args[-1] / 'study.db'}")
+
+
+def test_tune_from_python_example(tmp_path, data_dir, capsys):
+    """The Python API: a study from objects, its result, and its config, which the CLI reads back."""
+    from lightning_dropout.cli import main
+
+    args = ["--n-trials", "3", "--max-epochs", "2", "--limit-batches", "2", "--seeds", "2"]
+    out = _load("tune_from_python").main(
+        [*args, "--run-dir", str(tmp_path / "runs"), "--cache-dir", str(data_dir)]
+    )
+    study = out["study"]
+    assert study.study_name == "python_api" and len(study.trials) == 3
+    assert study.trials[0].user_attrs["baseline"] == "no dropout"
+    assert out["plan"] is not None and out["candidates"]  # re-run over 2 seeds, best first
+    assert "winner over 3 trials" in capsys.readouterr().out
+    # the written config is the study's: `best` on it reads the same winner back
+    assert out["config"] == tmp_path / "runs" / "python_api" / "config.yaml"
+    storage = f"sqlite:///{tmp_path / 'runs' / 'python_api' / 'study.db'}"
+    assert main(["best", "python_api", "--storage", storage, "--out", str(tmp_path / "plan.yaml")]) == 0
+    from lightning_dropout.plan import DropoutPlan
+
+    assert DropoutPlan.load(tmp_path / "plan.yaml") == out["plan"]

@@ -453,6 +453,24 @@ def test_a_fixed_trial_enqueued_twice_runs_once(tmp_path, data_dir, monkeypatch)
     assert len(trained) == 3
 
 
+def test_a_failed_fixed_trial_does_not_make_its_retry_a_duplicate():
+    """The heartbeat's retry of a killed worker's fixed trial keeps its label, as does the re-run of an
+    interrupted one: an earlier *failed* twin does not block it; a live one does."""
+    from lightning_dropout.tune.fixed import duplicate_of
+
+    study = optuna.create_study(direction="maximize")
+    attrs = {"warm_start": "uniform p=0.2"}
+    study.enqueue_trial({}, user_attrs=attrs)
+    killed = study.ask()
+    study.tell(killed, state=TrialState.FAIL)  # what the heartbeat does to a killed worker's trial
+    study.enqueue_trial({}, user_attrs=attrs)
+    study.enqueue_trial({}, user_attrs=attrs)
+    retry, twin = study.ask(), study.ask()
+    assert duplicate_of(retry) is None
+    assert duplicate_of(twin) == retry.number
+    assert duplicate_of(study.ask()) is None  # a sampled trial has no label
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Faults
 # ----------------------------------------------------------------------------------------------------------

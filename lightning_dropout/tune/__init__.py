@@ -1,5 +1,6 @@
 """Tuning studies: per-layer dropout rate and variant search with Optuna (the only layer that imports Optuna)."""
 
+from lightning_dropout.tune.api import StudyResult, tune_study
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
 from lightning_dropout.tune.pruning import TrialPruning
 from lightning_dropout.tune.records import candidates, open_storage, open_study, winner
@@ -14,6 +15,7 @@ __all__ = [
     "DropoutSpace",
     "SearchGroup",
     "StudyConfig",
+    "StudyResult",
     "TrialPruning",
     "Tuner",
     "candidates",
@@ -25,5 +27,6 @@ __all__ = [
     "rerun",
     "run_workers",
     "suggest_plan",
+    "tune_study",
     "winner",
 ]

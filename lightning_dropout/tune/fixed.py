@@ -29,7 +29,6 @@ from lightning_dropout.tune.records import (
     ENQUEUED_ATTR,
     FIXED_PLAN_ATTR,
     WARM_START_ATTR,
-    counts,
     fixed_label,
 )
 from lightning_dropout.tune.selection import UNIFORM_PREFIX
@@ -104,13 +103,15 @@ def enqueue_fixed(study: optuna.Study, cfg: StudyConfig, space: DropoutSpace, mo
 
 
 def duplicate_of(trial: optuna.Trial) -> int | None:
-    """The number of an earlier trial with this fixed trial's label (so this one must not run), or ``None``."""
+    """The number of an earlier live (complete, pruned, running or waiting) trial with this fixed trial's label,
+    so this one must not run, or ``None``. A failed one does not count: the heartbeat's retry of a killed
+    worker's trial (which keeps its label) and the re-run of an interrupted one must run."""
     label = fixed_label(trial)
     if label is None:
         return None
     earlier = [
         t.number
         for t in trial.study.get_trials(deepcopy=False)
-        if t.number < trial.number and fixed_label(t) == label and (t.state in _ALIVE or counts(t))
+        if t.number < trial.number and fixed_label(t) == label and t.state in _ALIVE
     ]
     return min(earlier, default=None)
