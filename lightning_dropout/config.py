@@ -236,8 +236,9 @@ class RedactedSaveConfig(SaveConfigCallback):
         super().__init__(parser, redact_value(config), *args, **kwargs)
 
 
-Section = tuple[type, str]
-"""An extra top-level section of a config: the class whose ``__init__`` arguments it holds, and its help."""
+Section = tuple[Any, str]
+"""An extra top-level section of a config and its help: a dataclass whose fields it holds, or the type of the
+one value it holds (e.g. ``dict[str, Any]``)."""
 
 
 class ConfigCLI(LightningCLI):
@@ -286,8 +287,11 @@ class ConfigCLI(LightningCLI):
             default=None,
             help="a dropout plan YAML (from `lightning-dropout best`) to apply",
         )
-        for key, (cls, help_) in self.sections.items():
-            parser.add_class_arguments(cls, key, help=help_)
+        for key, (kind, help_) in self.sections.items():
+            if dataclasses.is_dataclass(kind):  # a section of named fields
+                parser.add_class_arguments(kind, key, help=help_)
+            else:  # a section holding one value of that type (e.g. a mapping)
+                parser.add_argument(f"--{key}", type=kind, default=None, help=help_)
 
     @override
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -336,12 +340,31 @@ class ConfigCLI(LightningCLI):
         config = {**config, **self.extra_trainer_kwargs}
         return super()._instantiate_trainer(config, [*callbacks, *self.extra_callbacks])
 
-    def fresh(self, callbacks: list[Callback] | None = None, **trainer_kwargs: Any) -> ConfigCLI:
-        """Instantiate new model, datamodule and trainer (with extra callbacks and trainer arguments)."""
+    def fresh(
+        self,
+        callbacks: list[Callback] | None = None,
+        values: Mapping[str, Any] | None = None,
+        **trainer_kwargs: Any,
+    ) -> ConfigCLI:
+        """Instantiate new model, datamodule and trainer (with extra callbacks and trainer arguments), with
+        ``values`` (dotted config keys, e.g. ``model.init_args.lr``) set in the config for this instantiation
+        only."""
         self.extra_callbacks = list(callbacks or [])
         self.extra_trainer_kwargs = trainer_kwargs
-        with quiet_lightning():
-            self.instantiate_classes()
+        parsed = self.config
+        if values:
+            self.config = parsed.clone()
+            for key, value in values.items():
+                self.config[key] = value
+        # LightningCLI caches the config's dump, which its instantiator hands to `save_hyperparameters`: a dump
+        # of the other config would give the module the wrong `hparams`
+        self.__dict__.pop("config_dump", None)
+        try:
+            with quiet_lightning():
+                self.instantiate_classes()
+        finally:
+            self.config = parsed
+            self.__dict__.pop("config_dump", None)
         return self
 
 
