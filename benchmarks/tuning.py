@@ -146,8 +146,11 @@ def write_config(path: Path, sizes: Sizes, max_epochs: int, tiny: bool = False) 
             "direction": "maximize",
             "n_trials": sizes.prune_trials,
             "pruner": {
-                "name": "MedianPruner",
-                "args": {"n_startup_trials": sizes.n_startup_trials, "n_warmup_steps": sizes.n_warmup_steps},
+                "class_path": "optuna.pruners.MedianPruner",
+                "init_args": {
+                    "n_startup_trials": sizes.n_startup_trials,
+                    "n_warmup_steps": sizes.n_warmup_steps,
+                },
             },
             "top_k": 3,
             "seeds": 0,
@@ -270,21 +273,30 @@ def default_pruners(sizes: Sizes) -> list[dict[str, Any]]:
     (rungs from the 2nd or the 3rd epoch)."""
     startup, warmup = sizes.n_startup_trials, sizes.n_warmup_steps
     return [
-        {"name": "MedianPruner", "args": {"n_startup_trials": startup, "n_warmup_steps": warmup}},
         {
-            "name": "PercentilePruner",
-            "args": {"percentile": 25.0, "n_startup_trials": startup, "n_warmup_steps": 1},
+            "class_path": "optuna.pruners.MedianPruner",
+            "init_args": {"n_startup_trials": startup, "n_warmup_steps": warmup},
         },
-        {"name": "SuccessiveHalvingPruner", "args": {"min_resource": 1, "reduction_factor": 2}},
-        {"name": "SuccessiveHalvingPruner", "args": {"min_resource": 2, "reduction_factor": 2}},
+        {
+            "class_path": "optuna.pruners.PercentilePruner",
+            "init_args": {"percentile": 25.0, "n_startup_trials": startup, "n_warmup_steps": 1},
+        },
+        {
+            "class_path": "optuna.pruners.SuccessiveHalvingPruner",
+            "init_args": {"min_resource": 1, "reduction_factor": 2},
+        },
+        {
+            "class_path": "optuna.pruners.SuccessiveHalvingPruner",
+            "init_args": {"min_resource": 2, "reduction_factor": 2},
+        },
     ]
 
 
 def pruner_label(spec: dict[str, Any]) -> str:
     args = ", ".join(
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("args", {}).items()
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("init_args", {}).items()
     )
-    return f"{spec['name']}({args})"
+    return f"{spec['class_path'].rpartition('.')[2]}({args})"
 
 
 def bench_pruning(tmp: Path, sizes: Sizes, pruners: list[dict[str, Any]]) -> dict[str, Any]:

@@ -286,9 +286,12 @@ A `DropoutInjector` goes in `trainer.callbacks` (see [Attach the callback](../ge
 
 {_field_table(StudyConfig, "study.")}
 
-`sampler` and `pruner` name any class of `optuna.samplers` / `optuna.pruners` with its keyword arguments,
-e.g. `{{name: TPESampler, args: {{multivariate: true}}}}`; a wrong name fails at load time with the nearest
-choice.
+`sampler` and `pruner` follow the LightningCLI convention: `class_path` names any class of
+`optuna.samplers` / `optuna.pruners`, or your own importable subclass of `BaseSampler` / `BasePruner`
+(`mypkg.MySampler`), and `init_args` its keyword arguments, e.g.
+`{{class_path: optuna.samplers.TPESampler, init_args: {{multivariate: true}}}}`; a bare class name
+(`TPESampler`) is looked up in Optuna. A wrong name fails at load time with the nearest choices; the former
+`{{name: ..., args: ...}}` form fails with the `class_path` form to write instead.
 
 ## `dropout:`
 

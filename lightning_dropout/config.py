@@ -274,8 +274,12 @@ class ConfigCLI(LightningCLI):
             help="a dropout plan YAML (from `lightning-dropout best`) to apply",
         )
         # The tuner's sections are always known (and validated), so one file serves tune, fit and describe.
-        from lightning_dropout.tune.config import DropoutSpace, StudyConfig
+        from jsonargparse.typing import get_registered_type, register_type
 
+        from lightning_dropout.tune.config import ClassSpec, DropoutSpace, StudyConfig
+
+        if get_registered_type(ClassSpec) is None:  # study.sampler/pruner: carried as written, see ClassSpec
+            register_type(ClassSpec, serializer=ClassSpec.serialize, deserializer=ClassSpec)
         parser.add_class_arguments(StudyConfig, "study", help="the Optuna study (tune)")
         parser.add_class_arguments(
             DropoutSpace, "dropout", help="where dropout may go and what to search (tune)"

@@ -66,4 +66,7 @@ def test_readme_says_how_to_install_the_cpu_build_of_torch():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in readme
     # the two main commands stay as they are
-    assert "pip install torch==2.13.0 && pip install -e . && lightning-dropout tune configs/quickstart.yaml" in readme
+    assert (
+        "pip install torch==2.13.0 && pip install -e . && lightning-dropout tune configs/quickstart.yaml"
+        in readme
+    )
