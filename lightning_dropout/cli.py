@@ -11,8 +11,9 @@ Commands:
 * ``tune CONFIG [overrides]``: run (or resume, or join) the Optuna study of a tuning config (``study:`` and
   ``dropout:`` sections next to ``model``/``data``/``trainer``); prints the progress, the re-run table, and
   writes the winning plan to ``<run_dir>/<study>/best_plan.yaml``.
-* ``best STUDY [--storage URL] [--out PLAN.yaml]``: print and write a finished study's best plan.
-* ``report STUDY [--storage URL] [--out FILE.html]``: write a static HTML report of a study (figures, the best
+* ``best STUDY|CONFIG [--storage URL] [--out PLAN.yaml]``: print and write a finished study's best plan (the
+  tuning config names the study and its storage).
+* ``report STUDY|CONFIG [--storage URL] [--out FILE.html]``: write a static HTML report of a study (figures, the best
   plan, the re-run table against the baselines, every trial); opens in a browser with no server.
 * ``fit CONFIG --plan PLAN.yaml``: retrain with a plan, then report validation and test metrics.
 
@@ -44,8 +45,8 @@ _USAGE = (
     "                             `fit CONFIG --plan PLAN.yaml` retrains with a plan and reports val/test metrics\n"
     "  tune CONFIG                run or resume the Optuna study of a tuning config (study: and dropout: sections);\n"
     "                             --workers N, --n_trials N, --storage URL stand for --study.workers=N etc.\n"
-    "  best STUDY                 print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
-    "  report STUDY               write a static HTML report of a study [--storage URL] [--out FILE.html]\n"
+    "  best STUDY|CONFIG          print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
+    "  report STUDY|CONFIG        write a static HTML report of a study [--storage URL] [--out FILE.html]\n"
     "  describe                   print the dropout sites the config's DropoutInjector would create\n"
     "  variants                   list the dropout variants\n"
     "Run `lightning-dropout fit --help` for every LightningCLI option."
@@ -120,18 +121,48 @@ def _study_parser(command: str, out_help: str) -> Any:
             raise DropoutConfigError(f"`{self.prog}`: {message} (usage: {self.format_usage().strip()[7:]}).")
 
     parser = Parser(prog=f"lightning-dropout {command}", exit_on_error=False)
-    parser.add_argument("study", help="the study name (`study.name` of its config)")
     parser.add_argument(
-        "--storage", default=None, help="the study's storage URL; default: sqlite:///runs/STUDY/study.db"
+        "study",
+        nargs="?",
+        default=None,
+        help="the study name (`study.name` of its config), or the tuning config (a .yaml file) itself: its "
+        "`study.name` and `study.storage` (default sqlite:///<study.run_dir>/<study.name>/study.db) are used",
+    )
+    parser.add_argument("-c", "--config", default=None, help="the tuning config (same as giving it as STUDY)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="the study's storage URL; default: the config's, else sqlite:///runs/STUDY/study.db",
     )
     parser.add_argument("--out", default=None, help=out_help)
     return parser
 
 
-def _default_storage(study: str) -> str:
+def _is_config(arg: str) -> bool:
+    return arg.endswith((".yaml", ".yml")) or os.path.isfile(arg)
+
+
+def _study_location(ns: Any) -> tuple[str, str, str]:
+    """``(study name, storage URL, run directory)`` from ``best``/``report``'s arguments: a study name, a tuning
+    config (positional or ``--config``), or both (the name then overrides the config's)."""
     from lightning_dropout.tune.config import default_storage  # after parsing: `--help` stays cheap
 
-    return default_storage(study)
+    name, config = ns.study, ns.config
+    if config is None and name is not None and _is_config(name):
+        name, config = None, name
+    if config is None:
+        if name is None:
+            raise DropoutConfigError(
+                "`best` and `report` need a study name or a tuning config (`lightning-dropout best CONFIG.yaml`), "
+                "but got neither."
+            )
+        return name, ns.storage or default_storage(name), "runs"
+    from lightning_dropout.config import load_config
+
+    study = load_config(["--config", config], instantiate=False, save_config=False).config["study"]
+    name = name or str(study["name"])
+    run_dir = str(study["run_dir"])
+    return name, ns.storage or study["storage"] or default_storage(name, run_dir), run_dir
 
 
 def _best(rest: list[str]) -> int:
@@ -139,23 +170,26 @@ def _best(rest: list[str]) -> int:
     from lightning_dropout.tune.records import open_study, winner  # after parsing: `best --help` stays cheap
     from lightning_dropout.tune.study import plan_summary
 
-    study = open_study(ns.study, ns.storage or _default_storage(ns.study))
+    name, storage, _ = _study_location(ns)
+    study = open_study(name, storage)
     plan, label = winner(study)
-    sys.stdout.write(f"# best plan of {ns.study}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
+    sys.stdout.write(f"# best plan of {name}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
     if ns.out:
         plan.save(ns.out)
     return 0
 
 
 def _report(rest: list[str]) -> int:
-    ns = _study_parser("report", "the HTML file to write (default: runs/STUDY/report.html)").parse_args(rest)
+    ns = _study_parser("report", "the HTML file to write (default: <run_dir>/STUDY/report.html)").parse_args(
+        rest
+    )
     from lightning_dropout.tune.config import redact  # after parsing: `report --help` stays cheap
     from lightning_dropout.tune.records import open_study
     from lightning_dropout.tune.report import write_report
 
-    storage = ns.storage or _default_storage(ns.study)
-    study = open_study(ns.study, storage)
-    path = write_report(study, ns.out or f"runs/{ns.study}/report.html", storage=redact(storage))
+    name, storage, run_dir = _study_location(ns)
+    study = open_study(name, storage)
+    path = write_report(study, ns.out or f"{run_dir}/{name}/report.html", storage=redact(storage))
     sys.stdout.write(f"report written to {path}\n")
     return 0
 

@@ -59,6 +59,7 @@ from lightning_dropout.tune.records import (
     WARM_START_ATTR,
     candidates,
     finished_trials,
+    name_objective,
     open_storage,
     plan_amount,
     rerun_candidates,
@@ -179,6 +180,7 @@ class Tuner:
             direction=cast(Literal["minimize", "maximize"], cfg.direction),
             load_if_exists=True,
         )
+        name_objective(study, cfg.metric)  # Optuna's own tools name the objective (optuna-dashboard)
         # `best` and `report` need nothing but the storage
         for key, value in (("metric", cfg.metric), ("winner_rule", cfg.winner), ("value", cfg.value)):
             if study.user_attrs.get(key) != value:
