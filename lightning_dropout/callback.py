@@ -44,12 +44,12 @@ from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import (
     Rule,
     SiteHandle,
-    applied_plan,
     apply_plan,
     describe,
     format_sites,
     inject,
     regularization,
+    resolve,
     site_handles,
 )
 from lightning_dropout.plan import DropoutPlan
@@ -151,6 +151,11 @@ class DropoutInjector(Callback):
         eager: when a non-standard variant replaces a dropout module that a fused attention kernel bypasses
             (timm ``fused_attn``, Hugging Face SDPA read its ``.p``), switch that attention to its eager path
             instead of refusing the site (see :func:`~lightning_dropout.inject.apply_plan`).
+        name: tells several injectors on one Trainer apart (e.g. one for the encoder, one for the head): each
+            needs its own ``name``, which keys its checkpoint state (:attr:`state_key`) and its
+            ``dropout/<name>/mean_rate``. Each injector owns the sites of its own rules or plan (schedules, rate
+            logging and its mask generator act on those only); two injectors may not claim the same site.
+            ``None`` (one injector) keeps the plain ``DropoutInjector`` state key.
 
     Example:
         >>> from torch import nn
@@ -169,6 +174,7 @@ class DropoutInjector(Callback):
         use_example_input: bool = True,
         dropout_seed: int | None = None,
         eager: bool = False,
+        name: str | None = None,
     ) -> None:
         if (rules is None) == (plan is None):
             raise DropoutConfigError(
@@ -192,6 +198,9 @@ class DropoutInjector(Callback):
             raise DropoutConfigError(f"`dropout_seed` must be an integer or None, but got {dropout_seed=!r}.")
         self.dropout_seed = dropout_seed
         self.eager = bool(eager)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise DropoutConfigError(f"`name` must be a non-empty string or None, but got name={name!r}.")
+        self.name = name
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self._global_rng: dict[str, Any] | None = None  # from a checkpoint, restored at the next epoch start
@@ -206,7 +215,15 @@ class DropoutInjector(Callback):
             if self.rules is not None
             else f"plan={len(self._given_plan or ())} sites"
         )
-        return f"{type(self).__name__}({what}, schedule={self.schedule!r})"
+        named = f"name={self.name!r}, " if self.name is not None else ""
+        return f"{type(self).__name__}({named}{what}, schedule={self.schedule!r})"
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this injector's state in a checkpoint: ``DropoutInjector``, or with a ``name``
+        ``DropoutInjector{'name': ...}`` (so several injectors can be saved and restored side by side)."""
+        return self._generate_state_key(name=self.name) if self.name is not None else super().state_key
 
     # -- setup: the injection itself ---------------------------------------------------------------------------
     @override
@@ -214,7 +231,8 @@ class DropoutInjector(Callback):
         if is_overridden("configure_model", pl_module):
             log.debug("calling %s.configure_model() before injecting", type(pl_module).__name__)
             pl_module.configure_model()
-        already = applied_plan(pl_module)
+        already = self.plan
+        self._check_shared_sites(trainer, pl_module)
         self.inject(pl_module)
         if already != self.plan and self.plan is not None and trainer.is_global_zero:
             table = format_sites(describe(pl_module, self._example(pl_module)))
@@ -222,14 +240,40 @@ class DropoutInjector(Callback):
                 f"lightning-dropout: {len(self.plan)} dropout sites (plan {self.plan.digest()})\n{table}"
             )
 
-    def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
-        """Apply this callback's rules or plan to ``pl_module`` now (``setup`` calls it); returns the plan."""
-        example = self._example(pl_module)
+    def own_plan(self, pl_module: pl.LightningModule) -> DropoutPlan:
+        """The sites this injector's rules (resolved against ``pl_module``) or plan put in the model."""
         if self._given_plan is not None:
-            self.plan = inject(pl_module, plan=self._given_plan, example_input=example, eager=self.eager)
-        else:
-            self.plan = inject(pl_module, rules=self.rules or [], example_input=example, eager=self.eager)
-        self._handles = site_handles(pl_module)
+            return self._given_plan
+        return resolve(pl_module, self.rules or [], self._example(pl_module))
+
+    def _check_shared_sites(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a site another DropoutInjector of the trainer already applied (the later one would silently
+        re-apply it with its own settings, and both would schedule and log it)."""
+        others = [
+            c
+            for c in trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
+            if isinstance(c, DropoutInjector) and c is not self and c.plan is not None
+        ]
+        if not others:
+            return
+        mine = {site.key for site in self.own_plan(pl_module)}
+        for other in others:
+            shared = sorted(mine & {site.key for site in other.plan or ()})
+            if shared:
+                raise DropoutConfigError(
+                    f"each dropout site must belong to one DropoutInjector, but {shared} are claimed by both "
+                    f"{other.state_key} and {self.state_key}; narrow their rules (e.g. `name`/`exclude` globs)."
+                )
+
+    def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
+        """Apply this callback's rules or plan to ``pl_module`` now (``setup`` calls it); returns the plan of
+        this injector's own sites (other injectors' sites on the same model are left to them)."""
+        example = self._example(pl_module)
+        own = self.own_plan(pl_module)
+        inject(pl_module, plan=own, example_input=example, eager=self.eager)
+        self.plan = own
+        keys = {site.key for site in own}
+        self._handles = [h for h in site_handles(pl_module) if h.site.key in keys]
         for handle in self._handles:
             if handle.module is not None:
                 handle.module.track = self.track_drop_fraction
@@ -342,6 +386,10 @@ class DropoutInjector(Callback):
     ) -> None:
         self._apply_schedule(trainer, "step")
 
+    @property
+    def _mean_tag(self) -> str:
+        return f"{_LOG_PREFIX}/{self.name}/mean_rate" if self.name is not None else f"{_LOG_PREFIX}/mean_rate"
+
     def _log_epoch_rates(self, trainer: pl.Trainer) -> None:
         """The rates that cannot change within the epoch, once, at its start, straight to the loggers: a constant
         rate needs no per-step scalar (``self.log`` costs a result-collection update per call and step)."""
@@ -350,7 +398,7 @@ class DropoutInjector(Callback):
         per_step = {id(h) for h in self._per_step}
         values = {_tag(h, "rate"): h.rate for h in self._handles if id(h) not in per_step}
         if not per_step:
-            values[f"{_LOG_PREFIX}/mean_rate"] = sum(values.values()) / len(values)
+            values[self._mean_tag] = sum(values.values()) / len(values)
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
@@ -371,7 +419,7 @@ class DropoutInjector(Callback):
                     pl_module.log(_tag(handle, "fraction"), fraction, on_step=True, on_epoch=False)
         if self._per_step:  # the mean moves with them
             mean = sum(h.rate for h in self._handles) / len(self._handles)
-            pl_module.log(f"{_LOG_PREFIX}/mean_rate", mean, on_step=True, on_epoch=False)
+            pl_module.log(self._mean_tag, mean, on_step=True, on_epoch=False)
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         """TensorBoard "Custom Scalars": one chart per quantity and group of similar sites, all sites of a group
@@ -466,7 +514,7 @@ def scalar_layout(handles: Sequence[SiteHandle], fractions: bool) -> dict[str, l
 
 
 def checkpoint_plan(checkpoint: Mapping[str, Any]) -> DropoutPlan:
-    """The dropout plan a Lightning checkpoint dict was trained with (from its DropoutInjector state)."""
+    """The dropout plan a Lightning checkpoint dict was trained with (from its DropoutInjector states)."""
     states = checkpoint.get("callbacks") or {}
     found = [s for k, s in states.items() if str(k).startswith(DropoutInjector.__name__)]
     if not found:
@@ -474,7 +522,8 @@ def checkpoint_plan(checkpoint: Mapping[str, Any]) -> DropoutPlan:
             "the checkpoint must hold a DropoutInjector state, but its callbacks are "
             f"{sorted(map(str, states))}; was it trained with DropoutInjector?"
         )
-    return DropoutPlan.from_dict(found[0].get("plan"))
+    # several named injectors: their (disjoint) sites together
+    return DropoutPlan([site for state in found for site in DropoutPlan.from_dict(state.get("plan"))])
 
 
 def load_checkpoint(

@@ -66,7 +66,8 @@ def _lightning(command: str, rest: list[str]) -> int:
 
     cli = load_config(rest, instantiate=False)
     plan = cli.config.get("plan")
-    cli.fresh([DropoutInjector(plan=plan)] if plan else [])
+    # `--plan` replaces a DropoutInjector the config lists (two would stack, and share a checkpoint key)
+    cli.fresh([DropoutInjector(plan=plan)] if plan else [], replacing=(DropoutInjector,) if plan else ())
     ckpt = cli.config.get("ckpt_path")
     getattr(cli.trainer, command)(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     if command == "fit" and plan:

@@ -43,7 +43,7 @@ from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_bas
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
-from lightning_dropout.tune.checks import check_groups, check_run_dir
+from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, redact
 from lightning_dropout.tune.pruning import MetricNotLoggedError, TrialPruning
 from lightning_dropout.tune.records import (
@@ -150,6 +150,7 @@ class Tuner:
                 "`dropout.groups` must list at least one group of sites to search, but the config has none."
             )
         check_run_dir(self.study_config.run_dir)
+        check_no_injector(self.cli.trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning
         check_groups(self.space.groups, self.cli.model, getattr(self.cli.model, "example_input_array", None))
 
     def pin_threads(self) -> int:
