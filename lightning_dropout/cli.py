@@ -6,7 +6,8 @@ Commands:
   run of that Trainer method. Put a ``DropoutInjector`` in ``trainer.callbacks`` (see ``configs/``); any
   existing LightningCLI config (``model``/``data``/``trainer`` with ``class_path``/``init_args``) works.
 * ``describe --config CONFIG.yaml``: build the model, resolve the injector's rules and print every dropout
-  site (module, variant, rate, the shape it sees) without training.
+  site (module, variant, rate, the shape it sees) without training; on a tuning config, preview the search
+  space (each group, the sites it matches, its search dimensions).
 * ``variants``: list the registered variants.
 * ``tune CONFIG [overrides]``: run (or resume, or join) the Optuna study of a tuning config (``study:`` and
   ``dropout:`` sections next to ``model``/``data``/``trainer``); prints the progress, the re-run table, and
@@ -47,10 +48,43 @@ _USAGE = (
     "                             --workers N, --n_trials N, --storage URL stand for --study.workers=N etc.\n"
     "  best STUDY|CONFIG          print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
     "  report STUDY|CONFIG        write a static HTML report of a study [--storage URL] [--out FILE.html]\n"
-    "  describe                   print the dropout sites the config's DropoutInjector would create\n"
+    "  describe CONFIG            print the dropout sites the config's DropoutInjector would create, or\n"
+    "                             preview a tuning config's search space (groups, sites, dimensions)\n"
     "  variants                   list the dropout variants\n"
-    "Run `lightning-dropout fit --help` for every LightningCLI option."
+    "  --version                  print the version\n"
+    "Run `lightning-dropout COMMAND --help` for a command's options (`fit --help`: every LightningCLI option)."
 )
+
+
+_COMMAND_HELP = {
+    "tune": (
+        "usage: lightning-dropout tune CONFIG.yaml [--workers N] [--n_trials N] [--storage URL] [overrides]\n"
+        "Run, resume or join the Optuna study of a tuning config (model/data/trainer plus `study:` and\n"
+        "`dropout:` sections); prints the re-run table and writes <run_dir>/<study>/best_plan.yaml.\n"
+        "  CONFIG.yaml, --config CONFIG.yaml  the tuning config\n"
+        "  --workers N      worker processes sharing the study on this machine (= --study.workers=N)\n"
+        "  --n_trials N     finished trials the study should reach (= --study.n_trials=N)\n"
+        "  --storage URL    sqlite:///..., postgresql://..., journal:PATH (= --study.storage=URL)\n"
+        "  --study.KEY=V, --dropout.groups=[...], --trainer.KEY=V, --model.init_args.KEY=V, --data...\n"
+        "                   override any key of the config\n"
+        "  --print_config   print the resolved config (defaults included) and exit\n"
+        "Preview the search space first: lightning-dropout describe CONFIG.yaml"
+    ),
+    "describe": (
+        "usage: lightning-dropout describe CONFIG.yaml [overrides]\n"
+        "Build the model without training and print:\n"
+        "  - for a tuning config (`dropout.groups`): each search group, the sites it matches in the model and\n"
+        "    its search dimensions (the Optuna parameters and their domains);\n"
+        "  - for a config with a DropoutInjector in trainer.callbacks: every dropout site it creates (module,\n"
+        "    variant, rate, the shape it sees).\n"
+        "  CONFIG.yaml, --config CONFIG.yaml  the config\n"
+        "  --KEY=V          override any key of the config (--model.init_args.hidden=64, ...)"
+    ),
+    "variants": (
+        "usage: lightning-dropout variants\n"
+        "List the dropout variants (the names `variant:` takes in rules, plans and search groups)."
+    ),
+}
 
 
 def _config_args(rest: list[str]) -> list[str]:
@@ -214,17 +248,27 @@ def _describe(args: list[str]) -> int:
 
     cli = load_config(args)
     injectors = [c for c in cli.trainer.callbacks if isinstance(c, DropoutInjector)]  # type: ignore[attr-defined]
-    if not injectors:
+    space = cli.config_init.get("dropout")
+    groups = list(getattr(space, "groups", None) or [])
+    if not injectors and not groups:
         return _fail(
-            "the config must list a lightning_dropout.callback.DropoutInjector in trainer.callbacks, "
-            "but it has none."
+            "the config must list a lightning_dropout.callback.DropoutInjector in trainer.callbacks or search "
+            "groups in `dropout.groups` (a tuning config), but it has neither."
         )
     model = cli.model
-    with quiet_lightning():
-        for injector in injectors:
-            injector.inject(model)
     example = getattr(model, "example_input_array", None)
-    sys.stdout.write(format_sites(describe(model, example)) + "\n")
+    if groups:  # a tuning config: preview what the search may put where
+        from lightning_dropout.tune.space import format_space
+
+        with quiet_lightning():
+            sys.stdout.write(format_space(groups, model, example) + "\n")
+    if injectors:
+        with quiet_lightning():
+            for injector in injectors:
+                injector.inject(model)
+        if groups:
+            sys.stdout.write("\nthe config's DropoutInjector sites:\n")
+        sys.stdout.write(format_sites(describe(model, example)) + "\n")
     return 0
 
 
@@ -247,7 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(_USAGE + "\n")
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        sys.stdout.write(f"lightning-dropout {version('lightning-dropout')}\n")
+        return 0
     command, rest = args[0], args[1:]
+    if command in _COMMAND_HELP and any(a in ("-h", "--help") for a in rest):
+        sys.stdout.write(_COMMAND_HELP[command] + "\n")
+        return 0
     try:
         return _run(command, rest)
     except KeyboardInterrupt as err:
