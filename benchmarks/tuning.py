@@ -630,7 +630,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pruner",
         action="append",
         default=[],
-        help='a pruner to compare, as JSON {"name": ..., "args": {...}} (repeatable; default: three)',
+        help='a pruner to compare, as JSON {"class_path": ..., "init_args": {...}} (repeatable; default: three)',
     )
     return parser.parse_args(argv)
 
