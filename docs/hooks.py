@@ -172,6 +172,7 @@ def _default(field: dataclasses.Field) -> str:
         value = field.default_factory()
     else:
         return "*required*"
+    value = value.serialize() if hasattr(value, "serialize") else value  # a ClassSpec: the mapping as written
     dumped = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
     dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
     return f"`{dumped}`"
@@ -189,7 +190,7 @@ def _field_table(cls: type, prefix: str) -> str:
             raise PluginError(
                 f"docs/hooks.py: {cls.__name__}.{field.name} has no `Args:` entry in its docstring."
             )
-        kind = str(field.type)
+        kind = str(field.type).replace("ClassSpec", "{class_path, init_args}")
         rows.append(f"| `{prefix}{field.name}` | `{kind}` | {_default(field)} | {_md(docs[field.name])} |")
     return "\n".join(rows)
 

@@ -262,8 +262,8 @@ CONFIG_CASES = [
     ),
     ConfigCase(
         "describe-no-injector",
-        _set("trainer.callbacks", []),
-        ("DropoutInjector",),
+        lambda config: (_set("trainer.callbacks", [])(config), _set("dropout.groups", [])(config)),
+        ("DropoutInjector", "dropout.groups"),
         command="describe",
         names_file=False,
     ),
@@ -326,7 +326,7 @@ CLI_CASES = [
     CliCase(
         "best-no-such-study",
         ("best", "nope", "--storage", "sqlite:///{tmp}/empty.db"),
-        ("nope", "studies there"),
+        ("nope", "does not exist"),  # and no empty.db is left behind: tests/test_optuna_native.py
     ),
     CliCase("best-bad-storage", ("best", "s", "--storage", "redis://h/0"), ("storage", "redis://h/0")),
     CliCase(
