@@ -43,7 +43,7 @@ from lightning.pytorch.callbacks import Callback
 
 import lightning_dropout
 from lightning_dropout.data import MNIST1DDataModule
-from lightning_dropout.monitor import GapMonitor, _LogCapture
+from lightning_dropout.monitor import GapMonitor, LogCapture
 from lightning_dropout.passes import untouched
 from lightning_dropout.zoo import CNN, GRU, MLP
 
@@ -132,7 +132,7 @@ class Breakdown(Callback):
 
         def steps_captured():
             """The monitor's inner loop on the kept batches: validation_step with `log` captured."""
-            capture = _LogCapture()
+            capture = LogCapture()
             pl_module.log = capture
             try:
                 pl_module.eval()

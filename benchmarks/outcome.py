@@ -415,7 +415,7 @@ def arm_grid(name: str, budget: Budget, tuner: Any, stages: Stages) -> None:
     """(b): every grid point on as many seeds as make its epochs reach (c)'s; the best mean value wins."""
     if "grid_choice" in stages.data:
         return
-    from lightning_dropout.tune.runner import rerun_seeds
+    from lightning_dropout.tune.reruns import rerun_seeds
 
     epochs = budget.epochs[name]
     target = stages.data["tuner"]["epochs"]

@@ -474,6 +474,7 @@ def bench_overhead(tmp: Path, sizes: Sizes) -> dict[str, Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_dropout.config import load_config
+    from lightning_dropout.tune.config import CONFIG_SECTIONS
     from lightning_dropout.tune.runner import Tuner
 
     n = sizes.overhead_trials
@@ -483,7 +484,7 @@ def bench_overhead(tmp: Path, sizes: Sizes) -> dict[str, Any]:
     with quiet():
         # plain Lightning: build model, datamodule, trainer from the same config, fit; n times
         _, overrides = common_overrides(tmp, "plain")
-        cli = load_config(["--config", str(config), *overrides], instantiate=False)
+        cli = load_config(["--config", str(config), *overrides], instantiate=False, sections=CONFIG_SECTIONS)
         timer = _fit_timer()
         fits: list[tuple[float, float]] = []
         cycles: list[tuple[float, float]] = []
@@ -520,7 +521,7 @@ def bench_overhead(tmp: Path, sizes: Sizes) -> dict[str, Any]:
         start = time.perf_counter()
         study = tuner.study()
         opened = time.perf_counter()
-        tuner.enqueue_baselines(study)
+        tuner.enqueue_fixed(study)
         fits.clear()
         timer.durations.clear()
         collects: list[tuple[float, float]] = []

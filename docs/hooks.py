@@ -203,6 +203,7 @@ class _ParserGrabbed(Exception):
 def config_parser() -> Any:
     """The jsonargparse parser :class:`ConfigCLI` reads config files with (built, nothing parsed)."""
     from lightning_dropout.config import ConfigCLI, quiet_lightning
+    from lightning_dropout.tune.config import CONFIG_SECTIONS
 
     class Grab(ConfigCLI):
         def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -211,7 +212,7 @@ def config_parser() -> Any:
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         with quiet_lightning():
-            Grab([])
+            Grab([], sections=CONFIG_SECTIONS)
     except _ParserGrabbed as grabbed:
         return grabbed.parser
     finally:

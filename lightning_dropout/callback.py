@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +39,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_dropout.checkpoints import load_checkpoint
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import (
     Rule,
     SiteHandle,
-    apply_plan,
     describe,
     format_sites,
     inject,
@@ -53,6 +52,7 @@ from lightning_dropout.inject import (
     site_handles,
 )
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.scalars import LOG_PREFIX, rate_tag, scalar_layout
 from lightning_dropout.schedules import Schedule
 from lightning_dropout.variants import ConcreteDropout
 
@@ -60,7 +60,8 @@ __all__ = ["DropoutInjector", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 
-_LOG_PREFIX = "dropout"
+PlanProvider = Callable[[pl.LightningModule], DropoutPlan]
+"""Chooses a plan from the freshly set-up module (see ``DropoutInjector(plan=...)``)."""
 
 
 def _as_plan(plan: DropoutPlan | str | Path | Mapping[str, Any]) -> DropoutPlan:
@@ -113,7 +114,7 @@ class _RegularizedTrainingStep:
             return out
         reg = regularization(self.module)
         if getattr(self.module, "_trainer", None) is not None:  # also callable outside a Trainer
-            self.module.log(f"{_LOG_PREFIX}/regularizer", reg.detach(), on_step=True, on_epoch=False)
+            self.module.log(f"{LOG_PREFIX}/regularizer", reg.detach(), on_step=True, on_epoch=False)
         if isinstance(out, Tensor):
             return out + reg
         if isinstance(out, Mapping) and "loss" in out:
@@ -128,7 +129,10 @@ class DropoutInjector(Callback):
         rules: where dropout goes (:class:`~lightning_dropout.inject.Rule`, or mappings with its fields, as
             a LightningCLI YAML gives them); resolved against the model in ``setup``.
         plan: an explicit :class:`~lightning_dropout.plan.DropoutPlan` (or a path to its YAML, as
-            ``lightning-dropout best`` writes) instead of ``rules``.
+            ``lightning-dropout best`` writes, or a mapping) instead of ``rules``; or a plan provider, a callable
+            that takes the LightningModule and returns the plan: it is called once, in the first ``setup``, on
+            global rank 0 only, and its plan is broadcast to every rank (the tuner samples a trial's plan from
+            the freshly built model this way; under DDP every rank applies the same plan).
         schedule: a :class:`~lightning_dropout.schedules.Schedule` for every schedulable site, or a mapping
             from site globs (matched against ``"<target>:<where>"`` keys, e.g. ``"encoder.*"``) to schedules;
             the first matching glob wins. Learned (``concrete``) sites are never scheduled.
@@ -137,7 +141,7 @@ class DropoutInjector(Callback):
             from step to step (a ``unit="step"`` schedule, learned rates) every ``log_every_n_steps``, the others
             (constant, or on an epoch schedule) once per epoch, straight to the loggers; with a TensorBoard
             logger, also write a "Custom Scalars" layout that puts the sites of a group (see
-            :func:`site_groups`) on one chart per quantity.
+            :func:`~lightning_dropout.scalars.site_groups`) on one chart per quantity.
         track_drop_fraction: also measure and log the fraction of units each site actually dropped
             (``dropout/fraction/<site>``); costs one reduction per site and step.
         use_example_input: when the module sets ``example_input_array``, use it to check that each variant
@@ -167,7 +171,7 @@ class DropoutInjector(Callback):
     def __init__(
         self,
         rules: Sequence[Rule] | Rule | None = None,
-        plan: DropoutPlan | str | Path | None = None,
+        plan: DropoutPlan | str | Path | Mapping[str, Any] | PlanProvider | None = None,
         schedule: Schedule | Mapping[str, Schedule] | None = None,
         log_rates: bool = True,
         track_drop_fraction: bool = False,
@@ -182,7 +186,12 @@ class DropoutInjector(Callback):
                 f"rules={'given' if rules is not None else None}, plan={'given' if plan is not None else None}."
             )
         self.rules = _as_rules(rules) if rules is not None else None
-        self._given_plan = _as_plan(plan) if plan is not None else None
+        self._provider: PlanProvider | None = None
+        self._given_plan: DropoutPlan | None = None
+        if callable(plan) and not isinstance(plan, DropoutPlan):
+            self._provider = plan
+        elif plan is not None:
+            self._given_plan = _as_plan(plan)
         bad_mapping = isinstance(schedule, Mapping) and not all(
             isinstance(s, Schedule) for s in schedule.values()
         )
@@ -213,7 +222,9 @@ class DropoutInjector(Callback):
         what = (
             f"rules={len(self.rules)}"
             if self.rules is not None
-            else f"plan={len(self._given_plan or ())} sites"
+            else f"plan={len(self._given_plan)} sites"
+            if self._given_plan is not None
+            else "plan=provided"
         )
         named = f"name={self.name!r}, " if self.name is not None else ""
         return f"{type(self).__name__}({named}{what}, schedule={self.schedule!r})"
@@ -231,6 +242,10 @@ class DropoutInjector(Callback):
         if is_overridden("configure_model", pl_module):
             log.debug("calling %s.configure_model() before injecting", type(pl_module).__name__)
             pl_module.configure_model()
+        if self._provider is not None and self._given_plan is None:
+            # only rank 0 asks the provider (it may talk to a study); every rank applies the plan it chose
+            chosen = self._provider(pl_module).to_yaml() if trainer.is_global_zero else None
+            self._given_plan = DropoutPlan.from_yaml(str(trainer.strategy.broadcast(chosen, src=0)))
         already = self.plan
         self._check_shared_sites(trainer, pl_module)
         self.inject(pl_module)
@@ -242,6 +257,8 @@ class DropoutInjector(Callback):
 
     def own_plan(self, pl_module: pl.LightningModule) -> DropoutPlan:
         """The sites this injector's rules (resolved against ``pl_module``) or plan put in the model."""
+        if self._given_plan is None and self._provider is not None:  # called outside a Trainer
+            self._given_plan = self._provider(pl_module)
         if self._given_plan is not None:
             return self._given_plan
         return resolve(pl_module, self.rules or [], self._example(pl_module))
@@ -268,9 +285,8 @@ class DropoutInjector(Callback):
     def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
         """Apply this callback's rules or plan to ``pl_module`` now (``setup`` calls it); returns the plan of
         this injector's own sites (other injectors' sites on the same model are left to them)."""
-        example = self._example(pl_module)
         own = self.own_plan(pl_module)
-        inject(pl_module, plan=own, example_input=example, eager=self.eager)
+        inject(pl_module, plan=own, example_input=self._example(pl_module), eager=self.eager)
         self.plan = own
         keys = {site.key for site in own}
         self._handles = [h for h in site_handles(pl_module) if h.site.key in keys]
@@ -388,7 +404,7 @@ class DropoutInjector(Callback):
 
     @property
     def _mean_tag(self) -> str:
-        return f"{_LOG_PREFIX}/{self.name}/mean_rate" if self.name is not None else f"{_LOG_PREFIX}/mean_rate"
+        return f"{LOG_PREFIX}/{self.name}/mean_rate" if self.name is not None else f"{LOG_PREFIX}/mean_rate"
 
     def _log_epoch_rates(self, trainer: pl.Trainer) -> None:
         """The rates that cannot change within the epoch, once, at its start, straight to the loggers: a constant
@@ -396,7 +412,7 @@ class DropoutInjector(Callback):
         if not (self.log_rates and self._handles and trainer.is_global_zero and trainer.loggers):
             return
         per_step = {id(h) for h in self._per_step}
-        values = {_tag(h, "rate"): h.rate for h in self._handles if id(h) not in per_step}
+        values = {rate_tag(h, "rate"): h.rate for h in self._handles if id(h) not in per_step}
         if not per_step:
             values[self._mean_tag] = sum(values.values()) / len(values)
         for logger in trainer.loggers:
@@ -411,12 +427,12 @@ class DropoutInjector(Callback):
         if batch_idx % max(trainer.log_every_n_steps, 1) != 0:  # type: ignore[attr-defined]  # set by Lightning
             return
         for handle in self._per_step:
-            pl_module.log(_tag(handle, "rate"), handle.rate, on_step=True, on_epoch=False)
+            pl_module.log(rate_tag(handle, "rate"), handle.rate, on_step=True, on_epoch=False)
         if self.track_drop_fraction:
             for handle in self._handles:
                 fraction = handle.module.drop_fraction if handle.module is not None else None
                 if fraction is not None:
-                    pl_module.log(_tag(handle, "fraction"), fraction, on_step=True, on_epoch=False)
+                    pl_module.log(rate_tag(handle, "fraction"), fraction, on_step=True, on_epoch=False)
         if self._per_step:  # the mean moves with them
             mean = sum(h.rate for h in self._handles) / len(self._handles)
             pl_module.log(self._mean_tag, mean, on_step=True, on_epoch=False)
@@ -426,7 +442,7 @@ class DropoutInjector(Callback):
         as lines of that chart (readable with 50 sites)."""
         if not (self.log_rates and self._handles and trainer.is_global_zero):
             return
-        layout = {_LOG_PREFIX: scalar_layout(self._handles, self.track_drop_fraction)}
+        layout = {LOG_PREFIX: scalar_layout(self._handles, self.track_drop_fraction)}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(layout)
@@ -467,78 +483,3 @@ def _set_global_rng(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _rate_kind(handle: SiteHandle) -> str:
-    """``learned`` for concrete sites (the optimizer sets their rate), ``rate`` for the others."""
-    return "learned" if isinstance(handle.module, ConcreteDropout) else "rate"
-
-
-def _tag(handle: SiteHandle, quantity: str) -> str:
-    """``dropout/rate/<site>``, ``dropout/fraction/<site>``; learned (concrete) rates are ``dropout/learned/<site>``."""
-    return f"{_LOG_PREFIX}/{_rate_kind(handle) if quantity == 'rate' else quantity}/{handle.site.key}"
-
-
-def site_groups(keys: Sequence[str], max_ungrouped: int = 10) -> dict[str, list[str]]:
-    """Sites grouped for plotting: keys that differ only in their numbers (``encoder.layers.3.linear1:output``
-    and ``encoder.layers.7.linear1:output``) share a group; up to ``max_ungrouped`` sites stay in one group.
-
-    >>> site_groups(["fc1:output", "fc2:output"])
-    {'all sites': ['fc1:output', 'fc2:output']}
-    >>> keys = [f"layers.{i}.{n}:output" for i in range(6) for n in ("attn", "mlp")]
-    >>> {k: len(v) for k, v in site_groups(keys).items()}
-    {'layers.#.attn:output': 6, 'layers.#.mlp:output': 6}
-    """
-    if len(keys) <= max_ungrouped:
-        return {"all sites": list(keys)}
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        groups.setdefault(re.sub(r"\d+", "#", key), []).append(key)
-    return groups
-
-
-def scalar_layout(handles: Sequence[SiteHandle], fractions: bool) -> dict[str, list[Any]]:
-    """The Custom Scalars charts of one category: ``{title: ["Multiline", [tag regexes]]}``."""
-    keys: dict[str, list[str]] = {"rate": [], "learned": [], "fraction": []}
-    for handle in handles:
-        keys[_rate_kind(handle)].append(handle.site.key)
-        if fractions and handle.module is not None:
-            keys["fraction"].append(handle.site.key)
-    labels = {"rate": "rate", "learned": "learned rate", "fraction": "dropped fraction"}
-    charts: dict[str, list[Any]] = {}
-    for quantity, chosen in keys.items():
-        for group, members in site_groups(chosen).items() if chosen else ():
-            tags = [re.escape(f"{_LOG_PREFIX}/{quantity}/{k}") for k in members]
-            charts[f"{labels[quantity]}: {group}"] = ["Multiline", tags]
-    return charts
-
-
-def checkpoint_plan(checkpoint: Mapping[str, Any]) -> DropoutPlan:
-    """The dropout plan a Lightning checkpoint dict was trained with (from its DropoutInjector states)."""
-    states = checkpoint.get("callbacks") or {}
-    found = [s for k, s in states.items() if str(k).startswith(DropoutInjector.__name__)]
-    if not found:
-        raise DropoutConfigError(
-            "the checkpoint must hold a DropoutInjector state, but its callbacks are "
-            f"{sorted(map(str, states))}; was it trained with DropoutInjector?"
-        )
-    # several named injectors: their (disjoint) sites together
-    return DropoutPlan([site for state in found for site in DropoutPlan.from_dict(state.get("plan"))])
-
-
-def load_checkpoint(
-    model_cls: type[pl.LightningModule], checkpoint_path: str | Path, map_location: Any = "cpu", **kwargs: Any
-) -> pl.LightningModule:
-    """Load a checkpoint of an injected model for inference, dropout sites included, strictly.
-
-    The one-liner: ``model = load_checkpoint(MyModel, "epoch=9.ckpt")``. The module is built from the
-    checkpoint's hyperparameters (``**kwargs`` override them, as in ``load_from_checkpoint``), the plan saved
-    by :class:`DropoutInjector` is applied, then every weight, learned rates included, is loaded with
-    ``strict=True``.
-    """
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
-    plan = checkpoint_plan(checkpoint)
-    model = model_cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)
-    apply_plan(model, plan)
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
-    return model.eval()

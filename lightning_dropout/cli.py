@@ -30,11 +30,14 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 # argv handling, `--help` and `variants` stay cheap: Lightning, jsonargparse and Optuna load in the commands
-from lightning_dropout.errors import ConfigError, DropoutConfigError, closest, summarize
+from lightning_dropout.errors import DropoutConfigError, closest, summarize
 from lightning_dropout.secrets import redact
+
+if TYPE_CHECKING:
+    from lightning_dropout.config import ConfigCLI
 
 __all__ = ["main"]
 
@@ -94,11 +97,18 @@ def _config_args(rest: list[str]) -> list[str]:
     return rest
 
 
+def _load(args: list[str], instantiate: bool = True) -> ConfigCLI:
+    """The config, with the tuner's ``study:`` and ``dropout:`` sections known to every command."""
+    from lightning_dropout.config import load_config
+    from lightning_dropout.tune.config import CONFIG_SECTIONS
+
+    return load_config(args, instantiate=instantiate, sections=CONFIG_SECTIONS)
+
+
 def _lightning(command: str, rest: list[str]) -> int:
     from lightning_dropout.callback import DropoutInjector
-    from lightning_dropout.config import load_config
 
-    cli = load_config(rest, instantiate=False)
+    cli = _load(rest, instantiate=False)
     plan = cli.config.get("plan")
     # `--plan` replaces a DropoutInjector the config lists (two would stack, and share a checkpoint key)
     cli.fresh([DropoutInjector(plan=plan)] if plan else [], replacing=(DropoutInjector,) if plan else ())
@@ -192,9 +202,7 @@ def _study_location(ns: Any) -> tuple[str, str, str]:
                 "but got neither."
             )
         return name, ns.storage or default_storage(name), "runs"
-    from lightning_dropout.config import load_config
-
-    study = load_config(["--config", config], instantiate=False, save_config=False).config["study"]
+    study = _load(["--config", config], instantiate=False).config["study"]
     name = name or str(study["name"])
     run_dir = str(study["run_dir"])
     return name, ns.storage or study["storage"] or default_storage(name, run_dir), run_dir
@@ -243,10 +251,10 @@ def _fail(message: str, config: str | None = None) -> int:
 
 def _describe(args: list[str]) -> int:
     from lightning_dropout.callback import DropoutInjector
-    from lightning_dropout.config import load_config, quiet_lightning
+    from lightning_dropout.config import quiet_lightning
     from lightning_dropout.inject import describe, format_sites
 
-    cli = load_config(args)
+    cli = _load(args)
     injectors = [c for c in cli.trainer.callbacks if isinstance(c, DropoutInjector)]  # type: ignore[attr-defined]
     space = cli.config_init.get("dropout")
     groups = list(getattr(space, "groups", None) or [])
@@ -349,7 +357,7 @@ def _config_file(rest: list[str]) -> str | None:
 def user_error(err: BaseException) -> str | None:
     """The one-line message of an error caused by the input (a config, a file, a URL, a command line), or
     ``None`` for any other error. Every command goes through here, so every bad input reads alike."""
-    if isinstance(err, (ConfigError, DropoutConfigError)):
+    if isinstance(err, DropoutConfigError):
         return str(err)
     if type(err).__name__ == "ArgumentError":  # argparse/jsonargparse, with exit_on_error=False
         return str(err)

@@ -3,7 +3,7 @@
 :class:`ConfigCLI` is a ``LightningCLI`` that never runs anything itself: it parses ``model``/``data``/
 ``trainer`` (and, for tuning, the ``study:`` and ``dropout:`` sections), instantiates fresh objects when asked
 (each tuning trial gets its own model, datamodule and trainer) and turns a class that refuses its arguments
-into a :class:`ConfigError` the CLI prints in one line.
+into a :class:`DropoutConfigError` the CLI prints in one line.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import inspect
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
-from lightning_dropout.errors import ConfigError, closest, summarize
+from lightning_dropout.errors import DropoutConfigError, closest, summarize
 from lightning_dropout.secrets import redact_value
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigCLI",
-    "ConfigError",
     "check_config_file",
     "explain_parse_error",
     "load_config",
@@ -63,7 +62,7 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
         key = loader.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
         line = key_node.start_mark.line + 1
         if key in seen:
-            raise ConfigError(
+            raise DropoutConfigError(
                 f"line {line}: key `{key}` must appear once in its mapping, but it appears twice (lines "
                 f"{seen[key]} and {line}); YAML would keep only the last."
             )
@@ -83,30 +82,32 @@ def check_config_file(path: str) -> None:
     try:
         text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(
+        raise DropoutConfigError(
             f"{path}: a config must be UTF-8 YAML text, but byte {err.object[err.start]:#04x} at offset "
             f"{err.start} is not UTF-8 (a binary file?)."
         ) from None
     except OSError as err:
-        raise ConfigError(
+        raise DropoutConfigError(
             f"{path}: a config must be a readable file, but reading it failed: {err.strerror}."
         ) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    except DropoutConfigError as err:
+        raise DropoutConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: a config must be valid YAML, but it is not: {problem}{at}.") from None
+        raise DropoutConfigError(
+            f"{path}: a config must be valid YAML, but it is not: {problem}{at}."
+        ) from None
     if data is None:
-        raise ConfigError(
+        raise DropoutConfigError(
             f"{path}: a config must be a YAML mapping of sections (model, data, trainer, ...), but the file is "
             "empty."
         )
     if not isinstance(data, dict):
-        raise ConfigError(
+        raise DropoutConfigError(
             f"{path}: a config must be a YAML mapping of sections (model, data, trainer, ...), but it holds a "
             f"{type(data).__name__}: {str(data)[:80]!r}."
         )
@@ -237,15 +238,27 @@ class RedactedSaveConfig(SaveConfigCallback):
         super().__init__(parser, redact_value(config), *args, **kwargs)
 
 
+Section = tuple[type, str]
+"""An extra top-level section of a config: the class whose ``__init__`` arguments it holds, and its help."""
+
+
 class ConfigCLI(LightningCLI):
     """LightningCLI that parses only; see the module docstring.
 
     Extra top-level keys: ``ckpt_path``, ``plan`` (a dropout plan YAML applied with ``DropoutInjector``), and
-    the tuner's ``study`` (:class:`~lightning_dropout.tune.config.StudyConfig`) and ``dropout``
-    (:class:`~lightning_dropout.tune.config.DropoutSpace`), so one file serves every command.
+    the ``sections`` the caller names (the CLI and the tuner pass the tuner's ``study`` and ``dropout``, see
+    :data:`lightning_dropout.tune.config.CONFIG_SECTIONS`, so one file serves every command): this layer does
+    not know them.
     """
 
-    def __init__(self, args: list[str], instantiate: bool = True, save_config: bool = True) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        instantiate: bool = True,
+        save_config: bool = True,
+        sections: Mapping[str, Section] | None = None,
+    ) -> None:
+        self.sections = dict(sections or {})  # read by add_arguments_to_parser, during LightningCLI.__init__
         self._skip_instantiation = not instantiate
         self.extra_callbacks: list[Callback] = []
         self.replaced_callbacks: tuple[type[Callback], ...] = ()
@@ -276,17 +289,8 @@ class ConfigCLI(LightningCLI):
             default=None,
             help="a dropout plan YAML (from `lightning-dropout best`) to apply",
         )
-        # The tuner's sections are always known (and validated), so one file serves tune, fit and describe.
-        from jsonargparse.typing import get_registered_type, register_type
-
-        from lightning_dropout.tune.config import ClassSpec, DropoutSpace, StudyConfig
-
-        if get_registered_type(ClassSpec) is None:  # study.sampler/pruner: carried as written, see ClassSpec
-            register_type(ClassSpec, serializer=ClassSpec.serialize, deserializer=ClassSpec)
-        parser.add_class_arguments(StudyConfig, "study", help="the Optuna study (tune)")
-        parser.add_class_arguments(
-            DropoutSpace, "dropout", help="where dropout may go and what to search (tune)"
-        )
+        for key, (cls, help_) in self.sections.items():
+            parser.add_class_arguments(cls, key, help=help_)
 
     @override
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -300,7 +304,7 @@ class ConfigCLI(LightningCLI):
                 raise
             where = f"{files[-1]}: " if files else ""
             keys = [a.dest for a in parser._actions if isinstance(getattr(a, "dest", None), str)]
-            raise ConfigError(where + explain_parse_error(str(err), keys)) from None
+            raise DropoutConfigError(where + explain_parse_error(str(err), keys)) from None
 
     @override
     def instantiate_classes(self) -> None:
@@ -310,14 +314,14 @@ class ConfigCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:  # DropoutConfigError included
-            raise ConfigError(self._where(str(err)) + summarize(str(err))) from err
+            raise DropoutConfigError(self._where(str(err)) + summarize(str(err))) from err
         except MisconfigurationException as err:  # Lightning refusing a trainer argument
-            raise ConfigError(self._where(str(err)) + "trainer: " + summarize(str(err))) from err
+            raise DropoutConfigError(self._where(str(err)) + "trainer: " + summarize(str(err))) from err
         except RuntimeError as err:  # two stateful callbacks of one type with the same state key
             found = re.search(r"more than one stateful callback of type `(\w+)`", str(err))
             if found is None:
                 raise
-            raise ConfigError(
+            raise DropoutConfigError(
                 f"{self._where('')}`trainer.callbacks` must give each {found.group(1)} its own state key (a "
                 f"DropoutInjector: a distinct `name`), but several share one, so their checkpoint states would "
                 "collide."
@@ -368,11 +372,17 @@ class ConfigCLI(LightningCLI):
         return self
 
 
-def load_config(args: list[str], instantiate: bool = True, save_config: bool = True) -> ConfigCLI:
-    """Parse (and validate) a config given as CLI arguments (``["--config", "x.yaml", overrides...]``)."""
+def load_config(
+    args: list[str],
+    instantiate: bool = True,
+    save_config: bool = True,
+    sections: Mapping[str, Section] | None = None,
+) -> ConfigCLI:
+    """Parse (and validate) a config given as CLI arguments (``["--config", "x.yaml", overrides...]``), with
+    the extra top-level ``sections`` (key -> (class, help)) besides ``model``, ``data`` and ``trainer``."""
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args
     try:
         with quiet_lightning():
-            return ConfigCLI(args, instantiate=instantiate, save_config=save_config)
+            return ConfigCLI(args, instantiate=instantiate, save_config=save_config, sections=sections)
     finally:
         sys.argv = argv

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 _T = TypeVar("_T")
 
 __all__ = [
-    "ConfigError",
     "DropoutConfigError",
     "Interrupted",
     "check_int",
@@ -38,17 +37,12 @@ _UNION_NOISE = (
 
 
 class DropoutConfigError(ValueError):
-    """Raised when a rule, plan, variant or schedule is misconfigured.
+    """Raised when a rule, plan, variant, schedule, config file, a key in it or a class it names is wrong: the
+    one error type for user input (the CLI prints it in one line and exits 2).
 
     Every message states the rule that was broken, shows the offending value and, where there is a
     finite set of valid values, lists the choices (or the nearest ones).
     """
-
-
-class ConfigError(Exception):
-    """The config file, a key in it, or a class it names is wrong (raised while reading or instantiating it; see
-    :mod:`lightning_dropout.config`); the message is one line with the file and the key. Defined here, with no
-    Lightning import, so the CLI can catch it cheaply."""
 
 
 class Interrupted(KeyboardInterrupt):

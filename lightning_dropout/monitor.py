@@ -48,7 +48,7 @@ from lightning_dropout.mc import mc_dropout
 from lightning_dropout.passes import metric_modules, untouched
 from lightning_dropout.uncertainty import UncertaintyMonitor
 
-__all__ = ["GapMonitor", "UncertaintyMonitor", "metric_base_name"]
+__all__ = ["GapMonitor", "LogCapture", "UncertaintyMonitor", "metric_base_name"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _reduce_name(reduce_fx: Any) -> str:
     return _REDUCE[name]
 
 
-class _LogCapture:
+class LogCapture:
     """Stands in for ``LightningModule.log`` while ``validation_step`` runs on training data: collects the
     values instead of sending them to Lightning (whose validation results are already final)."""
 
@@ -219,7 +219,7 @@ class GapMonitor(Callback):
     ) -> dict[str, float]:
         """The module's own ``validation_step`` over the subset; returns each logged value over the whole
         subset (all ranks)."""
-        capture = _LogCapture()
+        capture = LogCapture()
         batches = self._subset_batches(trainer)
         for metric in metric_modules(pl_module):
             metric.reset()
@@ -238,7 +238,7 @@ class GapMonitor(Callback):
         return self._reduce(trainer, capture)
 
     @staticmethod
-    def _reduce(trainer: pl.Trainer, capture: _LogCapture) -> dict[str, float]:
+    def _reduce(trainer: pl.Trainer, capture: LogCapture) -> dict[str, float]:
         out: dict[str, float] = {}
         names = sorted(capture.totals)
         if names:

@@ -1,9 +1,11 @@
-"""Shared fixtures: one MNIST-1D cache per session, one torch thread for small-model modules, and a PostgreSQL
-server for the storage tests.
+"""Shared fixtures: one MNIST-1D cache per session, one torch thread for small-model modules, a PostgreSQL
+server for the storage tests and a Chromium for the report's browser test.
 
 ``postgres_url`` is ``$LIGHTNING_DROPOUT_TEST_POSTGRES`` (``.ci/run`` starts a throwaway cluster and sets it);
-without it the fixture starts its own throwaway cluster when the PostgreSQL server binaries are installed. If
-neither works the tests skip, except under CI (``$CI`` set), where they fail: CI must never skip them silently.
+without it the fixture starts its own throwaway cluster when the PostgreSQL server binaries are installed.
+``chromium`` is ``$LIGHTNING_DROPOUT_TEST_CHROMIUM`` (``.ci/run`` installs Debian's ``chromium`` and sets it),
+else a Chromium or Chrome found on ``PATH``. When a service is missing its tests skip, except under CI (``$CI``
+set), where they fail: CI must never skip them silently.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 POSTGRES_ENV_VAR = "LIGHTNING_DROPOUT_TEST_POSTGRES"
+CHROMIUM_ENV_VAR = "LIGHTNING_DROPOUT_TEST_CHROMIUM"
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +50,10 @@ def _under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _unavailable(reason: str) -> None:
+def _unavailable(reason: str, service: str = "PostgreSQL") -> NoReturn:
     if _under_ci():
-        pytest.fail(f"PostgreSQL is required under CI ($CI is set), but {reason}", pytrace=False)
-    pytest.skip(f"PostgreSQL not available: {reason}")
+        pytest.fail(f"{service} is required under CI ($CI is set), but {reason}", pytrace=False)
+    pytest.skip(f"{service} not available: {reason}")
 
 
 def _with_driver(url: str) -> str:
@@ -170,6 +174,31 @@ def postgres_url() -> Iterator[str]:
         yield _with_driver(url)
     finally:
         cluster.__exit__(None, None, None)
+
+
+_CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of a Chromium (or Chrome) executable for Playwright to drive. Playwright's own browser download
+    is never used: the tests launch this executable (``executable_path``)."""
+    if importlib.util.find_spec("playwright") is None:
+        _unavailable("the `playwright` package is not installed (`pip install -e '.[dev]'`)", "Chromium")
+    path = os.environ.get(CHROMIUM_ENV_VAR)
+    if path:
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            _unavailable(f"${CHROMIUM_ENV_VAR}={path!r} is not an executable file", "Chromium")
+        return path
+    for name in _CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    _unavailable(
+        f"${CHROMIUM_ENV_VAR} is unset and none of {list(_CHROMIUM_NAMES)} is on PATH "
+        "(Debian/Ubuntu: `apt-get install chromium`)",
+        "Chromium",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from helpers import TinyNet, loader, trainer
@@ -14,7 +15,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_dropout import DropoutConfigError, DropoutPlan, Rule, Site, applied_plan
-from lightning_dropout.callback import DropoutInjector, checkpoint_plan, load_checkpoint
+from lightning_dropout.callback import DropoutInjector, load_checkpoint
+from lightning_dropout.checkpoints import checkpoint_plan
 from lightning_dropout.schedules import Constant, EarlyDropout, Linear
 from lightning_dropout.variants import ConcreteDropout, Dropout
 
@@ -31,6 +33,31 @@ def test_injects_in_setup_before_optimizers_and_keeps_user_keys():
     assert {"fc1.ld_output.p_logit", "fc2.ld_output.p_logit"} <= set(model.seen_by_optimizer)
     assert set(model.state_dict()) - keys == {"fc1.ld_output.p_logit", "fc2.ld_output.p_logit"}
     assert keys <= set(model.state_dict())
+
+
+def test_a_plan_provider_chooses_the_plan_from_the_set_up_module_once():
+    """`plan=` a callable: asked once, with the module after `configure_model`; its plan is applied and kept
+    for later stages (the tuner samples a trial's plan this way; under DDP rank 0 asks and broadcasts)."""
+    seen: list[list[str]] = []
+
+    def choose(module: L.LightningModule) -> DropoutPlan:
+        seen.append([name for name, _ in module.named_children()])
+        return DropoutPlan([Site(target="late", where="output", variant="standard", p=0.3)])
+
+    model = BuiltLater()
+    injector = DropoutInjector(plan=choose)
+    assert "plan=provided" in repr(injector)
+    fit = trainer(callbacks=[injector])
+    fit.fit(model, loader())
+    fit.validate(model, loader())
+    assert seen == [["fc1", "fc2", "head", "late"]]  # once, and `late` was already built
+    assert [s.key for s in injector.plan] == ["late:output"]
+    assert isinstance(model.late.ld_output, Dropout)
+
+    # outside a Trainer too
+    other = BuiltLater()
+    other.configure_model()
+    assert [s.key for s in DropoutInjector(plan=choose).inject(other)] == ["late:output"]
 
 
 class BuiltLater(TinyNet):

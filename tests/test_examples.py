@@ -7,6 +7,10 @@ import os
 import uuid
 from pathlib import Path
 
+import pytest
+
+from lightning_dropout.plan import DropoutPlan
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -111,3 +115,39 @@ def test_scale_out_example(tmp_path, data_dir):
     assert len(finished) >= 3
     assert all("plan" in t.user_attrs for t in finished)
     assert out["storage"] == (storage or f"sqlite:///{tmp_path / 'runs' / args[-1] / 'study.db'}")
+
+
+def test_tune_from_python_example(tmp_path, data_dir, capsys):
+    """The Python API: a study from objects, its result, and its config, which the CLI reads back."""
+    from lightning_dropout.cli import main
+
+    args = ["--n-trials", "3", "--max-epochs", "2", "--limit-batches", "2", "--seeds", "2"]
+    out = _load("tune_from_python").main(
+        [*args, "--run-dir", str(tmp_path / "runs"), "--cache-dir", str(data_dir)]
+    )
+    study = out["study"]
+    assert study.study_name == "python_api" and len(study.trials) == 3
+    assert study.trials[0].user_attrs["baseline"] == "no dropout"
+    assert out["plan"] is not None and out["candidates"]  # re-run over 2 seeds, best first
+    assert "winner over 3 trials" in capsys.readouterr().out
+    # the written config is the study's: `best` on it reads the same winner back
+    assert out["config"] == tmp_path / "runs" / "python_api" / "config.yaml"
+    storage = f"sqlite:///{tmp_path / 'runs' / 'python_api' / 'study.db'}"
+    assert main(["best", "python_api", "--storage", storage, "--out", str(tmp_path / "plan.yaml")]) == 0
+    assert DropoutPlan.load(tmp_path / "plan.yaml") == out["plan"]
+
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["one-process", "ddp-spawn"])
+def test_own_objective_example(tmp_path, data_dir, ddp):
+    """A hand-written Optuna objective with suggest_plan, DropoutInjector(plan=...) and TrialPruning, in one
+    process and on 2 DDP ranks (ddp_spawn, gloo): every trial stores the plan its ranks trained."""
+    args = ["--n-trials", "2", "--max-epochs", "2", "--limit-batches", "2", "--cache-dir", str(data_dir)]
+    args += ["--storage", f"sqlite:///{tmp_path / 'study.db'}", *(["--ddp"] if ddp else [])]
+    study = _load("own_objective").main(args)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 2
+    for trial in complete:
+        plan = DropoutPlan.from_yaml(trial.user_attrs["plan"])
+        assert {s.target for s in plan} <= {"linear1", "linear2"}
+        assert sorted(trial.intermediate_values) == [0, 1]  # rank 0 reported each validation
+        assert trial.user_attrs["ranks"] == (2 if ddp else 1)

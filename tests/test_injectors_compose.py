@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from studies import BASE, write_config
 from torch import nn
 
-from lightning_dropout.callback import DropoutInjector, checkpoint_plan, load_checkpoint
+from lightning_dropout.callback import DropoutInjector
+from lightning_dropout.checkpoints import checkpoint_plan, load_checkpoint
 from lightning_dropout.cli import main
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import Rule, applied_plan

@@ -25,8 +25,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from lightning_dropout import DropoutConfigError, Rule
-from lightning_dropout.callback import DropoutInjector, site_groups
-from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, _LogCapture, metric_base_name
+from lightning_dropout.callback import DropoutInjector
+from lightning_dropout.monitor import GapMonitor, LogCapture, UncertaintyMonitor, metric_base_name
+from lightning_dropout.scalars import site_groups
 
 HERE = Path(__file__).parent
 CLASSES = 3
@@ -288,14 +289,14 @@ def test_the_subset_is_collated_once_per_fit_so_a_random_transform_is_drawn_once
 @pytest.mark.parametrize("reduce_fx", ["median", torch.median, "std"])
 def test_unsupported_reduce_fx_is_refused_by_name(reduce_fx):
     # Lightning itself refuses these in validation_step; the capture must not silently average them.
-    capture = _LogCapture()
+    capture = LogCapture()
     capture.batch = (torch.zeros(4, 2), torch.zeros(4))
     with pytest.raises(DropoutConfigError, match=r"reduce_fx.*but a metric was logged with .*median|std"):
         capture("val_x", torch.tensor(1.0), reduce_fx=reduce_fx)
 
 
 def test_supported_reduce_fx_spellings_are_accepted():
-    capture = _LogCapture()
+    capture = LogCapture()
     capture.batch = (torch.zeros(4, 2), torch.zeros(4))
     for fx, name in (("mean", "a"), (torch.mean, "b"), ("sum", "c"), (torch.sum, "d"), (torch.max, "e"),
                      ("min", "f")):  # fmt: skip

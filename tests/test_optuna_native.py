@@ -201,3 +201,33 @@ def test_a_users_sampler_class_that_is_not_a_sampler_is_refused(tmp_path, capsys
     assert main(["tune", str(config), f"--study.run_dir={tmp_path / 'runs'}"]) == 2
     line = _one_error(capsys)
     assert "`study.sampler.class_path`" in line and "notasampler.Thing" in line and "BaseSampler" in line
+
+
+def test_tune_study_takes_a_study_config_with_a_class_path_sampler(tmp_path, data_dir):
+    from lightning_dropout.data import MNIST1DDataModule
+    from lightning_dropout.tune import SearchGroup, StudyConfig, tune_study
+    from lightning_dropout.zoo import MLP
+
+    study = StudyConfig(
+        name="api",
+        metric="val_acc",
+        direction="maximize",
+        n_trials=1,
+        seeds=0,
+        warm_start=False,
+        run_dir=str(tmp_path / "runs"),
+        sampler={"class_path": "optuna.samplers.RandomSampler"},
+        pruner=None,
+    )
+    result = tune_study(
+        MLP,
+        MNIST1DDataModule,
+        model_args={"hidden": 16},
+        data_args={"batch_size": 50, "num_samples": 500, "cache_dir": str(data_dir)},
+        trainer={"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "accelerator": "cpu"},
+        dropout=[SearchGroup("hidden", {"match": "Linear"})],
+        study=study,
+    )
+    written = result.config_path.read_text()
+    assert "class_path: optuna.samplers.RandomSampler" in written and "pruner: null" in written
+    assert result.study.metric_names == ["val_acc"]

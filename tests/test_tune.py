@@ -397,26 +397,78 @@ def test_baselines_for_a_model_with_its_own_dropout(tmp_path, data_dir):
     assert len(DropoutPlan.from_yaml(trials[1].user_attrs["plan"])) == 0  # as written: nothing changed
 
     # enqueued once per study, however often `tune` starts
-    tuner = Tuner(["--config", str(config)])
+    tuner = Tuner(["--config", str(config), "--study.warm_start=false"])
     study = optuna.create_study(direction="maximize")
-    tuner.enqueue_baselines(study)
-    tuner.enqueue_baselines(study)
+    tuner.enqueue_fixed(study)
+    tuner.enqueue_fixed(study)
     assert [t.user_attrs.get("baseline") for t in study.get_trials()] == ["no dropout", "as written"]
     assert all(t.state == TrialState.WAITING and t.params == {} for t in study.get_trials())
 
-    off_tuner = Tuner(["--config", str(config), "--study.baselines=false"])
+    off_tuner = Tuner(["--config", str(config), "--study.baselines=false", "--study.warm_start=false"])
     study = optuna.create_study(direction="maximize")
-    off_tuner.enqueue_baselines(study)
+    off_tuner.enqueue_fixed(study)
     assert study.get_trials() == []
 
 
 def test_inert_dropout_slots_are_not_a_baseline(tmp_path):
     """The Transformer zoo model's p=0 nn.Dropout slots are no dropout of its own: one baseline."""
     model = {"class_path": "lightning_dropout.zoo.TransformerEncoderClassifier", "init_args": {}}
-    tuner = Tuner(["--config", str(write_config(tmp_path, model=model))])
+    tuner = Tuner(["--config", str(write_config(tmp_path, model=model)), "--study.warm_start=false"])
     study = optuna.create_study(direction="maximize")
-    tuner.enqueue_baselines(study)
+    tuner.enqueue_fixed(study)
     assert [t.user_attrs.get("baseline") for t in study.get_trials()] == ["no dropout"]
+
+
+def test_a_fixed_trial_enqueued_twice_runs_once(tmp_path, data_dir, monkeypatch):
+    """Two `tune` processes starting on one storage at once can both find the study empty and both enqueue the
+    baselines and the grid: the later twin of each is recorded as a duplicate, never trained, and does not
+    count towards n_trials."""
+    config = write_config(tmp_path, study={"n_trials": 3, "warm_start": True, "warm_start_rates": [0.2]})
+    args = [
+        "--config",
+        str(config),
+        f"--study.run_dir={tmp_path / 'runs'}",
+        f"--data.init_args.cache_dir={data_dir}",
+    ]
+    tuner = Tuner(args)
+    study = tuner.study()
+    tuner.enqueue_fixed(study)
+    for trial in study.get_trials():  # the other process, finding the study empty too, enqueued the same
+        study.enqueue_trial(trial.params, user_attrs=dict(trial.user_attrs), skip_if_exists=False)
+    trained: list[int] = []
+    train = tuner.train
+    monkeypatch.setattr(tuner, "train", lambda *a, **k: (trained.append(1), train(*a, **k))[1])
+    tuner.run_worker()
+
+    trials = load(tmp_path).get_trials()
+    labels = [t.user_attrs.get("baseline") or t.user_attrs.get("warm_start") for t in trials]
+    assert labels[:4] == ["no dropout", "uniform p=0.2"] * 2
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
+    assert [t.state for t in trials[2:4]] == [TrialState.FAIL] * 2
+    assert all("duplicate" in t.user_attrs["fail_reason"] for t in trials[2:4])
+    # the duplicates cost no training and no room: a third, sampled trial still ran
+    assert [t.state for t in trials[4:]] == [TrialState.COMPLETE] and "hidden/linear1/variant" in trials[
+        4
+    ].params
+    assert len(trained) == 3
+
+
+def test_a_failed_fixed_trial_does_not_make_its_retry_a_duplicate():
+    """The heartbeat's retry of a killed worker's fixed trial keeps its label, as does the re-run of an
+    interrupted one: an earlier *failed* twin does not block it; a live one does."""
+    from lightning_dropout.tune.fixed import duplicate_of
+
+    study = optuna.create_study(direction="maximize")
+    attrs = {"warm_start": "uniform p=0.2"}
+    study.enqueue_trial({}, user_attrs=attrs)
+    killed = study.ask()
+    study.tell(killed, state=TrialState.FAIL)  # what the heartbeat does to a killed worker's trial
+    study.enqueue_trial({}, user_attrs=attrs)
+    study.enqueue_trial({}, user_attrs=attrs)
+    retry, twin = study.ask(), study.ask()
+    assert duplicate_of(retry) is None
+    assert duplicate_of(twin) == retry.number
+    assert duplicate_of(study.ask()) is None  # a sampled trial has no label
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -606,10 +658,10 @@ class FakeContext:
 
 
 def test_worker_0_runs_in_the_tune_process(tmp_path, data_dir, monkeypatch):
-    from lightning_dropout.tune import runner
+    from lightning_dropout.tune import workers
 
     context = FakeContext()
-    monkeypatch.setattr(runner.multiprocessing, "get_context", lambda method: context)
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: context)
     record = tmp_path / "pids.txt"
     probe = json.dumps([{"class_path": "test_tune.PidProbe", "init_args": {"path": str(record)}}])
     config = write_config(tmp_path, study={"n_trials": 2, "workers": 3})
@@ -621,9 +673,9 @@ def test_worker_0_runs_in_the_tune_process(tmp_path, data_dir, monkeypatch):
 
 
 def test_a_spawned_worker_stopping_on_a_config_error_exits_2(tmp_path, data_dir, monkeypatch, capsys):
-    from lightning_dropout.tune import runner
+    from lightning_dropout.tune import workers
 
-    monkeypatch.setattr(runner.multiprocessing, "get_context", lambda method: FakeContext(exitcode=2))
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: FakeContext(exitcode=2))
     config = write_config(tmp_path, study={"n_trials": 1, "workers": 2})
     assert tune(config, tmp_path, data_dir) == 2
     assert "a worker stopped the study on a configuration error" in one_error(capsys)

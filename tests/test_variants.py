@@ -198,6 +198,7 @@ def _record_fraction(record_property, label: str, p: float, frac: float) -> None
 def test_every_variant_has_a_case() -> None:
     assert set(CASES) == set(VARIANTS)
     assert set(STATS_BATCH) == set(VARIANTS)
+    assert set(FUNCTIONALS) == set(VARIANTS), "every variant needs its functional twin in FUNCTIONALS"
 
 
 def test_registry_names_and_classes() -> None:
@@ -480,8 +481,7 @@ def test_forward_enforces_check_input(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_functional_twin_agrees(name: str) -> None:
-    if name not in FUNCTIONALS:
-        pytest.skip(f"variant {name!r} has no functional twin")
+    assert name in FUNCTIONALS, f"variant {name!r} is registered but has no functional twin in FUNCTIONALS"
     fn = FUNCTIONALS[name]
     for kwargs, make in _cases(name):
         module = _build(name, kwargs)
@@ -498,6 +498,36 @@ def test_functional_twin_agrees(name: str) -> None:
         # the functional's eval rule matches the module's
         module.eval()
         assert torch.equal(fn(x, module, False, None), module(x))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_functional_twin_draws_what_the_module_draws(name: str) -> None:
+    """Twin and module run one kernel: from the same seed they give the same output bit for bit and leave the
+    RNG in the same state (the same draws in the same order), on the global RNG and on a generator; tracking
+    the drop fraction does not change what a generator draws."""
+    assert name in FUNCTIONALS, f"variant {name!r} is registered but has no functional twin in FUNCTIONALS"
+    fn = FUNCTIONALS[name]
+    for kwargs, make in _cases(name):
+        module = _build(name, kwargs)
+        x = make(SMALL)
+        # global RNG, untracked (the fused torch op where the variant has one)
+        torch.manual_seed(9)
+        y_module, after_module = module(x), torch.rand(4)
+        torch.manual_seed(9)
+        y_fn, after_fn = fn(x, module, True, None), torch.rand(4)
+        assert torch.equal(y_module, y_fn), kwargs
+        assert torch.equal(after_module, after_fn), (kwargs, "the twin draws a different amount of noise")
+        # a generator, untracked and tracked
+        for track in (False, True):
+            module.track = track
+            module.generator = torch.Generator().manual_seed(9)
+            y_module = module(x)
+            gen = torch.Generator().manual_seed(9)
+            y_fn = fn(x, module, True, gen)
+            assert torch.equal(y_module, y_fn), (kwargs, track)
+            assert torch.equal(module.generator.get_state(), gen.get_state()), (kwargs, track)
+            assert (module.drop_fraction is not None) == (track and module.drops_units), (kwargs, track)
+            module.drop_fraction = None
 
 
 # ======================================================================================================

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import optuna
+from jsonargparse.typing import register_type
 
 from lightning_dropout.errors import DropoutConfigError, check_int, check_rate, closest
 from lightning_dropout.plan import DropoutPlan
@@ -26,6 +27,7 @@ from lightning_dropout.tune.space import SearchGroup
 from lightning_dropout.tune.value import ESTIMATORS
 
 __all__ = [
+    "CONFIG_SECTIONS",
     "ClassSpec",
     "DropoutSpace",
     "StudyConfig",
@@ -348,3 +350,14 @@ def make_pruner(spec: ClassSpec | dict[str, Any] | None) -> optuna.pruners.BaseP
         return optuna.pruners.NopPruner()
     cls, args = resolve_spec("pruner", spec)
     return cast(optuna.pruners.BasePruner, build("pruner", cls, args))
+
+
+CONFIG_SECTIONS: dict[str, tuple[type, str]] = {
+    "study": (StudyConfig, "the Optuna study (tune)"),
+    "dropout": (DropoutSpace, "where dropout may go and what to search (tune)"),
+}
+"""The tuner's top-level sections of a config, for :func:`lightning_dropout.config.load_config`: always
+known (and validated), so one file serves ``tune``, ``fit`` and ``describe``."""
+
+# study.sampler/pruner travel through the config parser as written (see ClassSpec)
+register_type(ClassSpec, serializer=ClassSpec.serialize, deserializer=ClassSpec)

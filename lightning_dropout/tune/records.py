@@ -23,15 +23,19 @@ __all__ = [
     "BASELINE_AS_WRITTEN",
     "BASELINE_ATTR",
     "BASELINE_NONE",
+    "DUPLICATE",
     "ENQUEUED_ATTR",
     "FAIL_ATTR",
     "FIXED_PLAN_ATTR",
     "INTERRUPTED",
     "METRICS_ATTR",
     "PLAN_ATTR",
+    "RERUNS_ATTR",
     "WARM_START_ATTR",
     "candidates",
+    "counts",
     "finished_trials",
+    "fixed_label",
     "name_objective",
     "open_storage",
     "open_study",
@@ -50,18 +54,32 @@ FIXED_PLAN_ATTR = "fixed_plan"  # the plan (YAML) of an enqueued plan: trained a
 PLAN_ATTR = "plan"
 METRICS_ATTR = "metrics"
 FAIL_ATTR = "fail_reason"
+RERUNS_ATTR = "reruns"  # study attribute: {trial number: {label, values, seeds, amount}}
 INTERRUPTED = "interrupted (Ctrl-C)"
+DUPLICATE = "a duplicate of an earlier trial with the same label (two processes enqueued it at once); not run"
 BASELINE_NONE = NO_DROPOUT
 BASELINE_AS_WRITTEN = "as written"
 HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
 
 
+def counts(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a finished trial counts towards ``n_trials``: complete, pruned, or failed for a reason other
+    than Ctrl-C (re-run when the study resumes) or being a duplicate (never run)."""
+    return trial.state.is_finished() and trial.user_attrs.get(FAIL_ATTR) not in (INTERRUPTED, DUPLICATE)
+
+
 def finished_trials(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: complete, pruned, or failed for a reason other than Ctrl-C."""
-    trials = study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    )
-    return sum(t.user_attrs.get(FAIL_ATTR) != INTERRUPTED for t in trials)
+    """The number of trials that count towards ``n_trials`` (:func:`counts`)."""
+    return sum(counts(t) for t in study.get_trials(deepcopy=False))
+
+
+def fixed_label(trial: optuna.trial.FrozenTrial | optuna.Trial) -> str | None:
+    """The label of a trial enqueued before the sampler (a baseline, a warm-start point, a user's enqueued
+    trial), ``None`` for a sampled one."""
+    for attr in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR):
+        if attr in trial.user_attrs:
+            return str(trial.user_attrs[attr])
+    return None
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -185,7 +203,7 @@ def plan_amount(plan: DropoutPlan) -> float:
 def rerun_candidates(study: optuna.Study) -> list[Candidate]:
     """The study's re-run candidates, as stored, best mean first."""
     out = []
-    for number, info in (study.user_attrs.get("reruns") or {}).items():
+    for number, info in (study.user_attrs.get(RERUNS_ATTR) or {}).items():
         plan = stored_plan(study.trials[int(number)])
         amount = float(info.get("amount", plan_amount(plan)))
         values = [float(v) for v in info["values"]]

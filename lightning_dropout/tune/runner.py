@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,50 +31,43 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from optuna.trial import TrialState
-from typing_extensions import override
 
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.config import ConfigCLI, load_config, quiet_lightning
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.inject import Rule, existing_rate, is_dropout_module, resolve
 from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune import trial_io
-from lightning_dropout.tune.board import TrialLogger, plan_columns, plan_hparams
+from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
-from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, redact
+from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
+from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed
+from lightning_dropout.tune.loggers import check_loggers, finish_loggers, logger_specs, trial_loggers
 from lightning_dropout.tune.pruning import MetricNotLoggedError, TrialPruning
 from lightning_dropout.tune.records import (
-    BASELINE_AS_WRITTEN,
     BASELINE_ATTR,
-    BASELINE_NONE,
-    ENQUEUED_ATTR,
+    DUPLICATE,
     FAIL_ATTR,
     FIXED_PLAN_ATTR,
     INTERRUPTED,
     METRICS_ATTR,
     PLAN_ATTR,
-    WARM_START_ATTR,
-    candidates,
     finished_trials,
+    fixed_label,
     name_objective,
     open_storage,
-    plan_amount,
-    rerun_candidates,
-    stored_plan,
-    trial_label,
 )
 from lightning_dropout.tune.seeding import seeded_sampler
-from lightning_dropout.tune.selection import (
-    UNIFORM_PREFIX,
-    Candidate,
-)
-from lightning_dropout.tune.space import suggest_plan, uniform_params
+from lightning_dropout.tune.space import suggest_plan
 from lightning_dropout.tune.value import trial_value
 
-__all__ = ["TrialResult", "Tuner", "rerun", "rerun_seeds", "run_workers"]
+__all__ = ["DuplicateTrialError", "TrialResult", "Tuner"]
 
 log = logging.getLogger(__name__)
+
+
+class DuplicateTrialError(RuntimeError):
+    """A fixed trial that an earlier trial with the same label already covers (recorded as failed, not run)."""
 
 
 @dataclass
@@ -100,34 +91,6 @@ class TrialResult:
         return "complete"
 
 
-def _baseline_plans(model: torch.nn.Module) -> dict[str, DropoutPlan]:
-    """The baselines every study compares against: no dropout at all, and the model's own dropout as written
-    (only when it has some: inert ``p=0`` slots, like those of the Transformer zoo model, do not count)."""
-    if not _own_dropout(model) > 0:
-        return {BASELINE_NONE: DropoutPlan()}
-    off = resolve(model, [Rule(replace=True, p=0.0)])
-    return {BASELINE_NONE: off, BASELINE_AS_WRITTEN: DropoutPlan()}
-
-
-class _ChosenPlanInjector(DropoutInjector):
-    """A DropoutInjector whose plan is chosen from the fresh model in ``setup`` (sampled by the trial, or a
-    baseline), so the model is built once per trial."""
-
-    def __init__(self, choose: Callable[[torch.nn.Module], DropoutPlan], dropout_seed: int | None) -> None:
-        super().__init__(plan=DropoutPlan(), dropout_seed=dropout_seed)
-        self._choose = choose
-        self._chosen = False
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._chosen:
-            # only rank 0 talks to the study; every rank applies the plan it chose (DDP: one tree everywhere)
-            chosen = self._choose(pl_module).to_yaml() if trainer.is_global_zero else None
-            self._given_plan = DropoutPlan.from_yaml(str(trainer.strategy.broadcast(chosen, src=0)))
-            self._chosen = True
-        super().setup(trainer, pl_module, stage)
-
-
 class Tuner:
     """Runs trials for one parsed tuning config.
 
@@ -139,7 +102,9 @@ class Tuner:
     def __init__(self, args: Sequence[str]) -> None:
         self.args = list(args)
         # no per-trial config.yaml: it would repeat the study's storage URL, password included, on disk
-        self.cli: ConfigCLI = load_config(self.args, instantiate=False, save_config=False)
+        self.cli: ConfigCLI = load_config(
+            self.args, instantiate=False, save_config=False, sections=CONFIG_SECTIONS
+        )
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self._fatal: DropoutConfigError | None = None
         self._site_columns: dict[str, list[str]] | None = None
@@ -151,6 +116,9 @@ class Tuner:
             )
         check_run_dir(self.study_config.run_dir)
         check_no_injector(self.cli.trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning
+        # the config's own loggers, rebuilt per run with the run's identity (checked here, before trial 0)
+        self.logger_specs = logger_specs(self.cli.config["trainer"]["logger"])
+        check_loggers(self.logger_specs)
         check_groups(self.space.groups, self.cli.model, getattr(self.cli.model, "example_input_array", None))
 
     def pin_threads(self) -> int:
@@ -200,27 +168,24 @@ class Tuner:
     ) -> tuple[TrialResult, DropoutPlan]:
         """Train one model with ``plan`` (or a function of the fresh model giving one) and return its metrics.
 
-        The run is logged to TensorBoard as ``<run_dir>/<study>/trials/<version>`` and ends with one HParams
+        The run is logged through the config's own loggers with ``version`` as its identity, or to TensorBoard
+        as ``<run_dir>/<study>/trials/<version>`` (:mod:`~lightning_dropout.tune.loggers`), and ends with one
         record (the plan over the study's fixed site columns, the best value, the gap at the best epoch and the
-        state), whatever the outcome. ``kind`` (``trial``/``rerun``) and ``number`` (the study trial it
+        state; TensorBoard's HParams), whatever the outcome. ``kind`` (``trial``/``rerun``) and ``number`` (the study trial it
         belongs to) label that record."""
         cfg = self.study_config
         pl.seed_everything(seed, workers=True, verbose=False)
-        fixed = trial is not None and any(
-            a in trial.user_attrs for a in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR)
-        )
+        fixed = trial is not None and fixed_label(trial) is not None
         pruning = TrialPruning(trial, cfg.metric, cfg.direction, cfg.prune_after, prunable=not fixed)
-        injector = _ChosenPlanInjector(
-            plan if callable(plan) else (lambda _: plan), dropout_seed=cfg.dropout_seed
-        )
+        injector = DropoutInjector(plan=plan, dropout_seed=cfg.dropout_seed)
         gap = GapMonitor(cfg.gap_samples, seed=cfg.seed) if cfg.gap_samples else None
         monitors: list[Callback] = [m for m in (gap,) if m is not None]
         if cfg.mc_samples:
             monitors.append(UncertaintyMonitor(cfg.mc_samples))
-        logger = TrialLogger(Path(cfg.run_dir) / cfg.name, name="trials", version=version)
+        loggers = trial_loggers(self.logger_specs, Path(cfg.run_dir), cfg.name, version)
         cli = self.cli.fresh(
             [injector, *monitors, pruning],
-            logger=logger,
+            logger=loggers or False,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
@@ -264,7 +229,7 @@ class Tuner:
             }
             chosen = injector.plan if injector.plan is not None else DropoutPlan()
             params.update(plan_hparams(chosen, columns))
-            logger.finish(params, self._hparam_metrics(result, gap is not None))
+            finish_loggers(loggers, params, self._hparam_metrics(result, gap is not None))
         assert injector.plan is not None and result is not None  # set in setup() / after fit
         return result, injector.plan
 
@@ -311,7 +276,7 @@ class Tuner:
         def choose(model: torch.nn.Module) -> DropoutPlan:  # called on rank 0 only
             assert trial is not None
             if baseline is not None:
-                return _baseline_plans(model)[baseline]
+                return baseline_plans(model)[baseline]
             if FIXED_PLAN_ATTR in trial.user_attrs:
                 return DropoutPlan.from_yaml(trial.user_attrs[FIXED_PLAN_ATTR])
             example = getattr(model, "example_input_array", None)
@@ -355,6 +320,10 @@ class Tuner:
 
     def objective(self, trial: optuna.Trial) -> float:
         cfg = self.study_config
+        twin = duplicate_of(trial)
+        if twin is not None:  # enqueued twice by two processes starting at once: the earlier one runs
+            trial.set_user_attr(FAIL_ATTR, DUPLICATE)
+            raise DuplicateTrialError(f"trial {trial.number} duplicates trial {twin}; not run")
         try:
             if self.multiprocess:
                 name = f"trial_{trial.number:04d}"
@@ -388,49 +357,10 @@ class Tuner:
         return result.value
 
     # -- the study ---------------------------------------------------------------------------------------------
-    def enqueue_baselines(self, study: optuna.Study) -> None:
-        if not self.study_config.baselines:
-            return
-        alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-        present = {t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False, states=alive)}
-        for name in _baseline_plans(self.cli.fresh().model):
-            if name not in present:
-                study.enqueue_trial({}, user_attrs={BASELINE_ATTR: name}, skip_if_exists=False)
-
     def enqueue_fixed(self, study: optuna.Study) -> None:
-        """Enqueue, once per study, what runs before the sampler: the baselines, the warm-start grid
-        (``study.warm_start``) and the user's own trials (``study.enqueue``), in that order, as far as
-        ``n_trials`` leaves room (a warning names what did not fit)."""
-        self.enqueue_baselines(study)
-        cfg = self.study_config
-        alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-        trials = study.get_trials(deepcopy=False, states=alive)
-        present = {t.user_attrs.get(a) for t in trials for a in (WARM_START_ATTR, ENQUEUED_ATTR)} - {None}
-        wanted: list[tuple[str, dict[str, Any], dict[str, Any]]] = []  # (label, params, user attrs)
-        if cfg.warm_start and cfg.warm_start_rates:
-            model = self.cli.fresh().model
-            example = getattr(model, "example_input_array", None)
-            seen: list[dict[str, Any]] = []
-            for rate in cfg.warm_start_rates:
-                params = uniform_params(self.space.groups, model, rate, example)
-                if params not in seen:  # a rate clipped into the groups' ranges onto an earlier point
-                    seen.append(params)
-                    label = f"{UNIFORM_PREFIX}{rate:g}"
-                    wanted.append((label, params, {WARM_START_ATTR: label}))
-        for i, item in enumerate(cfg.enqueue):
-            label = f"enqueued #{i + 1}"
-            if "params" in item:
-                wanted.append((label, item["params"], {ENQUEUED_ATTR: label}))
-            else:
-                plan = DropoutPlan.from_dict(item).to_yaml()
-                wanted.append((label, {}, {ENQUEUED_ATTR: label, FIXED_PLAN_ATTR: plan}))
-        room = cfg.n_trials - len(study.get_trials(deepcopy=False, states=alive))
-        missing = [w for w in wanted if w[0] not in present]
-        for _name, params, attrs in missing[: max(room, 0)]:
-            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
-        if len(missing) > room:
-            left = [w[0] for w in missing[max(room, 0) :]]
-            log.warning("study.n_trials=%d leaves no room for the enqueued trials %s", cfg.n_trials, left)
+        """Enqueue, once per study, what runs before the sampler (:func:`~lightning_dropout.tune.fixed.enqueue_fixed`):
+        the baselines, the warm-start grid and the user's own trials."""
+        enqueue_fixed(study, self.study_config, self.space, self.cli.fresh().model)
 
     def run_worker(self, index: int = 0, study: optuna.Study | None = None) -> None:
         """Run trials until the study holds ``n_trials`` finished ones; ``index`` tells workers apart (worker 0
@@ -456,100 +386,3 @@ class Tuner:
         )
         if self._fatal is not None:
             raise self._fatal
-
-
-def _worker_main(args: list[str], index: int) -> None:
-    logging.basicConfig(level=logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in `tune`: one line of ours per failed trial
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # as the CLI does
-    try:
-        Tuner(args).run_worker(index)
-    except DropoutConfigError as err:
-        sys.stderr.write(f"lightning-dropout: error: {redact(str(err))}\n")
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C reaches every worker: its trial is recorded; the parent says so once
-        sys.exit(130)
-
-
-def run_workers(tuner: Tuner, study: optuna.Study | None = None) -> None:
-    """Run the study's trials in ``study.workers`` workers: worker 0 in this process (with ``study`` if given),
-    the others in spawned processes, so a study of N workers starts N-1 interpreters, not N."""
-    n = tuner.study_config.workers
-    if n == 1:
-        tuner.run_worker(0, study)
-        return
-    context = multiprocessing.get_context("spawn")
-    procs = [
-        context.Process(target=_worker_main, args=(tuner.args, i), name=f"tune-worker-{i}")
-        for i in range(1, n)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        try:
-            # the spawned workers need seconds to import: this one asks first, so the startup trials differ
-            tuner.run_worker(0, study)
-        except DropoutConfigError:  # the others stop on it too (a fatal error ends the study): wait for them
-            for proc in procs:
-                proc.join()
-            raise
-        except Exception:  # not a trial's failure (those are recorded): do not leave the others running
-            for proc in procs:
-                proc.terminate()
-                proc.join(timeout=60)
-            raise
-        for proc in procs:
-            proc.join()
-        if any(proc.exitcode == 2 for proc in procs):
-            raise DropoutConfigError(
-                "a worker stopped the study on a configuration error (its message is above)."
-            )
-    except KeyboardInterrupt:  # the workers got the SIGINT too: let them record their trials, then stop
-        for proc in procs:
-            proc.join(timeout=60)
-        raise
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The whole study: trials, re-runs over seeds, the winner
-# ----------------------------------------------------------------------------------------------------------
-def rerun_seeds(cfg: StudyConfig) -> list[int]:
-    """The re-run seeds, the same for every candidate (paired comparison, common random numbers)."""
-    return [cfg.seed + 1000 * (i + 1) for i in range(cfg.seeds)]
-
-
-def _own_dropout(model: torch.nn.Module) -> float:
-    """The sum of the rates of the dropout a model has as written (modules, attention and RNN dropout)."""
-    return sum(
-        existing_rate(m) or 0.0
-        for m in model.modules()
-        if is_dropout_module(m) or isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase))
-    )
-
-
-def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | None = None) -> list[Candidate]:
-    """Re-run the candidates over the ``study.seeds`` seeds of :func:`rerun_seeds`; store the values (and the
-    seeds, and each plan's amount of dropout) on the study; best mean first."""
-    cfg = tuner.study_config
-    tuner.pin_threads()
-    stored: dict[str, Any] = dict(study.user_attrs.get("reruns", {}))
-    seeds = rerun_seeds(cfg)
-    for trial in candidates(study, cfg.top_k):
-        key = str(trial.number)
-        info = dict(stored.get(key, {}))
-        values = list(info.get("values", []))
-        plan = stored_plan(trial)
-        if "amount" not in info:
-            as_written = trial.user_attrs.get(BASELINE_ATTR) == BASELINE_AS_WRITTEN
-            info["amount"] = _own_dropout(tuner.cli.fresh().model) if as_written else plan_amount(plan)
-        for i in range(len(values), cfg.seeds):
-            result = tuner.run_plan(
-                plan, seeds[i], version=f"rerun_{trial.number:04d}_seed{i}", number=trial.number
-            )
-            values.append(result.value if result.value is not None else math.nan)
-            info.update(label=trial_label(trial), values=values, seeds=seeds[: len(values)])
-            stored[key] = info
-            study.set_user_attr("reruns", stored)
-            if on_done is not None:
-                on_done(f"{trial_label(trial)} seed {i + 1}/{cfg.seeds}")
-    return rerun_candidates(study)

@@ -17,9 +17,11 @@ from rich.table import Table
 from lightning_dropout.errors import Interrupted
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
-from lightning_dropout.tune.records import finished_trials, winner
+from lightning_dropout.tune.loggers import uses_tensorboard
+from lightning_dropout.tune.records import DUPLICATE, FAIL_ATTR, finished_trials, winner
 from lightning_dropout.tune.report import plan_summary, write_study_images
-from lightning_dropout.tune.runner import Tuner, rerun, run_workers
+from lightning_dropout.tune.reruns import rerun
+from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import (
     Candidate,
     Comparison,
@@ -28,6 +30,7 @@ from lightning_dropout.tune.selection import (
     paired_gain,
     references,
 )
+from lightning_dropout.tune.workers import run_workers
 
 __all__ = ["plan_summary", "results_table", "tune", "verdict"]
 
@@ -38,7 +41,7 @@ def _status(study: optuna.Study) -> tuple[int, int, int, str]:
     trials = study.get_trials(deepcopy=False)
     done = finished_trials(study)
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    failed = sum(t.state == TrialState.FAIL for t in trials)
+    failed = sum(t.state == TrialState.FAIL and t.user_attrs.get(FAIL_ATTR) != DUPLICATE for t in trials)
     try:
         best = f"{study.best_value:.4f}"
     except ValueError:
@@ -119,11 +122,16 @@ def tune(
     else:
         results.print(f"best trial: {label}")
     results.print(f"winner: {label}; plan written to {path}")
-    results.print(
-        f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / cfg.name} (study figures under IMAGES, run "
-        f"`study`); HTML report: lightning-dropout report {cfg.name}"
-        + (f" --storage {redact(cfg.storage)}" if cfg.storage else "")
+    report = f"lightning-dropout report {cfg.name}" + (
+        f" --storage {redact(cfg.storage)}" if cfg.storage else ""
     )
+    if uses_tensorboard(tuner.logger_specs):
+        results.print(
+            f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / cfg.name} (study figures under IMAGES, run "
+            f"`study`); HTML report: {report}"
+        )
+    else:
+        results.print(f"runs logged to the config's trainer.logger; HTML report: {report}")
     return plan, ranked, path
 
 

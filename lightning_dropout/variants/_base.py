@@ -67,7 +67,10 @@ class DropoutVariant(nn.Module):
     """Base class of every variant: holds the rate ``p``, the train/eval switch and drop tracking.
 
     Subclasses implement :meth:`forward` and may override :meth:`check_input` (a shape test used by the
-    injection engine to name the site when a variant cannot apply) and ``extra_repr``.
+    injection engine to name the site when a variant cannot apply) and ``extra_repr``. A variant's maths is
+    written once, in a kernel ``_apply(x, p, ..., generator) -> (output, keep-mask)`` of its module, which both
+    its functional twin and its ``forward`` call (``forward``: ``if not self._active(x): return x``, then the
+    kernel, then ``self._record(keep)``).
 
     Attributes:
         p: the dropout rate; schedules change it between steps through :meth:`set_rate`.
@@ -119,9 +122,21 @@ class DropoutVariant(nn.Module):
                 f"variant {self.variant_name!r} {reason}, but got shape {tuple(x.shape)}."
             )
 
-    def _record(self, keep: Tensor) -> None:
-        """Store the fraction of zeros in the (broadcastable) keep-mask when tracking is on."""
-        if self.track:
+    def _active(self, x: object) -> bool:
+        """Whether this forward drops anything (training with ``p > 0``); a tensor ``x`` is then checked
+        against :meth:`check_input`, so a refused shape raises only where it would be dropped."""
+        if not self.training or self.p == 0.0:
+            return False
+        if isinstance(x, Tensor):
+            self._check(x)
+        return True
+
+    def _record(self, keep: Tensor | None) -> None:
+        """Store the fraction of zeros in the (broadcastable) keep-mask when tracking is on.
+
+        ``keep`` is ``None`` only where a kernel ran torch's fused op, which it does only when not tracking.
+        """
+        if self.track and keep is not None:
             self.drop_fraction = 1.0 - keep.detach().float().mean()
 
     def extra_repr(self) -> str:

@@ -35,9 +35,18 @@ def _affine(p: float) -> tuple[float, float]:
     return a, -a * SELU_ALPHA_PRIME * p
 
 
-def _alpha(x: Tensor, mask: Tensor, p: float) -> Tensor:
+def _apply(
+    x: Tensor, p: float, per_channel: bool, generator: torch.Generator | None, need_mask: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The training pass of ``alpha`` (``per_channel=False``) and ``feature_alpha``: ``(output, keep-mask)``.
+    Element-wise without a generator it runs torch's fused ``F.alpha_dropout`` unless ``need_mask``; its mask
+    is not exposed (``None``)."""
+    if not per_channel and generator is None and not need_mask:
+        return F.alpha_dropout(x, p, True), None
+    shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2) if per_channel else x.shape
+    mask = keep_mask(shape, 1.0 - p, x, generator)
     a, b = _affine(p)
-    return a * (x * mask + SELU_ALPHA_PRIME * (1.0 - mask)) + b
+    return a * (x * mask + SELU_ALPHA_PRIME * (1.0 - mask)) + b, mask
 
 
 def alpha_dropout(
@@ -46,9 +55,7 @@ def alpha_dropout(
     """Functional twin of :class:`AlphaDropout` (note: ``training`` defaults to ``True`` here)."""
     if not training or p == 0.0:
         return x
-    if generator is None:
-        return F.alpha_dropout(x, p, True)
-    return _alpha(x, keep_mask(x.shape, 1.0 - p, x, generator), p)
+    return _apply(x, p, False, generator)[0]
 
 
 def feature_alpha_dropout(
@@ -57,8 +64,7 @@ def feature_alpha_dropout(
     """Functional twin of :class:`FeatureAlphaDropout`; ``x`` is ``(N, C, *)``."""
     if not training or p == 0.0:
         return x
-    shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-    return _alpha(x, keep_mask(shape, 1.0 - p, x, generator), p)
+    return _apply(x, p, True, generator)[0]
 
 
 @register_variant("alpha")
@@ -73,13 +79,11 @@ class AlphaDropout(DropoutVariant):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self._active(x):
             return x
-        if not self.track and self.generator is None:
-            return F.alpha_dropout(x, self.p, True)
-        mask = keep_mask(x.shape, 1.0 - self.p, x, self.generator)
+        out, mask = _apply(x, self.p, False, self.generator, need_mask=self.track)
         self._record(mask)
-        return _alpha(x, mask, self.p)
+        return out
 
 
 @register_variant("feature_alpha")
@@ -90,10 +94,8 @@ class FeatureAlphaDropout(DropoutVariant):
         return "needs at least (N, C) input" if len(shape) < 2 else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self._active(x):
             return x
-        self._check(x)
-        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        mask = keep_mask(shape, 1.0 - self.p, x, self.generator)
+        out, mask = _apply(x, self.p, True, self.generator)
         self._record(mask)
-        return _alpha(x, mask, self.p)
+        return out

@@ -60,9 +60,10 @@ def _seed_rate(p: float, spatial: tuple[int, ...], block_size: int) -> float:
     return 0.5 * (lo + hi)
 
 
-def _block_keep(
+def _apply(
     x: Tensor, p: float, block_size: int, share_channels: bool, generator: torch.Generator | None
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
+    """The training pass: ``(output, keep-mask)``, the mask of shape ``(N, C or 1, *spatial)``."""
     spatial = tuple(x.shape[2:])
     ks = [min(block_size, s) for s in spatial]
     gamma = seed_rate(p, spatial, block_size)
@@ -75,7 +76,8 @@ def _block_keep(
     else:
         seeds = F.pad(seeds, (ks[1] - 1, ks[1] - 1, ks[0] - 1, ks[0] - 1))
         blocks = F.max_pool2d(seeds, kernel_size=tuple(ks), stride=1)
-    return 1.0 - blocks
+    keep = 1.0 - blocks
+    return x * keep / (1.0 - p), keep
 
 
 def _check_block_size(block_size: int) -> int:
@@ -94,7 +96,7 @@ def drop_block(
     _check_block_size(block_size)
     if not training or p == 0.0:
         return x
-    return x * _block_keep(x, p, block_size, share_channels, generator) / (1.0 - p)
+    return _apply(x, p, block_size, share_channels, generator)[0]
 
 
 @register_variant("dropblock")
@@ -125,9 +127,8 @@ class DropBlock(DropoutVariant):
         return "needs a 1d or 2d feature map (N, C, L) or (N, C, H, W)" if len(shape) not in (3, 4) else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self._active(x):
             return x
-        self._check(x)
-        keep = _block_keep(x, self.p, self.block_size, self.share_channels, self.generator)
+        out, keep = _apply(x, self.p, self.block_size, self.share_channels, self.generator)
         self._record(keep)
-        return x * keep / (1.0 - self.p)
+        return out

@@ -30,8 +30,15 @@ def drop_path(
     """Functional twin of :class:`DropPath`; ``x`` is ``(N, *)``."""
     if not training or p == 0.0:
         return x
+    return _apply(x, p, scale_by_keep, generator)[0]
+
+
+def _apply(
+    x: Tensor, p: float, scale_by_keep: bool, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """The training pass: ``(output, keep-mask)``, one mask value per sample."""
     mask = keep_mask((x.shape[0],) + (1,) * (x.dim() - 1), 1.0 - p, x, generator)
-    return x * mask / (1.0 - p) if scale_by_keep else x * mask
+    return (x * mask / (1.0 - p) if scale_by_keep else x * mask), mask
 
 
 @register_variant("droppath")
@@ -57,9 +64,8 @@ class DropPath(DropoutVariant):
         return "needs a batched input (N, *)" if len(shape) < 1 else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self._active(x):
             return x
-        self._check(x)
-        mask = keep_mask((x.shape[0],) + (1,) * (x.dim() - 1), 1.0 - self.p, x, self.generator)
+        out, mask = _apply(x, self.p, self.scale_by_keep, self.generator)
         self._record(mask)
-        return x * mask / (1.0 - self.p) if self.scale_by_keep else x * mask
+        return out

@@ -20,17 +20,19 @@ from lightning_dropout.variants._base import DropoutVariant, keep_mask, register
 __all__ = ["SpatialDropout", "spatial_dropout"]
 
 
-def _channel_mask_shape(x: Tensor) -> tuple[int, ...]:
-    return (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-
-
 def spatial_dropout(
     x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
 ) -> Tensor:
     """Functional twin of :class:`SpatialDropout`; ``x`` is ``(N, C, *spatial)`` with 1 to 3 spatial dims."""
     if not training or p == 0.0:
         return x
-    return x * keep_mask(_channel_mask_shape(x), 1.0 - p, x, generator) / (1.0 - p)
+    return _apply(x, p, generator)[0]
+
+
+def _apply(x: Tensor, p: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """The training pass: ``(output, keep-mask)``, one mask value per sample and channel."""
+    mask = keep_mask((x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2), 1.0 - p, x, generator)
+    return x * mask / (1.0 - p), mask
 
 
 @register_variant("spatial")
@@ -55,9 +57,8 @@ class SpatialDropout(DropoutVariant):
         return None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self._active(x):
             return x
-        self._check(x)
-        mask = keep_mask(_channel_mask_shape(x), 1.0 - self.p, x, self.generator)
+        out, mask = _apply(x, self.p, self.generator)
         self._record(mask)
-        return x * mask / (1.0 - self.p)
+        return out

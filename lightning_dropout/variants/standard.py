@@ -57,11 +57,24 @@ def dropout(
     """
     _check_scaling(scaling)
     if not training or p == 0.0:
-        return x * (1.0 - p) if scaling == "inference" and not training else x
-    if scaling == "inverted" and generator is None:
-        return F.dropout(x, p, True)
+        return _idle(x, p, training, scaling)
+    return _apply(x, p, scaling, generator)[0]
+
+
+def _idle(x: Tensor, p: float, training: bool, scaling: str) -> Tensor:
+    """The output where nothing is dropped (eval, or ``p == 0``): the inference rule of ``scaling``."""
+    return x * (1.0 - p) if scaling == "inference" and not training else x
+
+
+def _apply(
+    x: Tensor, p: float, scaling: str, generator: torch.Generator | None, need_mask: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The training pass of ``dropout`` and ``attention``: ``(output, keep-mask)``. Inverted dropout without a
+    generator runs torch's fused ``F.dropout`` unless ``need_mask``; its mask is not exposed (``None``)."""
+    if scaling == "inverted" and generator is None and not need_mask:
+        return F.dropout(x, p, True), None
     mask = keep_mask(x.shape, 1.0 - p, x, generator)
-    return x * mask / (1.0 - p) if scaling == "inverted" else x * mask
+    return (x * mask / (1.0 - p) if scaling == "inverted" else x * mask), mask
 
 
 @register_variant("standard")
@@ -87,13 +100,11 @@ class Dropout(DropoutVariant):
         self.scaling = _check_scaling(scaling)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x * (1.0 - self.p) if self.scaling == "inference" and not self.training else x
-        if not self.track and self.generator is None and self.scaling == "inverted":
-            return F.dropout(x, self.p, True)
-        mask = keep_mask(x.shape, 1.0 - self.p, x, self.generator)
+        if not self._active(x):
+            return _idle(x, self.p, self.training, self.scaling)
+        out, mask = _apply(x, self.p, self.scaling, self.generator, need_mask=self.track)
         self._record(mask)
-        return x * mask / (1.0 - self.p) if self.scaling == "inverted" else x * mask
+        return out
 
 
 def attention_dropout(
@@ -120,10 +131,8 @@ class AttentionDropout(DropoutVariant):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self._active(x):
             return x
-        if not self.track and self.generator is None:
-            return F.dropout(x, self.p, True)
-        mask = keep_mask(x.shape, 1.0 - self.p, x, self.generator)
+        out, mask = _apply(x, self.p, "inverted", self.generator, need_mask=self.track)
         self._record(mask)
-        return x * mask / (1.0 - self.p)
+        return out

@@ -55,6 +55,7 @@ def variational_dropout(
 def _apply(
     x: Tensor | PackedSequence, p: float, batch_first: bool, generator: torch.Generator | None
 ) -> tuple[Tensor | PackedSequence, Tensor]:
+    """The training pass: ``(output, keep-mask)``, one mask row per sequence."""
     if isinstance(x, PackedSequence):
         n_seq = int(x.batch_sizes[0])
         mask = keep_mask((n_seq, *x.data.shape[1:]), 1.0 - p, x.data, generator)
@@ -93,10 +94,8 @@ class VariationalDropout(DropoutVariant):
         return "needs a sequence (B, T, *) or (T, B, *)" if len(shape) < 3 else None
 
     def forward(self, x: Tensor | PackedSequence) -> Tensor | PackedSequence:  # type: ignore[override]
-        if not self.training or self.p == 0.0:
+        if not self._active(x):
             return x
-        if isinstance(x, Tensor):
-            self._check(x)
         out, mask = _apply(x, self.p, self.batch_first, self.generator)
         self._record(mask)
         return out

@@ -29,9 +29,18 @@ def weight_dropout(
     """Functional twin of :class:`WeightDropout`: inverted dropout on a weight tensor."""
     if not training or p == 0.0:
         return weight
-    if generator is None:
-        return F.dropout(weight, p, True)
-    return weight * keep_mask(weight.shape, 1.0 - p, weight, generator) / (1.0 - p)
+    return _apply(weight, p, generator)[0]
+
+
+def _apply(
+    weight: Tensor, p: float, generator: torch.Generator | None, need_mask: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The training pass: ``(dropped weight, keep-mask)``. Without a generator it runs torch's fused
+    ``F.dropout`` unless ``need_mask``; its mask is not exposed (``None``)."""
+    if generator is None and not need_mask:
+        return F.dropout(weight, p, True), None
+    mask = keep_mask(weight.shape, 1.0 - p, weight, generator)
+    return weight * mask / (1.0 - p), mask
 
 
 @register_variant("weight")
@@ -57,10 +66,8 @@ class WeightDropout(DropoutVariant):
         self.weights = list(weights) if weights is not None else None
 
     def forward(self, weight: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self._active(weight):
             return weight
-        if not self.track and self.generator is None:
-            return F.dropout(weight, self.p, True)
-        mask = keep_mask(weight.shape, 1.0 - self.p, weight, self.generator)
+        out, mask = _apply(weight, self.p, self.generator, need_mask=self.track)
         self._record(mask)
-        return weight * mask / (1.0 - self.p)
+        return out
