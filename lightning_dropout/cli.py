@@ -30,6 +30,7 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # argv handling, `--help` and `variants` stay cheap: Lightning, jsonargparse and Optuna load in the commands
@@ -209,8 +210,15 @@ def _study_location(ns: Any) -> tuple[str, str, str]:
 
 
 def _best(rest: list[str]) -> int:
-    ns = _study_parser("best", "also write the plan to this YAML file (default: print only)").parse_args(rest)
-    from lightning_dropout.tune.records import open_study, winner  # after parsing: `best --help` stays cheap
+    parser = _study_parser("best", "also write the plan to this YAML file (default: print only)")
+    parser.add_argument(
+        "--config-out",
+        default=None,
+        help="also write the whole winning config (its searched values set, `plan:` the plan file): "
+        "`lightning-dropout fit` on it trains the winner",
+    )
+    ns = parser.parse_args(rest)
+    from lightning_dropout.tune.records import open_study, winner, winning_config  # `best --help` stays cheap
     from lightning_dropout.tune.study import plan_summary
 
     name, storage, _ = _study_location(ns)
@@ -219,6 +227,14 @@ def _best(rest: list[str]) -> int:
     sys.stdout.write(f"# best plan of {name}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
     if ns.out:
         plan.save(ns.out)
+    if ns.config_out:
+        config = Path(ns.config_out)
+        plan_path = Path(ns.out) if ns.out else config.with_name(f"{config.stem}_plan.yaml")
+        if not ns.out:
+            plan.save(plan_path)
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(winning_config(study, plan_path.resolve()))
+        sys.stdout.write(f"# winning config written to {config} (plan: {plan_path})\n")
     return 0
 
 

@@ -238,8 +238,9 @@ class RedactedSaveConfig(SaveConfigCallback):
         super().__init__(parser, redact_value(config), *args, **kwargs)
 
 
-Section = tuple[type, str]
-"""An extra top-level section of a config: the class whose ``__init__`` arguments it holds, and its help."""
+Section = tuple[Any, str]
+"""An extra top-level section of a config and its help: a dataclass whose fields it holds, or the type of the
+one value it holds (e.g. ``dict[str, Any]``)."""
 
 
 class ConfigCLI(LightningCLI):
@@ -289,8 +290,11 @@ class ConfigCLI(LightningCLI):
             default=None,
             help="a dropout plan YAML (from `lightning-dropout best`) to apply",
         )
-        for key, (cls, help_) in self.sections.items():
-            parser.add_class_arguments(cls, key, help=help_)
+        for key, (kind, help_) in self.sections.items():
+            if dataclasses.is_dataclass(kind):  # a section of named fields
+                parser.add_class_arguments(kind, key, help=help_)
+            else:  # a section holding one value of that type (e.g. a mapping)
+                parser.add_argument(f"--{key}", type=kind, default=None, help=help_)
 
     @override
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -359,16 +363,30 @@ class ConfigCLI(LightningCLI):
         self,
         callbacks: list[Callback] | None = None,
         replacing: tuple[type[Callback], ...] = (),
+        values: Mapping[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> ConfigCLI:
-        """Instantiate new model, datamodule and trainer (with extra callbacks and trainer arguments); the
-        config's own ``trainer.callbacks`` of the ``replacing`` types are left out (``fit --plan`` replaces the
-        config's DropoutInjector)."""
+        """Instantiate new model, datamodule and trainer (with extra callbacks and trainer arguments), with
+        ``values`` (dotted config keys, e.g. ``model.init_args.lr``) set in the config for this instantiation
+        only; the config's own ``trainer.callbacks`` of the ``replacing`` types are left out (``fit --plan``
+        replaces the config's DropoutInjector)."""
         self.extra_callbacks = list(callbacks or [])
         self.replaced_callbacks = replacing
         self.extra_trainer_kwargs = trainer_kwargs
-        with quiet_lightning():
-            self.instantiate_classes()
+        parsed = self.config
+        if values:
+            self.config = parsed.clone()
+            for key, value in values.items():
+                self.config[key] = value
+        # LightningCLI caches the config's dump, which its instantiator hands to `save_hyperparameters`: a dump
+        # of the other config would give the module the wrong `hparams`
+        self.__dict__.pop("config_dump", None)
+        try:
+            with quiet_lightning():
+                self.instantiate_classes()
+        finally:
+            self.config = parsed
+            self.__dict__.pop("config_dump", None)
         return self
 
 

@@ -352,12 +352,14 @@ def make_pruner(spec: ClassSpec | dict[str, Any] | None) -> optuna.pruners.BaseP
     return cast(optuna.pruners.BasePruner, build("pruner", cls, args))
 
 
-CONFIG_SECTIONS: dict[str, tuple[type, str]] = {
+CONFIG_SECTIONS: dict[str, tuple[Any, str]] = {
     "study": (StudyConfig, "the Optuna study (tune)"),
     "dropout": (DropoutSpace, "where dropout may go and what to search (tune)"),
+    "search": (dict[str, Any] | None, "other config values to search, by dotted key (tune)"),
 }
 """The tuner's top-level sections of a config, for :func:`lightning_dropout.config.load_config`: always
-known (and validated), so one file serves ``tune``, ``fit`` and ``describe``."""
+known (and validated), so one file serves ``tune``, ``fit`` and ``describe``; ``search`` is validated against
+the parsed config by :func:`lightning_dropout.tune.search.parse_search`."""
 
 # study.sampler/pruner travel through the config parser as written (see ClassSpec)
 register_type(ClassSpec, serializer=ClassSpec.serialize, deserializer=ClassSpec)

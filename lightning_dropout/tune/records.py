@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
+import yaml
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -23,6 +24,7 @@ __all__ = [
     "BASELINE_AS_WRITTEN",
     "BASELINE_ATTR",
     "BASELINE_NONE",
+    "CONFIG_ATTR",
     "DUPLICATE",
     "ENQUEUED_ATTR",
     "FAIL_ATTR",
@@ -45,6 +47,8 @@ __all__ = [
     "stored_plan",
     "trial_label",
     "winner",
+    "winner_trial",
+    "winning_config",
 ]
 
 BASELINE_ATTR = "baseline"
@@ -54,6 +58,9 @@ FIXED_PLAN_ATTR = "fixed_plan"  # the plan (YAML) of an enqueued plan: trained a
 PLAN_ATTR = "plan"
 METRICS_ATTR = "metrics"
 FAIL_ATTR = "fail_reason"
+CONFIG_ATTR = (
+    "config"  # study attribute: the study's config as YAML (passwords redacted), for `best --config-out`
+)
 RERUNS_ATTR = "reruns"  # study attribute: {trial number: {label, values, seeds, amount}}
 INTERRUPTED = "interrupted (Ctrl-C)"
 DUPLICATE = "a duplicate of an earlier trial with the same label (two processes enqueued it at once); not run"
@@ -211,6 +218,16 @@ def rerun_candidates(study: optuna.Study) -> list[Candidate]:
     return rank_candidates(out, study.direction == optuna.study.StudyDirection.MAXIMIZE)
 
 
+def winner_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The trial whose plan :func:`winner` returns."""
+    reruns = rerun_candidates(study)
+    if reruns:
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        number = choose_winner(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se"))).trial
+        return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    return study.best_trial
+
+
 def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:
     """The best plan of a study: chosen by the study's winner rule (``study.winner``) among the re-run
     candidates when there are any, else the best single trial."""
@@ -226,3 +243,25 @@ def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:
             f"study {study.study_name!r} must have a completed trial, but has none."
         ) from None
     return stored_plan(trial), trial_label(trial)
+
+
+def winning_config(study: optuna.Study, plan_path: str | Path) -> str:
+    """The study's config (as ``tune`` stored it) with the winner's ``search:`` values set and ``plan:`` pointing
+    at its plan file: ``lightning-dropout fit`` on it trains the winner. The ``search:`` section is dropped (its
+    values are now fixed); passwords stay redacted."""
+    text = study.user_attrs.get(CONFIG_ATTR)
+    if not text:
+        raise DropoutConfigError(
+            f"study {study.study_name!r} must hold its config to write one, but it has none (it was created "
+            "before studies stored their config); write the plan with --out and apply it with `fit --plan`."
+        )
+    config = yaml.safe_load(text)
+    for key, value in (winner_trial(study).user_attrs.get("search") or {}).items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    config.pop("search", None)
+    config["plan"] = str(plan_path)
+    return yaml.safe_dump(config, sort_keys=False)

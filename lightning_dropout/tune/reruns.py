@@ -22,6 +22,7 @@ from lightning_dropout.tune.records import (
     stored_plan,
     trial_label,
 )
+from lightning_dropout.tune.search import SEARCH_ATTR
 from lightning_dropout.tune.selection import Candidate
 
 if TYPE_CHECKING:
@@ -53,7 +54,11 @@ def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | No
             info["amount"] = own_dropout(tuner.cli.fresh().model) if as_written else plan_amount(plan)
         for i in range(len(values), cfg.seeds):
             result = tuner.run_plan(
-                plan, seeds[i], version=f"rerun_{trial.number:04d}_seed{i}", number=trial.number
+                plan,
+                seeds[i],
+                version=f"rerun_{trial.number:04d}_seed{i}",
+                number=trial.number,
+                values=trial.user_attrs.get(SEARCH_ATTR),
             )
             values.append(result.value if result.value is not None else math.nan)
             info.update(label=trial_label(trial), values=values, seeds=seeds[: len(values)])

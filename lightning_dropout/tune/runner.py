@@ -20,7 +20,7 @@ import logging
 import math
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -46,6 +46,7 @@ from lightning_dropout.tune.loggers import check_loggers, finish_loggers, logger
 from lightning_dropout.tune.pruning import MetricNotLoggedError, TrialPruning
 from lightning_dropout.tune.records import (
     BASELINE_ATTR,
+    CONFIG_ATTR,
     DUPLICATE,
     FAIL_ATTR,
     FIXED_PLAN_ATTR,
@@ -57,6 +58,7 @@ from lightning_dropout.tune.records import (
     name_objective,
     open_storage,
 )
+from lightning_dropout.tune.search import SEARCH_ATTR, Distribution, parse_search, search_values
 from lightning_dropout.tune.seeding import seeded_sampler
 from lightning_dropout.tune.space import suggest_plan
 from lightning_dropout.tune.value import trial_value
@@ -120,6 +122,7 @@ class Tuner:
         self.logger_specs = logger_specs(self.cli.config["trainer"]["logger"])
         check_loggers(self.logger_specs)
         check_groups(self.space.groups, self.cli.model, getattr(self.cli.model, "example_input_array", None))
+        self.search: dict[str, Distribution] = parse_search(self.cli.config.get("search"), self.cli.config)
 
     def pin_threads(self) -> int:
         """Set this process's torch threads to ``study.threads`` (see
@@ -151,7 +154,13 @@ class Tuner:
         )
         name_objective(study, cfg.metric)  # Optuna's own tools name the objective (optuna-dashboard)
         # `best` and `report` need nothing but the storage
-        for key, value in (("metric", cfg.metric), ("winner_rule", cfg.winner), ("value", cfg.value)):
+        config = redact(self.cli.parser.dump(self.cli.config, skip_validation=True))
+        for key, value in (
+            ("metric", cfg.metric),
+            ("winner_rule", cfg.winner),
+            ("value", cfg.value),
+            (CONFIG_ATTR, config),
+        ):
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
         return study
@@ -165,14 +174,16 @@ class Tuner:
         version: str,
         kind: str = "trial",
         number: int | None = None,
+        values: Mapping[str, Any] | None = None,
     ) -> tuple[TrialResult, DropoutPlan]:
         """Train one model with ``plan`` (or a function of the fresh model giving one) and return its metrics.
 
         The run is logged through the config's own loggers with ``version`` as its identity, or to TensorBoard
         as ``<run_dir>/<study>/trials/<version>`` (:mod:`~lightning_dropout.tune.loggers`), and ends with one
         record (the plan over the study's fixed site columns, the best value, the gap at the best epoch and the
-        state; TensorBoard's HParams), whatever the outcome. ``kind`` (``trial``/``rerun``) and ``number`` (the study trial it
-        belongs to) label that record."""
+        state; TensorBoard's HParams), whatever the outcome. ``kind`` (``trial``/``rerun``) and ``number`` (the
+        study trial it belongs to) label that record; ``values`` are the ``search:`` values set in the config for
+        this run."""
         cfg = self.study_config
         pl.seed_everything(seed, workers=True, verbose=False)
         fixed = trial is not None and fixed_label(trial) is not None
@@ -185,6 +196,7 @@ class Tuner:
         loggers = trial_loggers(self.logger_specs, Path(cfg.run_dir), cfg.name, version)
         cli = self.cli.fresh(
             [injector, *monitors, pruning],
+            values=values,
             logger=loggers or False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -229,6 +241,7 @@ class Tuner:
             }
             chosen = injector.plan if injector.plan is not None else DropoutPlan()
             params.update(plan_hparams(chosen, columns))
+            params.update({f"search/{k}": v for k, v in (values or {}).items()})
             finish_loggers(loggers, params, self._hparam_metrics(result, gap is not None))
         assert injector.plan is not None and result is not None  # set in setup() / after fit
         return result, injector.plan
@@ -268,9 +281,12 @@ class Tuner:
         trainer = self.cli.trainer
         return isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
 
-    def run_trial(self, trial: optuna.Trial | None) -> tuple[TrialResult, DropoutPlan]:
-        """Train the trial's plan in this process. Under DDP only rank 0 has the ``trial``; the others get
-        ``None`` and receive the plan and the pruning decisions by broadcast."""
+    def run_trial(
+        self, trial: optuna.Trial | None, values: Mapping[str, Any] | None = None
+    ) -> tuple[TrialResult, DropoutPlan]:
+        """Train the trial's plan in this process, with the ``search:`` ``values`` chosen for it. Under DDP only
+        rank 0 has the ``trial``; the others get ``None`` and receive the plan and the pruning decisions by
+        broadcast (and the values from the study process)."""
         baseline = trial.user_attrs.get(BASELINE_ATTR) if trial is not None else None
 
         def choose(model: torch.nn.Module) -> DropoutPlan:  # called on rank 0 only
@@ -283,7 +299,7 @@ class Tuner:
             return suggest_plan(trial, self.space.groups, model, example)
 
         number = trial.number if trial is not None else 0
-        return self.train(choose, trial, self.study_config.seed, version=f"trial_{number:04d}")
+        return self.train(choose, trial, self.study_config.seed, version=f"trial_{number:04d}", values=values)
 
     def _in_subprocess(self, name: str, job: dict[str, Any]) -> tuple[TrialResult, DropoutPlan]:
         """Run one training job as its own process (``python -m lightning_dropout.tune.trial``), which
@@ -310,13 +326,20 @@ class Tuner:
             data["plan"]
         )
 
-    def run_plan(self, plan: DropoutPlan, seed: int, version: str, number: int | None = None) -> TrialResult:
-        """Train a fixed plan with ``seed`` (a re-run of trial ``number``), in its own process when the trainer
-        is multi-process."""
+    def run_plan(
+        self,
+        plan: DropoutPlan,
+        seed: int,
+        version: str,
+        number: int | None = None,
+        values: Mapping[str, Any] | None = None,
+    ) -> TrialResult:
+        """Train a fixed plan with ``seed`` and the ``search:`` ``values`` (a re-run of trial ``number``), in its
+        own process when the trainer is multi-process."""
         if self.multiprocess:
             job = {"plan": plan.to_yaml(), "seed": seed, "version": version, "number": number}
-            return self._in_subprocess(version, job)[0]
-        return self.train(plan, None, seed, version, kind="rerun", number=number)[0]
+            return self._in_subprocess(version, {**job, "values": dict(values or {})})[0]
+        return self.train(plan, None, seed, version, kind="rerun", number=number, values=values)[0]
 
     def objective(self, trial: optuna.Trial) -> float:
         cfg = self.study_config
@@ -325,11 +348,15 @@ class Tuner:
             trial.set_user_attr(FAIL_ATTR, DUPLICATE)
             raise DuplicateTrialError(f"trial {trial.number} duplicates trial {twin}; not run")
         try:
+            # suggested here, in the study process, before any model is built: every rank gets the same values
+            values = search_values(trial, self.search, self.cli.config, fixed=fixed_label(trial) is not None)
+            if values:
+                trial.set_user_attr(SEARCH_ATTR, values)
             if self.multiprocess:
                 name = f"trial_{trial.number:04d}"
-                result, plan = self._in_subprocess(name, {"trial_id": trial._trial_id})
+                result, plan = self._in_subprocess(name, {"trial_id": trial._trial_id, "values": values})
             else:
-                result, plan = self.run_trial(trial)
+                result, plan = self.run_trial(trial, values)
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:

@@ -42,6 +42,7 @@ def main(spec_path: str) -> int:
                 spec["version"],
                 kind="rerun",
                 number=spec.get("number"),
+                values=spec.get("values"),
             )
         else:
             # the configured sampler and pruner decide on rank 0 (the sampler is seeded per trial number)
@@ -51,7 +52,7 @@ def main(spec_path: str) -> int:
                 # and an enqueued trial's first suggest writes its fixed parameter without reading
                 study.get_trials(deepcopy=False)
             trial = optuna.trial.Trial(study, spec["trial_id"]) if rank == 0 else None
-            result, plan = tuner.run_trial(trial)
+            result, plan = tuner.run_trial(trial, spec.get("values"))
         record = {
             "value": None if result.value is None or math.isnan(result.value) else result.value,
             "metrics": result.metrics,
