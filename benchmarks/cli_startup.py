@@ -3,8 +3,9 @@
 Each command is a fresh process (``python -m lightning_dropout.cli ...``, what the console script runs), timed
 from start to exit; the commands take turns, ``--runs`` times each after one untimed warm-up round (the page
 cache). The interpreter alone (``python -c pass``) and ``import torch`` are timed alongside as floors.
-Target: ``--help``, ``variants`` and the cheap subcommands' ``--help`` under 1.5 s. ``fit --help`` and
-``tune --help`` build LightningCLI's parser (Lightning and jsonargparse are imported): listed, no target.
+Target: ``--help``, ``--version``, ``variants`` and the subcommands' own ``--help`` (``tune``, ``describe``,
+``best``, ``report``) under 1.5 s. ``fit --help`` builds LightningCLI's parser (Lightning and jsonargparse are
+imported, every LightningCLI option is listed): listed, no target.
 
 Usage::
 
@@ -33,11 +34,13 @@ COMMANDS: dict[str, tuple[list[str], bool]] = {  # label: (argv, has the 1.5 s t
     "python -c pass": ([sys.executable, "-c", "pass"], False),
     "python -c 'import torch'": ([sys.executable, "-c", "import torch"], False),
     "lightning-dropout --help": ([*CLI, "--help"], True),
+    "lightning-dropout --version": ([*CLI, "--version"], True),
     "lightning-dropout variants": ([*CLI, "variants"], True),
     "lightning-dropout best --help": ([*CLI, "best", "--help"], True),
     "lightning-dropout report --help": ([*CLI, "report", "--help"], True),
+    "lightning-dropout tune --help": ([*CLI, "tune", "--help"], True),
+    "lightning-dropout describe --help": ([*CLI, "describe", "--help"], True),
     "lightning-dropout fit --help": ([*CLI, "fit", "--help"], False),
-    "lightning-dropout tune --help": ([*CLI, "tune", "--help"], False),
 }
 
 

@@ -147,8 +147,11 @@ def write_config(path: Path, sizes: Sizes, max_epochs: int, tiny: bool = False) 
             "direction": "maximize",
             "n_trials": sizes.prune_trials,
             "pruner": {
-                "name": "MedianPruner",
-                "args": {"n_startup_trials": sizes.n_startup_trials, "n_warmup_steps": sizes.n_warmup_steps},
+                "class_path": "optuna.pruners.MedianPruner",
+                "init_args": {
+                    "n_startup_trials": sizes.n_startup_trials,
+                    "n_warmup_steps": sizes.n_warmup_steps,
+                },
             },
             "top_k": 3,
             "seeds": 0,
@@ -274,30 +277,42 @@ def default_pruners(sizes: Sizes) -> list[dict[str, Any]]:
     becomes ``--study.prune_after``."""
     startup, warmup = sizes.n_startup_trials, sizes.n_warmup_steps
     if sizes.prune_epochs >= 100:
-        median = {"name": "MedianPruner", "args": {"n_startup_trials": startup}}
-        halving = {"name": "SuccessiveHalvingPruner", "args": {"min_resource": 10, "reduction_factor": 3}}
+        median = {"class_path": "optuna.pruners.MedianPruner", "init_args": {"n_startup_trials": startup}}
+        halving = {
+            "class_path": "optuna.pruners.SuccessiveHalvingPruner",
+            "init_args": {"min_resource": 10, "reduction_factor": 3},
+        }
         return [
             {**median, "prune_after": 0.5},
             {**median, "prune_after": 0.2},
             {**halving, "prune_after": 0.0},
         ]
     return [
-        {"name": "MedianPruner", "args": {"n_startup_trials": startup, "n_warmup_steps": warmup}},
         {
-            "name": "PercentilePruner",
-            "args": {"percentile": 25.0, "n_startup_trials": startup, "n_warmup_steps": 1},
+            "class_path": "optuna.pruners.MedianPruner",
+            "init_args": {"n_startup_trials": startup, "n_warmup_steps": warmup},
         },
-        {"name": "SuccessiveHalvingPruner", "args": {"min_resource": 1, "reduction_factor": 2}},
-        {"name": "SuccessiveHalvingPruner", "args": {"min_resource": 2, "reduction_factor": 2}},
+        {
+            "class_path": "optuna.pruners.PercentilePruner",
+            "init_args": {"percentile": 25.0, "n_startup_trials": startup, "n_warmup_steps": 1},
+        },
+        {
+            "class_path": "optuna.pruners.SuccessiveHalvingPruner",
+            "init_args": {"min_resource": 1, "reduction_factor": 2},
+        },
+        {
+            "class_path": "optuna.pruners.SuccessiveHalvingPruner",
+            "init_args": {"min_resource": 2, "reduction_factor": 2},
+        },
     ]
 
 
 def pruner_label(spec: dict[str, Any]) -> str:
     args = ", ".join(
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("args", {}).items()
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("init_args", {}).items()
     )
     after = f", prune_after={spec['prune_after']:g}" if "prune_after" in spec else ""
-    return f"{spec['name']}({args}){after}"
+    return f"{spec['class_path'].rpartition('.')[2]}({args}){after}"
 
 
 def bench_pruning(tmp: Path, sizes: Sizes, pruners: list[dict[str, Any]]) -> dict[str, Any]:
@@ -647,7 +662,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pruner",
         action="append",
         default=[],
-        help='a pruner to compare, as JSON {"name": ..., "args": {...}} (repeatable; default: three)',
+        help='a pruner to compare, as JSON {"class_path": ..., "init_args": {...}} (repeatable; default: three)',
     )
     return parser.parse_args(argv)
 

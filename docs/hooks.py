@@ -172,6 +172,7 @@ def _default(field: dataclasses.Field) -> str:
         value = field.default_factory()
     else:
         return "*required*"
+    value = value.serialize() if hasattr(value, "serialize") else value  # a ClassSpec: the mapping as written
     dumped = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
     dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
     return f"`{dumped}`"
@@ -189,7 +190,7 @@ def _field_table(cls: type, prefix: str) -> str:
             raise PluginError(
                 f"docs/hooks.py: {cls.__name__}.{field.name} has no `Args:` entry in its docstring."
             )
-        kind = str(field.type)
+        kind = str(field.type).replace("ClassSpec", "{class_path, init_args}")
         rows.append(f"| `{prefix}{field.name}` | `{kind}` | {_default(field)} | {_md(docs[field.name])} |")
     return "\n".join(rows)
 
@@ -287,9 +288,12 @@ A `DropoutInjector` goes in `trainer.callbacks` (see [Attach the callback](../ge
 
 {_field_table(StudyConfig, "study.")}
 
-`sampler` and `pruner` name any class of `optuna.samplers` / `optuna.pruners` with its keyword arguments,
-e.g. `{{name: TPESampler, args: {{multivariate: true}}}}`; a wrong name fails at load time with the nearest
-choice.
+`sampler` and `pruner` follow the LightningCLI convention: `class_path` names any class of
+`optuna.samplers` / `optuna.pruners`, or your own importable subclass of `BaseSampler` / `BasePruner`
+(`mypkg.MySampler`), and `init_args` its keyword arguments, e.g.
+`{{class_path: optuna.samplers.TPESampler, init_args: {{multivariate: true}}}}`; a bare class name
+(`TPESampler`) is looked up in Optuna. A wrong name fails at load time with the nearest choices; the former
+`{{name: ..., args: ...}}` form fails with the `class_path` form to write instead.
 
 ## `dropout:`
 

@@ -44,11 +44,11 @@ from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import (
     Rule,
     SiteHandle,
-    applied_plan,
     describe,
     format_sites,
     inject,
     regularization,
+    resolve,
     site_handles,
 )
 from lightning_dropout.plan import DropoutPlan
@@ -155,6 +155,11 @@ class DropoutInjector(Callback):
         eager: when a non-standard variant replaces a dropout module that a fused attention kernel bypasses
             (timm ``fused_attn``, Hugging Face SDPA read its ``.p``), switch that attention to its eager path
             instead of refusing the site (see :func:`~lightning_dropout.inject.apply_plan`).
+        name: tells several injectors on one Trainer apart (e.g. one for the encoder, one for the head): each
+            needs its own ``name``, which keys its checkpoint state (:attr:`state_key`) and its
+            ``dropout/<name>/mean_rate``. Each injector owns the sites of its own rules or plan (schedules, rate
+            logging and its mask generator act on those only); two injectors may not claim the same site.
+            ``None`` (one injector) keeps the plain ``DropoutInjector`` state key.
 
     Example:
         >>> from torch import nn
@@ -173,6 +178,7 @@ class DropoutInjector(Callback):
         use_example_input: bool = True,
         dropout_seed: int | None = None,
         eager: bool = False,
+        name: str | None = None,
     ) -> None:
         if (rules is None) == (plan is None):
             raise DropoutConfigError(
@@ -201,6 +207,9 @@ class DropoutInjector(Callback):
             raise DropoutConfigError(f"`dropout_seed` must be an integer or None, but got {dropout_seed=!r}.")
         self.dropout_seed = dropout_seed
         self.eager = bool(eager)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise DropoutConfigError(f"`name` must be a non-empty string or None, but got name={name!r}.")
+        self.name = name
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self._global_rng: dict[str, Any] | None = None  # from a checkpoint, restored at the next epoch start
@@ -217,7 +226,15 @@ class DropoutInjector(Callback):
             if self._given_plan is not None
             else "plan=provided"
         )
-        return f"{type(self).__name__}({what}, schedule={self.schedule!r})"
+        named = f"name={self.name!r}, " if self.name is not None else ""
+        return f"{type(self).__name__}({named}{what}, schedule={self.schedule!r})"
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this injector's state in a checkpoint: ``DropoutInjector``, or with a ``name``
+        ``DropoutInjector{'name': ...}`` (so several injectors can be saved and restored side by side)."""
+        return self._generate_state_key(name=self.name) if self.name is not None else super().state_key
 
     # -- setup: the injection itself ---------------------------------------------------------------------------
     @override
@@ -229,7 +246,8 @@ class DropoutInjector(Callback):
             # only rank 0 asks the provider (it may talk to a study); every rank applies the plan it chose
             chosen = self._provider(pl_module).to_yaml() if trainer.is_global_zero else None
             self._given_plan = DropoutPlan.from_yaml(str(trainer.strategy.broadcast(chosen, src=0)))
-        already = applied_plan(pl_module)
+        already = self.plan
+        self._check_shared_sites(trainer, pl_module)
         self.inject(pl_module)
         if already != self.plan and self.plan is not None and trainer.is_global_zero:
             table = format_sites(describe(pl_module, self._example(pl_module)))
@@ -237,16 +255,41 @@ class DropoutInjector(Callback):
                 f"lightning-dropout: {len(self.plan)} dropout sites (plan {self.plan.digest()})\n{table}"
             )
 
-    def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
-        """Apply this callback's rules or plan to ``pl_module`` now (``setup`` calls it); returns the plan."""
-        example = self._example(pl_module)
+    def own_plan(self, pl_module: pl.LightningModule) -> DropoutPlan:
+        """The sites this injector's rules (resolved against ``pl_module``) or plan put in the model."""
         if self._given_plan is None and self._provider is not None:  # called outside a Trainer
             self._given_plan = self._provider(pl_module)
         if self._given_plan is not None:
-            self.plan = inject(pl_module, plan=self._given_plan, example_input=example, eager=self.eager)
-        else:
-            self.plan = inject(pl_module, rules=self.rules or [], example_input=example, eager=self.eager)
-        self._handles = site_handles(pl_module)
+            return self._given_plan
+        return resolve(pl_module, self.rules or [], self._example(pl_module))
+
+    def _check_shared_sites(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a site another DropoutInjector of the trainer already applied (the later one would silently
+        re-apply it with its own settings, and both would schedule and log it)."""
+        others = [
+            c
+            for c in trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
+            if isinstance(c, DropoutInjector) and c is not self and c.plan is not None
+        ]
+        if not others:
+            return
+        mine = {site.key for site in self.own_plan(pl_module)}
+        for other in others:
+            shared = sorted(mine & {site.key for site in other.plan or ()})
+            if shared:
+                raise DropoutConfigError(
+                    f"each dropout site must belong to one DropoutInjector, but {shared} are claimed by both "
+                    f"{other.state_key} and {self.state_key}; narrow their rules (e.g. `name`/`exclude` globs)."
+                )
+
+    def inject(self, pl_module: pl.LightningModule) -> DropoutPlan:
+        """Apply this callback's rules or plan to ``pl_module`` now (``setup`` calls it); returns the plan of
+        this injector's own sites (other injectors' sites on the same model are left to them)."""
+        own = self.own_plan(pl_module)
+        inject(pl_module, plan=own, example_input=self._example(pl_module), eager=self.eager)
+        self.plan = own
+        keys = {site.key for site in own}
+        self._handles = [h for h in site_handles(pl_module) if h.site.key in keys]
         for handle in self._handles:
             if handle.module is not None:
                 handle.module.track = self.track_drop_fraction
@@ -359,6 +402,10 @@ class DropoutInjector(Callback):
     ) -> None:
         self._apply_schedule(trainer, "step")
 
+    @property
+    def _mean_tag(self) -> str:
+        return f"{LOG_PREFIX}/{self.name}/mean_rate" if self.name is not None else f"{LOG_PREFIX}/mean_rate"
+
     def _log_epoch_rates(self, trainer: pl.Trainer) -> None:
         """The rates that cannot change within the epoch, once, at its start, straight to the loggers: a constant
         rate needs no per-step scalar (``self.log`` costs a result-collection update per call and step)."""
@@ -367,7 +414,7 @@ class DropoutInjector(Callback):
         per_step = {id(h) for h in self._per_step}
         values = {rate_tag(h, "rate"): h.rate for h in self._handles if id(h) not in per_step}
         if not per_step:
-            values[f"{LOG_PREFIX}/mean_rate"] = sum(values.values()) / len(values)
+            values[self._mean_tag] = sum(values.values()) / len(values)
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
@@ -388,7 +435,7 @@ class DropoutInjector(Callback):
                     pl_module.log(rate_tag(handle, "fraction"), fraction, on_step=True, on_epoch=False)
         if self._per_step:  # the mean moves with them
             mean = sum(h.rate for h in self._handles) / len(self._handles)
-            pl_module.log(f"{LOG_PREFIX}/mean_rate", mean, on_step=True, on_epoch=False)
+            pl_module.log(self._mean_tag, mean, on_step=True, on_epoch=False)
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         """TensorBoard "Custom Scalars": one chart per quantity and group of similar sites, all sites of a group

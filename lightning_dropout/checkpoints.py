@@ -23,7 +23,7 @@ STATE_KEY_PREFIX = (
 
 
 def checkpoint_plan(checkpoint: Mapping[str, Any]) -> DropoutPlan:
-    """The dropout plan a Lightning checkpoint dict was trained with (from its DropoutInjector state)."""
+    """The dropout plan a Lightning checkpoint dict was trained with (from its DropoutInjector states)."""
     states = checkpoint.get("callbacks") or {}
     found = [s for k, s in states.items() if str(k).startswith(STATE_KEY_PREFIX)]
     if not found:
@@ -31,7 +31,8 @@ def checkpoint_plan(checkpoint: Mapping[str, Any]) -> DropoutPlan:
             "the checkpoint must hold a DropoutInjector state, but its callbacks are "
             f"{sorted(map(str, states))}; was it trained with DropoutInjector?"
         )
-    return DropoutPlan.from_dict(found[0].get("plan"))
+    # several named injectors: their (disjoint) sites together
+    return DropoutPlan([site for state in found for site in DropoutPlan.from_dict(state.get("plan"))])
 
 
 def load_checkpoint(

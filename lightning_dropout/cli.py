@@ -6,13 +6,15 @@ Commands:
   run of that Trainer method. Put a ``DropoutInjector`` in ``trainer.callbacks`` (see ``configs/``); any
   existing LightningCLI config (``model``/``data``/``trainer`` with ``class_path``/``init_args``) works.
 * ``describe --config CONFIG.yaml``: build the model, resolve the injector's rules and print every dropout
-  site (module, variant, rate, the shape it sees) without training.
+  site (module, variant, rate, the shape it sees) without training; on a tuning config, preview the search
+  space (each group, the sites it matches, its search dimensions).
 * ``variants``: list the registered variants.
 * ``tune CONFIG [overrides]``: run (or resume, or join) the Optuna study of a tuning config (``study:`` and
   ``dropout:`` sections next to ``model``/``data``/``trainer``); prints the progress, the re-run table, and
   writes the winning plan to ``<run_dir>/<study>/best_plan.yaml``.
-* ``best STUDY [--storage URL] [--out PLAN.yaml]``: print and write a finished study's best plan.
-* ``report STUDY [--storage URL] [--out FILE.html]``: write a static HTML report of a study (figures, the best
+* ``best STUDY|CONFIG [--storage URL] [--out PLAN.yaml]``: print and write a finished study's best plan (the
+  tuning config names the study and its storage).
+* ``report STUDY|CONFIG [--storage URL] [--out FILE.html]``: write a static HTML report of a study (figures, the best
   plan, the re-run table against the baselines, every trial); opens in a browser with no server.
 * ``fit CONFIG --plan PLAN.yaml``: retrain with a plan, then report validation and test metrics.
 
@@ -48,12 +50,45 @@ _USAGE = (
     "                             `fit CONFIG --plan PLAN.yaml` retrains with a plan and reports val/test metrics\n"
     "  tune CONFIG                run or resume the Optuna study of a tuning config (study: and dropout: sections);\n"
     "                             --workers N, --n_trials N, --storage URL stand for --study.workers=N etc.\n"
-    "  best STUDY                 print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
-    "  report STUDY               write a static HTML report of a study [--storage URL] [--out FILE.html]\n"
-    "  describe                   print the dropout sites the config's DropoutInjector would create\n"
+    "  best STUDY|CONFIG          print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
+    "  report STUDY|CONFIG        write a static HTML report of a study [--storage URL] [--out FILE.html]\n"
+    "  describe CONFIG            print the dropout sites the config's DropoutInjector would create, or\n"
+    "                             preview a tuning config's search space (groups, sites, dimensions)\n"
     "  variants                   list the dropout variants\n"
-    "Run `lightning-dropout fit --help` for every LightningCLI option."
+    "  --version                  print the version\n"
+    "Run `lightning-dropout COMMAND --help` for a command's options (`fit --help`: every LightningCLI option)."
 )
+
+
+_COMMAND_HELP = {
+    "tune": (
+        "usage: lightning-dropout tune CONFIG.yaml [--workers N] [--n_trials N] [--storage URL] [overrides]\n"
+        "Run, resume or join the Optuna study of a tuning config (model/data/trainer plus `study:` and\n"
+        "`dropout:` sections); prints the re-run table and writes <run_dir>/<study>/best_plan.yaml.\n"
+        "  CONFIG.yaml, --config CONFIG.yaml  the tuning config\n"
+        "  --workers N      worker processes sharing the study on this machine (= --study.workers=N)\n"
+        "  --n_trials N     finished trials the study should reach (= --study.n_trials=N)\n"
+        "  --storage URL    sqlite:///..., postgresql://..., journal:PATH (= --study.storage=URL)\n"
+        "  --study.KEY=V, --dropout.groups=[...], --trainer.KEY=V, --model.init_args.KEY=V, --data...\n"
+        "                   override any key of the config\n"
+        "  --print_config   print the resolved config (defaults included) and exit\n"
+        "Preview the search space first: lightning-dropout describe CONFIG.yaml"
+    ),
+    "describe": (
+        "usage: lightning-dropout describe CONFIG.yaml [overrides]\n"
+        "Build the model without training and print:\n"
+        "  - for a tuning config (`dropout.groups`): each search group, the sites it matches in the model and\n"
+        "    its search dimensions (the Optuna parameters and their domains);\n"
+        "  - for a config with a DropoutInjector in trainer.callbacks: every dropout site it creates (module,\n"
+        "    variant, rate, the shape it sees).\n"
+        "  CONFIG.yaml, --config CONFIG.yaml  the config\n"
+        "  --KEY=V          override any key of the config (--model.init_args.hidden=64, ...)"
+    ),
+    "variants": (
+        "usage: lightning-dropout variants\n"
+        "List the dropout variants (the names `variant:` takes in rules, plans and search groups)."
+    ),
+}
 
 
 def _config_args(rest: list[str]) -> list[str]:
@@ -76,7 +111,8 @@ def _lightning(command: str, rest: list[str]) -> int:
 
     cli = _load(rest, instantiate=False)
     plan = cli.config.get("plan")
-    cli.fresh([DropoutInjector(plan=plan)] if plan else [])
+    # `--plan` replaces a DropoutInjector the config lists (two would stack, and share a checkpoint key)
+    cli.fresh([DropoutInjector(plan=plan)] if plan else [], replacing=(DropoutInjector,) if plan else ())
     ckpt = cli.config.get("ckpt_path")
     getattr(cli.trainer, command)(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     if command == "fit" and plan:
@@ -131,18 +167,46 @@ def _study_parser(command: str, out_help: str) -> Any:
             raise DropoutConfigError(f"`{self.prog}`: {message} (usage: {self.format_usage().strip()[7:]}).")
 
     parser = Parser(prog=f"lightning-dropout {command}", exit_on_error=False)
-    parser.add_argument("study", help="the study name (`study.name` of its config)")
     parser.add_argument(
-        "--storage", default=None, help="the study's storage URL; default: sqlite:///runs/STUDY/study.db"
+        "study",
+        nargs="?",
+        default=None,
+        help="the study name (`study.name` of its config), or the tuning config (a .yaml file) itself: its "
+        "`study.name` and `study.storage` (default sqlite:///<study.run_dir>/<study.name>/study.db) are used",
+    )
+    parser.add_argument("-c", "--config", default=None, help="the tuning config (same as giving it as STUDY)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="the study's storage URL; default: the config's, else sqlite:///runs/STUDY/study.db",
     )
     parser.add_argument("--out", default=None, help=out_help)
     return parser
 
 
-def _default_storage(study: str) -> str:
+def _is_config(arg: str) -> bool:
+    return arg.endswith((".yaml", ".yml")) or os.path.isfile(arg)
+
+
+def _study_location(ns: Any) -> tuple[str, str, str]:
+    """``(study name, storage URL, run directory)`` from ``best``/``report``'s arguments: a study name, a tuning
+    config (positional or ``--config``), or both (the name then overrides the config's)."""
     from lightning_dropout.tune.config import default_storage  # after parsing: `--help` stays cheap
 
-    return default_storage(study)
+    name, config = ns.study, ns.config
+    if config is None and name is not None and _is_config(name):
+        name, config = None, name
+    if config is None:
+        if name is None:
+            raise DropoutConfigError(
+                "`best` and `report` need a study name or a tuning config (`lightning-dropout best CONFIG.yaml`), "
+                "but got neither."
+            )
+        return name, ns.storage or default_storage(name), "runs"
+    study = _load(["--config", config], instantiate=False).config["study"]
+    name = name or str(study["name"])
+    run_dir = str(study["run_dir"])
+    return name, ns.storage or study["storage"] or default_storage(name, run_dir), run_dir
 
 
 def _best(rest: list[str]) -> int:
@@ -157,9 +221,10 @@ def _best(rest: list[str]) -> int:
     from lightning_dropout.tune.records import open_study, winner, winning_config  # `best --help` stays cheap
     from lightning_dropout.tune.study import plan_summary
 
-    study = open_study(ns.study, ns.storage or _default_storage(ns.study))
+    name, storage, _ = _study_location(ns)
+    study = open_study(name, storage)
     plan, label = winner(study)
-    sys.stdout.write(f"# best plan of {ns.study}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
+    sys.stdout.write(f"# best plan of {name}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
     if ns.out:
         plan.save(ns.out)
     if ns.config_out:
@@ -174,14 +239,16 @@ def _best(rest: list[str]) -> int:
 
 
 def _report(rest: list[str]) -> int:
-    ns = _study_parser("report", "the HTML file to write (default: runs/STUDY/report.html)").parse_args(rest)
+    ns = _study_parser("report", "the HTML file to write (default: <run_dir>/STUDY/report.html)").parse_args(
+        rest
+    )
     from lightning_dropout.tune.config import redact  # after parsing: `report --help` stays cheap
     from lightning_dropout.tune.records import open_study
     from lightning_dropout.tune.report import write_report
 
-    storage = ns.storage or _default_storage(ns.study)
-    study = open_study(ns.study, storage)
-    path = write_report(study, ns.out or f"runs/{ns.study}/report.html", storage=redact(storage))
+    name, storage, run_dir = _study_location(ns)
+    study = open_study(name, storage)
+    path = write_report(study, ns.out or f"{run_dir}/{name}/report.html", storage=redact(storage))
     sys.stdout.write(f"report written to {path}\n")
     return 0
 
@@ -205,17 +272,27 @@ def _describe(args: list[str]) -> int:
 
     cli = _load(args)
     injectors = [c for c in cli.trainer.callbacks if isinstance(c, DropoutInjector)]  # type: ignore[attr-defined]
-    if not injectors:
+    space = cli.config_init.get("dropout")
+    groups = list(getattr(space, "groups", None) or [])
+    if not injectors and not groups:
         return _fail(
-            "the config must list a lightning_dropout.callback.DropoutInjector in trainer.callbacks, "
-            "but it has none."
+            "the config must list a lightning_dropout.callback.DropoutInjector in trainer.callbacks or search "
+            "groups in `dropout.groups` (a tuning config), but it has neither."
         )
     model = cli.model
-    with quiet_lightning():
-        for injector in injectors:
-            injector.inject(model)
     example = getattr(model, "example_input_array", None)
-    sys.stdout.write(format_sites(describe(model, example)) + "\n")
+    if groups:  # a tuning config: preview what the search may put where
+        from lightning_dropout.tune.space import format_space
+
+        with quiet_lightning():
+            sys.stdout.write(format_space(groups, model, example) + "\n")
+    if injectors:
+        with quiet_lightning():
+            for injector in injectors:
+                injector.inject(model)
+        if groups:
+            sys.stdout.write("\nthe config's DropoutInjector sites:\n")
+        sys.stdout.write(format_sites(describe(model, example)) + "\n")
     return 0
 
 
@@ -238,7 +315,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(_USAGE + "\n")
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        sys.stdout.write(f"lightning-dropout {version('lightning-dropout')}\n")
+        return 0
     command, rest = args[0], args[1:]
+    if command in _COMMAND_HELP and any(a in ("-h", "--help") for a in rest):
+        sys.stdout.write(_COMMAND_HELP[command] + "\n")
+        return 0
     try:
         return _run(command, rest)
     except KeyboardInterrupt as err:

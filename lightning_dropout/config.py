@@ -29,6 +29,8 @@ from typing_extensions import override
 from lightning_dropout.errors import DropoutConfigError, closest, summarize
 from lightning_dropout.secrets import redact_value
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ConfigCLI",
     "check_config_file",
@@ -260,6 +262,7 @@ class ConfigCLI(LightningCLI):
         self.sections = dict(sections or {})  # read by add_arguments_to_parser, during LightningCLI.__init__
         self._skip_instantiation = not instantiate
         self.extra_callbacks: list[Callback] = []
+        self.replaced_callbacks: tuple[type[Callback], ...] = ()
         self.extra_trainer_kwargs: dict[str, Any] = {}
         super().__init__(
             pl.LightningModule,
@@ -318,6 +321,15 @@ class ConfigCLI(LightningCLI):
             raise DropoutConfigError(self._where(str(err)) + summarize(str(err))) from err
         except MisconfigurationException as err:  # Lightning refusing a trainer argument
             raise DropoutConfigError(self._where(str(err)) + "trainer: " + summarize(str(err))) from err
+        except RuntimeError as err:  # two stateful callbacks of one type with the same state key
+            found = re.search(r"more than one stateful callback of type `(\w+)`", str(err))
+            if found is None:
+                raise
+            raise DropoutConfigError(
+                f"{self._where('')}`trainer.callbacks` must give each {found.group(1)} its own state key (a "
+                f"DropoutInjector: a distinct `name`), but several share one, so their checkpoint states would "
+                "collide."
+            ) from err
 
     def _where(self, message: str) -> str:
         """``"<file>: <key>: "`` for an error raised while building a class of the config."""
@@ -338,18 +350,28 @@ class ConfigCLI(LightningCLI):
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
         config = {**config, **self.extra_trainer_kwargs}
+        given = config.get("callbacks")
+        if self.replaced_callbacks and given:
+            given = given if isinstance(given, list) else [given]
+            config["callbacks"] = [c for c in given if not isinstance(c, self.replaced_callbacks)]
+            for callback in given:
+                if isinstance(callback, self.replaced_callbacks):
+                    log.info("replacing the config's %r in trainer.callbacks", callback)
         return super()._instantiate_trainer(config, [*callbacks, *self.extra_callbacks])
 
     def fresh(
         self,
         callbacks: list[Callback] | None = None,
+        replacing: tuple[type[Callback], ...] = (),
         values: Mapping[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> ConfigCLI:
         """Instantiate new model, datamodule and trainer (with extra callbacks and trainer arguments), with
         ``values`` (dotted config keys, e.g. ``model.init_args.lr``) set in the config for this instantiation
-        only."""
+        only; the config's own ``trainer.callbacks`` of the ``replacing`` types are left out (``fit --plan``
+        replaces the config's DropoutInjector)."""
         self.extra_callbacks = list(callbacks or [])
+        self.replaced_callbacks = replacing
         self.extra_trainer_kwargs = trainer_kwargs
         parsed = self.config
         if values:

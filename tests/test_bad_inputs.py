@@ -131,21 +131,31 @@ CONFIG_CASES = [
     ConfigCase("study-name-space", _set("study.name", "my study"), ("study.name", "my study")),
     ConfigCase(
         "study-sampler-typo",
-        _set("study.sampler", {"name": "TPESamplr"}),
-        ("study.sampler.name", "TPESamplr", "TPESampler"),
+        _set("study.sampler", {"class_path": "optuna.samplers.TPESamplr"}),
+        ("study.sampler.class_path", "TPESamplr", "optuna.samplers.TPESampler"),
     ),
     ConfigCase(
         "study-sampler-arg",
-        _set("study.sampler", {"name": "TPESampler", "args": {"n_startup": 3}}),
+        _set("study.sampler", {"class_path": "optuna.samplers.TPESampler", "init_args": {"n_startup": 3}}),
         ("study.sampler", "n_startup"),
     ),
     ConfigCase(
         "study-sampler-not-mapping", _set("study.sampler", "TPESampler"), ("study.sampler", "TPESampler")
     ),
     ConfigCase(
+        "study-sampler-former-form",
+        _set("study.sampler", {"name": "TPESampler", "args": {"multivariate": True}}),
+        ("study.sampler", "class_path: optuna.samplers.TPESampler", '"multivariate": true'),
+    ),
+    ConfigCase(
         "study-pruner-typo",
-        _set("study.pruner", {"name": "MedianPrunr"}),
-        ("study.pruner.name", "MedianPrunr", "MedianPruner"),
+        _set("study.pruner", {"class_path": "optuna.pruners.MedianPrunr"}),
+        ("study.pruner.class_path", "MedianPrunr", "optuna.pruners.MedianPruner"),
+    ),
+    ConfigCase(
+        "study-pruner-not-a-pruner",
+        _set("study.pruner", {"class_path": "optuna.samplers.TPESampler"}),
+        ("study.pruner.class_path", "optuna.samplers.TPESampler", "BasePruner"),
     ),
     ConfigCase(
         "study-storage-scheme",
@@ -252,8 +262,8 @@ CONFIG_CASES = [
     ),
     ConfigCase(
         "describe-no-injector",
-        _set("trainer.callbacks", []),
-        ("DropoutInjector",),
+        lambda config: (_set("trainer.callbacks", [])(config), _set("dropout.groups", [])(config)),
+        ("DropoutInjector", "dropout.groups"),
         command="describe",
         names_file=False,
     ),
@@ -316,7 +326,7 @@ CLI_CASES = [
     CliCase(
         "best-no-such-study",
         ("best", "nope", "--storage", "sqlite:///{tmp}/empty.db"),
-        ("nope", "studies there"),
+        ("nope", "does not exist"),  # and no empty.db is left behind: tests/test_optuna_native.py
     ),
     CliCase("best-bad-storage", ("best", "s", "--storage", "redis://h/0"), ("storage", "redis://h/0")),
     CliCase(

@@ -17,7 +17,7 @@ from lightning_dropout.tune.seeding import PerTrialSeeded, derive_seed, seeded_s
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
-TPE = {"name": "TPESampler", "args": {"multivariate": True, "group": True}}
+TPE = {"class_path": "optuna.samplers.TPESampler", "init_args": {"multivariate": True, "group": True}}
 
 
 def _objective(trial: optuna.Trial) -> float:
@@ -63,10 +63,10 @@ def test_a_fresh_study_is_reproducible_and_the_seed_matters(tmp_path):
 
 
 def test_a_seed_in_the_sampler_args_is_the_base_and_qmc_keeps_one_seed():
-    sampler = seeded_sampler({"name": "RandomSampler", "args": {"seed": 7}}, 0)
+    sampler = seeded_sampler({"class_path": "optuna.samplers.RandomSampler", "init_args": {"seed": 7}}, 0)
     assert isinstance(sampler, PerTrialSeeded) and sampler._seed == 7
     assert derive_seed(7, 0) != derive_seed(7, 1) and derive_seed(7, 1) != derive_seed(8, 1)
-    qmc = seeded_sampler({"name": "QMCSampler", "args": {}}, 3)
+    qmc = seeded_sampler({"class_path": "optuna.samplers.QMCSampler", "init_args": {}}, 3)
     assert isinstance(qmc, optuna.samplers.QMCSampler)
 
 

@@ -57,14 +57,14 @@ def one_error(capsys: pytest.CaptureFixture[str]) -> str:
         pytest.param(["--study.n_trails=3"], ["n_trails"], False, id="unknown-study-key"),
         pytest.param(["--study.direction=up"], ["['minimize', 'maximize']", "'up'"], True, id="direction"),
         pytest.param(
-            ['--study.sampler={"name": "TPESamplr"}'],
-            ["`study.sampler.name`", "'TPESamplr'", "nearest: ['TPESampler'"],
+            ['--study.sampler={"class_path": "TPESamplr"}'],
+            ["`study.sampler.class_path`", "'TPESamplr'", "nearest: ['optuna.samplers.TPESampler'"],
             True,
             id="sampler-typo",
         ),
         pytest.param(
-            ['--study.pruner={"name": "ThresholdPrunr", "args": {"lower": 0.5}}'],
-            ["`study.pruner.name`", "nearest: ['ThresholdPruner'"],
+            ['--study.pruner={"class_path": "optuna.pruners.ThresholdPrunr", "init_args": {"lower": 0.5}}'],
+            ["`study.pruner.class_path`", "nearest: ['optuna.pruners.ThresholdPruner'"],
             True,
             id="pruner-typo",
         ),
@@ -136,10 +136,10 @@ def test_typo_in_the_yaml_file_names_the_key(tmp_path, data_dir, capsys):
 
 
 def test_typo_in_the_yaml_sampler_suggests_the_nearest(tmp_path, data_dir, capsys):
-    config = write_config(tmp_path, study={"sampler": {"name": "TPESamplr", "args": {}}})
+    config = write_config(tmp_path, study={"sampler": {"class_path": "optuna.samplers.TPESamplr"}})
     assert tune(config, tmp_path, data_dir) == 2
     line = one_error(capsys)
-    assert "nearest: ['TPESampler'" in line and f"error: {config}: " in line
+    assert "nearest: ['optuna.samplers.TPESampler'" in line and f"error: {config}: " in line
 
 
 @pytest.mark.parametrize(
@@ -508,7 +508,7 @@ def test_diverging_trial_fails_with_nan_reason(tmp_path, data_dir):
 # ----------------------------------------------------------------------------------------------------------
 def test_threshold_pruner_prunes_after_reporting_each_epoch(tmp_path, data_dir):
     config = write_config(tmp_path, study={"n_trials": 2, "baselines": False})  # baselines are never pruned
-    pruner = '--study.pruner={"name": "ThresholdPruner", "args": {"lower": 0.99, "n_warmup_steps": 1}}'
+    pruner = '--study.pruner={"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"lower": 0.99, "n_warmup_steps": 1}}'
     rc = tune(config, tmp_path, data_dir, pruner)
     trials = load(tmp_path).get_trials()
     assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]

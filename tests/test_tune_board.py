@@ -224,7 +224,7 @@ def test_report_of_an_unknown_study_is_one_line_exit_2(study_dir, capsys):
 # ----------------------------------------------------------------------------------------------------------
 def test_pruned_trials_have_a_run_with_state_pruned_and_their_best_value(tmp_path, data_dir):
     config = write_config(tmp_path, study={"n_trials": 2, "baselines": False})  # baselines are never pruned
-    pruner = '--study.pruner={"name": "ThresholdPruner", "args": {"lower": 0.99, "n_warmup_steps": 1}}'
+    pruner = '--study.pruner={"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"lower": 0.99, "n_warmup_steps": 1}}'
     assert tune(config, tmp_path, data_dir, pruner) == 0
     study = load(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2

@@ -61,7 +61,11 @@ def _run(tmp_path: Path, **study: object) -> optuna.Study:
 def test_ddp_trials_are_one_optuna_trial_for_all_ranks_and_pruning_reaches_every_rank(tmp_path):
     # val_loss of this model is far above 0.01, so the pruner stops every trial after its first validation
     # (of 2 epochs). Rank 1 learns it by broadcast: without that it would wait forever in the next collective.
-    study = _run(tmp_path, pruner={"name": "ThresholdPruner", "args": {"upper": 0.01}}, warm_start=False)
+    study = _run(
+        tmp_path,
+        pruner={"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"upper": 0.01}},
+        warm_start=False,
+    )
     trials = study.get_trials()
     # 2 study trials = 2 Optuna trials (not one per rank), the baseline first; the baseline is never pruned
     assert len(trials) == 2

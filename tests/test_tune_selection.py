@@ -384,7 +384,7 @@ def test_enqueue_items_are_normalized_once(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Pruning fairness and threads
 # ----------------------------------------------------------------------------------------------------------
-THRESHOLD = '--study.pruner={"name": "ThresholdPruner", "args": {"lower": 0.99}}'
+THRESHOLD = '--study.pruner={"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"lower": 0.99}}'
 
 
 def test_fixed_trials_report_but_are_never_pruned(tmp_path, data_dir):

@@ -37,7 +37,7 @@ from rich.console import Console
 
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.tune.config import StudyConfig
+from lightning_dropout.tune.config import ClassSpec, StudyConfig
 from lightning_dropout.tune.records import open_study
 from lightning_dropout.tune.selection import Candidate
 from lightning_dropout.tune.space import SearchGroup
@@ -75,7 +75,10 @@ def _class_path(cls: Any, what: str) -> str:
 
 def _plain(value: Any, what: str) -> dict[str, Any]:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        # a StudyConfig's sampler/pruner are ClassSpecs: written to the config as the mappings they hold
+        return {
+            k: v.serialize() if isinstance(v, ClassSpec) else v for k, v in dataclasses.asdict(value).items()
+        }
     if isinstance(value, Mapping):
         return dict(value)
     raise DropoutConfigError(f"`{what}` must be a mapping or a {what} dataclass, but got {value!r}.")

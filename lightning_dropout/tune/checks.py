@@ -2,7 +2,9 @@
 
 * every search group selects at least one site of the model, with every variant it lists (a group that matches
   nothing, or ``dropblock`` on Linear layers, would otherwise fail each trial while the baseline "wins");
-* ``study.run_dir`` can be written (else every trial fails with a misleading reason and uses up ``n_trials``).
+* ``study.run_dir`` can be written (else every trial fails with a misleading reason and uses up ``n_trials``);
+* the config's ``trainer.callbacks`` list no DropoutInjector: the tuner injects each trial's plan itself, and
+  one in the config would stack its dropout on every trial, the no-dropout baseline included.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from typing import Any
 
 from torch import nn
 
+from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import check_plan, resolve
 from lightning_dropout.tune.space import SearchGroup
 
-__all__ = ["check_groups", "check_run_dir"]
+__all__ = ["check_groups", "check_no_injector", "check_run_dir"]
 
 
 def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input: Any = None) -> None:
@@ -56,3 +59,15 @@ def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
         raise DropoutConfigError(
             f"`study.run_dir` must be a directory this user can write, but {str(run_dir)!r} is not: {reason}."
         ) from None
+
+
+def check_no_injector(callbacks: Sequence[Any]) -> None:
+    """Refuse a config whose ``trainer.callbacks`` list a DropoutInjector (see the module docstring)."""
+    found = [c for c in callbacks if isinstance(c, DropoutInjector)]
+    if found:
+        raise DropoutConfigError(
+            "`trainer.callbacks` must not list a DropoutInjector when tuning (each trial injects its own plan; "
+            f"yours would add its dropout to every trial, the no-dropout baseline included), but it lists {found}; "
+            "remove it from the config, or tune a copy without it (to compare its dropout, enqueue its "
+            "plan: `study.enqueue: [{plan: PLAN.yaml}]`)."
+        )

@@ -7,14 +7,17 @@ dataclasses add the tuner's own sections. Unknown keys and bad values fail at lo
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import optuna
+from jsonargparse.typing import register_type
 
 from lightning_dropout.errors import DropoutConfigError, check_int, check_rate, closest
 from lightning_dropout.plan import DropoutPlan
@@ -23,9 +26,45 @@ from lightning_dropout.tune.selection import WINNER_RULES
 from lightning_dropout.tune.space import SearchGroup
 from lightning_dropout.tune.value import ESTIMATORS
 
-__all__ = ["CONFIG_SECTIONS", "DropoutSpace", "StudyConfig", "make_pruner", "make_sampler", "redact"]
+__all__ = [
+    "CONFIG_SECTIONS",
+    "ClassSpec",
+    "DropoutSpace",
+    "StudyConfig",
+    "build",
+    "make_pruner",
+    "make_sampler",
+    "redact",
+    "resolve_spec",
+]
 
 _DIRECTIONS = ("minimize", "maximize")
+
+
+class ClassSpec:
+    """``{class_path: ..., init_args: {...}}`` as written, for ``study.sampler`` and ``study.pruner``.
+
+    The tuner builds these classes itself (the sampler once per trial, seeded from the trial number), so the
+    config parser only carries the mapping: it is registered with jsonargparse as an opaque type (a plain
+    ``dict`` holding a ``class_path`` would be taken for a class to import while merging a config file with
+    command-line overrides). Validated by :func:`resolve_spec` when the study config is built.
+    """
+
+    def __init__(self, value: Any) -> None:
+        self.value: Any = value.value if isinstance(value, ClassSpec) else value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClassSpec) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.value, sort_keys=True, default=str))
+
+    def __repr__(self) -> str:
+        return f"ClassSpec({self.value!r})"
+
+    def serialize(self) -> Any:
+        """The mapping as written (what a saved config holds)."""
+        return self.value
 
 
 @dataclass
@@ -55,8 +94,9 @@ class StudyConfig:
         direction: ``maximize`` or ``minimize``.
         n_trials: the total number of finished trials the study should reach, counting those in storage.
         timeout: stop starting new trials after this many seconds (per ``tune`` invocation).
-        sampler: an Optuna sampler by class name and arguments; default TPE, multivariate, grouped.
-        pruner: an Optuna pruner by class name and arguments, or ``null`` for none; default the median rule
+        sampler: an Optuna sampler as ``{class_path, init_args}`` (the LightningCLI convention: any importable
+            subclass of ``optuna.samplers.BaseSampler``, your own included); default TPE, multivariate, grouped.
+        pruner: an Optuna pruner as ``{class_path, init_args}``, or ``null`` for none; default the median rule
             (a trial is stopped when it is worse than the median of the earlier trials at the same epoch).
         prune_after: the pruner is asked only from this share of ``trainer.max_epochs`` on (0 to 1): dropout
             learns slower in the first epochs, so early comparisons are biased against it. Baselines, the
@@ -101,14 +141,21 @@ class StudyConfig:
     direction: str = "minimize"
     n_trials: int = 20
     timeout: float | None = None
-    sampler: dict[str, Any] = field(
-        default_factory=lambda: {"name": "TPESampler", "args": {"multivariate": True, "group": True}}
+    sampler: ClassSpec = field(
+        default_factory=lambda: ClassSpec(
+            {
+                "class_path": "optuna.samplers.TPESampler",
+                "init_args": {"multivariate": True, "group": True},
+            }
+        )
     )
-    pruner: dict[str, Any] | None = field(
+    pruner: ClassSpec | None = field(
         # the median of the earlier trials at the same epoch, asked only from `prune_after` on: successive
         # halving from the first epoch pruned 13 of 14 quickstart trials, the whole warm-start grid included,
         # because dropout trails no dropout in the first epochs (docs/tuning.md, "Pruning")
-        default_factory=lambda: {"name": "MedianPruner", "args": {"n_startup_trials": 5}}
+        default_factory=lambda: ClassSpec(
+            {"class_path": "optuna.pruners.MedianPruner", "init_args": {"n_startup_trials": 5}}
+        )
     )
     prune_after: float = 0.5
     storage: str | None = None
@@ -171,6 +218,9 @@ class StudyConfig:
             raise DropoutConfigError(
                 f"`study.timeout` must be > 0 seconds or null, but got {self.timeout!r}."
             )
+        self.sampler = ClassSpec(self.sampler)  # a mapping from Python, a ClassSpec from the config parser
+        pruner = ClassSpec(self.pruner)
+        self.pruner = None if pruner.value is None else pruner
         make_sampler(self.sampler, self.seed)  # fail at load time, not after the first trial
         make_pruner(self.pruner)
 
@@ -215,25 +265,67 @@ def _check_enqueued(item: Any, index: int) -> dict[str, Any]:
     return {"params": dict(params)}
 
 
-def _build(kind: str, module: Any, spec: dict[str, Any] | None, base: type, **extra: Any) -> Any:
-    if not isinstance(spec, dict) or set(spec) - {"name", "args"} or "name" not in spec:
+_KINDS = {"sampler": "samplers", "pruner": "pruners"}
+
+
+def _import_class(path: str) -> type | None:
+    """The class at the dotted ``path`` (``None`` when it does not import or is not a class)."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if inspect.isclass(found) else None
+
+
+def resolve_spec(kind: str, spec: Any) -> tuple[type, dict[str, Any]]:
+    """The class and ``init_args`` of ``study.<kind>`` (``sampler`` or ``pruner``), given LightningCLI-style as
+    ``{class_path: ..., init_args: {...}}``. ``class_path`` is any importable subclass of Optuna's base class (a
+    user's own included); a bare name (``TPESampler``) is looked up in ``optuna.samplers``/``optuna.pruners``.
+    The former ``{name, args}`` form is refused with the rewrite."""
+    spec = spec.value if isinstance(spec, ClassSpec) else spec
+    where, module = f"study.{kind}", _KINDS[kind]
+    base: type = getattr(optuna, module).BasePruner if kind == "pruner" else optuna.samplers.BaseSampler
+    if isinstance(spec, dict) and "name" in spec and "class_path" not in spec:
+        path = f"optuna.{module}.{spec['name']}" if "." not in str(spec["name"]) else str(spec["name"])
+        args = spec.get("args") or {}
         raise DropoutConfigError(
-            f"`study.{kind}` must be a mapping {{name: ..., args: {{...}}}}, but got {spec!r}."
+            f"`{where}` must be given as {{class_path, init_args}} (the LightningCLI convention), but got the "
+            f"former form {spec!r}; write it as {{class_path: {path}, init_args: {json.dumps(args)}}}."
         )
-    choices = sorted(
-        n
-        for n in dir(module)
-        if inspect.isclass(getattr(module, n))
-        and issubclass(getattr(module, n), base)
-        and not n.startswith("Base")
-    )
-    cls = getattr(module, str(spec["name"]), None)
-    if cls is None or not inspect.isclass(cls) or not issubclass(cls, base):
+    if not isinstance(spec, dict) or "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
         raise DropoutConfigError(
-            f"`study.{kind}.name` must be an Optuna {kind} class, but got {spec['name']!r}; "
-            f"nearest: {closest(str(spec['name']), choices)}; choices: {choices}."
+            f"`{where}` must be a mapping {{class_path: optuna.{module}.<Class>, init_args: {{...}}}}, but got "
+            f"{spec!r}."
         )
-    args = dict(spec.get("args") or {})
+    path = str(spec["class_path"])
+    cls = _import_class(path if "." in path else f"optuna.{module}.{path}")
+    if cls is None or not issubclass(cls, base):
+        choices = sorted(
+            n
+            for n in dir(getattr(optuna, module))
+            if inspect.isclass(getattr(getattr(optuna, module), n))
+            and issubclass(getattr(getattr(optuna, module), n), base)
+            and not n.startswith("Base")
+        )
+        last = path.rpartition(".")[2]
+        why = "does not import" if cls is None else f"is not a subclass of optuna.{module}.{base.__name__}"
+        near = closest(last, choices) or choices
+        raise DropoutConfigError(
+            f"`{where}.class_path` must name an importable Optuna {kind} class (optuna.{module}.<Class>, or your "
+            f"own subclass of {base.__name__}), but {path!r} {why}; nearest: "
+            f"{[f'optuna.{module}.{n}' for n in near]}."
+        )
+    args = spec.get("init_args") or {}
+    if not isinstance(args, dict):
+        raise DropoutConfigError(f"`{where}.init_args` must be a mapping, but got {args!r}.")
+    return cls, dict(args)
+
+
+def build(kind: str, cls: type, args: dict[str, Any], **extra: Any) -> Any:
+    """``cls(**args)``, adding each of ``extra`` the class takes and ``args`` does not set; a refusal becomes a
+    :class:`DropoutConfigError` naming ``study.<kind>``."""
+    args = dict(args)
     params = inspect.signature(cls).parameters
     for key, value in extra.items():
         if key in params and key not in args:
@@ -243,19 +335,21 @@ def _build(kind: str, module: Any, spec: dict[str, Any] | None, base: type, **ex
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # e.g. TPE's `group`
             return cls(**args)
     except (TypeError, ValueError) as err:
-        raise DropoutConfigError(f"`study.{kind}` {spec['name']}({args}) failed: {err}") from None
+        raise DropoutConfigError(f"`study.{kind}` {cls.__name__}({args}) failed: {err}") from None
 
 
-def make_sampler(spec: dict[str, Any], seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """An Optuna sampler from ``{name, args}`` (seeded with ``seed`` unless ``args`` sets one)."""
-    return _build("sampler", optuna.samplers, spec, optuna.samplers.BaseSampler, seed=seed)
+def make_sampler(spec: ClassSpec | dict[str, Any], seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """An Optuna sampler from ``{class_path, init_args}`` (seeded with ``seed`` unless ``init_args`` sets one)."""
+    cls, args = resolve_spec("sampler", spec)
+    return cast(optuna.samplers.BaseSampler, build("sampler", cls, args, seed=seed))
 
 
-def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
-    """An Optuna pruner from ``{name, args}``; ``None`` gives ``NopPruner``."""
-    if spec is None:
+def make_pruner(spec: ClassSpec | dict[str, Any] | None) -> optuna.pruners.BasePruner:
+    """An Optuna pruner from ``{class_path, init_args}``; ``None`` gives ``NopPruner``."""
+    if spec is None or (isinstance(spec, ClassSpec) and spec.value is None):
         return optuna.pruners.NopPruner()
-    return _build("pruner", optuna.pruners, spec, optuna.pruners.BasePruner)
+    cls, args = resolve_spec("pruner", spec)
+    return cast(optuna.pruners.BasePruner, build("pruner", cls, args))
 
 
 CONFIG_SECTIONS: dict[str, tuple[Any, str]] = {
@@ -266,3 +360,6 @@ CONFIG_SECTIONS: dict[str, tuple[Any, str]] = {
 """The tuner's top-level sections of a config, for :func:`lightning_dropout.config.load_config`: always
 known (and validated), so one file serves ``tune``, ``fit`` and ``describe``; ``search`` is validated against
 the parsed config by :func:`lightning_dropout.tune.search.parse_search`."""
+
+# study.sampler/pruner travel through the config parser as written (see ClassSpec)
+register_type(ClassSpec, serializer=ClassSpec.serialize, deserializer=ClassSpec)

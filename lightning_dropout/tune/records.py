@@ -38,10 +38,12 @@ __all__ = [
     "counts",
     "finished_trials",
     "fixed_label",
+    "name_objective",
     "open_storage",
     "open_study",
     "plan_amount",
     "rerun_candidates",
+    "storage_file",
     "stored_plan",
     "trial_label",
     "winner",
@@ -133,15 +135,43 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     raise DropoutConfigError(f"`study.storage` {redact(url)!r} could not be initialized after 3 tries.")
 
 
+def storage_file(url: str) -> Path | None:
+    """The local file a ``sqlite:///`` or ``journal:`` URL names (``None`` for a database server or an in-memory
+    SQLite)."""
+    if url.startswith("journal:"):
+        return Path(url[len("journal:") :])
+    if url.startswith("sqlite:///") and url not in ("sqlite:///", "sqlite:///:memory:"):
+        return Path(url[len("sqlite:///") :].split("?", 1)[0])
+    return None
+
+
 def open_study(name: str, storage: str) -> optuna.Study:
-    """Load an existing study (for ``best`` and ``report``)."""
+    """Load an existing study (for ``best`` and ``report``). A storage file that does not exist is refused
+    before anything opens it, so a mistyped name or path never leaves an empty database behind."""
+    file = storage_file(storage)
+    if file is not None and not file.is_file():
+        raise DropoutConfigError(
+            f"`study` must name a study in an existing storage, but {redact(storage)!r} does not exist "
+            f"({file} is not a file), so it holds no study {name!r}; give the tuning config "
+            "(`lightning-dropout best CONFIG.yaml`) or its `--storage`."
+        )
+    opened = open_storage(storage)
     try:
-        return optuna.load_study(study_name=name, storage=open_storage(storage))
+        return optuna.load_study(study_name=name, storage=opened)
     except KeyError:
-        names = optuna.get_all_study_names(open_storage(storage))
+        names = optuna.get_all_study_names(opened)
         raise DropoutConfigError(
             f"`study` must name a study in {redact(storage)}, but got {name!r}; studies there: {names}."
         ) from None
+
+
+def name_objective(study: optuna.Study, metric: str) -> None:
+    """Name the study's objective after the metric it optimizes (``study.set_metric_names``), so Optuna's own
+    tools (optuna-dashboard, ``study.trials_dataframe()``) show ``val_acc`` rather than ``value``."""
+    if study.metric_names != [metric]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([metric])
 
 
 def stored_plan(trial: optuna.trial.FrozenTrial) -> DropoutPlan:

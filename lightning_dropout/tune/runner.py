@@ -39,7 +39,7 @@ from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_bas
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.board import plan_columns, plan_hparams
-from lightning_dropout.tune.checks import check_groups, check_run_dir
+from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
 from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
 from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed
 from lightning_dropout.tune.loggers import check_loggers, finish_loggers, logger_specs, trial_loggers
@@ -55,6 +55,7 @@ from lightning_dropout.tune.records import (
     PLAN_ATTR,
     finished_trials,
     fixed_label,
+    name_objective,
     open_storage,
 )
 from lightning_dropout.tune.search import SEARCH_ATTR, Distribution, parse_search, search_values
@@ -116,6 +117,7 @@ class Tuner:
                 "`dropout.groups` must list at least one group of sites to search, but the config has none."
             )
         check_run_dir(self.study_config.run_dir)
+        check_no_injector(self.cli.trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning
         # the config's own loggers, rebuilt per run with the run's identity (checked here, before trial 0)
         self.logger_specs = logger_specs(self.cli.config["trainer"]["logger"])
         check_loggers(self.logger_specs)
@@ -150,6 +152,7 @@ class Tuner:
             direction=cast(Literal["minimize", "maximize"], cfg.direction),
             load_if_exists=True,
         )
+        name_objective(study, cfg.metric)  # Optuna's own tools name the objective (optuna-dashboard)
         # `best` and `report` need nothing but the storage
         config = redact(self.cli.parser.dump(self.cli.config, skip_validation=True))
         for key, value in (

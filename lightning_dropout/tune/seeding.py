@@ -24,7 +24,7 @@ from optuna.distributions import BaseDistribution
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_dropout.tune.config import make_sampler
+from lightning_dropout.tune.config import ClassSpec, build, make_sampler, resolve_spec
 
 __all__ = ["PerTrialSeeded", "derive_seed", "seeded_sampler"]
 
@@ -85,13 +85,13 @@ class PerTrialSeeded(optuna.samplers.BaseSampler):
         pass
 
 
-def seeded_sampler(spec: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
-    """The study's sampler from its ``{name, args}`` spec under the seeding rule of this module. A ``seed`` in
-    ``args`` replaces ``seed`` as the base of the per-trial seeds."""
-    args = dict(spec.get("args") or {}) if isinstance(spec, dict) else {}
+def seeded_sampler(spec: ClassSpec | dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
+    """The study's sampler from its ``{class_path, init_args}`` spec under the seeding rule of this module. A
+    ``seed`` in ``init_args`` replaces ``seed`` as the base of the per-trial seeds."""
+    cls, args = resolve_spec("sampler", spec)
     base = args.pop("seed", None)
     base = seed if base is None else base
-    if not isinstance(spec, dict) or spec.get("name") in _SHARED_SEED:
+    if cls.__name__ in _SHARED_SEED:
         return make_sampler(spec, seed)
     make_sampler(spec, seed)  # validate now (a bad spec fails here, not inside the first trial)
-    return PerTrialSeeded(lambda s: make_sampler({**spec, "args": args}, s), int(base))
+    return PerTrialSeeded(lambda s: build("sampler", cls, args, seed=s), int(base))

@@ -24,7 +24,7 @@ from lightning_dropout.inject import Rule, resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.variants import get_variant
 
-__all__ = ["SearchGroup", "suggest_plan", "uniform_params"]
+__all__ = ["SearchGroup", "format_space", "space_dimensions", "suggest_plan", "uniform_params"]
 
 _SELECT_KEYS = ("match", "name", "regex", "exclude", "replace", "where", "exclude_output_layer")
 
@@ -204,3 +204,74 @@ def uniform_params(
         if not group.per_layer and len(group.depth_scaling) > 1:
             params[f"{group.name}/depth_scaling"] = group.depth_scaling[0]
     return params
+
+
+def space_dimensions(group: SearchGroup, model: nn.Module, example_input: Any = None) -> dict[str, str]:
+    """The Optuna parameters ``group`` can set on ``model`` (those :func:`suggest_plan` suggests; a variant's
+    own parameters only when that variant is chosen), each with its domain, in suggestion order. A choice
+    with one value is fixed, not a dimension, and is left out.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> group = SearchGroup("hidden", {"match": "Linear"}, ["standard", "gaussian"], p=[0.0, 0.3])
+        >>> space_dimensions(group, net)
+        {'hidden/variant': "{'standard', 'gaussian'}", 'hidden/standard/p': '[0, 0.3]', 'hidden/gaussian/p': '[0, 0.3]'}
+    """
+    low, high = group.p
+    prefixes = (
+        [f"{group.name}/{t}" for t in group.targets(model, example_input)]
+        if group.per_layer
+        else [group.name]
+    )
+    out: dict[str, str] = {}
+    for prefix in prefixes:
+        if len(group.variants) > 1:
+            out[f"{prefix}/variant"] = "{" + ", ".join(repr(v) for v in group.variants) + "}"
+        for variant in group.variants:
+            if low != high:
+                out[f"{prefix}/{variant}/p"] = f"[{low:g}, {high:g}]" + (" log" if group.log else "")
+            for key, choices in sorted(group.params.get(variant, {}).items()):
+                if len(choices) > 1:
+                    out[f"{prefix}/{variant}/{key}"] = "{" + ", ".join(repr(c) for c in choices) + "}"
+        if not group.per_layer and len(group.depth_scaling) > 1:
+            out[f"{prefix}/depth_scaling"] = "{" + ", ".join(repr(c) for c in group.depth_scaling) + "}"
+    return out
+
+
+def _group_sites(group: SearchGroup, model: nn.Module, example_input: Any = None) -> list[str]:
+    """Every site key the group can produce (``fc1:output``; ``fc1:weight`` for DropConnect), in model order."""
+    keys: dict[str, None] = {}
+    for variant in group.variants:
+        params = {k: v[0] for k, v in group.params.get(variant, {}).items()}
+        for site in resolve(model, [group.rule(variant, group.probe_rate, params)], example_input):
+            keys.setdefault(site.key)
+    return list(keys)
+
+
+def format_space(groups: Sequence[SearchGroup], model: nn.Module, example_input: Any = None) -> str:
+    """A preview of the search space (``lightning-dropout describe`` on a tuning config): each group, the
+    sites it matches in ``model``, and its search dimensions (the Optuna parameters and their domains)."""
+    lines: list[str] = []
+    total_sites: dict[str, None] = {}
+    total = 0
+    for group in groups:
+        sites = _group_sites(group, model, example_input)
+        total_sites.update(dict.fromkeys(sites))
+        dims = space_dimensions(group, model, example_input)
+        total += len(dims)
+        how = "one choice per site" if group.per_layer else "one choice for the group"
+        scaling = f", depth_scaling {group.depth_scaling}" if group.depth_scaling != ["none"] else ""
+        lines.append(
+            f"group {group.name}: variants {group.variants}, p [{group.p[0]:g}, {group.p[1]:g}]"
+            f"{' (log)' if group.log else ''}, {how}{scaling}"
+        )
+        lines.append(f"  sites ({len(sites)}): {', '.join(sites)}")
+        lines.append(f"  dimensions ({len(dims)}):")
+        width = max(map(len, dims), default=0)
+        lines.extend(f"    {name.ljust(width)}  {domain}" for name, domain in dims.items())
+    head = (
+        f"search space: {len(groups)} group{'s' if len(groups) != 1 else ''}, {len(total_sites)} "
+        f"site{'s' if len(total_sites) != 1 else ''}, {total} dimension{'s' if total != 1 else ''} "
+        "(a variant's rate and parameters count only when that variant is chosen)"
+    )
+    return "\n".join([head, *lines])

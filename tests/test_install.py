@@ -1,0 +1,72 @@
+"""What a fresh install needs: every package the library imports is declared in pyproject.toml, and the plain
+callback stands without the tuner's dependencies (the decision in docs/architecture.md, "Dependencies")."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+
+def _imported_packages() -> dict[str, str]:
+    """Top-level third-party modules imported anywhere under lightning_dropout/ (in functions too), to the
+    first file that imports each."""
+    found: dict[str, str] = {}
+    for path in sorted((ROOT / "lightning_dropout").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ("lightning_dropout", "__future__"):
+                    found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_package_is_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {_normalize(re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0]) for req in project["dependencies"]}
+    distributions = importlib.metadata.packages_distributions()
+    imported = _imported_packages()
+    assert "sqlalchemy" in imported  # the case that was missing; keeps this test honest
+    missing = {
+        module: where
+        for module, where in imported.items()
+        if not {_normalize(d) for d in distributions.get(module, [module])} & declared
+    }
+    assert missing == {}, f"imported but not in [project].dependencies: {missing}"
+
+
+def test_the_plain_callback_does_not_import_the_tuner():
+    code = (
+        "import sys, lightning_dropout.callback, lightning_dropout.monitor, lightning_dropout.inject\n"
+        "print(sorted(m for m in ('optuna', 'sqlalchemy', 'jsonargparse') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_readme_says_how_to_install_the_cpu_build_of_torch():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in readme
+    # the two main commands stay as they are
+    assert (
+        "pip install torch==2.13.0 && pip install -e . && lightning-dropout tune configs/quickstart.yaml"
+        in readme
+    )
