@@ -297,13 +297,11 @@ def _describe(args: list[str]) -> int:
 
 
 def _variants() -> int:
-    from lightning_dropout.variants import VARIANTS
+    from lightning_dropout.catalog import BUILTIN_VARIANTS  # torch-free: the registry's names and summaries
 
-    width = max(map(len, VARIANTS))
-    for name in sorted(VARIANTS):
-        doc = (VARIANTS[name].__doc__ or "").strip().splitlines()[0]
-        doc = re.sub(r"\s*\(see the module docstring[^)]*\)", "", doc)  # a pointer that means nothing here
-        sys.stdout.write(f"{name.ljust(width)}  {doc}\n")
+    width = max(map(len, BUILTIN_VARIANTS))
+    for name in sorted(BUILTIN_VARIANTS):
+        sys.stdout.write(f"{name.ljust(width)}  {BUILTIN_VARIANTS[name]}\n")
     return 0
 
 

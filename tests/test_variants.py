@@ -990,3 +990,17 @@ def test_alpha_functional_trains_by_default() -> None:
     x = torch.zeros(1000)
     assert not torch.equal(alpha_dropout(x, P), x)
     assert not torch.equal(feature_alpha_dropout(x.view(10, 100), P), x.view(10, 100))
+
+
+def test_the_torch_free_catalog_is_the_registry():
+    """`lightning-dropout variants` prints `catalog.BUILTIN_VARIANTS` without importing torch: it must list
+    exactly the built-in variants, each with the first line of its class docstring."""
+    import re
+
+    from lightning_dropout.catalog import BUILTIN_VARIANTS
+
+    registry = {
+        name: re.sub(r"\s*\(see the module docstring[^)]*\)", "", (cls.__doc__ or "").strip().splitlines()[0])
+        for name, cls in VARIANTS.items()
+    }
+    assert registry == BUILTIN_VARIANTS
