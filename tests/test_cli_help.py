@@ -56,7 +56,7 @@ import json, sys
 from lightning_dropout.cli import main
 heavy = ("torch", "lightning", "optuna", "jsonargparse")
 seen = {}
-for args in (["--version"], ["tune", "--help"], ["describe", "--help"], ["variants", "--help"], ["variants"]):
+for args in (["--version"], ["tune", "--help"], ["describe", "--help"], ["variants", "--help"]):
     main(args)
     seen[" ".join(args)] = [m for m in heavy if m in sys.modules]
 print(json.dumps(seen))
