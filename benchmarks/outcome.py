@@ -75,6 +75,7 @@ GRID_TEXT = {
     "gru": "variational dropout on the GRU output sequence",
     "transformer": "standard dropout in the encoder layers' own dropout slots (`Rule(replace=True)`)",
 }
+MODEL_TEXT = {"mlp": "MLP", "cnn": "CNN", "gru": "GRU", "transformer": "Transformer"}
 ARMS = ("none", "grid", "tuner", "optuna")
 ARM_TEXT = {
     "none": "(a) no dropout",
@@ -560,7 +561,7 @@ def markdown(results: dict[str, Any], partial: dict[str, Any], meta: dict[str, A
         )
         paper = "-" if r["paper"] is None else pct(r["paper"])
         lines.append(
-            f"| {r['model_class']} | {r['epochs']} | " + " | ".join(cells) + f" | {paper} | {flags} |"
+            f"| {MODEL_TEXT[r['model']]} | {r['epochs']} | " + " | ".join(cells) + f" | {paper} | {flags} |"
         )
     lines += ["", "## Per model", ""]
     for name in MODELS:
@@ -569,7 +570,9 @@ def markdown(results: dict[str, Any], partial: dict[str, Any], meta: dict[str, A
         r = results[name]
         b, c, d = r["grid"], r["tuner"], r["optuna"]
         lines += [
-            f"### {r['model_class']} ({r['parameters']:,} parameters, {r['epochs']} epochs, "
+            f"### {MODEL_TEXT[r['model']]} ("
+            + (f"{r['model_class']}, " if r["model_class"] != MODEL_TEXT[r["model"]] else "")
+            + f"{r['parameters']:,} parameters, {r['epochs']} epochs, "
             f"{r['seconds'] / 60:.0f} min)",
             "",
             "| arm | chosen | selection epochs | test per seed | mean ± std |",
