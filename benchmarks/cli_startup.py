@@ -4,8 +4,8 @@ Each command is a fresh process (``python -m lightning_dropout.cli ...``, what t
 from start to exit; the commands take turns, ``--runs`` times each after one untimed warm-up round (the page
 cache). The interpreter alone (``python -c pass``) and ``import torch`` are timed alongside as floors.
 Target: ``--help``, ``--version``, ``variants`` and the subcommands' own ``--help`` (``tune``, ``describe``,
-``best``, ``report``) under 1.5 s. ``fit --help`` builds LightningCLI's parser (Lightning and jsonargparse are
-imported, every LightningCLI option is listed): listed, no target.
+``best``, ``report``, ``fit``) under 1.5 s. ``fit --help-all`` builds LightningCLI's parser (Lightning and
+jsonargparse are imported, every LightningCLI option is listed): listed, no target.
 
 Usage::
 
@@ -40,7 +40,8 @@ COMMANDS: dict[str, tuple[list[str], bool]] = {  # label: (argv, has the 1.5 s t
     "lightning-dropout report --help": ([*CLI, "report", "--help"], True),
     "lightning-dropout tune --help": ([*CLI, "tune", "--help"], True),
     "lightning-dropout describe --help": ([*CLI, "describe", "--help"], True),
-    "lightning-dropout fit --help": ([*CLI, "fit", "--help"], False),
+    "lightning-dropout fit --help": ([*CLI, "fit", "--help"], True),
+    "lightning-dropout fit --help-all": ([*CLI, "fit", "--help-all"], False),
 }
 
 

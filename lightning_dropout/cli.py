@@ -60,6 +60,23 @@ _USAGE = (
 )
 
 
+def _lightning_help(command: str) -> str:
+    """The short help of a Lightning command (LightningCLI's complete one needs Lightning: ``--help-all``)."""
+    after_fit = "; after fit, also validate and test it" if command == "fit" else ""
+    ckpt = "resume" if command == "fit" else "evaluate"
+    return (
+        f"usage: lightning-dropout {command} CONFIG.yaml [--plan PLAN.yaml] [--ckpt_path CKPT] [overrides]\n"
+        f"Lightning's `{command}` on a LightningCLI config (model/data/trainer with class_path/init_args).\n"
+        "  CONFIG.yaml, --config CONFIG.yaml  the config (`study:`/`dropout:`/`search:` sections are ignored)\n"
+        "  --plan PLAN.yaml  apply a dropout plan (from `lightning-dropout best`), replacing an injector the\n"
+        f"                    config lists{after_fit}\n"
+        f"  --ckpt_path CKPT  checkpoint to {ckpt}\n"
+        "  --trainer.KEY=V, --model.init_args.KEY=V, --data.init_args.KEY=V  override any key of the config\n"
+        "  --print_config    print the resolved config (defaults included) and exit\n"
+        f"Every Trainer, model and data option (LightningCLI's full help): lightning-dropout {command} --help-all"
+    )
+
+
 _COMMAND_HELP = {
     "tune": (
         "usage: lightning-dropout tune CONFIG.yaml [--workers N] [--n_trials N] [--storage URL] [overrides]\n"
@@ -88,6 +105,7 @@ _COMMAND_HELP = {
         "usage: lightning-dropout variants\n"
         "List the dropout variants (the names `variant:` takes in rules, plans and search groups)."
     ),
+    **{command: _lightning_help(command) for command in _LIGHTNING_COMMANDS},
 }
 
 
@@ -319,7 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(f"lightning-dropout {version('lightning-dropout')}\n")
         return 0
     command, rest = args[0], args[1:]
-    if command in _COMMAND_HELP and any(a in ("-h", "--help") for a in rest):
+    if command in _LIGHTNING_COMMANDS and "--help-all" in rest:  # LightningCLI's own, complete help
+        rest = ["--help" if a == "--help-all" else a for a in rest]
+    elif command in _COMMAND_HELP and any(a in ("-h", "--help") for a in rest):
         sys.stdout.write(_COMMAND_HELP[command] + "\n")
         return 0
     try:

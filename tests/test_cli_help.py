@@ -40,10 +40,16 @@ def test_each_subcommand_has_its_own_help(command, own, not_own, capsys):
     assert "{fit,validate,test,predict" not in out  # not the general usage
 
 
-def test_fit_help_is_lightning_clis_with_the_plan_option(capsys):
-    assert main(["fit", "--help"]) == 0
-    out = capsys.readouterr().out
-    assert "--plan" in out and "--trainer.max_epochs" in out
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])
+def test_lightning_commands_have_a_short_help_and_lightning_clis_full_one(command, capsys):
+    assert main([command, "--help"]) == 0
+    short = capsys.readouterr().out
+    assert short.startswith(f"usage: lightning-dropout {command} CONFIG.yaml") and "--plan" in short
+    assert f"lightning-dropout {command} --help-all" in short and "--trainer.max_epochs" not in short
+    if command == "fit":  # the full one builds LightningCLI's parser: every Trainer option, and ours
+        assert main([command, "--help-all"]) == 0
+        full = capsys.readouterr().out
+        assert "--plan" in full and "--trainer.max_epochs" in full
 
 
 def test_version(capsys):
@@ -56,7 +62,7 @@ import json, sys
 from lightning_dropout.cli import main
 heavy = ("torch", "lightning", "optuna", "jsonargparse")
 seen = {}
-for args in (["--version"], ["tune", "--help"], ["describe", "--help"], ["variants", "--help"]):
+for args in (["--version"], ["tune", "--help"], ["describe", "--help"], ["variants", "--help"], ["fit", "--help"]):
     main(args)
     seen[" ".join(args)] = [m for m in heavy if m in sys.modules]
 print(json.dumps(seen))
