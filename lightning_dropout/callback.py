@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing_extensions import override
 
 from lightning_dropout.checkpoints import load_checkpoint
 from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.handles import bind_schedules
 from lightning_dropout.inject import (
     Rule,
     SiteHandle,
@@ -51,7 +51,8 @@ from lightning_dropout.inject import (
     resolve,
     site_handles,
 )
-from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.plan import DropoutPlan, as_plan
+from lightning_dropout.rules import as_rules
 from lightning_dropout.scalars import LOG_PREFIX, rate_tag, scalar_layout
 from lightning_dropout.schedules import Schedule
 from lightning_dropout.variants import ConcreteDropout
@@ -62,39 +63,6 @@ log = logging.getLogger(__name__)
 
 PlanProvider = Callable[[pl.LightningModule], DropoutPlan]
 """Chooses a plan from the freshly set-up module (see ``DropoutInjector(plan=...)``)."""
-
-
-def _as_plan(plan: DropoutPlan | str | Path | Mapping[str, Any]) -> DropoutPlan:
-    if isinstance(plan, DropoutPlan):
-        return plan
-    if isinstance(plan, (str, Path)):
-        return DropoutPlan.load(plan)
-    if isinstance(plan, Mapping):
-        return DropoutPlan.from_dict(plan)
-    raise DropoutConfigError(
-        f"`plan` must be a DropoutPlan, a path to a plan YAML or a mapping, but got {plan!r}."
-    )
-
-
-def _as_rules(rules: Sequence[Rule | Mapping[str, Any]] | Rule) -> list[Rule]:
-    if isinstance(rules, Rule):
-        return [rules]
-    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        raise DropoutConfigError(f"`rules` must be a list of Rule, but got {rules!r}.")
-    out = []
-    for i, rule in enumerate(rules):
-        if isinstance(rule, Rule):
-            out.append(rule)
-        elif isinstance(rule, Mapping):
-            try:
-                out.append(Rule(**rule))
-            except (TypeError, DropoutConfigError) as err:
-                raise DropoutConfigError(f"rules[{i}]: {err}") from None
-        else:
-            raise DropoutConfigError(f"rules[{i}] must be a Rule or a mapping, but got {rule!r}.")
-    if not out:
-        raise DropoutConfigError("`rules` must hold at least one Rule, but got an empty list.")
-    return out
 
 
 class _RegularizedTrainingStep:
@@ -185,13 +153,13 @@ class DropoutInjector(Callback):
                 "DropoutInjector needs exactly one of `rules` and `plan`, but got "
                 f"rules={'given' if rules is not None else None}, plan={'given' if plan is not None else None}."
             )
-        self.rules = _as_rules(rules) if rules is not None else None
+        self.rules = as_rules(rules) if rules is not None else None
         self._provider: PlanProvider | None = None
         self._given_plan: DropoutPlan | None = None
         if callable(plan) and not isinstance(plan, DropoutPlan):
             self._provider = plan
         elif plan is not None:
-            self._given_plan = _as_plan(plan)
+            self._given_plan = as_plan(plan)
         bad_mapping = isinstance(schedule, Mapping) and not all(
             isinstance(s, Schedule) for s in schedule.values()
         )
@@ -293,7 +261,7 @@ class DropoutInjector(Callback):
         for handle in self._handles:
             if handle.module is not None:
                 handle.module.track = self.track_drop_fraction
-        self._schedules = self._bind_schedules()
+        self._schedules = bind_schedules(self.schedule, self._handles)
         stepped = {id(handle) for handle, schedule, _ in self._schedules if schedule.unit == "step"}
         self._per_step = [
             h for h in self._handles if id(h) in stepped or isinstance(h.module, ConcreteDropout)
@@ -312,32 +280,6 @@ class DropoutInjector(Callback):
     def _example(self, pl_module: pl.LightningModule) -> Any:
         example = getattr(pl_module, "example_input_array", None) if self.use_example_input else None
         return example.to(pl_module.device) if isinstance(example, Tensor) else example
-
-    def _bind_schedules(self) -> list[tuple[SiteHandle, Schedule, float]]:
-        if self.schedule is None:
-            return []
-        bound = []
-        for handle in self._handles:
-            if handle.module is not None and not handle.module.schedulable:
-                continue
-            if isinstance(self.schedule, Schedule):
-                chosen: Schedule | None = self.schedule
-            else:
-                chosen = next(
-                    (s for g, s in self.schedule.items() if fnmatch.fnmatchcase(handle.site.key, g)), None
-                )
-            if chosen is not None:
-                bound.append((handle, chosen, handle.site.p))
-        if isinstance(self.schedule, Mapping):
-            unused = [
-                g for g in self.schedule if not any(fnmatch.fnmatchcase(h.site.key, g) for h in self._handles)
-            ]
-            if unused:
-                keys = [h.site.key for h in self._handles]
-                raise DropoutConfigError(
-                    f"`schedule` globs must match a site, but {unused} match none of {keys}."
-                )
-        return bound
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

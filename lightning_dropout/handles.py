@@ -3,7 +3,8 @@ regularization of learned-rate sites (torch only)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +13,20 @@ from torch import Tensor, nn
 
 from lightning_dropout._state import CHILD_FOR, STATE_ATTR, float_slot
 from lightning_dropout._trace import trace_input
-from lightning_dropout.errors import check_rate
+from lightning_dropout.errors import DropoutConfigError, check_rate
 from lightning_dropout.plan import Site
+from lightning_dropout.schedules import Schedule
 from lightning_dropout.variants import DropoutVariant
 
-__all__ = ["SiteHandle", "SiteInfo", "describe", "format_sites", "regularization", "site_handles"]
+__all__ = [
+    "SiteHandle",
+    "SiteInfo",
+    "bind_schedules",
+    "describe",
+    "format_sites",
+    "regularization",
+    "site_handles",
+]
 
 
 @dataclass
@@ -143,3 +153,31 @@ def regularization(model: nn.Module) -> Tensor:
         first = next(model.parameters(), None)
         return torch.zeros((), device=first.device if first is not None else None)
     return total
+
+
+def bind_schedules(
+    schedule: Schedule | Mapping[str, Schedule] | None, handles: Sequence[SiteHandle]
+) -> list[tuple[SiteHandle, Schedule, float]]:
+    """Each schedulable site with its schedule and base rate: one schedule for every site, or the first of a
+    mapping whose glob matches the site's ``"<target>:<where>"`` key (every glob must match a site). Learned
+    (``concrete``) sites are never scheduled."""
+    if schedule is None:
+        return []
+    bound = []
+    for handle in handles:
+        if handle.module is not None and not handle.module.schedulable:
+            continue
+        if isinstance(schedule, Schedule):
+            chosen: Schedule | None = schedule
+        else:
+            chosen = next((s for g, s in schedule.items() if fnmatch.fnmatchcase(handle.site.key, g)), None)
+        if chosen is not None:
+            bound.append((handle, chosen, handle.site.p))
+    if isinstance(schedule, Mapping):
+        unused = [g for g in schedule if not any(fnmatch.fnmatchcase(h.site.key, g) for h in handles)]
+        if unused:
+            keys = [h.site.key for h in handles]
+            raise DropoutConfigError(
+                f"`schedule` globs must match a site, but {unused} match none of {keys}."
+            )
+    return bound

@@ -25,7 +25,7 @@ import yaml
 from lightning_dropout.errors import DropoutConfigError, check_rate, closest
 from lightning_dropout.variants import build_variant, get_variant
 
-__all__ = ["WHERE", "DropoutPlan", "Site"]
+__all__ = ["WHERE", "DropoutPlan", "Site", "as_plan"]
 
 WHERE = ("output", "input", "replace", "attribute", "weight")
 """Where a site acts on its target module:
@@ -228,3 +228,16 @@ class DropoutPlan:
         """A short hash of the canonical form: equal plans have equal digests in any process."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def as_plan(plan: DropoutPlan | str | Path | Mapping[str, Any]) -> DropoutPlan:
+    """A plan given as a DropoutPlan, a path to its YAML or a mapping (as a config gives it)."""
+    if isinstance(plan, DropoutPlan):
+        return plan
+    if isinstance(plan, (str, Path)):
+        return DropoutPlan.load(plan)
+    if isinstance(plan, Mapping):
+        return DropoutPlan.from_dict(plan)
+    raise DropoutConfigError(
+        f"`plan` must be a DropoutPlan, a path to a plan YAML or a mapping, but got {plan!r}."
+    )

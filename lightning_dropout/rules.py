@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from lightning_dropout.errors import DropoutConfigError, check_rate, closest, strict_init
 from lightning_dropout.variants import DropoutVariant, build_variant, get_variant
 
-__all__ = ["Rule", "existing_rate", "has_float_dropout", "is_dropout_module", "is_leaf"]
+__all__ = ["Rule", "as_rules", "existing_rate", "has_float_dropout", "is_dropout_module", "is_leaf"]
 
 _PLACEMENTS = ("output", "input", "both")
 _DEPTH_SCALINGS = ("none", "linear")
@@ -227,3 +227,25 @@ class Rule:
         if self.regex is not None and not self._regex.fullmatch(qualname):
             return False
         return not any(fnmatch.fnmatchcase(qualname, g) for g in self.exclude)
+
+
+def as_rules(rules: Sequence[Rule | Mapping[str, Any]] | Rule) -> list[Rule]:
+    """Rules given as Rule objects or mappings of their fields (as a config gives them), or one Rule."""
+    if isinstance(rules, Rule):
+        return [rules]
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise DropoutConfigError(f"`rules` must be a list of Rule, but got {rules!r}.")
+    out = []
+    for i, rule in enumerate(rules):
+        if isinstance(rule, Rule):
+            out.append(rule)
+        elif isinstance(rule, Mapping):
+            try:
+                out.append(Rule(**rule))
+            except (TypeError, DropoutConfigError) as err:
+                raise DropoutConfigError(f"rules[{i}]: {err}") from None
+        else:
+            raise DropoutConfigError(f"rules[{i}] must be a Rule or a mapping, but got {rule!r}.")
+    if not out:
+        raise DropoutConfigError("`rules` must hold at least one Rule, but got an empty list.")
+    return out
