@@ -4,9 +4,6 @@ previewing a tuning config's search space."""
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -55,26 +52,6 @@ def test_lightning_commands_have_a_short_help_and_lightning_clis_full_one(comman
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"lightning-dropout {importlib.metadata.version('lightning-dropout')}\n"
-
-
-_MODULES_AFTER = """
-import json, sys
-from lightning_dropout.cli import main
-heavy = ("torch", "lightning", "optuna", "jsonargparse")
-seen = {}
-for args in (["--version"], ["tune", "--help"], ["describe", "--help"], ["variants", "--help"], ["fit", "--help"]):
-    main(args)
-    seen[" ".join(args)] = [m for m in heavy if m in sys.modules]
-print(json.dumps(seen))
-"""
-
-
-def test_subcommand_help_and_version_import_nothing_heavy():
-    proc = subprocess.run(
-        [sys.executable, "-c", _MODULES_AFTER], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert all(modules == [] for modules in seen.values()), seen
 
 
 def test_describe_previews_the_search_space_of_a_tuning_config(tmp_path, data_dir, capsys):
