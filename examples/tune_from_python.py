@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seeds": args.seeds,
             "run_dir": args.run_dir,
         },
+        search={"model.init_args.weight_decay": {"low": 1e-6, "high": 1e-2, "log": True}},  # tuned with it
         seed_everything=0,
     )
     print(f"winner over {len(result.study.trials)} trials:")

@@ -93,6 +93,7 @@ def tune_study(
     trainer: Mapping[str, Any] | None = None,
     dropout: Sequence[SearchGroup | Mapping[str, Any]],
     study: StudyConfig | Mapping[str, Any] | None = None,
+    search: Mapping[str, Mapping[str, Any]] | None = None,
     seed_everything: int | None = None,
     overrides: Sequence[str] = (),
     console: Console | None = None,
@@ -109,6 +110,8 @@ def tune_study(
         dropout: the search groups (:class:`~lightning_dropout.tune.space.SearchGroup` or their mappings).
         study: the ``study:`` settings (:class:`~lightning_dropout.tune.config.StudyConfig` or a mapping of
             its fields); ``storage`` is passed on as an argument, never written to the config file.
+        search: other config values to search beside dropout, as a ``search:`` section: dotted keys
+            (``"model.init_args.weight_decay"``) to distributions (``{"low": 1e-5, "high": 1e-2, "log": True}``).
         seed_everything: LightningCLI's ``seed_everything``.
         overrides: further config arguments, as on the command line (``"--trainer.max_epochs=5"``).
         console: where progress goes (stderr by default; the result table goes to stdout, as with the CLI).
@@ -128,6 +131,8 @@ def tune_study(
         "dropout": {"groups": groups},
         "study": settings,
     }
+    if search:
+        config["search"] = {key: dict(spec) for key, spec in search.items()}
     if seed_everything is not None:
         config["seed_everything"] = seed_everything
     # validate before writing: the same dataclasses the config loader builds
