@@ -453,11 +453,10 @@ def main(argv: list[str] | None = None) -> int:
             prepare_data(tmp / "data")
         for model in models:
             settings = Settings(args.quick, per_model.get(model))
-            if args.report_only:
-                path = state_path(model, settings, work)
-                data = json.loads(path.read_text()) if path.is_file() else {}
-                if "result" in data:
-                    results.append(data["result"])
+            if args.report_only:  # every length measured for the model, shortest first
+                found = [json.loads(path.read_text()) for path in sorted(work.glob(f"{model}*.json"))]
+                runs = [data["result"] for data in found if "result" in data]
+                results += sorted(runs, key=lambda result: result["epochs"])
                 continue
             results.append(run_model(model, settings, work, tmp))
     if results:
