@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from lightning_dropout.tune import records
+from lightning_dropout.tune.records import DUPLICATE, fixed_label
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "tune_worker.py"
@@ -58,9 +59,8 @@ def test_joined_killed_and_resumed_study_repeats_and_loses_nothing(postgres_url,
             f"--study.run_dir={tmp_path / 'runs'}",
             f"--study.n_trials={n_trials}",
             "--study.seeds=0",
-            # two processes starting at once can both enqueue the warm-start grid (a known race, see the
-            # session note); this test is about joining, killing and resuming
-            "--study.warm_start=false",
+            # with the warm-start grid (the default): two processes starting at once may both enqueue it;
+            # the later twin of each fixed trial is recorded as a duplicate and not run
             f"--data.init_args.cache_dir={data_dir}",
             *budget,
         ]
@@ -128,4 +128,9 @@ def test_joined_killed_and_resumed_study_repeats_and_loses_nothing(postgres_url,
     retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in after.values())
+    # each fixed trial (baseline, grid point) completed once; any twin was failed as a duplicate, untrained
+    labels = [fixed_label(t) for t in after.values() if fixed_label(t) and t.state == TrialState.COMPLETE]
+    assert len(labels) == len(set(labels)), labels
+    twins = [t for t in after.values() if t.user_attrs.get("fail_reason") == DUPLICATE]
+    assert all(not t.intermediate_values for t in twins)
     print(f"fault test: {len(after)} trials, {duplicates} duplicates")  # shown with -s
