@@ -330,6 +330,8 @@ def conclusion(result: dict[str, Any]) -> list[str]:
     lines = [f"best mean test accuracy: {ARM_TEXT[best]}."]
     for a, b in (
         ("dropout", "none"),
+        ("l2", "none"),
+        ("both", "none"),
         ("dropout", "l2"),
         ("dropout", "early_stop"),
         ("both", "dropout"),

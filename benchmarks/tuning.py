@@ -659,6 +659,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prune-trials", type=int, default=None, help="trials per pruning study (default 40)"
     )
     parser.add_argument(
+        "--worker-epochs",
+        type=int,
+        default=None,
+        help="epochs per trial of the workers studies (default 20; the quickstart's trials run 80)",
+    )
+    parser.add_argument(
         "--pruner",
         action="append",
         default=[],
@@ -678,11 +684,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     sizes = QUICK if ns.quick else FULL
-    if ns.prune_epochs or ns.prune_trials:
+    if ns.prune_epochs or ns.prune_trials or ns.worker_epochs:
         sizes = dataclasses.replace(
             sizes,
             prune_epochs=ns.prune_epochs or sizes.prune_epochs,
             prune_trials=ns.prune_trials or sizes.prune_trials,
+            worker_epochs=ns.worker_epochs or sizes.worker_epochs,
         )
     sections = [ns.only] if ns.only else list(SECTIONS)
     load_before = loadavg()
