@@ -15,6 +15,7 @@ __all__ = [
     "DropoutConfigError",
     "Interrupted",
     "check_int",
+    "check_number",
     "check_rate",
     "closest",
     "strict_init",
@@ -118,6 +119,37 @@ def check_int(
         alt = f" or {or_none}" if or_none else ""
         raise DropoutConfigError(
             f"`{key or name}` must be an integer >= {minimum}{alt}, but got {name}={value!r}."
+        )
+    return value
+
+
+def check_number(
+    value: object,
+    name: str,
+    minimum: float = 0.0,
+    *,
+    inclusive: bool = False,
+    key: str | None = None,
+    or_none: str = "",
+) -> Any:
+    """Validate a real number ``> minimum`` (``>= minimum`` with ``inclusive``; ``True``/``False`` and NaN
+    refused); returns it. ``key`` and ``or_none`` as in :func:`check_int`.
+
+    Example:
+        >>> check_number(0.5, "temperature")
+        0.5
+        >>> check_number(0, "gamma")
+        Traceback (most recent call last):
+        ...
+        lightning_dropout.errors.DropoutConfigError: `gamma` must be a number > 0, but got gamma=0.
+    """
+    if value is None and or_none:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (value >= minimum if inclusive else value > minimum):  # type: ignore[operator]
+        alt = f" or {or_none}" if or_none else ""
+        raise DropoutConfigError(
+            f"`{key or name}` must be a number {'>=' if inclusive else '>'} {minimum:g}{alt}, but got {name}={value!r}."
         )
     return value
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import DropoutConfigError, check_number
 
 __all__ = [
     "SCHEDULES",
@@ -81,13 +81,11 @@ class Schedule:
 
 
 def _check_nonneg(name: str, value: float | None) -> None:
-    if value is not None and not value >= 0:
-        raise DropoutConfigError(f"`{name}` must be >= 0, but got {name}={value!r}.")
+    check_number(value, name, inclusive=True, or_none="None")
 
 
 def _check_cutoff(cutoff: float) -> None:
-    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not cutoff > 0:
-        raise DropoutConfigError(f"`cutoff` must be a number > 0, but got {cutoff=!r}.")
+    check_number(cutoff, "cutoff")
 
 
 def _check_unit_interval(name: str, value: float) -> None:
@@ -180,8 +178,7 @@ class Curriculum(Schedule):
 
     def __init__(self, gamma: float | None = None, unit: str = "epoch") -> None:
         super().__init__(unit)
-        if gamma is not None and not gamma > 0:
-            raise DropoutConfigError(f"`gamma` must be > 0, but got {gamma=!r}.")
+        check_number(gamma, "gamma", or_none="None")
         self.gamma = gamma
 
     def factor(self, t: float, total: float | None) -> float:

@@ -19,7 +19,7 @@ from typing import Any, cast
 import optuna
 from jsonargparse.typing import register_type
 
-from lightning_dropout.errors import DropoutConfigError, check_int, check_rate, closest
+from lightning_dropout.errors import DropoutConfigError, check_int, check_number, check_rate, closest
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.secrets import redact
 from lightning_dropout.tune.selection import WINNER_RULES
@@ -214,10 +214,7 @@ class StudyConfig:
             check_int(getattr(self, key), key, 0, key=f"study.{key}")
         if self.mc_samples == 1:
             raise DropoutConfigError("`study.mc_samples` must be 0 (off) or >= 2, but got mc_samples=1.")
-        if self.timeout is not None and not self.timeout > 0:
-            raise DropoutConfigError(
-                f"`study.timeout` must be > 0 seconds or null, but got {self.timeout!r}."
-            )
+        check_number(self.timeout, "timeout", key="study.timeout", or_none="null")  # seconds
         self.sampler = ClassSpec(self.sampler)  # a mapping from Python, a ClassSpec from the config parser
         pruner = ClassSpec(self.pruner)
         self.pruner = None if pruner.value is None else pruner

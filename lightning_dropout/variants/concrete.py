@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from lightning_dropout.errors import DropoutConfigError, check_rate
+from lightning_dropout.errors import DropoutConfigError, check_number, check_rate
 from lightning_dropout.variants._base import DropoutVariant, register_variant, rng
 
 __all__ = ["ConcreteDropout", "concrete_dropout", "concrete_regularizer"]
@@ -97,8 +97,7 @@ class ConcreteDropout(DropoutVariant):
             raise DropoutConfigError(
                 f"`p` must satisfy 0 < p < 1 for variant 'concrete' (its logit), but got {p=}."
             )
-        if not temperature > 0:
-            raise DropoutConfigError(f"`temperature` must be > 0, but got {temperature=!r}.")
+        check_number(temperature, "temperature")
         super().__init__(p)
         self.temperature = float(temperature)
         self.weight_regularizer = float(weight_regularizer)
