@@ -20,11 +20,23 @@ from typing import Any
 
 import lightning as L
 import optuna
+import torch
 
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.data import MNIST1DDataModule
 from lightning_dropout.tune import SearchGroup, TrialPruning, suggest_plan
 from lightning_dropout.zoo import MLP
+
+
+class EndProcessGroup(L.Callback):
+    """ddp_spawn on gloo: every rank leaves the process group together before its spawned process exits (a rank
+    that exits while another still holds the group can abort in gloo's teardown)."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
 
 GROUPS = [
     SearchGroup(name="hidden", select={"match": "Linear"}, variants=["standard", "gaussian"], p=[0.0, 0.5])
@@ -42,7 +54,7 @@ def objective(trial: optuna.Trial, args: argparse.Namespace) -> float:
         max_epochs=args.max_epochs,
         limit_train_batches=args.limit_batches,
         limit_val_batches=args.limit_batches,
-        callbacks=[DropoutInjector(plan=plan), pruning],
+        callbacks=[DropoutInjector(plan=plan), pruning, *([EndProcessGroup()] if args.ddp else [])],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

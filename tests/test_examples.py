@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -140,12 +141,15 @@ def test_tune_from_python_example(tmp_path, data_dir, capsys):
 
 
 @pytest.mark.parametrize("ddp", [False, True], ids=["one-process", "ddp-spawn"])
-def test_own_objective_example(tmp_path, data_dir, ddp):
+def test_own_objective_example(tmp_path, data_dir, ddp, monkeypatch):
     """A hand-written Optuna objective with suggest_plan, DropoutInjector(plan=...) and TrialPruning, in one
     process and on 2 DDP ranks (ddp_spawn, gloo): every trial stores the plan its ranks trained."""
     args = ["--n-trials", "2", "--max-epochs", "2", "--limit-batches", "2", "--cache-dir", str(data_dir)]
     args += ["--storage", f"sqlite:///{tmp_path / 'study.db'}", *(["--ddp"] if ddp else [])]
-    study = _load("own_objective").main(args)
+    # importable by name, as a user's script is: ddp_spawn pickles its callbacks into the spawned ranks
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.delitem(sys.modules, "own_objective", raising=False)
+    study = importlib.import_module("own_objective").main(args)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 2
     for trial in complete:
