@@ -174,8 +174,7 @@ def study_args(model: str, arm: str, settings: Settings, work: Path, tmp: Path) 
 def tuned_arm(model: str, arm: str, settings: Settings, work: Path, tmp: Path, state: State) -> None:
     from rich.console import Console
 
-    from lightning_dropout.tune.records import open_study, winner_trial
-    from lightning_dropout.tune.search import SEARCH_ATTR
+    from lightning_dropout.tune.records import SEARCH_ATTR, open_study, winner_trial
     from lightning_dropout.tune.study import plan_summary, tune
 
     if arm in state.data["studies"]:

@@ -378,15 +378,16 @@ class ConfigCLI(LightningCLI):
             self.config = parsed.clone()
             for key, value in values.items():
                 self.config[key] = value
-        # LightningCLI caches the config's dump, which its instantiator hands to `save_hyperparameters`: a dump
-        # of the other config would give the module the wrong `hparams`
-        self.__dict__.pop("config_dump", None)
+            # LightningCLI caches the config's dump, which its instantiator hands to `save_hyperparameters`:
+            # the parsed config's dump would give the module the wrong `hparams` (kept otherwise: one dump)
+            self.__dict__.pop("config_dump", None)
         try:
             with quiet_lightning():
                 self.instantiate_classes()
         finally:
             self.config = parsed
-            self.__dict__.pop("config_dump", None)
+            if values:  # that dump was of this instantiation's values
+                self.__dict__.pop("config_dump", None)
         return self
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "METRICS_ATTR",
     "PLAN_ATTR",
     "RERUNS_ATTR",
+    "SEARCH_ATTR",
     "WARM_START_ATTR",
     "candidates",
     "counts",
@@ -61,6 +62,7 @@ FAIL_ATTR = "fail_reason"
 CONFIG_ATTR = (
     "config"  # study attribute: the study's config as YAML (passwords redacted), for `best --config-out`
 )
+SEARCH_ATTR = "search"  # trial attribute: {dotted config key: the value the run used} (`search:`)
 RERUNS_ATTR = "reruns"  # study attribute: {trial number: {label, values, seeds, amount}}
 INTERRUPTED = "interrupted (Ctrl-C)"
 DUPLICATE = "a duplicate of an earlier trial with the same label (two processes enqueued it at once); not run"
@@ -218,30 +220,39 @@ def rerun_candidates(study: optuna.Study) -> list[Candidate]:
     return rank_candidates(out, study.direction == optuna.study.StudyDirection.MAXIMIZE)
 
 
+def _chosen(study: optuna.Study) -> Candidate | None:
+    """The re-run candidate the study's winner rule (``study.winner``) picks; ``None`` without re-runs."""
+    reruns = rerun_candidates(study)
+    if not reruns:
+        return None
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return choose_winner(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se")))
+
+
+def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    try:
+        return study.best_trial
+    except ValueError:
+        raise DropoutConfigError(
+            f"study {study.study_name!r} must have a completed trial, but has none."
+        ) from None
+
+
 def winner_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     """The trial whose plan :func:`winner` returns."""
-    reruns = rerun_candidates(study)
-    if reruns:
-        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        number = choose_winner(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se"))).trial
-        return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-    return study.best_trial
+    chosen = _chosen(study)
+    if chosen is None:
+        return _best_trial(study)
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == chosen.trial)
 
 
 def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:
     """The best plan of a study: chosen by the study's winner rule (``study.winner``) among the re-run
     candidates when there are any, else the best single trial."""
-    reruns = rerun_candidates(study)
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    if reruns:
-        best = choose_winner(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se")))
-        return best.plan, f"{best.label} (mean over {len(best.values)} seeds)"
-    try:
-        trial = study.best_trial
-    except ValueError:
-        raise DropoutConfigError(
-            f"study {study.study_name!r} must have a completed trial, but has none."
-        ) from None
+    chosen = _chosen(study)
+    if chosen is not None:
+        return chosen.plan, f"{chosen.label} (mean over {len(chosen.values)} seeds)"
+    trial = _best_trial(study)
     return stored_plan(trial), trial_label(trial)
 
 
@@ -256,7 +267,7 @@ def winning_config(study: optuna.Study, plan_path: str | Path) -> str:
             "before studies stored their config); write the plan with --out and apply it with `fit --plan`."
         )
     config = yaml.safe_load(text)
-    for key, value in (winner_trial(study).user_attrs.get("search") or {}).items():
+    for key, value in (winner_trial(study).user_attrs.get(SEARCH_ATTR) or {}).items():
         node = config
         *path, last = key.split(".")
         for part in path:

@@ -16,13 +16,13 @@ from lightning_dropout.tune.records import (
     BASELINE_AS_WRITTEN,
     BASELINE_ATTR,
     RERUNS_ATTR,
+    SEARCH_ATTR,
     candidates,
     plan_amount,
     rerun_candidates,
     stored_plan,
     trial_label,
 )
-from lightning_dropout.tune.search import SEARCH_ATTR
 from lightning_dropout.tune.selection import Candidate
 
 if TYPE_CHECKING:

@@ -53,12 +53,13 @@ from lightning_dropout.tune.records import (
     INTERRUPTED,
     METRICS_ATTR,
     PLAN_ATTR,
+    SEARCH_ATTR,
     finished_trials,
     fixed_label,
     name_objective,
     open_storage,
 )
-from lightning_dropout.tune.search import SEARCH_ATTR, Distribution, parse_search, search_values
+from lightning_dropout.tune.search import Distribution, parse_search, search_values
 from lightning_dropout.tune.seeding import seeded_sampler
 from lightning_dropout.tune.space import suggest_plan
 from lightning_dropout.tune.value import trial_value

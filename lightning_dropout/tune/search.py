@@ -15,7 +15,7 @@ sampled trial suggests each value (in the study process, before the model is bui
 get the same values) and the trial's model, datamodule and trainer are built from the config with those values
 set. Fixed trials (the baselines, the warm-start grid, enqueued plans) keep the config's own values unless an
 enqueued parameter dict sets the key. The values a run used are stored on the trial (``search`` user
-attribute), shown in HParams as ``search/<key>`` and written with the winner by ``best --config-out``.
+attribute, :data:`~lightning_dropout.tune.records.SEARCH_ATTR`), shown in HParams as ``search/<key>`` and written with the winner by ``best --config-out``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import optuna
 
 from lightning_dropout.errors import DropoutConfigError, closest
 
-__all__ = ["SEARCH_ATTR", "Distribution", "parse_search", "search_values"]
+__all__ = ["Distribution", "parse_search", "search_values"]
 
-SEARCH_ATTR = "search"  # trial attribute: {dotted key: the value the run used}
 
 _KEYS = {"type", "low", "high", "log", "step", "choices"}
 _TYPES = ("float", "int", "categorical")
