@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -38,6 +39,8 @@ import gc
 import io
 import itertools
 import json
+import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -201,6 +204,7 @@ class StudyStats:
     busy: float  # sum of trial durations
     durations: list[float] = field(default_factory=list)
     pruned_epochs: list[int] = field(default_factory=list)  # epochs each pruned trial trained
+    fixed: int = 0  # trials enqueued before the sampler (baselines, warm-start grid): never pruned
     cpu: float = float("nan")  # CPU seconds of the process tree (subprocess runs only)
 
     @property
@@ -215,6 +219,8 @@ class StudyStats:
 def study_stats(name: str, run_dir: Path, wall: float) -> StudyStats:
     import optuna
     from optuna.trial import TrialState
+
+    from lightning_dropout.tune.records import fixed_label
 
     storage = f"sqlite:///{run_dir / name / 'study.db'}"
     study = optuna.load_study(study_name=name, storage=storage)
@@ -243,6 +249,7 @@ def study_stats(name: str, run_dir: Path, wall: float) -> StudyStats:
         busy=sum(durations),
         durations=durations,
         pruned_epochs=[len(t.intermediate_values) for t in trials if t.state == TrialState.PRUNED],
+        fixed=sum(fixed_label(t) is not None for t in trials),
     )
 
 
@@ -273,18 +280,20 @@ def default_pruners(sizes: Sizes) -> list[dict[str, Any]]:
     top quarter at every epoch from the second, and successive halving keeping the better half at each rung
     (rungs from the 2nd or the 3rd epoch). At paper length (>= 100 epochs): the study's default as shipped
     (``MedianPruner(n_startup_trials=5)`` asked from ``prune_after=0.5`` of the epochs on), the same asked from
-    0.2, and successive halving from the 10th epoch with no ``prune_after``. A spec's ``prune_after`` key
+    0.2 and from 0.1, and successive halving with rungs at the 30th and 90th epoch and no ``prune_after``
+    (from the 10th epoch it lost the best trial: 4 pp). A spec's ``prune_after`` key
     becomes ``--study.prune_after``."""
     startup, warmup = sizes.n_startup_trials, sizes.n_warmup_steps
     if sizes.prune_epochs >= 100:
         median = {"class_path": "optuna.pruners.MedianPruner", "init_args": {"n_startup_trials": startup}}
         halving = {
             "class_path": "optuna.pruners.SuccessiveHalvingPruner",
-            "init_args": {"min_resource": 10, "reduction_factor": 3},
+            "init_args": {"min_resource": 30, "reduction_factor": 3},
         }
         return [
             {**median, "prune_after": 0.5},
             {**median, "prune_after": 0.2},
+            {**median, "prune_after": 0.1},
             {**halving, "prune_after": 0.0},
         ]
     return [
@@ -315,25 +324,66 @@ def pruner_label(spec: dict[str, Any]) -> str:
     return f"{spec['class_path'].rpartition('.')[2]}({args}){after}"
 
 
-def bench_pruning(tmp: Path, sizes: Sizes, pruners: list[dict[str, Any]]) -> dict[str, Any]:
+def _pruning_study(config: Path, tmp: Path, label: str, extra: list[str]) -> StudyStats:
+    """One study of the comparison (a pool job under ``--jobs``: torch threads from ``OMP_NUM_THREADS``)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return tune_in_process(config, tmp, label, extra)
+
+
+def bench_pruning(
+    tmp: Path, sizes: Sizes, pruners: list[dict[str, Any]], warm_start: bool = False, jobs: int = 1
+) -> dict[str, Any]:
+    """The study without a pruner, then one per pruner; ``jobs`` > 1 runs that many studies at a time in
+    spawned processes (the epochs ratios are unchanged; the wall times then share the cores)."""
     config = write_config(tmp / "pruning.yaml", sizes, sizes.prune_epochs)
-    # every study of the comparison: the best epoch's value (what the table compares), no warm-start grid
-    # (its fixed trials are never pruned, which would blur what the pruner saves)
-    extra = [f"--study.n_trials={sizes.prune_trials}", "--study.value=best", "--study.warm_start=false"]
-    progress(f"pruning: {sizes.prune_trials} trials x {sizes.prune_epochs} epochs without pruner")
-    full = tune_in_process(config, tmp, "nopruner", [*extra, "--study.pruner=null"])
-    progress(f"  {full.wall:.1f} s, best {full.best:.4f}")
-    runs = []
+    # every study of the comparison: the best epoch's value (what the table compares); by default no
+    # warm-start grid (its fixed trials are never pruned, which caps what any pruner saves: see the ceiling)
+    extra = [f"--study.n_trials={sizes.prune_trials}", "--study.value=best"]
+    if not warm_start:
+        extra.append("--study.warm_start=false")
+    studies = [("nopruner", [*extra, "--study.pruner=null"])]
     for spec in pruners:
-        progress(f"  with {pruner_label(spec)}")
         pruner = {k: v for k, v in spec.items() if k != "prune_after"}
         after = [f"--study.prune_after={spec['prune_after']}"] if "prune_after" in spec else []
-        stats = tune_in_process(
-            config, tmp, "pruned", [*extra, *after, f"--study.pruner={json.dumps(pruner)}"]
-        )
-        progress(f"  {stats.wall:.1f} s, {stats.pruned} pruned, best {stats.best:.4f}")
-        runs.append((spec, stats))
-    return {"full": full, "pruned": runs}
+        studies.append(("pruned", [*extra, *after, f"--study.pruner={json.dumps(pruner)}"]))
+    progress(
+        f"pruning: {sizes.prune_trials} trials x {sizes.prune_epochs} epochs, without pruner and with "
+        f"{len(pruners)} pruners, {jobs} at a time"
+    )
+    if jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = [pool.submit(_pruning_study, config, tmp, label, args) for label, args in studies]
+            stats = [future.result() for future in futures]
+    else:
+        stats = [tune_in_process(config, tmp, label, args) for label, args in studies]
+    full, runs = stats[0], list(zip(pruners, stats[1:], strict=True))
+    progress(f"  none: {full.wall:.1f} s, best {full.best:.4f}")
+    for spec, run in runs:
+        progress(f"  {pruner_label(spec)}: {run.wall:.1f} s, {run.pruned} pruned, best {run.best:.4f}")
+    return {"full": full, "pruned": runs, "warm_start": warm_start, "jobs": jobs}
+
+
+def epochs_ceiling(spec: dict[str, Any], n_trials: int, epochs: int, fixed: int) -> float:
+    """The most a pruner could save, as an epochs ratio: every trial it may stop stopped at its first chance.
+
+    Never stopped: the ``fixed`` trials (baselines, warm-start grid) and the trials a pruner needs before it
+    prunes at all: ``n_startup_trials`` finished ones for the median/percentile rules (finished fixed trials
+    count), the first one for successive halving (the first trial at a rung is always promoted). The first
+    chance is the later of ``prune_after`` x ``epochs`` and the pruner's own warm-up (``n_warmup_steps`` or
+    ``min_resource``)."""
+    args = spec.get("init_args", {})
+    name = spec["class_path"].rpartition(".")[2]
+    if name == "SuccessiveHalvingPruner":
+        startup, warmup = 1, int(args.get("min_resource", 1) if args.get("min_resource") != "auto" else 1)
+    else:
+        startup = max(0, int(args.get("n_startup_trials", 5)) - fixed)
+        warmup = int(args.get("n_warmup_steps", 0))
+    first = max(1, math.ceil(float(spec.get("prune_after", 0.0)) * epochs), warmup)
+    kept = min(n_trials, fixed + startup)
+    return n_trials * epochs / (kept * epochs + (n_trials - kept) * min(first, epochs))
 
 
 def pruning_markdown(res: dict[str, Any], sizes: Sizes) -> list[str]:
@@ -344,11 +394,24 @@ def pruning_markdown(res: dict[str, Any], sizes: Sizes) -> list[str]:
         f"{sizes.prune_trials} trials x max {sizes.prune_epochs} epochs, same sampler seed; each pruner vs "
         "`study.pruner=null` (run once, first); in-process `tune()`. Best = best `val_acc` (max over epochs) of "
         "one trial. Speed-up = wall time without pruner / with; the epochs ratio is the same measure free of "
-        "machine load.",
+        "machine load"
+        + (
+            f" (the studies ran {res['jobs']} at a time, so their wall times share the cores)"
+            if res.get("jobs", 1) > 1
+            else ""
+        )
+        + ". Ceiling = the epochs ratio if every trial the pruner may stop were stopped at its first "
+        "chance (fixed trials and the pruner's startup trials run in full): no pruner of that setting can do better."
+        + (
+            f" Every study runs the product's default warm start ({f.fixed} fixed trials: the baselines and the "
+            "uniform grid, never pruned), as a user's study does."
+            if res.get("warm_start")
+            else " No warm start (`study.warm_start=false`): every trial is the sampler's."
+        ),
         "",
-        "| pruner | wall s | complete / pruned / failed | epochs trained | pruned trials stopped after (median, range) | best val_acc | speed-up (wall) | epochs ratio | best - unpruned |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| none | {f.wall:.1f} | {f.complete} / {f.pruned} / {f.failed} | {f.epochs} | - | {f.best:.4f} | 1.00x | 1.00x | - |",
+        "| pruner | wall s | complete / pruned / failed | epochs trained | pruned trials stopped after (median, range) | best val_acc | speed-up (wall) | epochs ratio | ceiling | best - unpruned |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| none | {f.wall:.1f} | {f.complete} / {f.pruned} / {f.failed} | {f.epochs} | - | {f.best:.4f} | 1.00x | 1.00x | 1.00x | - |",
     ]
     verdicts = []
     for spec, p in res["pruned"]:
@@ -357,9 +420,10 @@ def pruning_markdown(res: dict[str, Any], sizes: Sizes) -> list[str]:
         diff_pp = 100 * (p.best - f.best)
         stops = sorted(p.pruned_epochs)
         stopped = f"{statistics.median(stops):g} ({stops[0]}-{stops[-1]})" if stops else "-"
+        ceiling = epochs_ceiling(spec, sizes.prune_trials, sizes.prune_epochs, p.fixed)
         lines.append(
             f"| `{pruner_label(spec)}` | {p.wall:.1f} | {p.complete} / {p.pruned} / {p.failed} | {p.epochs} | "
-            f"{stopped} | {p.best:.4f} | **{speedup:.2f}x** | {ratio:.2f}x | {diff_pp:+.2f} pp |"
+            f"{stopped} | {p.best:.4f} | **{speedup:.2f}x** | {ratio:.2f}x | {ceiling:.2f}x | {diff_pp:+.2f} pp |"
         )
         # judged on the epochs ratio: free of the machine's load (wall times of runs minutes apart are not
         # comparable on a shared machine), and on an idle one within a few % of the wall ratio (per-trial
@@ -665,6 +729,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="epochs per trial of the workers studies (default 20; the quickstart's trials run 80)",
     )
     parser.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="pruning studies keep the default warm start (baselines and grid, never pruned), as users run them",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="pruning studies run at a time, each in its own process (default 1)",
+    )
+    parser.add_argument(
         "--pruner",
         action="append",
         default=[],
@@ -707,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
             before = loadavg()[0]
             if section == "pruning":
                 pruners = [json.loads(p) for p in ns.pruner] if ns.pruner else default_pruners(sizes)
-                body += pruning_markdown(bench_pruning(tmp, sizes, pruners), sizes)
+                body += pruning_markdown(bench_pruning(tmp, sizes, pruners, ns.warm_start, ns.jobs), sizes)
             elif section == "workers":
                 body += workers_markdown(bench_workers(tmp, sizes), sizes)
             else:
@@ -726,6 +801,11 @@ def main(argv: list[str] | None = None) -> int:
         "Generated by `python benchmarks/tuning.py"
         + (" --quick" if ns.quick else "")
         + (f" --only {ns.only}" if ns.only else "")
+        + (f" --prune-epochs {sizes.prune_epochs}" if ns.prune_epochs else "")
+        + (f" --prune-trials {sizes.prune_trials}" if ns.prune_trials else "")
+        + (f" --worker-epochs {sizes.worker_epochs}" if ns.worker_epochs else "")
+        + (" --warm-start" if ns.warm_start else "")
+        + (f" --jobs {ns.jobs}" if ns.jobs > 1 else "")
         + "` (see `benchmarks/README.md`).",
         "",
         f"- date: {when}",
