@@ -633,7 +633,8 @@ class PidProbe(L.Callback):
 
 
 class FakeContext:
-    """A multiprocessing context whose processes are recorded, never started; each exits with ``exitcode``."""
+    """A multiprocessing context whose processes are recorded, never started: each is dead on arrival, with
+    ``exitcode``, having done nothing."""
 
     def __init__(self, exitcode: int = 0) -> None:
         self.exitcode = exitcode
@@ -648,6 +649,9 @@ class FakeContext:
             def start(self) -> None:
                 context.started.append(args)
 
+            def is_alive(self) -> bool:
+                return False
+
             def join(self, timeout: float | None = None) -> None:
                 pass
 
@@ -655,6 +659,37 @@ class FakeContext:
                 pass
 
         return _Process()
+
+    def Event(self):  # multiprocessing's name
+        import threading
+
+        return threading.Event()
+
+    def Value(self, typecode, value, lock=True):  # multiprocessing's name
+        import types
+
+        return types.SimpleNamespace(value=value)
+
+
+class RunProbe(L.Callback):
+    """Appends ``<process id> <logger version>`` of every run it sees to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()} {trainer.logger.version if trainer.logger else '-'}\n")
+
+
+def _runs(record: Path) -> list[tuple[str, str]]:
+    return [tuple(line.split()) for line in record.read_text().splitlines()]  # type: ignore[misc]
+
+
+def _probe(record: Path, name: str = "RunProbe") -> str:
+    return "--trainer.callbacks=" + json.dumps(
+        [{"class_path": f"test_tune.{name}", "init_args": {"path": str(record)}}]
+    )
 
 
 def test_worker_0_runs_in_the_tune_process(tmp_path, data_dir, monkeypatch):
@@ -670,6 +705,52 @@ def test_worker_0_runs_in_the_tune_process(tmp_path, data_dir, monkeypatch):
     assert [args[1] for args in context.started] == [1, 2]
     assert record.read_text().split() == [str(os.getpid())] * 2
     assert [t.state for t in load(tmp_path).get_trials()] == [TrialState.COMPLETE] * 2
+
+
+def test_two_workers_share_the_reruns(tmp_path, data_dir):
+    """After the trials, the spawned worker stays for its share of the re-runs: each re-run runs once, half of
+    them in each process, and the table gathers them all."""
+    record = tmp_path / "runs.txt"
+    config = write_config(tmp_path, study={"n_trials": 2, "workers": 2, "seeds": 2, "top_k": 1})
+    assert tune(config, tmp_path, data_dir, _probe(record)) == 0
+    reruns = [(pid, version) for pid, version in _runs(record) if version.startswith("rerun_")]
+    assert len({version for _, version in reruns}) == len(reruns) == 4  # 2 candidates x 2 seeds, each once
+    by_pid = {pid: sum(p == pid for p, _ in reruns) for pid, _ in reruns}
+    assert str(os.getpid()) in by_pid and sorted(by_pid.values()) == [2, 2]
+    study = load(tmp_path)
+    table = study.user_attrs["reruns"]
+    assert {k: len(v["values"]) for k, v in table.items()} == {"0": 2, "1": 2}
+    for number, info in table.items():  # each value is the one its worker stored
+        stored = [study.user_attrs[f"rerun_value:{number}:{i}"] for i in range(2)]
+        assert info["values"] == pytest.approx(stored, nan_ok=True)
+
+
+def test_reruns_a_dead_worker_left_run_in_the_tune_process(tmp_path, data_dir, monkeypatch):
+    from lightning_dropout.tune import workers
+
+    context = FakeContext()  # the spawned worker never runs: its share of the re-runs falls to this process
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: context)
+    record = tmp_path / "runs.txt"
+    config = write_config(tmp_path, study={"n_trials": 2, "workers": 2, "seeds": 2, "top_k": 1})
+    assert tune(config, tmp_path, data_dir, _probe(record)) == 0
+    reruns = [(pid, version) for pid, version in _runs(record) if version.startswith("rerun_")]
+    assert len(reruns) == 4 and {pid for pid, _ in reruns} == {str(os.getpid())}
+    assert all(len(v["values"]) == 2 for v in load(tmp_path).user_attrs["reruns"].values())
+
+
+def test_a_stored_rerun_value_is_gathered_not_run_again(tmp_path, data_dir):
+    config = write_config(tmp_path, study={"n_trials": 2, "seeds": 0})
+    assert tune(config, tmp_path, data_dir) == 0
+    load(tmp_path).set_user_attr("rerun_value:0:1", 0.9876)  # trial 0 (no dropout), second seed: run before
+    record = tmp_path / "runs.txt"
+    assert (
+        tune(write_config(tmp_path, study={"n_trials": 2, "seeds": 2}), tmp_path, data_dir, _probe(record))
+        == 0
+    )
+    versions = sorted(version for _, version in _runs(record))
+    assert versions == ["rerun_0000_seed0", "rerun_0001_seed0", "rerun_0001_seed1"]
+    values = load(tmp_path).user_attrs["reruns"]["0"]["values"]
+    assert values[1] == 0.9876 and values[0] != 0.9876
 
 
 def test_a_spawned_worker_stopping_on_a_config_error_exits_2(tmp_path, data_dir, monkeypatch, capsys):

@@ -8,7 +8,7 @@ from lightning_dropout.tune.reruns import rerun
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import Candidate
 from lightning_dropout.tune.space import SearchGroup, suggest_plan
-from lightning_dropout.tune.workers import run_workers
+from lightning_dropout.tune.workers import Workers, run_workers
 
 __all__ = [
     "Candidate",
@@ -18,6 +18,7 @@ __all__ = [
     "StudyResult",
     "TrialPruning",
     "Tuner",
+    "Workers",
     "candidates",
     "make_pruner",
     "make_sampler",

@@ -33,6 +33,7 @@ __all__ = [
     "METRICS_ATTR",
     "PLAN_ATTR",
     "RERUNS_ATTR",
+    "RERUN_VALUE_PREFIX",
     "SEARCH_ATTR",
     "WARM_START_ATTR",
     "candidates",
@@ -64,6 +65,9 @@ CONFIG_ATTR = (
 )
 SEARCH_ATTR = "search"  # trial attribute: {dotted config key: the value the run used} (`search:`)
 RERUNS_ATTR = "reruns"  # study attribute: {trial number: {label, values, seeds, amount}}
+# study attributes "rerun_value:<trial>:<seed index>": one re-run's value, written by whichever worker ran it
+# (one key per run, so workers never overwrite each other's), gathered into RERUNS_ATTR by `tune`
+RERUN_VALUE_PREFIX = "rerun_value:"
 INTERRUPTED = "interrupted (Ctrl-C)"
 DUPLICATE = "a duplicate of an earlier trial with the same label (two processes enqueued it at once); not run"
 BASELINE_NONE = NO_DROPOUT

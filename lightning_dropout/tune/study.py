@@ -20,7 +20,6 @@ from lightning_dropout.tune.config import redact
 from lightning_dropout.tune.loggers import uses_tensorboard
 from lightning_dropout.tune.records import DUPLICATE, FAIL_ATTR, finished_trials, winner
 from lightning_dropout.tune.report import plan_summary, write_study_images
-from lightning_dropout.tune.reruns import rerun
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import (
     Candidate,
@@ -30,7 +29,7 @@ from lightning_dropout.tune.selection import (
     paired_gain,
     references,
 )
-from lightning_dropout.tune.workers import run_workers
+from lightning_dropout.tune.workers import Workers
 
 __all__ = ["plan_summary", "results_table", "tune", "verdict"]
 
@@ -64,6 +63,48 @@ def tune(
         f"study [bold]{cfg.name}[/] in {redact(cfg.storage_url())}: {cfg.metric} ({cfg.direction}), "
         f"{cfg.n_trials} trials, {cfg.workers} worker(s)"
     )
+    images = Path(cfg.run_dir) / cfg.name / "study"
+    with Workers(tuner) as workers:
+        _run_trials(workers, study, console)
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            write_study_images(study, images)  # e.g. the intermediate values of pruned trials
+            done, pruned, failed, _ = _status(study)
+            console.print(
+                f"no trial completed ({pruned} pruned, {failed} failed of {done}): no best plan to write."
+            )
+            return None, [], None
+        ranked: list[Candidate] = []
+        if cfg.seeds > 1:
+            with console.status("re-running the best plans over seeds") as status:
+                ranked = workers.rerun(study, on_done=lambda msg: status.update(f"re-running: {msg}"))
+    plan, label = winner(study)
+    path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
+    write_study_images(study, images)
+    results = Console()  # the result goes to stdout; progress and status to stderr
+    maximize = cfg.direction == "maximize"
+    if ranked:
+        results.print(results_table(ranked, cfg.metric, maximize, cfg.winner))
+        for line in verdict(ranked, maximize, cfg.winner, cfg.metric):
+            results.print(line)
+    else:
+        results.print(f"best trial: {label}")
+    results.print(f"winner: {label}; plan written to {path}")
+    report = f"lightning-dropout report {cfg.name}" + (
+        f" --storage {redact(cfg.storage)}" if cfg.storage else ""
+    )
+    if uses_tensorboard(tuner.logger_specs):
+        results.print(
+            f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / cfg.name} (study figures under IMAGES, run "
+            f"`study`); HTML report: {report}"
+        )
+    else:
+        results.print(f"runs logged to the config's trainer.logger; HTML report: {report}")
+    return plan, ranked, path
+
+
+def _run_trials(workers: Workers, study: optuna.Study, console: Console) -> None:
+    """The workers' trials, under a progress bar of the study's finished trials (polled from the storage)."""
+    cfg = workers.tuner.study_config
     stop = threading.Event()
     with Progress(
         TextColumn("[bold]trials"),
@@ -91,48 +132,13 @@ def tune(
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
         try:
-            run_workers(tuner, study)
+            workers.run_trials(study)
         except KeyboardInterrupt as err:  # the CLI prints one line with the count
             raise Interrupted(finished_trials(study)) from err
         finally:
             stop.set()
             poller.join()
             refresh()
-    ranked: list[Candidate] = []
-    images = Path(cfg.run_dir) / cfg.name / "study"
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        write_study_images(study, images)  # e.g. the intermediate values of pruned trials
-        done, pruned, failed, _ = _status(study)
-        console.print(
-            f"no trial completed ({pruned} pruned, {failed} failed of {done}): no best plan to write."
-        )
-        return None, ranked, None
-    if cfg.seeds > 1:
-        with console.status("re-running the best plans over seeds") as status:
-            ranked = rerun(tuner, study, on_done=lambda msg: status.update(f"re-running: {msg}"))
-    plan, label = winner(study)
-    path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
-    write_study_images(study, images)
-    results = Console()  # the result goes to stdout; progress and status to stderr
-    maximize = cfg.direction == "maximize"
-    if ranked:
-        results.print(results_table(ranked, cfg.metric, maximize, cfg.winner))
-        for line in verdict(ranked, maximize, cfg.winner, cfg.metric):
-            results.print(line)
-    else:
-        results.print(f"best trial: {label}")
-    results.print(f"winner: {label}; plan written to {path}")
-    report = f"lightning-dropout report {cfg.name}" + (
-        f" --storage {redact(cfg.storage)}" if cfg.storage else ""
-    )
-    if uses_tensorboard(tuner.logger_specs):
-        results.print(
-            f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / cfg.name} (study figures under IMAGES, run "
-            f"`study`); HTML report: {report}"
-        )
-    else:
-        results.print(f"runs logged to the config's trainer.logger; HTML report: {report}")
-    return plan, ranked, path
 
 
 def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, rule: str = "one_se") -> Table:
