@@ -72,3 +72,6 @@ def test_ctrl_c_prints_one_line_with_the_kept_trials(postgres_url, tmp_path, dat
     # everything else on stderr is the study's header and progress bar
     others = [line for line in err_text.splitlines() if line.strip() and line not in ours]
     assert all(line.startswith(("study ", "trials")) for line in others), "\n".join(others)
+    # every worker recorded its interrupted trial before it stopped (none was killed with its trial running)
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]

@@ -98,18 +98,16 @@ class Workers:
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._decide(_STOP)
-        if (
-            kind is KeyboardInterrupt
-        ):  # the workers got the SIGINT too: let them record their trials, then stop
-            self._join(timeout=60)
-        elif kind is DropoutConfigError:  # the others stop on it too (a fatal error ends the study): wait
+        if kind is None:
             self._join()
-        elif kind is not None:  # not a trial's failure (those are recorded): do not leave the others running
+        elif issubclass(kind, KeyboardInterrupt):  # the workers got the SIGINT too: they record their trials
+            self._join(timeout=60)
+        elif issubclass(kind, DropoutConfigError):  # the others stop on it too (a fatal error ends the study)
+            self._join()
+        else:  # not a trial's failure (those are recorded): do not leave the others running
             for proc in self._procs:
                 proc.terminate()
             self._join(timeout=60)
-        else:
-            self._join()
 
     def _decide(self, decision: int) -> None:
         if self._decision is not None and self._decision.value == _UNDECIDED:
