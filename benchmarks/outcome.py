@@ -626,6 +626,8 @@ def markdown(results: dict[str, Any], partial: dict[str, Any], meta: dict[str, A
         "and touch the test set once, at the last step.",
         "- Training: Adam, batch 100, learning rate 1e-2 (1e-3 for the Transformer), epochs per model as in the "
         "tables (the paper: 150 epochs = 6000 steps). Every process pins torch to one thread.",
+        "- (c) is `lightning-dropout tune` with `benchmarks/configs/outcome_<model>.yaml`: the tuner's defaults "
+        "except `study.prune_after: 0.5`, the default when this edition ran (0.2 since).",
         "- Equal budget: (c)'s epochs (its trials, pruned ones by the epochs they ran, plus its re-runs) set the "
         "budget; (b) runs each grid point on as many seeds as reach it and (d) runs trials until it reaches it "
         "(and at least as many trials as (c)). (a) has nothing to select.",

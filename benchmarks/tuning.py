@@ -795,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body: list[str] = []
     section_load: list[str] = []
+    n_pruners = 0
     during: list[float] = []
     with tempfile.TemporaryDirectory(prefix="ld-tuning-") as name:
         tmp = Path(name)
@@ -805,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             before = loadavg()[0]
             if section == "pruning":
                 pruners = [json.loads(p) for p in ns.pruner] if ns.pruner else default_pruners(sizes)
+                n_pruners = len(pruners)
                 body += pruning_markdown(bench_pruning(tmp, sizes, pruners, ns.warm_start, ns.jobs), sizes)
             elif section == "workers":
                 body += workers_markdown(bench_workers(tmp, sizes, ns.worker_seeds), sizes)
@@ -840,11 +842,21 @@ def main(argv: list[str] | None = None) -> int:
         + (
             "--quick (tiny trials: smoke test only, the numbers mean nothing)"
             if ns.quick
-            else f"full: pruning {sizes.prune_trials} trials x {sizes.prune_epochs} epochs twice, workers "
-            f"{sizes.worker_trials} trials x {sizes.worker_epochs} epochs twice, overhead {sizes.overhead_trials} "
-            "tiny trials; chosen so that pruning matters (a trial can be stopped after 4 of 20 epochs) and the "
-            "whole run stays under ~25 min on 2 cores (an epoch of the MLP takes ~0.45 s: ~11 min idle, ~13 min "
-            "at load 3)"
+            else "; ".join(
+                {
+                    "pruning": f"pruning: {sizes.prune_trials} trials x {sizes.prune_epochs} epochs per study, "
+                    f"{n_pruners + 1} studies",
+                    "workers": f"workers: {sizes.worker_trials} trials x {sizes.worker_epochs} epochs, 2 studies",
+                    "overhead": f"overhead: {sizes.overhead_trials} tiny trials",
+                }[section]
+                for section in sections
+            )
+            + (
+                "; the defaults are chosen so that pruning matters (a trial can be stopped after 4 of 20 epochs) "
+                "and the whole run stays under ~25 min on 2 cores"
+                if sizes == FULL
+                else ""
+            )
         )
         + f"; total run time {total / 60:.1f} min",
         f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, after: "
