@@ -2,13 +2,15 @@
 with common random numbers), and storing the values on the study for :mod:`~lightning_dropout.tune.selection`
 to choose the winner from.
 
-The runs are independent, so the study's workers share them (:func:`rerun_share`, worker ``i`` of ``n`` taking
-every ``n``-th run from the ``i``-th); each run's value is stored under its own study attribute, and :func:`rerun`
-gathers them, runs whatever is still missing (a worker that died) and stores the table."""
+The runs are independent, so the study's workers share them: each claims the next run of one fixed list
+(:func:`rerun_jobs`, :class:`Claims`) until none is left, the baselines' runs first, which a worker may claim as
+soon as its own trials are done. Each run's value is stored under its own study attribute; :func:`rerun`
+gathers them, runs whatever is still missing (a worker died) and stores the table."""
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,7 @@ from lightning_dropout.tune.selection import Candidate
 if TYPE_CHECKING:
     from lightning_dropout.tune.runner import Tuner
 
-__all__ = ["RerunJob", "rerun", "rerun_jobs", "rerun_seeds", "rerun_share"]
+__all__ = ["Claims", "RerunJob", "baseline_jobs", "rerun", "rerun_jobs", "rerun_seeds", "run_claimed"]
 
 
 def rerun_seeds(cfg: StudyConfig) -> list[int]:
@@ -71,25 +73,78 @@ class RerunJob:
 
 
 def rerun_jobs(study: optuna.Study, cfg: StudyConfig) -> list[RerunJob]:
-    """Every re-run of the finished study, done or not, in a fixed order (candidate, then seed): the same list in
-    every worker that reads the study, whatever the others have run meanwhile."""
+    """Every re-run of the finished study, done or not, in a fixed order: the baselines' first, then the other
+    candidates' (candidate, then seed). The same list in every worker that reads the study, whatever the others
+    have run meanwhile."""
+    chosen = candidates(study, cfg.top_k)
+    first = [t for t in chosen if BASELINE_ATTR in t.user_attrs]
+    return _jobs([*first, *(t for t in chosen if BASELINE_ATTR not in t.user_attrs)], cfg)
+
+
+def baseline_jobs(study: optuna.Study, cfg: StudyConfig) -> list[RerunJob] | None:
+    """The head of :func:`rerun_jobs`'s list, the baselines' re-runs: known once every baseline trial has
+    finished, before the other trials have (``None`` until then)."""
+    if any(
+        not t.state.is_finished() for t in study.get_trials(deepcopy=False) if BASELINE_ATTR in t.user_attrs
+    ):
+        return None
+    return _jobs([t for t in candidates(study, cfg.top_k) if BASELINE_ATTR in t.user_attrs], cfg)
+
+
+def _jobs(trials: list[optuna.trial.FrozenTrial], cfg: StudyConfig) -> list[RerunJob]:
     seeds = rerun_seeds(cfg)
-    return [RerunJob(trial, i, seeds[i]) for trial in candidates(study, cfg.top_k) for i in range(cfg.seeds)]
+    return [RerunJob(trial, i, seeds[i]) for trial in trials for i in range(cfg.seeds)]
 
 
-def rerun_share(
-    tuner: Tuner, study: optuna.Study, index: int, workers: int, on_done: Callable[[str], None] | None = None
+class Claims:
+    """Hands out the positions of :func:`rerun_jobs`'s list one at a time to the workers of one ``tune`` run,
+    through a counter they share (a ``multiprocessing`` ``Value`` with its lock; a local one by default)."""
+
+    def __init__(self, counter: Any = None) -> None:
+        self.counter = counter if counter is not None else _LocalCounter()
+
+    def next_below(self, limit: int) -> int | None:
+        """The next unclaimed position, if it is below ``limit`` (claimed); ``None`` otherwise."""
+        with self.counter.get_lock():
+            position = int(self.counter.value)
+            if position >= limit:
+                return None
+            self.counter.value = position + 1
+            return position
+
+
+class _LocalCounter:
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+
+def run_claimed(
+    tuner: Tuner,
+    study: optuna.Study,
+    jobs: list[RerunJob],
+    claims: Claims,
+    on_done: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> int:
-    """Run worker ``index``'s share (every ``workers``-th of :func:`rerun_jobs`, from the ``index``-th) of the
-    re-runs not yet stored, storing each value as it comes; return how many it ran."""
+    """Claim positions of ``jobs`` and run them until none is left (or ``stop()`` says so before a claim), storing
+    each value under its own study attribute as it comes; return how many ran. A run stored before (a resumed
+    study) is not run again."""
     cfg = tuner.study_config
     tuner.pin_threads()
-    attrs = study.user_attrs
-    stored = attrs.get(RERUNS_ATTR) or {}
     ran = 0
-    for job in rerun_jobs(study, cfg)[index::workers]:
-        if job.key in attrs or job.index < len(stored.get(str(job.trial.number), {}).get("values", [])):
-            continue  # a resumed study: done before
+    while not (stop is not None and stop()):
+        position = claims.next_below(len(jobs))
+        if position is None:
+            break
+        job = jobs[position]
+        attrs = study.user_attrs
+        done = (attrs.get(RERUNS_ATTR) or {}).get(str(job.trial.number), {}).get("values", [])
+        if job.key in attrs or job.index < len(done):
+            continue
         study.set_user_attr(job.key, job.run(tuner))
         ran += 1
         if on_done is not None:

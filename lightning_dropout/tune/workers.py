@@ -1,7 +1,10 @@
 """Running a study in ``study.workers`` processes that share its storage: worker 0 in this process, the
-others spawned (each re-parses the config from its arguments). The workers run the trials, then share the
-re-runs over seeds (:func:`~lightning_dropout.tune.reruns.rerun_share`) before the spawned ones exit: a
-spawned worker waits, after its last trial, for this process to say whether there are re-runs to share."""
+others spawned (each re-parses the config from its arguments).
+
+The workers run the trials, then share the re-runs over seeds: each claims the next run of one fixed list from
+a counter they share (:class:`~lightning_dropout.tune.reruns.Claims`) until none is left. The baselines' re-runs
+head the list and are claimed as soon as a worker's own trials are done; the rest waits until every worker's
+trials are done (the candidates are known then), which this process tells the spawned workers."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import optuna
 
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.secrets import redact
-from lightning_dropout.tune.reruns import rerun, rerun_share
+from lightning_dropout.tune.reruns import Claims, baseline_jobs, rerun, rerun_jobs, run_claimed
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import Candidate
 
@@ -31,9 +34,12 @@ log = logging.getLogger(__name__)
 _UNDECIDED, _RERUN, _STOP = 0, 1, 2
 
 
-def worker_main(args: list[str], index: int, trials_done: Any = None, decision: Any = None) -> None:
+def worker_main(
+    args: list[str], index: int, trials_done: Any = None, decision: Any = None, claims: Any = None
+) -> None:
     """The entry point of a spawned worker: run trials for the config ``args`` until the study is done, set
-    ``trials_done``, then wait for ``decision`` and run this worker's share of the re-runs if it says so."""
+    ``trials_done``; then, with re-runs over seeds, claim (through the shared counter ``claims``) the baselines'
+    re-runs, wait for ``decision`` and claim the rest if it says so."""
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in `tune`: one line of ours per failed trial
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # as the CLI does
@@ -43,8 +49,14 @@ def worker_main(args: list[str], index: int, trials_done: Any = None, decision: 
         if trials_done is None or decision is None:
             return
         trials_done.set()
+        if tuner.study_config.seeds < 2:
+            return
+        study, shared = tuner.study(), Claims(claims)
+        early = baseline_jobs(study, tuner.study_config)
+        if early:
+            run_claimed(tuner, study, early, shared, stop=lambda: decision.value == _STOP)
         if _await(decision) == _RERUN:
-            rerun_share(tuner, tuner.study(), index, tuner.study_config.workers)
+            run_claimed(tuner, study, rerun_jobs(study, tuner.study_config), shared)
     except DropoutConfigError as err:
         sys.stderr.write(f"lightning-dropout: error: {redact(str(err))}\n")
         sys.exit(2)
@@ -76,16 +88,18 @@ class Workers:
         self._procs: list[Any] = []
         self._done: list[Any] = []
         self._decision: Any = None
+        self._claims = Claims()
 
     def __enter__(self) -> Workers:
         if self.n > 1:
             context = multiprocessing.get_context("spawn")
             self._decision = context.Value("i", _UNDECIDED, lock=False)
+            self._claims = Claims(context.Value("i", 0))
             self._done = [context.Event() for _ in range(1, self.n)]
             self._procs = [
                 context.Process(
                     target=worker_main,
-                    args=(self.tuner.args, i, done, self._decision),
+                    args=(self.tuner.args, i, done, self._decision, self._claims.counter),
                     name=f"tune-worker-{i}",
                 )
                 for i, done in zip(range(1, self.n), self._done, strict=True)
@@ -117,29 +131,36 @@ class Workers:
         for proc in self._procs:
             proc.join(timeout=timeout)
 
+    def _trials_done(self) -> bool:
+        """Whether every spawned worker's trials are done (a dead worker's too)."""
+        return all(
+            done.is_set() or not proc.is_alive() for proc, done in zip(self._procs, self._done, strict=True)
+        )
+
     def run_trials(self, study: optuna.Study | None = None) -> None:
         """Run trials in every worker until the study holds ``n_trials`` finished ones; return once all
-        workers' trials are done (this one passes ``study`` if given)."""
+        workers' trials are done (this one passes ``study`` if given). With re-runs over seeds, this worker
+        runs the baselines' re-runs while it waits for the others' last trials."""
         # the spawned workers need seconds to import: this one asks first, so the startup trials differ
         self.tuner.run_worker(0, study)
-        for proc, done in zip(self._procs, self._done, strict=True):
-            while not done.wait(self.poll) and proc.is_alive():
-                pass
+        if self._procs and self.tuner.study_config.seeds > 1:
+            study = study if study is not None else self.tuner.study()
+            early = baseline_jobs(study, self.tuner.study_config)
+            if early:
+                run_claimed(self.tuner, study, early, self._claims, stop=self._trials_done)
+        while not self._trials_done():
+            time.sleep(self.poll)
         if any(proc.exitcode == 2 for proc in self._procs):
             raise DropoutConfigError(
                 "a worker stopped the study on a configuration error (its message is above)."
             )
 
     def rerun(self, study: optuna.Study, on_done: Callable[[str], None] | None = None) -> list[Candidate]:
-        """Share the re-runs over seeds between the workers still running, then gather them (running here
-        whatever a worker left undone); best mean first (see :func:`~lightning_dropout.tune.reruns.rerun`)."""
-        alive = [proc for proc in self._procs if proc.is_alive()]
-        if len(alive) == len(self._procs):  # each worker takes its index's share
-            self._decide(_RERUN)
-            rerun_share(self.tuner, study, 0, self.n, on_done)
-            self._join()
-        else:  # a worker died: the shares would leave its part to the end; run them all here
-            self._decide(_STOP)
+        """Share the re-runs over seeds between the workers, then gather them (running here whatever a worker
+        left undone); best mean first (see :func:`~lightning_dropout.tune.reruns.rerun`)."""
+        self._decide(_RERUN)
+        run_claimed(self.tuner, study, rerun_jobs(study, self.tuner.study_config), self._claims, on_done)
+        self._join()
         return rerun(self.tuner, study, on_done)
 
 
