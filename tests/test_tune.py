@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -710,9 +711,30 @@ def _runs(record: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in record.read_text().splitlines()]  # type: ignore[misc]
 
 
-def _probe(record: Path, name: str = "RunProbe") -> str:
+class HoldingRunProbe(RunProbe):
+    """A :class:`RunProbe` that holds the first re-run of process ``hold`` until a re-run of another process has
+    started (at most ``timeout`` seconds): the other workers then take part whatever their start-up time."""
+
+    def __init__(self, path: str, hold: int, timeout: float = 60.0) -> None:
+        super().__init__(path)
+        self.hold, self.timeout = hold, timeout
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        held = Path(self.path + ".held")  # one hold per study: each run builds its own probe
+        if os.getpid() != self.hold or not str(trainer.logger.version).startswith("rerun_") or held.exists():
+            return
+        held.touch()
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if any(pid != str(self.hold) and v.startswith("rerun_") for pid, v in _runs(Path(self.path))):
+                return
+            time.sleep(0.1)
+
+
+def _probe(record: Path, name: str = "RunProbe", **init_args: Any) -> str:
     return "--trainer.callbacks=" + json.dumps(
-        [{"class_path": f"test_tune.{name}", "init_args": {"path": str(record)}}]
+        [{"class_path": f"test_tune.{name}", "init_args": {"path": str(record), **init_args}}]
     )
 
 
@@ -736,7 +758,10 @@ def test_two_workers_share_the_reruns(tmp_path, data_dir):
     processes run some, and the table gathers them all."""
     record = tmp_path / "runs.txt"
     config = write_config(tmp_path, study={"n_trials": 2, "workers": 2, "seeds": 2, "top_k": 1})
-    assert tune(config, tmp_path, data_dir, _probe(record)) == 0
+    # this process holds its first re-run until the spawned worker has started one (its import takes seconds,
+    # tiny runs take less): without the sharing, the hold times out and this process runs all four
+    probe = _probe(record, "HoldingRunProbe", hold=os.getpid(), timeout=60)
+    assert tune(config, tmp_path, data_dir, probe) == 0
     reruns = [(pid, version) for pid, version in _runs(record) if version.startswith("rerun_")]
     assert len({version for _, version in reruns}) == len(reruns) == 4  # 2 candidates x 2 seeds, each once
     by_pid = {pid: sum(p == pid for p, _ in reruns) for pid, _ in reruns}
