@@ -326,14 +326,6 @@ def pruner_label(spec: dict[str, Any]) -> str:
     return f"{spec['class_path'].rpartition('.')[2]}({args}){after}"
 
 
-def _pruning_study(config: Path, tmp: Path, label: str, extra: list[str]) -> StudyStats:
-    """One study of the comparison (a pool job under ``--jobs``: torch threads from ``OMP_NUM_THREADS``)."""
-    import torch
-
-    torch.set_num_threads(1)
-    return tune_in_process(config, tmp, label, extra)
-
-
 def bench_pruning(
     tmp: Path, sizes: Sizes, pruners: list[dict[str, Any]], warm_start: bool = False, jobs: int = 1
 ) -> dict[str, Any]:
@@ -357,7 +349,8 @@ def bench_pruning(
     if jobs > 1:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            futures = [pool.submit(_pruning_study, config, tmp, label, args) for label, args in studies]
+            # each job's process: torch threads from OMP_NUM_THREADS=1 (set before the pool spawns it)
+            futures = [pool.submit(tune_in_process, config, tmp, label, args) for label, args in studies]
             stats = [future.result() for future in futures]
     else:
         stats = [tune_in_process(config, tmp, label, args) for label, args in studies]

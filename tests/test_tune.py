@@ -644,17 +644,6 @@ def test_journal_storage_end_to_end(tmp_path, data_dir, capsys):
     assert DropoutPlan.from_yaml(body) == DropoutPlan.load(tmp_path / "runs" / "s" / "best_plan.yaml")
 
 
-class PidProbe(L.Callback):
-    """Appends the process id of every run it sees to ``path``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_fit_start(self, trainer, pl_module):
-        with open(self.path, "a") as f:
-            f.write(f"{os.getpid()}\n")
-
-
 class FakeContext:
     """A multiprocessing context whose processes are recorded, never started: each is dead on arrival, with
     ``exitcode``, having done nothing."""
@@ -743,13 +732,12 @@ def test_worker_0_runs_in_the_tune_process(tmp_path, data_dir, monkeypatch):
 
     context = FakeContext()
     monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: context)
-    record = tmp_path / "pids.txt"
-    probe = json.dumps([{"class_path": "test_tune.PidProbe", "init_args": {"path": str(record)}}])
+    record = tmp_path / "runs.txt"
     config = write_config(tmp_path, study={"n_trials": 2, "workers": 3})
-    assert tune(config, tmp_path, data_dir, f"--trainer.callbacks={probe}") == 0
+    assert tune(config, tmp_path, data_dir, _probe(record)) == 0
     # two other workers were spawned (indices 1 and 2); this process, worker 0, trained the trials itself
     assert [args[1] for args in context.started] == [1, 2]
-    assert record.read_text().split() == [str(os.getpid())] * 2
+    assert [pid for pid, _ in _runs(record)] == [str(os.getpid())] * 2
     assert [t.state for t in load(tmp_path).get_trials()] == [TrialState.COMPLETE] * 2
 
 

@@ -10,7 +10,7 @@ gathers them, runs whatever is still missing (a worker died) and stores the tabl
 from __future__ import annotations
 
 import math
-import threading
+import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,16 @@ from lightning_dropout.tune.selection import Candidate
 if TYPE_CHECKING:
     from lightning_dropout.tune.runner import Tuner
 
-__all__ = ["Claims", "RerunJob", "baseline_jobs", "rerun", "rerun_jobs", "rerun_seeds", "run_claimed"]
+__all__ = [
+    "Claims",
+    "RerunJob",
+    "baseline_jobs",
+    "rerun",
+    "rerun_jobs",
+    "rerun_seeds",
+    "run_claimed",
+    "run_claimed_baselines",
+]
 
 
 def rerun_seeds(cfg: StudyConfig) -> list[int]:
@@ -98,10 +107,10 @@ def _jobs(trials: list[optuna.trial.FrozenTrial], cfg: StudyConfig) -> list[Reru
 
 class Claims:
     """Hands out the positions of :func:`rerun_jobs`'s list one at a time to the workers of one ``tune`` run,
-    through a counter they share (a ``multiprocessing`` ``Value`` with its lock; a local one by default)."""
+    through a counter they share (a ``multiprocessing`` ``Value`` with its lock; a fresh one by default)."""
 
     def __init__(self, counter: Any = None) -> None:
-        self.counter = counter if counter is not None else _LocalCounter()
+        self.counter = counter if counter is not None else multiprocessing.Value("i", 0)
 
     def next_below(self, limit: int) -> int | None:
         """The next unclaimed position, if it is below ``limit`` (claimed); ``None`` otherwise."""
@@ -111,15 +120,6 @@ class Claims:
                 return None
             self.counter.value = position + 1
             return position
-
-
-class _LocalCounter:
-    def __init__(self) -> None:
-        self.value = 0
-        self._lock = threading.Lock()
-
-    def get_lock(self) -> threading.Lock:
-        return self._lock
 
 
 def run_claimed(
@@ -152,6 +152,13 @@ def run_claimed(
     return ran
 
 
+def run_claimed_baselines(tuner: Tuner, study: optuna.Study, claims: Claims, stop: Callable[[], bool]) -> int:
+    """:func:`run_claimed` over the baselines' re-runs, if every baseline trial has finished (see
+    :func:`baseline_jobs`): what a worker out of trials runs while the others finish theirs."""
+    jobs = baseline_jobs(study, tuner.study_config)
+    return run_claimed(tuner, study, jobs, claims, stop=stop) if jobs else 0
+
+
 def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | None = None) -> list[Candidate]:
     """Gather the candidates' values over the ``study.seeds`` seeds of :func:`rerun_seeds` (those the workers
     stored, running what is missing here), store the table (values, seeds, each plan's amount of dropout) on
@@ -172,11 +179,12 @@ def rerun(tuner: Tuner, study: optuna.Study, on_done: Callable[[str], None] | No
             )
         for i in range(len(values), cfg.seeds):
             job = RerunJob(trial, i, seeds[i])
-            ran = job.key not in attrs
-            values.append(float(attrs[job.key]) if not ran else job.run(tuner))
-            info.update(label=trial_label(trial), values=values, seeds=seeds[: len(values)])
-            stored[key] = info
-            study.set_user_attr(RERUNS_ATTR, stored)
+            ran = job.key not in attrs  # else a worker ran it: gathered
+            values.append(job.run(tuner) if ran else float(attrs[job.key]))
+            if ran or i == cfg.seeds - 1:  # a value run here is kept as it comes; gathered ones at the end
+                info.update(label=trial_label(trial), values=values, seeds=seeds[: len(values)])
+                stored[key] = info
+                study.set_user_attr(RERUNS_ATTR, stored)
             if ran and on_done is not None:
                 on_done(job.describe(cfg.seeds))
     return rerun_candidates(study)

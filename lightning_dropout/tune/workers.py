@@ -22,13 +22,12 @@ import optuna
 
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.secrets import redact
-from lightning_dropout.tune.reruns import Claims, baseline_jobs, rerun, rerun_jobs, run_claimed
+from lightning_dropout.tune.reruns import Claims, rerun, rerun_jobs, run_claimed, run_claimed_baselines
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import Candidate
 
 __all__ = ["Workers", "run_workers", "worker_main"]
 
-log = logging.getLogger(__name__)
 
 # what this process tells the spawned workers once every worker's trials are done (`decision`)
 _UNDECIDED, _RERUN, _STOP = 0, 1, 2
@@ -52,9 +51,7 @@ def worker_main(
         if tuner.study_config.seeds < 2:
             return
         study, shared = tuner.study(), Claims(claims)
-        early = baseline_jobs(study, tuner.study_config)
-        if early:
-            run_claimed(tuner, study, early, shared, stop=lambda: decision.value == _STOP)
+        run_claimed_baselines(tuner, study, shared, stop=lambda: decision.value == _STOP)
         if _await(decision) == _RERUN:
             run_claimed(tuner, study, rerun_jobs(study, tuner.study_config), shared)
     except DropoutConfigError as err:
@@ -145,9 +142,7 @@ class Workers:
         self.tuner.run_worker(0, study)
         if self._procs and self.tuner.study_config.seeds > 1:
             study = study if study is not None else self.tuner.study()
-            early = baseline_jobs(study, self.tuner.study_config)
-            if early:
-                run_claimed(self.tuner, study, early, self._claims, stop=self._trials_done)
+            run_claimed_baselines(self.tuner, study, self._claims, stop=self._trials_done)
         while not self._trials_done():
             time.sleep(self.poll)
         if any(proc.exitcode == 2 for proc in self._procs):
