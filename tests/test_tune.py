@@ -526,7 +526,7 @@ def test_threshold_pruner_prunes_after_reporting_each_epoch(tmp_path, data_dir):
 # ----------------------------------------------------------------------------------------------------------
 # 6. Re-runs over seeds and the winner
 # ----------------------------------------------------------------------------------------------------------
-def test_the_baselines_reruns_head_the_list_and_are_known_once_the_baselines_finish():
+def test_the_baselines_reruns_are_known_once_the_baselines_finish_and_the_race_runs_round_by_round():
     from lightning_dropout.tune import StudyConfig
     from lightning_dropout.tune.reruns import Claims, baseline_jobs, rerun_jobs
 
@@ -540,12 +540,18 @@ def test_the_baselines_reruns_head_the_list_and_are_known_once_the_baselines_fin
     early = baseline_jobs(study, cfg)  # the sampled trial is still running
     assert early is not None and [(j.trial.number, j.index) for j in early] == [(0, 0), (0, 1)]
     study.tell(sampled, 0.7)
-    jobs = rerun_jobs(study, cfg)
-    assert [(j.trial.number, j.index) for j in jobs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert [j.seed for j in jobs[:2]] == [j.seed for j in jobs[2:]]  # paired: the same seeds for each
-    claims = Claims()  # positions handed out once, the early list's first, then the rest
-    assert [claims.next_below(len(early)) for _ in range(3)] == [0, 1, None]
+    jobs, race = rerun_jobs(study, cfg)
+    # round 0 only: the next round is known once its values are in (the race may drop a candidate)
+    assert [(j.trial.number, j.index) for j in jobs] == [(1, 0), (0, 0)] and not race.finished
+    for job in jobs:
+        study.set_user_attr(job.key, 0.6)
+    jobs, race = rerun_jobs(study, cfg)
+    assert [(j.trial.number, j.index) for j in jobs] == [(1, 0), (0, 0), (1, 1), (0, 1)]
+    assert jobs[0].seed == jobs[1].seed != jobs[2].seed == jobs[3].seed  # paired: one seed a round
+    claims = Claims()  # positions handed out once
+    assert [claims.next_below(2) for _ in range(3)] == [0, 1, None]
     assert [claims.next_below(len(jobs)) for _ in range(3)] == [2, 3, None]
+    assert baseline_jobs(study, StudyConfig(budget=10)) == []  # under a budget only the race spends
 
 
 def test_reruns_over_seeds_pick_the_best_mean(tmp_path, data_dir):

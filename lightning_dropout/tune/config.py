@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 _DIRECTIONS = ("minimize", "maximize")
+DEFAULT_BUDGET = 10.0  # trainings, when a study sets none of budget, n_trials, top_k, seeds
+DEFAULT_N_TRIALS = 20  # without a budget
+DEFAULT_TOP_K = 3
+DEFAULT_SEEDS = 3  # without a budget
+BUDGET_MAX_SEEDS = 10  # with a budget: the most seeds the race gives one candidate (the budget ends it first)
 
 
 class ClassSpec:
@@ -92,7 +97,13 @@ class StudyConfig:
         name: the study name (also the run directory's name under ``run_dir``).
         metric: the logged metric to optimize (from ``trainer.callback_metrics``), e.g. ``val_acc``.
         direction: ``maximize`` or ``minimize``.
-        n_trials: the total number of finished trials the study should reach, counting those in storage.
+        budget: the study's total training compute, in trainings of the model (``trainer.max_epochs`` epochs
+            each): every trial (a pruned one by the epochs it ran), the baselines, the grid and the re-runs count.
+            The study fits its warm-start grid, trials and racing re-runs into it and stops when it is used, across
+            workers, machines and resumed runs. Default 10 when none of ``n_trials``, ``top_k`` and ``seeds`` is
+            set (a study that sets them and no budget runs as they say); ``null`` with them set: no budget.
+        n_trials: the total number of finished trials the study should reach, counting those in storage (default
+            20 without a budget; with a budget, a further cap if set).
         timeout: stop starting new trials after this many seconds (per ``tune`` invocation).
         sampler: an Optuna sampler as ``{class_path, init_args}`` (the LightningCLI convention: any importable
             subclass of ``optuna.samplers.BaseSampler``, your own included); default TPE, multivariate, grouped.
@@ -108,8 +119,15 @@ class StudyConfig:
             the journal-file storage; ``postgresql://...`` for many machines.
         seed: seeds the sampler and every trial's ``seed_everything``.
         workers: worker processes sharing the study on this machine (the ``tune`` process is worker 0).
-        top_k: after the study, re-run the best ``top_k`` plans (and the baselines) over ``seeds`` seeds.
-        seeds: seeds per re-run; 0 or 1 disables re-runs.
+        top_k: after the study, re-run the best ``top_k`` plans (and the baselines) over ``seeds`` seeds
+            (default 3; with a budget, the most that fit).
+        seeds: the most seeds a re-run candidate gets (default 3; with a budget, 10: the budget ends the race);
+            0 or 1 disables re-runs.
+        race_alpha: the re-runs race (one seed per round for every candidate still in it): from 3 paired seeds
+            on, a candidate that a one-sided paired t-test finds worse than the leader is dropped. ``race_alpha``
+            is the race's error rate per candidate, the chance of ever dropping a candidate (the best one
+            included) that is not worse than its leader (Bonferroni over every round and possible leader); 0
+            runs every candidate on every seed.
         run_dir: where the storage, TensorBoard logs and the best plan are written.
         baselines: enqueue the baselines (no dropout; the model's own dropout) before sampling.
         dropout_seed: draw dropout masks from their own generator seeded with this (common random numbers:
@@ -139,7 +157,8 @@ class StudyConfig:
     name: str = "dropout-study"
     metric: str = "val_loss"
     direction: str = "minimize"
-    n_trials: int = 20
+    budget: float | None = None
+    n_trials: int | None = None
     timeout: float | None = None
     sampler: ClassSpec = field(
         default_factory=lambda: ClassSpec(
@@ -164,8 +183,9 @@ class StudyConfig:
     seed: int = 0
     workers: int = 1
     threads: int | None = None
-    top_k: int = 3
-    seeds: int = 3
+    top_k: int | None = None
+    seeds: int | None = None
+    race_alpha: float = 0.05
     run_dir: str = "runs"
     baselines: bool = True
     dropout_seed: int | None = 1234
@@ -196,7 +216,8 @@ class StudyConfig:
                 f"`study.prune_after` must satisfy 0 <= prune_after <= 1, but got prune_after={self.prune_after!r}."
             )
         check_int(self.threads, "threads", key="study.threads", or_none="null")
-        for key in ("n_trials", "workers", "value_window"):
+        self._resolve_budget()
+        for key in ("workers", "value_window"):
             check_int(getattr(self, key), key, key=f"study.{key}")
         if self.value not in ESTIMATORS:
             raise DropoutConfigError(
@@ -217,11 +238,35 @@ class StudyConfig:
         if self.mc_samples == 1:
             raise DropoutConfigError("`study.mc_samples` must be 0 (off) or >= 2, but got mc_samples=1.")
         check_number(self.timeout, "timeout", key="study.timeout", or_none="null")  # seconds
+        if (
+            isinstance(self.race_alpha, bool)
+            or not isinstance(self.race_alpha, (int, float))
+            or not 0 <= self.race_alpha < 1
+        ):
+            raise DropoutConfigError(
+                f"`study.race_alpha` must satisfy 0 <= race_alpha < 1 (0: no candidate is dropped), but got "
+                f"race_alpha={self.race_alpha!r}."
+            )
         self.sampler = ClassSpec(self.sampler)  # a mapping from Python, a ClassSpec from the config parser
         pruner = ClassSpec(self.pruner)
         self.pruner = None if pruner.value is None else pruner
         make_sampler(self.sampler, self.seed)  # fail at load time, not after the first trial
         make_pruner(self.pruner)
+
+    def _resolve_budget(self) -> None:
+        """The default budget when the study sets none of ``budget``, ``n_trials``, ``top_k``, ``seeds``; the
+        defaults of the others otherwise."""
+        check_number(self.budget, "budget", 1.0, inclusive=True, key="study.budget", or_none="null")
+        if self.budget is not None:
+            self.budget = float(self.budget)
+        elif self.n_trials is None and self.top_k is None and self.seeds is None:
+            self.budget = DEFAULT_BUDGET
+        if self.budget is None:
+            self.n_trials = DEFAULT_N_TRIALS if self.n_trials is None else self.n_trials
+        check_int(self.n_trials, "n_trials", key="study.n_trials", or_none="null" if self.budget else "")
+        self.top_k = DEFAULT_TOP_K if self.top_k is None else self.top_k
+        if self.seeds is None:
+            self.seeds = BUDGET_MAX_SEEDS if self.budget is not None else DEFAULT_SEEDS
 
     def torch_threads(self) -> int:
         """The torch threads of a trial process: ``threads``, else ``$OMP_NUM_THREADS``, else 1."""

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from lightning_dropout.inject import Rule, existing_rate, is_dropout_module, resolve
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune.budget import grid_points, grid_size
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig
 from lightning_dropout.tune.records import (
     BASELINE_AS_WRITTEN,
@@ -34,7 +35,7 @@ from lightning_dropout.tune.records import (
 from lightning_dropout.tune.selection import UNIFORM_PREFIX
 from lightning_dropout.tune.space import uniform_params
 
-__all__ = ["baseline_plans", "duplicate_of", "enqueue_fixed", "own_dropout"]
+__all__ = ["baseline_plans", "duplicate_of", "enqueue_fixed", "own_dropout", "race_references"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,10 @@ def _wanted(
     if cfg.warm_start and cfg.warm_start_rates:
         example = getattr(model, "example_input_array", None)
         seen: list[dict[str, Any]] = []
-        for rate in cfg.warm_start_rates:
+        rates = cfg.warm_start_rates
+        if cfg.budget is not None:  # one grid point per 5 trainings of the budget, spread over the rates
+            rates = grid_points(rates, grid_size(cfg.budget, len(rates)))
+        for rate in rates:
             params = uniform_params(space.groups, model, rate, example)
             if params not in seen:  # a rate clipped into the groups' ranges onto an earlier point
                 seen.append(params)
@@ -94,12 +98,18 @@ def enqueue_fixed(study: optuna.Study, cfg: StudyConfig, space: DropoutSpace, mo
     missing = [w for w in _wanted(cfg, space, model) if w[0] not in present]
     baselines = [w for w in missing if BASELINE_ATTR in w[2]]
     others = [w for w in missing if BASELINE_ATTR not in w[2]]
-    room = max(cfg.n_trials - len(trials) - len(baselines), 0)
+    room = len(others) if cfg.n_trials is None else max(cfg.n_trials - len(trials) - len(baselines), 0)
     for _label, params, attrs in baselines + others[:room]:
         study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     if len(others) > room:
         left = [w[0] for w in others[room:]]
         log.warning("study.n_trials=%d leaves no room for the enqueued trials %s", cfg.n_trials, left)
+
+
+def race_references(cfg: StudyConfig, model: torch.nn.Module) -> int:
+    """The candidates that race over seeds whatever the trials find: the baselines and the best grid point."""
+    baselines = len(baseline_plans(model)) if cfg.baselines else 0
+    return baselines + int(bool(cfg.warm_start and cfg.warm_start_rates))
 
 
 def duplicate_of(trial: optuna.Trial) -> int | None:

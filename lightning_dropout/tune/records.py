@@ -27,6 +27,7 @@ __all__ = [
     "CONFIG_ATTR",
     "DUPLICATE",
     "ENQUEUED_ATTR",
+    "EPOCHS_ATTR",
     "FAIL_ATTR",
     "FIXED_PLAN_ATTR",
     "INTERRUPTED",
@@ -59,6 +60,9 @@ ENQUEUED_ATTR = "enqueued"  # the label of a trial from `study.enqueue` ("enqueu
 FIXED_PLAN_ATTR = "fixed_plan"  # the plan (YAML) of an enqueued plan: trained as is, nothing sampled
 PLAN_ATTR = "plan"
 METRICS_ATTR = "metrics"
+EPOCHS_ATTR = (
+    "epochs_trained"  # trial attribute: the epochs the trial trained (the study's compute, tune/budget.py)
+)
 FAIL_ATTR = "fail_reason"
 CONFIG_ATTR = (
     "config"  # study attribute: the study's config as YAML (passwords redacted), for `best --config-out`
@@ -220,7 +224,8 @@ def rerun_candidates(study: optuna.Study) -> list[Candidate]:
         plan = stored_plan(study.trials[int(number)])
         amount = float(info.get("amount", plan_amount(plan)))
         values = [float(v) for v in info["values"]]
-        out.append(Candidate(info["label"], int(number), plan, values, amount, info.get("seeds")))
+        dropped = info.get("dropped_after")
+        out.append(Candidate(info["label"], int(number), plan, values, amount, info.get("seeds"), dropped))
     return rank_candidates(out, study.direction == optuna.study.StudyDirection.MAXIMIZE)
 
 

@@ -39,15 +39,17 @@ from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_bas
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.board import plan_columns, plan_hparams
+from lightning_dropout.tune.budget import BudgetPlan
 from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
 from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
-from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed
+from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed, race_references
 from lightning_dropout.tune.loggers import check_loggers, finish_loggers, logger_specs, trial_loggers
 from lightning_dropout.tune.pruning import MetricNotLoggedError, TrialPruning
 from lightning_dropout.tune.records import (
     BASELINE_ATTR,
     CONFIG_ATTR,
     DUPLICATE,
+    EPOCHS_ATTR,
     FAIL_ATTR,
     FIXED_PLAN_ATTR,
     INTERRUPTED,
@@ -111,6 +113,7 @@ class Tuner:
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self._fatal: DropoutConfigError | None = None
         self._site_columns: dict[str, list[str]] | None = None
+        self._budget: BudgetPlan | None = None
         self.study_config: StudyConfig = init["study"]
         self.space: DropoutSpace = init["dropout"]
         if not self.space.groups:
@@ -123,6 +126,7 @@ class Tuner:
         self.logger_specs = logger_specs(self.cli.config["trainer"]["logger"])
         check_loggers(self.logger_specs)
         check_groups(self.space.groups, self.cli.model, getattr(self.cli.model, "example_input_array", None))
+        _ = self.budget  # a budget needs trainer.max_epochs: fail before trial 0
         self.search: dict[str, Distribution] = parse_search(self.cli.config.get("search"), self.cli.config)
 
     def pin_threads(self) -> int:
@@ -131,6 +135,31 @@ class Tuner:
         threads = self.study_config.torch_threads()
         torch.set_num_threads(threads)
         return threads
+
+    # -- budget ----------------------------------------------------------------------------------------------
+    @property
+    def max_epochs(self) -> int | None:
+        """``trainer.max_epochs`` of the config (``None`` when it sets none)."""
+        epochs = self.cli.config["trainer"].get("max_epochs")
+        return int(epochs) if isinstance(epochs, int) and epochs > 0 else None
+
+    @property
+    def budget(self) -> BudgetPlan | None:
+        """How the study fits ``study.budget`` (:mod:`~lightning_dropout.tune.budget`); ``None`` without one."""
+        cfg = self.study_config
+        if cfg.budget is None:
+            return None
+        if self._budget is None:
+            if self.max_epochs is None:
+                raise DropoutConfigError(
+                    f"`study.budget` counts trainings of `trainer.max_epochs` epochs, but the config sets no "
+                    f"positive trainer.max_epochs (got {self.cli.config['trainer'].get('max_epochs')!r}); set it, "
+                    "or drop `study.budget` and set `study.n_trials`."
+                )
+            references = race_references(cfg, self.cli.fresh().model)
+            assert cfg.top_k is not None and cfg.seeds is not None  # resolved by StudyConfig
+            self._budget = BudgetPlan.make(cfg.budget, self.max_epochs, references, cfg.top_k, cfg.seeds)
+        return self._budget
 
     # -- storage ---------------------------------------------------------------------------------------------
     @property
@@ -219,6 +248,7 @@ class Tuner:
             metrics["best_value"] = math.nan if best is None else pruning.history[best]
             value = trial_value(pruning.history, cfg.value, pruning.maximize, cfg.value_window)
             metrics["value"] = value
+            metrics[EPOCHS_ATTR] = float(cli.trainer.current_epoch)  # the compute it used (tune/budget.py)
             if best is not None:
                 metrics["best_epoch"] = float(pruning.epochs[best])
                 if gap is not None and best < len(gap.history):
@@ -373,6 +403,8 @@ class Tuner:
             raise
         trial.set_user_attr(PLAN_ATTR, plan.to_yaml())
         trial.set_user_attr(METRICS_ATTR, result.metrics)
+        if EPOCHS_ATTR in result.metrics:
+            trial.set_user_attr(EPOCHS_ATTR, result.metrics[EPOCHS_ATTR])
         if result.pruned:
             raise optuna.TrialPruned("stopped by the pruner")
         diverged = result.diverged()
@@ -397,13 +429,21 @@ class Tuner:
         self.pin_threads()
         study = study if study is not None else self.study()
 
+        def full(study: optuna.Study, running: bool = True) -> bool:
+            """Whether the budget or ``n_trials`` leaves no room for another trial; the trials other workers are
+            running count too (``running``), so the workers do not all start the last one."""
+            if self.budget is not None and not self.budget.room_for_trial(study):
+                return True
+            if cfg.n_trials is None:
+                return False
+            busy = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) if running else 0
+            return finished_trials(study) + busy >= cfg.n_trials
+
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            # trials other workers are running count too, so the workers do not all start the last one
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if finished_trials(study) + running >= cfg.n_trials:
+            if full(study):
                 study.stop()
 
-        if finished_trials(study) >= cfg.n_trials:
+        if full(study, running=False):
             return
         study.optimize(
             self.objective,

@@ -16,6 +16,15 @@ The winner rules (``study.winner``):
 A gain is reported as the mean paired difference with a two-sided 95 % Student-t confidence interval; a gain
 whose interval contains 0 is "within the noise".
 
+Racing (:func:`race`, after F-race, Birattari et al. 2002): the candidates are re-run one seed per round, every
+candidate still in the race getting the same seed. From ``min_seeds`` paired seeds on, a candidate whose one-sided
+paired t-test against the round's leader (the best mean) says it is worse is dropped: it gets no more seeds. Each
+test runs at level ``alpha / (looks * leaders)`` (Bonferroni over every round that may test and every other
+candidate that may lead), so for any one candidate, the best among them included, the probability that the race
+ever drops it while it is at least as good as the leader it is compared with is at most ``alpha`` (under normal
+paired differences). The references (no dropout, the best grid point) are
+never dropped: every gain is reported against them.
+
 Example:
     >>> from lightning_dropout.plan import DropoutPlan
     >>> none = Candidate("no dropout", 0, DropoutPlan(), [0.60, 0.62, 0.61], amount=0.0)
@@ -30,7 +39,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from lightning_dropout.plan import DropoutPlan
@@ -42,12 +51,16 @@ __all__ = [
     "Candidate",
     "Comparison",
     "Gain",
+    "Race",
     "choose_winner",
     "compare",
     "paired_gain",
+    "race",
     "rank_candidates",
     "references",
     "t_quantile",
+    "t_sf",
+    "t_upper",
 ]
 
 WINNER_RULES = ("one_se", "best_mean")
@@ -82,6 +95,79 @@ def t_quantile(df: int) -> float:
     return _T975[max(below)] if df <= 60 else 1.96
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-14:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom.
+
+    Example:
+        >>> round(t_sf(2.776, 4), 4)
+        0.025
+    """
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+def t_upper(level: float, df: int) -> float:
+    """The ``1 - level`` quantile of Student's t with ``df`` degrees of freedom (``t_sf(q, df) == level``).
+
+    Example:
+        >>> round(t_upper(0.025, 4), 3)
+        2.776
+    """
+    if not 0.0 < level < 0.5 or df < 1:
+        raise ValueError(f"`level` must satisfy 0 < level < 0.5 and `df` >= 1, but got {level=}, {df=}.")
+    low, high = 0.0, 1.0
+    while t_sf(high, df) > level:
+        high *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if t_sf(mid, df) > level:
+            low = mid
+        else:
+            high = mid
+    return 0.5 * (low + high)
+
+
 @dataclass
 class Candidate:
     """A plan re-run over the study's re-run seeds.
@@ -102,6 +188,7 @@ class Candidate:
     values: list[float]
     amount: float = 0.0
     seeds: list[int] | None = None
+    dropped_after: int | None = None  # racing dropped it after this many seeds (it is worse than the leader)
 
     @property
     def mean(self) -> float:
@@ -163,8 +250,11 @@ def paired_gain(candidate: Candidate, reference: Candidate, maximize: bool) -> G
 
 
 def rank_candidates(candidates: Sequence[Candidate], maximize: bool) -> list[Candidate]:
-    """Best mean first; candidates without a finite value last."""
-    return sorted(candidates, key=lambda c: (math.isnan(c.mean), -c.mean if maximize else c.mean))
+    """Best mean first; candidates without a finite value last, then those the race dropped."""
+    return sorted(
+        candidates,
+        key=lambda c: (c.dropped_after is not None, math.isnan(c.mean), -c.mean if maximize else c.mean),
+    )
 
 
 def choose_winner(candidates: Sequence[Candidate], maximize: bool, rule: str = "one_se") -> Candidate:
@@ -173,7 +263,9 @@ def choose_winner(candidates: Sequence[Candidate], maximize: bool, rule: str = "
         raise ValueError(f"`rule` must be one of {list(WINNER_RULES)}, but got {rule!r}.")
     if not candidates:
         raise ValueError("`candidates` must not be empty.")
-    ranked = rank_candidates(candidates, maximize)
+    # a candidate the race dropped was found worse than another one: it cannot win
+    racing = [c for c in candidates if c.dropped_after is None]
+    ranked = rank_candidates(racing or list(candidates), maximize)
     best = ranked[0]
     if rule == "best_mean" or math.isnan(best.mean):
         return best
@@ -226,3 +318,113 @@ def compare(candidates: Sequence[Candidate], maximize: bool, rule: str = "one_se
         )
         for c in ranked
     ]
+
+
+@dataclass(frozen=True)
+class Race:
+    """The state of a race replayed from the values stored so far (:func:`race`).
+
+    Attributes:
+        rounds: the candidates of every round started, in order (round ``r`` re-runs each of them on seed ``r``);
+            the last one may still be incomplete.
+        dropped: the candidates dropped, with the number of seeds each had when it was dropped.
+        finished: no round is left to run (every round complete, or the next would not fit the budget).
+    """
+
+    rounds: list[list[int]]
+    dropped: dict[int, int]
+    finished: bool
+
+    @property
+    def alive(self) -> list[int]:
+        """The candidates still in the race (those of the last round, less any dropped after it)."""
+        return [c for c in (self.rounds[-1] if self.rounds else []) if c not in self.dropped]
+
+    def pending(self, values: Mapping[int, Sequence[float]]) -> list[tuple[int, int]]:
+        """The (candidate, seed index) runs of the current round that have no value yet."""
+        if self.finished or not self.rounds:
+            return []
+        r = len(self.rounds) - 1
+        return [(c, r) for c in self.rounds[-1] if len(values.get(c, ())) <= r]
+
+
+def _paired(a: Sequence[float], b: Sequence[float], n: int, sign: float) -> list[float]:
+    return [
+        sign * (x - y) for x, y in zip(a[:n], b[:n], strict=False) if not (math.isnan(x) or math.isnan(y))
+    ]
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def race(
+    values: Mapping[int, Sequence[float]],
+    order: Sequence[int],
+    protected: Collection[int],
+    rounds: int,
+    maximize: bool,
+    alpha: float = 0.05,
+    min_seeds: int = 3,
+    affordable: Callable[[int, int], bool] | None = None,
+) -> Race:
+    """Replay a race over the values stored so far (pure: the same values give the same race in every process).
+
+    Args:
+        values: each candidate's values, seed by seed (``values[c][r]``: candidate ``c`` on seed ``r``).
+        order: the candidates, in a fixed order (the order of each round's runs).
+        protected: candidates never dropped (the references every gain is reported against).
+        rounds: the most seeds any candidate gets.
+        maximize: whether larger values are better.
+        alpha: the race's error rate per candidate: the probability of ever dropping a given candidate while it
+            is not worse than the leader it is compared with (Bonferroni over every look and every possible
+            leader); 0 never drops.
+        min_seeds: the paired seeds a candidate has before it may be dropped (at least 2).
+        affordable: ``affordable(runs_so_far, runs_of_next_round)``: whether the next round fits the budget; a
+            round runs whole or not at all.
+
+    Example:
+        >>> vals = {0: [0.60, 0.61, 0.60], 1: [0.70, 0.71, 0.70], 2: [0.50, 0.52, 0.49]}
+        >>> r = race(vals, [0, 1, 2], protected=[0], rounds=5, maximize=True, alpha=0.2)
+        >>> r.dropped, r.alive, r.pending(vals)
+        ({2: 3}, [0, 1], [(0, 3), (1, 3)])
+    """
+    if min_seeds < 2:
+        raise ValueError(f"`min_seeds` must be >= 2, but got {min_seeds=}.")
+    sign = 1.0 if maximize else -1.0
+    looks = max(rounds - min_seeds + 1, 1)
+    pairs = max(len(order) - 1, 1)
+    level = alpha / (looks * pairs)
+    alive = list(order)
+    dropped: dict[int, int] = {}
+    started: list[list[int]] = []
+    spent = 0
+    for r in range(rounds):
+        if affordable is not None and not affordable(spent, len(alive)):
+            return Race(started, dropped, True)
+        started.append(list(alive))
+        if any(len(values.get(c, ())) <= r for c in alive):
+            return Race(started, dropped, False)
+        spent += len(alive)
+        n = r + 1
+        if n < min_seeds or alpha <= 0 or len(alive) < 2:
+            continue
+        means = {c: _mean(values[c][:n]) for c in alive}
+        finite = [c for c in alive if not math.isnan(means[c])]
+        if not finite:
+            continue
+        leader = max(finite, key=lambda c: sign * means[c])
+        for c in alive:
+            if c == leader or c in protected:
+                continue
+            diffs = _paired(values[c], values[leader], n, sign)
+            if len(diffs) < min_seeds:
+                continue
+            mean = sum(diffs) / len(diffs)
+            var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+            se = math.sqrt(var / len(diffs))
+            if mean + t_upper(level, len(diffs) - 1) * se < 0:  # the upper bound excludes "as good"
+                dropped[c] = n
+        alive = [c for c in alive if c not in dropped]
+    return Race(started, dropped, True)

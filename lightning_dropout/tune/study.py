@@ -11,11 +11,12 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lightning_dropout.errors import Interrupted
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune.budget import compute_used, rerun_runs
 from lightning_dropout.tune.config import redact
 from lightning_dropout.tune.loggers import uses_tensorboard
 from lightning_dropout.tune.records import DUPLICATE, FAIL_ATTR, finished_trials, winner
@@ -59,9 +60,11 @@ def tune(
     cfg = tuner.study_config
     study = tuner.study()
     tuner.enqueue_fixed(study)
+    budget = tuner.budget
+    size = f"{cfg.n_trials} trials" if budget is None else f"a budget of {budget.budget:g} trainings"
     console.print(
         f"study [bold]{cfg.name}[/] in {redact(cfg.storage_url())}: {cfg.metric} ({cfg.direction}), "
-        f"{cfg.n_trials} trials, {cfg.workers} worker(s)"
+        f"{size}, {cfg.workers} worker(s)"
     )
     images = Path(cfg.run_dir) / cfg.name / "study"
     with Workers(tuner) as workers:
@@ -74,8 +77,8 @@ def tune(
             )
             return None, [], None
         ranked: list[Candidate] = []
-        if cfg.seeds > 1:
-            with console.status("re-running the best plans over seeds") as status:
+        if (cfg.seeds or 0) > 1:
+            with console.status("re-running the best plans over seeds (a race)") as status:
                 ranked = workers.rerun(study, on_done=lambda msg: status.update(f"re-running: {msg}"))
     plan, label = winner(study)
     path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
@@ -89,6 +92,7 @@ def tune(
     else:
         results.print(f"best trial: {label}")
     results.print(f"winner: {label}; plan written to {path}")
+    results.print(compute_line(tuner, study))
     report = f"lightning-dropout report {cfg.name}" + (
         f" --storage {redact(cfg.storage)}" if cfg.storage else ""
     )
@@ -102,6 +106,19 @@ def tune(
     return plan, ranked, path
 
 
+def compute_line(tuner: Tuner, study: optuna.Study) -> str:
+    """What the study's training compute came to: ``compute: used 9.6 of 10 trainings (...)``."""
+    max_epochs = tuner.max_epochs
+    if max_epochs is None:
+        return "compute: unknown (the config sets no trainer.max_epochs)"
+    used = compute_used(study, max_epochs)
+    trials, reruns = used - rerun_runs(study), rerun_runs(study)
+    parts = f"trials {trials:.1f}, re-runs {reruns}; one training = {max_epochs} epochs"
+    budget = tuner.budget
+    head = budget.describe(used) if budget is not None else f"used {used:.1f} trainings"
+    return f"compute: {head} ({parts})"
+
+
 def _run_trials(workers: Workers, study: optuna.Study, console: Console) -> None:
     """The workers' trials, under a progress bar of the study's finished trials (polled from the storage)."""
     cfg = workers.tuner.study_config
@@ -109,21 +126,25 @@ def _run_trials(workers: Workers, study: optuna.Study, console: Console) -> None
     with Progress(
         TextColumn("[bold]trials"),
         BarColumn(),
-        MofNCompleteColumn(),
+        TextColumn("{task.fields[count]}"),
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("trials", total=cfg.n_trials, info="")
+        budget = workers.tuner.budget
+        total = float(budget.budget - budget.reserve if budget is not None else cfg.n_trials or 0)
+        task = progress.add_task("trials", total=total, info="", count="")
 
         def refresh() -> None:
             done, pruned, failed, best = _status(study)
-            progress.update(
-                task,
-                completed=min(done, cfg.n_trials),
-                info=f"best {cfg.metric} {best}  pruned {pruned}  failed {failed}",
-            )
+            info = f"best {cfg.metric} {best}  pruned {pruned}  failed {failed}"
+            if budget is not None:  # the bar counts trainings of the trials' share of the budget
+                used = compute_used(study, budget.max_epochs)
+                count = f"{used:.1f}/{total:g} trainings"
+                progress.update(task, completed=min(used, total), count=count, info=f"{done} trials  {info}")
+            else:
+                progress.update(task, completed=min(done, total), count=f"{done}/{total:g}", info=info)
 
         def poll() -> None:
             while not stop.wait(1.0):
@@ -145,7 +166,8 @@ def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, r
     """The re-run candidates, best mean first, with each one's paired gain ± the half-width of its 95 % interval
     (``*``: more than the noise) over no dropout and over the best uniform rate; the winner is marked."""
     table = Table(
-        title=f"{metric} over seeds, best first (gain: paired difference ± 95 % interval, * beyond the noise)"
+        title=f"{metric} over seeds, best first (gain: paired difference ± 95 % interval, * beyond the noise; "
+        "dropped: the race found it worse than the leader)"
     )
     for column in (
         "plan",
@@ -165,7 +187,7 @@ def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, r
             str(c.trial),
             "nan" if math.isnan(c.mean) else f"{c.mean:.4f}",
             f"{c.std:.4f}",
-            str(len(c.values)),
+            str(len(c.values)) if c.dropped_after is None else f"{len(c.values)} (dropped)",
             Comparison.format(row.vs_none),
             Comparison.format(row.vs_uniform),
             plan_summary(c.plan),

@@ -1,10 +1,11 @@
 """Running a study in ``study.workers`` processes that share its storage: worker 0 in this process, the
 others spawned (each re-parses the config from its arguments).
 
-The workers run the trials, then share the re-runs over seeds: each claims the next run of one fixed list from
-a counter they share (:class:`~lightning_dropout.tune.reruns.Claims`) until none is left. The baselines' re-runs
-head the list and are claimed as soon as a worker's own trials are done; the rest waits until every worker's
-trials are done (the candidates are known then), which this process tells the spawned workers."""
+The workers run the trials, then share the race over seeds (:mod:`~lightning_dropout.tune.reruns`): each claims
+the next run of the current round from a counter they share (:class:`~lightning_dropout.tune.reruns.Claims`)
+and waits for the round's other runs before the next. The baselines' re-runs (from a counter of their own) are
+claimed as soon as a worker's own trials are done; the race waits until every worker's trials are done (the
+candidates are known then), which this process tells the spawned workers."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import optuna
 
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.secrets import redact
-from lightning_dropout.tune.reruns import Claims, rerun, rerun_jobs, run_claimed, run_claimed_baselines
+from lightning_dropout.tune.reruns import Claims, rerun, run_claimed_baselines, run_race
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import Candidate
 
@@ -34,11 +35,16 @@ _UNDECIDED, _RERUN, _STOP = 0, 1, 2
 
 
 def worker_main(
-    args: list[str], index: int, trials_done: Any = None, decision: Any = None, claims: Any = None
+    args: list[str],
+    index: int,
+    trials_done: Any = None,
+    decision: Any = None,
+    claims: Any = None,
+    early: Any = None,
 ) -> None:
     """The entry point of a spawned worker: run trials for the config ``args`` until the study is done, set
-    ``trials_done``; then, with re-runs over seeds, claim (through the shared counter ``claims``) the baselines'
-    re-runs, wait for ``decision`` and claim the rest if it says so."""
+    ``trials_done``; then, with re-runs over seeds, claim (through the shared counter ``early``) the baselines'
+    re-runs, wait for ``decision`` and, if it says so, run its share of the race (shared counter ``claims``)."""
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in `tune`: one line of ours per failed trial
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # as the CLI does
@@ -48,12 +54,14 @@ def worker_main(
         if trials_done is None or decision is None:
             return
         trials_done.set()
-        if tuner.study_config.seeds < 2:
+        if (tuner.study_config.seeds or 0) < 2:
             return
-        study, shared = tuner.study(), Claims(claims)
-        run_claimed_baselines(tuner, study, shared, stop=lambda: decision.value == _STOP)
+        study = tuner.study()
+        parent = os.getppid()
+        run_claimed_baselines(tuner, study, Claims(early), stop=lambda: decision.value == _STOP)
         if _await(decision) == _RERUN:
-            run_claimed(tuner, study, rerun_jobs(study, tuner.study_config), shared)
+            # the parent gathers what is left if this worker stops; it stops when the parent is gone
+            run_race(tuner, study, Claims(claims), rescue=lambda: False, stop=lambda: os.getppid() != parent)
     except DropoutConfigError as err:
         sys.stderr.write(f"lightning-dropout: error: {redact(str(err))}\n")
         sys.exit(2)
@@ -86,17 +94,26 @@ class Workers:
         self._done: list[Any] = []
         self._decision: Any = None
         self._claims = Claims()
+        self._early = Claims()
 
     def __enter__(self) -> Workers:
         if self.n > 1:
             context = multiprocessing.get_context("spawn")
             self._decision = context.Value("i", _UNDECIDED, lock=False)
             self._claims = Claims(context.Value("i", 0))
+            self._early = Claims(context.Value("i", 0))
             self._done = [context.Event() for _ in range(1, self.n)]
             self._procs = [
                 context.Process(
                     target=worker_main,
-                    args=(self.tuner.args, i, done, self._decision, self._claims.counter),
+                    args=(
+                        self.tuner.args,
+                        i,
+                        done,
+                        self._decision,
+                        self._claims.counter,
+                        self._early.counter,
+                    ),
                     name=f"tune-worker-{i}",
                 )
                 for i, done in zip(range(1, self.n), self._done, strict=True)
@@ -140,9 +157,9 @@ class Workers:
         runs the baselines' re-runs while it waits for the others' last trials."""
         # the spawned workers need seconds to import: this one asks first, so the startup trials differ
         self.tuner.run_worker(0, study)
-        if self._procs and self.tuner.study_config.seeds > 1:
+        if self._procs and (self.tuner.study_config.seeds or 0) > 1:
             study = study if study is not None else self.tuner.study()
-            run_claimed_baselines(self.tuner, study, self._claims, stop=self._trials_done)
+            run_claimed_baselines(self.tuner, study, self._early, stop=self._trials_done)
         while not self._trials_done():
             time.sleep(self.poll)
         if any(proc.exitcode == 2 for proc in self._procs):
@@ -151,12 +168,16 @@ class Workers:
             )
 
     def rerun(self, study: optuna.Study, on_done: Callable[[str], None] | None = None) -> list[Candidate]:
-        """Share the re-runs over seeds between the workers, then gather them (running here whatever a worker
-        left undone); best mean first (see :func:`~lightning_dropout.tune.reruns.rerun`)."""
+        """Share the race over seeds between the workers, then gather it (running here whatever a worker left
+        undone); best mean first (see :func:`~lightning_dropout.tune.reruns.rerun`)."""
         self._decide(_RERUN)
-        run_claimed(self.tuner, study, rerun_jobs(study, self.tuner.study_config), self._claims, on_done)
+        run_race(self.tuner, study, self._claims, on_done, rescue=self._lost_worker)
         self._join()
         return rerun(self.tuner, study, on_done)
+
+    def _lost_worker(self) -> bool:
+        """Whether a spawned worker is gone (its claimed runs then run here)."""
+        return any(not proc.is_alive() for proc in self._procs)
 
 
 def run_workers(tuner: Tuner, study: optuna.Study | None = None) -> None:
