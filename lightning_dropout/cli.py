@@ -128,19 +128,73 @@ def _lightning(command: str, rest: list[str]) -> int:
     from lightning_dropout.callback import DropoutInjector
 
     cli = _load(rest, instantiate=False)
-    plan = cli.config.get("plan")
+    plan = _plan_path(cli.config, rest)
+    values: dict[str, Any] = {}
+    if plan:  # the winner's searched values, written beside its plan by `tune` / `best --out`
+        from lightning_dropout.tune.retrain import apply_values
+
+        source, values, kept = apply_values(plan, cli.config, rest, command)
+        for key, value in values.items():
+            sys.stderr.write(
+                f"lightning-dropout: {key}={value!r} (the winner's searched value, from {source})\n"
+            )
+        for key, value in kept.items():
+            sys.stderr.write(
+                f"lightning-dropout: {key}: the command line's value, not the winner's {value!r}\n"
+            )
     # `--plan` replaces a DropoutInjector the config lists (two would stack, and share a checkpoint key)
-    cli.fresh([DropoutInjector(plan=plan)] if plan else [], replacing=(DropoutInjector,) if plan else ())
+    cli.fresh(
+        [DropoutInjector(plan=plan)] if plan else [],
+        replacing=(DropoutInjector,) if plan else (),
+        values=values,
+    )
     ckpt = cli.config.get("ckpt_path")
     getattr(cli.trainer, command)(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     if command == "fit" and plan:
         metrics: dict[str, float] = {}
         for stage in ("validate", "test"):
+            missing = _missing_step(stage, cli.model, cli.datamodule)
+            if missing:
+                sys.stderr.write(f"lightning-dropout: {stage} skipped after fit: {missing}\n")
+                continue
             for results in getattr(cli.trainer, stage)(cli.model, datamodule=cli.datamodule, verbose=False):
                 metrics.update({k: float(v) for k, v in results.items()})
         width = max(map(len, metrics), default=0)
         sys.stdout.write("".join(f"{k.ljust(width)}  {v:.4f}\n" for k, v in sorted(metrics.items())))
     return 0
+
+
+def _plan_path(config: Any, rest: list[str]) -> str | None:
+    """The ``plan`` of the command: ``--plan PATH`` as given (relative to the current folder), or a config's
+    ``plan:`` relative to that config file's folder (as LightningCLI resolves paths in a config)."""
+    plan = config.get("plan")
+    if not plan or os.path.isabs(plan) or any(a == "--plan" or a.startswith("--plan=") for a in rest):
+        return plan
+    import yaml
+
+    for file in reversed([str(f) for f in config.get("config") or [] if f is not None]):
+        try:
+            data = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("plan") == plan:
+            return str(Path(file).parent / plan)
+    return str(plan)
+
+
+def _missing_step(stage: str, model: Any, datamodule: Any) -> str | None:
+    """Why ``stage`` (``validate``/``test``) cannot run after fit: the module defines no ``validation_step`` /
+    ``test_step``, or neither the datamodule nor the module gives its dataloader; ``None`` when it can."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    step, loader = (
+        ("validation_step", "val_dataloader") if stage == "validate" else ("test_step", "test_dataloader")
+    )
+    if not is_overridden(step, model):
+        return f"the model defines no {step}"
+    if not (is_overridden(loader, model) or (datamodule is not None and is_overridden(loader, datamodule))):
+        return f"neither the datamodule nor the model defines {loader}"
+    return None
 
 
 def _tune(rest: list[str]) -> int:
@@ -237,21 +291,30 @@ def _best(rest: list[str]) -> int:
     )
     ns = parser.parse_args(rest)
     from lightning_dropout.tune.records import open_study, winner, winning_config  # `best --help` stays cheap
+    from lightning_dropout.tune.retrain import save_values, searched_values
     from lightning_dropout.tune.study import plan_summary
 
     name, storage, _ = _study_location(ns)
     study = open_study(name, storage)
     plan, label = winner(study)
+    values = searched_values(study)
     sys.stdout.write(f"# best plan of {name}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
+    for key, value in values.items():  # YAML comments: the output stays a plan
+        sys.stdout.write(f"# searched value of the winner: {key}: {value!r}\n")
     if ns.out:
         plan.save(ns.out)
+        saved = save_values(values, ns.out, f"the winner of study {name} ({label})")
+        if saved is not None:
+            sys.stdout.write(f"# searched values written to {saved} (`fit --plan {ns.out}` sets them)\n")
     if ns.config_out:
         config = Path(ns.config_out)
         plan_path = Path(ns.out) if ns.out else config.with_name(f"{config.stem}_plan.yaml")
         if not ns.out:
             plan.save(plan_path)
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(winning_config(study, plan_path.resolve()))
+        # relative to the config file itself, where `fit` resolves it: the two files move together
+        relative = os.path.relpath(plan_path.resolve(), config.parent.resolve())
+        config.write_text(winning_config(study, relative))
         sys.stdout.write(f"# winning config written to {config} (plan: {plan_path})\n")
     return 0
 
@@ -342,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif command in _COMMAND_HELP and any(a in ("-h", "--help") for a in rest):
         sys.stdout.write(_COMMAND_HELP[command] + "\n")
         return 0
+    _own_code_importable()
     try:
         return _run(command, rest)
     except KeyboardInterrupt as err:
@@ -360,6 +424,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         config = _config_file(rest) if command in (*_LIGHTNING_COMMANDS, "tune", "describe") else None
         return _fail(message, config)
+
+
+def _own_code_importable() -> None:
+    """Put the current folder first on ``sys.path`` and on ``PYTHONPATH``, so ``class_path: mymodels.MyNet``
+    imports ``./mymodels.py`` as ``python main.py`` with LightningCLI does, here and in every process this one
+    starts (spawned workers inherit ``sys.path``; DDP ranks and trial processes inherit the environment)."""
+    cwd = os.getcwd()
+    if cwd not in {os.path.abspath(p or os.curdir) for p in sys.path}:
+        sys.path.insert(0, cwd)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in {os.path.abspath(p) for p in paths}:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
 
 
 def _run(command: str, rest: list[str]) -> int:

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import Candidate
 
 __all__ = ["Workers", "run_workers", "worker_main"]
+
+log = logging.getLogger(__name__)
 
 
 # what this process tells the spawned workers once every worker's trials are done (`decision`)
@@ -86,6 +89,10 @@ class Workers:
         self._done: list[Any] = []
         self._decision: Any = None
         self._claims = Claims()
+        self._dead: set[int] = set()  # the spawned workers already reported dead (indices into _procs)
+        self._watch_lock = threading.Lock()
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> Workers:
         if self.n > 1:
@@ -103,12 +110,47 @@ class Workers:
             ]
             for proc in self._procs:
                 proc.start()
+            self._watcher = threading.Thread(target=self._watch, name="tune-worker-watch", daemon=True)
+            self._watcher.start()
         return self
+
+    def _watch(self) -> None:
+        while not self._watch_stop.wait(max(self.poll, 0.5)):
+            self.report_dead()
+
+    def report_dead(self) -> list[int]:
+        """Report, in one line each, the spawned workers that have died (a non-zero exit code other than a
+        configuration error's 2 or Ctrl-C's 130), with the count of workers left; return the indices of those
+        newly reported. Called by a watcher thread every poll, and once more when the trials and the re-runs
+        end."""
+        newly = []
+        with self._watch_lock:
+            for i, proc in enumerate(self._procs):
+                code = proc.exitcode if not proc.is_alive() else None
+                if i in self._dead or code in (None, 0, 2, 130):
+                    continue
+                self._dead.add(i)
+                newly.append(i)
+                left = 1 + sum(p.is_alive() for p in self._procs)
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                log.warning(
+                    "tune worker %d %s; %d of %d workers left. A script that starts "
+                    'the study with workers > 1 needs `if __name__ == "__main__":` around it: each spawned '
+                    "worker re-imports the script.",
+                    i + 1,
+                    how,
+                    left,
+                    self.n,
+                )
+        return newly
 
     def __exit__(
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._decide(_STOP)
+        self._watch_stop.set()  # from here on, workers end because this process says so
+        if self._watcher is not None:
+            self._watcher.join()
         if kind is None:
             self._join()
         elif issubclass(kind, KeyboardInterrupt):  # the workers got the SIGINT too: they record their trials
@@ -145,6 +187,7 @@ class Workers:
             run_claimed_baselines(self.tuner, study, self._claims, stop=self._trials_done)
         while not self._trials_done():
             time.sleep(self.poll)
+        self.report_dead()
         if any(proc.exitcode == 2 for proc in self._procs):
             raise DropoutConfigError(
                 "a worker stopped the study on a configuration error (its message is above)."
@@ -156,6 +199,7 @@ class Workers:
         self._decide(_RERUN)
         run_claimed(self.tuner, study, rerun_jobs(study, self.tuner.study_config), self._claims, on_done)
         self._join()
+        self.report_dead()
         return rerun(self.tuner, study, on_done)
 
 
