@@ -16,7 +16,8 @@ Commands:
   tuning config names the study and its storage).
 * ``report STUDY|CONFIG [--storage URL] [--out FILE.html]``: write a static HTML report of a study (figures, the best
   plan, the re-run table against the baselines, every trial); opens in a browser with no server.
-* ``fit CONFIG --plan PLAN.yaml``: retrain with a plan, then report validation and test metrics.
+* ``fit CONFIG --plan PLAN.yaml``: retrain with a plan (and the searched values written beside it), then report
+  validation metrics, and test ones when the model defines a test step.
 
 ``CONFIG`` may be given positionally or as ``--config CONFIG``.
 
@@ -62,14 +63,19 @@ _USAGE = (
 
 def _lightning_help(command: str) -> str:
     """The short help of a Lightning command (LightningCLI's complete one needs Lightning: ``--help-all``)."""
-    after_fit = "; after fit, also validate and test it" if command == "fit" else ""
+    after_fit = (
+        "                    after fit, also validate, and test when the model defines a test_step\n"
+        if command == "fit"
+        else ""
+    )
     ckpt = "resume" if command == "fit" else "evaluate"
     return (
         f"usage: lightning-dropout {command} CONFIG.yaml [--plan PLAN.yaml] [--ckpt_path CKPT] [overrides]\n"
         f"Lightning's `{command}` on a LightningCLI config (model/data/trainer with class_path/init_args).\n"
         "  CONFIG.yaml, --config CONFIG.yaml  the config (`study:`/`dropout:`/`search:` sections are ignored)\n"
-        "  --plan PLAN.yaml  apply a dropout plan (from `lightning-dropout best`), replacing an injector the\n"
-        f"                    config lists{after_fit}\n"
+        "  --plan PLAN.yaml  apply a dropout plan (from `tune` or `best`), replacing an injector the config\n"
+        "                    lists, and the searched values written beside it (X_values.yaml)\n"
+        f"{after_fit}"
         f"  --ckpt_path CKPT  checkpoint to {ckpt}\n"
         "  --trainer.KEY=V, --model.init_args.KEY=V, --data.init_args.KEY=V  override any key of the config\n"
         "  --print_config    print the resolved config (defaults included) and exit\n"
@@ -81,7 +87,8 @@ _COMMAND_HELP = {
     "tune": (
         "usage: lightning-dropout tune CONFIG.yaml [--workers N] [--n_trials N] [--storage URL] [overrides]\n"
         "Run, resume or join the Optuna study of a tuning config (model/data/trainer plus `study:` and\n"
-        "`dropout:` sections); prints the re-run table and writes <run_dir>/<study>/best_plan.yaml.\n"
+        "`dropout:` sections); prints the re-run table, writes <run_dir>/<study>/best_plan.yaml (and\n"
+        "best_values.yaml, the winner's `search:` values) and ends with the command that trains the winner.\n"
         "  CONFIG.yaml, --config CONFIG.yaml  the tuning config\n"
         "  --workers N      worker processes sharing the study on this machine (= --study.workers=N)\n"
         "  --n_trials N     finished trials the study should reach (= --study.n_trials=N)\n"
@@ -282,7 +289,11 @@ def _study_location(ns: Any) -> tuple[str, str, str]:
 
 
 def _best(rest: list[str]) -> int:
-    parser = _study_parser("best", "also write the plan to this YAML file (default: print only)")
+    parser = _study_parser(
+        "best",
+        "also write the plan to this YAML file, and the winner's searched values beside it (X.yaml: "
+        "X_values.yaml; default: print only)",
+    )
     parser.add_argument(
         "--config-out",
         default=None,
