@@ -74,6 +74,18 @@ def _await(decision: Any, poll: float = 0.2) -> int:
     return int(decision.value)
 
 
+def _guard_hint() -> str:
+    """The usual cause of a spawned worker dying on start when the study runs from a script (not the
+    ``lightning-dropout`` command): the script has no ``__main__`` guard, and spawn re-imports it."""
+    path = str(getattr(sys.modules.get("__main__"), "__file__", None) or "")
+    if not path or "lightning-dropout" in os.path.basename(path) or "lightning_dropout" in path:
+        return ""
+    return (
+        f' If {os.path.basename(path)} starts the study, it needs `if __name__ == "__main__":` around that call: '
+        "each spawned worker re-imports it."
+    )
+
+
 class Workers:
     """The ``study.workers`` workers of one ``tune`` run: this process (worker 0) and the spawned others.
 
@@ -134,13 +146,7 @@ class Workers:
                 left = 1 + sum(p.is_alive() for p in self._procs)
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 log.warning(
-                    "tune worker %d %s; %d of %d workers left. A script that starts "
-                    'the study with workers > 1 needs `if __name__ == "__main__":` around it: each spawned '
-                    "worker re-imports the script.",
-                    i + 1,
-                    how,
-                    left,
-                    self.n,
+                    "tune worker %d %s; %d of %d workers left.%s", i + 1, how, left, self.n, _guard_hint()
                 )
         return newly
 
