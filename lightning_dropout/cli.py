@@ -16,7 +16,8 @@ Commands:
   tuning config names the study and its storage).
 * ``report STUDY|CONFIG [--storage URL] [--out FILE.html]``: write a static HTML report of a study (figures, the best
   plan, the re-run table against the baselines, every trial); opens in a browser with no server.
-* ``fit CONFIG --plan PLAN.yaml``: retrain with a plan, then report validation and test metrics.
+* ``fit CONFIG --plan PLAN.yaml``: retrain with a plan (and the searched values written beside it), then report
+  validation metrics, and test ones when the model defines a test step.
 
 ``CONFIG`` may be given positionally or as ``--config CONFIG``.
 
@@ -62,14 +63,19 @@ _USAGE = (
 
 def _lightning_help(command: str) -> str:
     """The short help of a Lightning command (LightningCLI's complete one needs Lightning: ``--help-all``)."""
-    after_fit = "; after fit, also validate and test it" if command == "fit" else ""
+    after_fit = (
+        "                    after fit, also validate, and test when the model defines a test_step\n"
+        if command == "fit"
+        else ""
+    )
     ckpt = "resume" if command == "fit" else "evaluate"
     return (
         f"usage: lightning-dropout {command} CONFIG.yaml [--plan PLAN.yaml] [--ckpt_path CKPT] [overrides]\n"
         f"Lightning's `{command}` on a LightningCLI config (model/data/trainer with class_path/init_args).\n"
         "  CONFIG.yaml, --config CONFIG.yaml  the config (`study:`/`dropout:`/`search:` sections are ignored)\n"
-        "  --plan PLAN.yaml  apply a dropout plan (from `lightning-dropout best`), replacing an injector the\n"
-        f"                    config lists{after_fit}\n"
+        "  --plan PLAN.yaml  apply a dropout plan (from `tune` or `best`), replacing an injector the config\n"
+        "                    lists, and the searched values written beside it (X_values.yaml)\n"
+        f"{after_fit}"
         f"  --ckpt_path CKPT  checkpoint to {ckpt}\n"
         "  --trainer.KEY=V, --model.init_args.KEY=V, --data.init_args.KEY=V  override any key of the config\n"
         "  --print_config    print the resolved config (defaults included) and exit\n"
@@ -81,7 +87,8 @@ _COMMAND_HELP = {
     "tune": (
         "usage: lightning-dropout tune CONFIG.yaml [--workers N] [--n_trials N] [--storage URL] [overrides]\n"
         "Run, resume or join the Optuna study of a tuning config (model/data/trainer plus `study:` and\n"
-        "`dropout:` sections); prints the re-run table and writes <run_dir>/<study>/best_plan.yaml.\n"
+        "`dropout:` sections); prints the re-run table, writes <run_dir>/<study>/best_plan.yaml (and\n"
+        "best_values.yaml, the winner's `search:` values) and ends with the command that trains the winner.\n"
         "  CONFIG.yaml, --config CONFIG.yaml  the tuning config\n"
         "  --workers N      worker processes sharing the study on this machine (= --study.workers=N)\n"
         "  --n_trials N     finished trials the study should reach (= --study.n_trials=N)\n"
@@ -128,19 +135,73 @@ def _lightning(command: str, rest: list[str]) -> int:
     from lightning_dropout.callback import DropoutInjector
 
     cli = _load(rest, instantiate=False)
-    plan = cli.config.get("plan")
+    plan = _plan_path(cli.config, rest)
+    values: dict[str, Any] = {}
+    if plan:  # the winner's searched values, written beside its plan by `tune` / `best --out`
+        from lightning_dropout.tune.retrain import apply_values
+
+        source, values, kept = apply_values(plan, cli.config, rest, command)
+        for key, value in values.items():
+            sys.stderr.write(
+                f"lightning-dropout: {key}={value!r} (the winner's searched value, from {source})\n"
+            )
+        for key, value in kept.items():
+            sys.stderr.write(
+                f"lightning-dropout: {key}: the command line's value, not the winner's {value!r}\n"
+            )
     # `--plan` replaces a DropoutInjector the config lists (two would stack, and share a checkpoint key)
-    cli.fresh([DropoutInjector(plan=plan)] if plan else [], replacing=(DropoutInjector,) if plan else ())
+    cli.fresh(
+        [DropoutInjector(plan=plan)] if plan else [],
+        replacing=(DropoutInjector,) if plan else (),
+        values=values,
+    )
     ckpt = cli.config.get("ckpt_path")
     getattr(cli.trainer, command)(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     if command == "fit" and plan:
         metrics: dict[str, float] = {}
         for stage in ("validate", "test"):
+            missing = _missing_step(stage, cli.model, cli.datamodule)
+            if missing:
+                sys.stderr.write(f"lightning-dropout: {stage} skipped after fit: {missing}\n")
+                continue
             for results in getattr(cli.trainer, stage)(cli.model, datamodule=cli.datamodule, verbose=False):
                 metrics.update({k: float(v) for k, v in results.items()})
         width = max(map(len, metrics), default=0)
         sys.stdout.write("".join(f"{k.ljust(width)}  {v:.4f}\n" for k, v in sorted(metrics.items())))
     return 0
+
+
+def _plan_path(config: Any, rest: list[str]) -> str | None:
+    """The ``plan`` of the command: ``--plan PATH`` as given (relative to the current folder), or a config's
+    ``plan:`` relative to that config file's folder (as LightningCLI resolves paths in a config)."""
+    plan = config.get("plan")
+    if not plan or os.path.isabs(plan) or any(a == "--plan" or a.startswith("--plan=") for a in rest):
+        return plan
+    import yaml
+
+    for file in reversed([str(f) for f in config.get("config") or [] if f is not None]):
+        try:
+            data = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("plan") == plan:
+            return str(Path(file).parent / plan)
+    return str(plan)
+
+
+def _missing_step(stage: str, model: Any, datamodule: Any) -> str | None:
+    """Why ``stage`` (``validate``/``test``) cannot run after fit: the module defines no ``validation_step`` /
+    ``test_step``, or neither the datamodule nor the module gives its dataloader; ``None`` when it can."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    step, loader = (
+        ("validation_step", "val_dataloader") if stage == "validate" else ("test_step", "test_dataloader")
+    )
+    if not is_overridden(step, model):
+        return f"the model defines no {step}"
+    if not (is_overridden(loader, model) or (datamodule is not None and is_overridden(loader, datamodule))):
+        return f"neither the datamodule nor the model defines {loader}"
+    return None
 
 
 def _tune(rest: list[str]) -> int:
@@ -228,7 +289,11 @@ def _study_location(ns: Any) -> tuple[str, str, str]:
 
 
 def _best(rest: list[str]) -> int:
-    parser = _study_parser("best", "also write the plan to this YAML file (default: print only)")
+    parser = _study_parser(
+        "best",
+        "also write the plan to this YAML file, and the winner's searched values beside it (X.yaml: "
+        "X_values.yaml; default: print only)",
+    )
     parser.add_argument(
         "--config-out",
         default=None,
@@ -237,21 +302,30 @@ def _best(rest: list[str]) -> int:
     )
     ns = parser.parse_args(rest)
     from lightning_dropout.tune.records import open_study, winner, winning_config  # `best --help` stays cheap
+    from lightning_dropout.tune.retrain import save_values, searched_values
     from lightning_dropout.tune.study import plan_summary
 
     name, storage, _ = _study_location(ns)
     study = open_study(name, storage)
     plan, label = winner(study)
+    values = searched_values(study)
     sys.stdout.write(f"# best plan of {name}: {label}: {plan_summary(plan)}\n{plan.to_yaml()}")
+    for key, value in values.items():  # YAML comments: the output stays a plan
+        sys.stdout.write(f"# searched value of the winner: {key}: {value!r}\n")
     if ns.out:
         plan.save(ns.out)
+        saved = save_values(values, ns.out, f"the winner of study {name} ({label})")
+        if saved is not None:
+            sys.stdout.write(f"# searched values written to {saved} (`fit --plan {ns.out}` sets them)\n")
     if ns.config_out:
         config = Path(ns.config_out)
         plan_path = Path(ns.out) if ns.out else config.with_name(f"{config.stem}_plan.yaml")
         if not ns.out:
             plan.save(plan_path)
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(winning_config(study, plan_path.resolve()))
+        # relative to the config file itself, where `fit` resolves it: the two files move together
+        relative = os.path.relpath(plan_path.resolve(), config.parent.resolve())
+        config.write_text(winning_config(study, relative))
         sys.stdout.write(f"# winning config written to {config} (plan: {plan_path})\n")
     return 0
 
@@ -342,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif command in _COMMAND_HELP and any(a in ("-h", "--help") for a in rest):
         sys.stdout.write(_COMMAND_HELP[command] + "\n")
         return 0
+    _own_code_importable()
     try:
         return _run(command, rest)
     except KeyboardInterrupt as err:
@@ -360,6 +435,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         config = _config_file(rest) if command in (*_LIGHTNING_COMMANDS, "tune", "describe") else None
         return _fail(message, config)
+
+
+def _own_code_importable() -> None:
+    """Put the current folder first on ``sys.path`` and on ``PYTHONPATH``, so ``class_path: mymodels.MyNet``
+    imports ``./mymodels.py`` as ``python main.py`` with LightningCLI does, here and in every process this one
+    starts (spawned workers inherit ``sys.path``; DDP ranks and trial processes inherit the environment)."""
+    cwd = os.getcwd()
+    if cwd not in {os.path.abspath(p or os.curdir) for p in sys.path}:
+        sys.path.insert(0, cwd)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in {os.path.abspath(p) for p in paths}:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
 
 
 def _run(command: str, rest: list[str]) -> int:

@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import inspect
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
@@ -50,6 +51,20 @@ def _nearest_class(path: str) -> str:
         return ""
     classes = [n for n in dir(module) if not n.startswith("_") and inspect.isclass(getattr(module, n))]
     return f"; nearest: {closest(name, classes)}" if classes else ""
+
+
+def _import_hint(reason: str) -> str:
+    """How to make a module that did not import importable, for ``No module named 'x'``: the folder searched
+    and the three usual fixes."""
+    missing = re.search(r"No module named '([\w.]+)'", reason)
+    if missing is None:
+        return ""
+    top = missing.group(1).split(".")[0]
+    return (
+        f"; `{top}` is neither in the current folder ({os.getcwd()}) nor installed: run from the folder that "
+        f"holds {top}.py (or the package {top}/), add that folder to PYTHONPATH "
+        f"(PYTHONPATH=/path/to/folder lightning-dropout ...), or install its package (pip install -e .)"
+    )
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -170,7 +185,7 @@ def explain_parse_error(message: str, keys: list[str]) -> str:
                 nearest = _nearest_class(token.group("cls"))
                 return (
                     f"`{key}.class_path` must name an importable class, but {token.group('cls')!r} is not: "
-                    f"{reason.rstrip('.')}{nearest}."
+                    f"{reason.rstrip('.')}{nearest}{_import_hint(reason)}."
                 )
             cls = token.group("cls")
             if not _is_dataclass(
@@ -358,6 +373,29 @@ class ConfigCLI(LightningCLI):
                 if isinstance(callback, self.replaced_callbacks):
                     log.info("replacing the config's %r in trainer.callbacks", callback)
         return super()._instantiate_trainer(config, [*callbacks, *self.extra_callbacks])
+
+    def asks_for_checkpoints(self) -> bool:
+        """Whether the config asks for Lightning checkpoints: ``trainer.enable_checkpointing: true``, or a
+        ``ModelCheckpoint`` (or subclass) in ``trainer.callbacks``. Lightning's default (``null``) saves one per
+        run; a study's trials and re-runs pass this as ``enable_checkpointing`` instead, so they save none
+        unless asked."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        trainer = self.config.get("trainer") or {}
+        if trainer.get("enable_checkpointing") is True:
+            return True
+        callbacks = trainer.get("callbacks") or []
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if isinstance(callback, ModelCheckpoint):
+                return True
+            module, _, name = str(getattr(callback, "class_path", "")).rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module), name) if module else None
+            except (ImportError, AttributeError):
+                continue
+            if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+                return True
+        return False
 
     def fresh(
         self,

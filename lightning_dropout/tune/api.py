@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,15 @@ def tune_study(
         "dropout": {"groups": groups},
         "study": settings,
     }
+    for what, cls in (("model", model), ("data", data)):
+        if getattr(cls, "__module__", None) == "__main__":
+            warnings.warn(
+                f"`{what}` class {cls.__qualname__} is defined in __main__ (your script), so the study's "
+                f"config.yaml names `__main__.{cls.__qualname__}`, which `lightning-dropout tune|best|fit` "
+                "cannot import from the shell: move the class into a module (e.g. mymodels.py beside the script) "
+                "and import it from there.",
+                stacklevel=2,
+            )
     if search:
         config["search"] = {key: dict(spec) for key, spec in search.items()}
     if seed_everything is not None:

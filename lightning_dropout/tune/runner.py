@@ -228,6 +228,7 @@ class Tuner:
             [injector, *monitors, pruning],
             values=values,
             logger=loggers or False,
+            enable_checkpointing=self.cli.asks_for_checkpoints(),  # no .ckpt per run unless asked
             enable_progress_bar=False,
             enable_model_summary=False,
         )

@@ -21,6 +21,7 @@ from lightning_dropout.tune.config import redact
 from lightning_dropout.tune.loggers import uses_tensorboard
 from lightning_dropout.tune.records import DUPLICATE, FAIL_ATTR, finished_trials, winner
 from lightning_dropout.tune.report import plan_summary, write_study_images
+from lightning_dropout.tune.retrain import winner_lines
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import (
     Candidate,
@@ -103,6 +104,8 @@ def tune(
         )
     else:
         results.print(f"runs logged to the config's trainer.logger; HTML report: {report}")
+    for line in winner_lines(args, study, path):  # its searched values (written beside the plan), the command
+        results.print(line, markup=False, highlight=False, soft_wrap=True)
     return plan, ranked, path
 
 

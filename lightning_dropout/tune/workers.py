@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import Candidate
 
 __all__ = ["Workers", "run_workers", "worker_main"]
+
+log = logging.getLogger(__name__)
 
 
 # what this process tells the spawned workers once every worker's trials are done (`decision`)
@@ -79,6 +82,18 @@ def _await(decision: Any, poll: float = 0.2) -> int:
     return int(decision.value)
 
 
+def _guard_hint() -> str:
+    """The usual cause of a spawned worker dying on start when the study runs from a script (not the
+    ``lightning-dropout`` command): the script has no ``__main__`` guard, and spawn re-imports it."""
+    path = str(getattr(sys.modules.get("__main__"), "__file__", None) or "")
+    if not path or "lightning-dropout" in os.path.basename(path) or "lightning_dropout" in path:
+        return ""
+    return (
+        f' If {os.path.basename(path)} starts the study, it needs `if __name__ == "__main__":` around that call: '
+        "each spawned worker re-imports it."
+    )
+
+
 class Workers:
     """The ``study.workers`` workers of one ``tune`` run: this process (worker 0) and the spawned others.
 
@@ -95,6 +110,10 @@ class Workers:
         self._decision: Any = None
         self._claims = Claims()
         self._early = Claims()
+        self._dead: set[int] = set()  # the spawned workers already reported dead (indices into _procs)
+        self._watch_lock = threading.Lock()
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> Workers:
         if self.n > 1:
@@ -120,12 +139,41 @@ class Workers:
             ]
             for proc in self._procs:
                 proc.start()
+            self._watcher = threading.Thread(target=self._watch, name="tune-worker-watch", daemon=True)
+            self._watcher.start()
         return self
+
+    def _watch(self) -> None:
+        while not self._watch_stop.wait(max(self.poll, 0.5)):
+            self.report_dead()
+
+    def report_dead(self) -> list[int]:
+        """Report, in one line each, the spawned workers that have died (a non-zero exit code other than a
+        configuration error's 2 or Ctrl-C's 130), with the count of workers left; return the indices of those
+        newly reported. Called by a watcher thread every poll, and once more when the trials and the re-runs
+        end."""
+        newly = []
+        with self._watch_lock:
+            for i, proc in enumerate(self._procs):
+                code = proc.exitcode if not proc.is_alive() else None
+                if i in self._dead or code in (None, 0, 2, 130):
+                    continue
+                self._dead.add(i)
+                newly.append(i)
+                left = 1 + sum(p.is_alive() for p in self._procs)
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                log.warning(
+                    "tune worker %d %s; %d of %d workers left.%s", i + 1, how, left, self.n, _guard_hint()
+                )
+        return newly
 
     def __exit__(
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._decide(_STOP)
+        self._watch_stop.set()  # from here on, workers end because this process says so
+        if self._watcher is not None:
+            self._watcher.join()
         if kind is None:
             self._join()
         elif issubclass(kind, KeyboardInterrupt):  # the workers got the SIGINT too: they record their trials
@@ -162,6 +210,7 @@ class Workers:
             run_claimed_baselines(self.tuner, study, self._early, stop=self._trials_done)
         while not self._trials_done():
             time.sleep(self.poll)
+        self.report_dead()
         if any(proc.exitcode == 2 for proc in self._procs):
             raise DropoutConfigError(
                 "a worker stopped the study on a configuration error (its message is above)."
@@ -173,6 +222,7 @@ class Workers:
         self._decide(_RERUN)
         run_race(self.tuner, study, self._claims, on_done, rescue=self._lost_worker)
         self._join()
+        self.report_dead()
         return rerun(self.tuner, study, on_done)
 
     def _lost_worker(self) -> bool:
