@@ -530,8 +530,14 @@ def test_dropout_module_its_owner_never_calls_is_refused_for_other_variants() ->
             return self.fc(x)
 
     model = nn.Sequential(Dead())
-    with pytest.raises(DropoutConfigError) as err:
+    with pytest.raises(DropoutConfigError) as err:  # the rule would leave the only module it selects alone
         inject(model, [Rule(replace=True, variant="gaussian")], example_input=torch.randn(2, 4))
+    assert one_line(err).startswith(
+        "rules[0] Rule(replace=True, variant='gaussian') selects only 1 dropout modules their owners run past "
+        "(['0.dropout']): Dead '0' runs without calling it, so variant 'gaussian' would never run there"
+    )
+    with pytest.raises(DropoutConfigError) as err:
+        inject(model, [Rule(replace=True, variant="gaussian", strict=True)], example_input=torch.randn(2, 4))
     assert one_line(err).startswith(
         "site '0.dropout:replace': variant 'gaussian' would never run: Dead '0' ran"
     )
@@ -585,3 +591,94 @@ def test_a_refused_site_leaves_the_earlier_plan_in_place() -> None:
         )
     assert [(s.key, s.variant, s.p) for s in describe(net)] == [(s.key, s.variant, s.p) for s in first]
     assert net.blocks[0].attn.fused_attn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. A variant that cannot act on a site: replace=True leaves it alone with one warning, for a rate attribute
+#    and for a bypassed attention dropout alike; strict=True refuses; the hint fits the installed library
+# ----------------------------------------------------------------------------------------------------------
+def _our_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "Rule(replace=True" in str(w.message)]
+
+
+@pytest.mark.parametrize("with_example", [False, True], ids=["static", "example"])
+@pytest.mark.parametrize(("name", "kind"), [("bert", "bypassed"), ("t5", "rate")])
+def test_replace_true_leaves_a_site_its_variant_cannot_act_on_with_one_warning(
+    name: str, kind: str, with_example: bool
+) -> None:
+    model = next(m for m in MODELS if m.name == name)
+    key = model.sites[kind]
+    example = model.example if with_example else None
+    net = fresh(model)
+    before = state(net)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plan = inject(net, [Rule(replace=True, variant="gaussian", p=0.2)], example_input=example)
+    (message,) = _our_warnings(record)
+    assert key.split(":")[0] in message and "strict=True" in message and "'standard'" in message
+    assert key not in {s.key for s in plan}
+    assert plan and all(s.variant == "gaussian" for s in plan)  # the module sites it can act on
+    model.forward(net.train())  # a training forward: nothing left that would fail later
+    undo(net)
+    assert state(net) == before
+    # strict=True keeps the refusal, in one line naming the site, and leaves the model as it was
+    with pytest.raises(DropoutConfigError) as err:
+        inject(net, [Rule(replace=True, variant="gaussian", strict=True)], example_input=model.example)
+    assert key in one_line(err) and "'standard'" in str(err.value)
+    assert state(net) == before
+
+
+def test_the_callback_leaves_bert_attention_dropout_alone_in_setup() -> None:
+    """The reported case: a BERT with `example_input_array` stopped in DropoutInjector.setup."""
+    model = next(m for m in MODELS if m.name == "bert")
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = fresh(model)
+            self.example_input_array = model.example
+
+        def forward(self, input_ids: Tensor) -> Tensor:
+            return self.net(input_ids=input_ids).last_hidden_state
+
+    module = Module()
+    with pytest.warns(UserWarning, match=r"net\.encoder\.layer\.0\.attention\.self\.dropout"):
+        plan = DropoutInjector(rules=[Rule(replace=True, variant="gaussian", p=0.1)]).inject(module)
+    assert "net.encoder.layer.0.attention.output.dropout:replace" in {s.key for s in plan}
+    assert type(module.net.encoder.layer[0].attention.self.dropout) is nn.Dropout
+    with pytest.raises(DropoutConfigError, match="would never run"):
+        DropoutInjector(rules=[Rule(replace=True, variant="gaussian", strict=True)]).inject(Module())
+
+
+def test_timm_attention_dropout_is_left_alone_unless_eager_switches_it() -> None:
+    model = next(m for m in MODELS if m.name == "timm-vit")
+    with pytest.warns(UserWarning, match=r"fused_attn = False\), which eager=True does for you") as record:
+        plan = inject(fresh(model), [Rule(replace=True, variant="gaussian")], example_input=model.example)
+    assert len(_our_warnings(record.list)) == 1
+    assert model.sites["bypassed"] not in {s.key for s in plan}
+    net = fresh(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = inject(net, [Rule(replace=True, variant="gaussian")], example_input=model.example, eager=True)
+    assert model.sites["bypassed"] in {s.key for s in plan} and not net.blocks[0].attn.fused_attn
+
+
+def test_the_bypass_hint_matches_the_installed_transformers() -> None:
+    tf = _transformers()
+    major = int(tf.__version__.split(".")[0])
+    model = next(m for m in MODELS if m.name == "bert")
+    key = model.sites["bypassed"]
+    with pytest.raises(DropoutConfigError) as err:
+        _with_variant(model, key, "gaussian")
+    message = one_line(err)
+    assert f"transformers {tf.__version__}" in message
+    if major >= 5:  # no attention implementation calls the module: the old hint (eager) fails too
+        assert "eager=True does for you" not in message and "attention.output.dropout" in message
+        with pytest.raises(DropoutConfigError, match="even after switching"):
+            _with_variant(model, key, "gaussian", eager=True)
+        # what the hint says to do instead works: another variant on the module after the attention
+        net = _with_variant(model, "encoder.layer.0.attention.output.dropout:replace", "gaussian")
+        standard = _with_variant(model, "encoder.layer.0.attention.output.dropout:replace", "standard")
+        assert not torch.allclose(model.forward(net, seed=3), model.forward(standard, seed=3))
+    else:  # transformers 4 fixes the attention class when the model is built
+        assert 'attn_implementation="eager"' in message
