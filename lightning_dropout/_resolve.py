@@ -23,7 +23,7 @@ __all__ = [
     "Bypass",
     "check_rules",
     "complete_params",
-    "existing_dropout",
+    "existing_sites",
     "float_variant",
     "functional_refusal",
     "resolve",
@@ -318,6 +318,24 @@ def check_rules(rules: Any, call: str) -> None:
                 f"`{call}` takes Rule objects (or mappings of their arguments) as `rules`, but got {item!r} "
                 f"({type(item).__name__}){hint}."
             )
+
+
+def existing_sites(model: nn.Module, example_input: Any = None) -> list[tuple[Site, nn.Module, str]]:
+    """``(site, module, kind)`` for the dropout ``model`` has of its own: the sites ``Rule(replace=True)``
+    resolves to, at the model's own rates, with the dropout module (the owner, for a rate attribute) and how the
+    model applies it: ``"module"``, ``"bypassed"`` (a fused kernel reads its ``.p``, or its owner never calls
+    it) or ``"rate attribute"``."""
+    rates, bypasses = _usage(model, example_input, bypasses=True)
+    everything = Rule(replace=True)
+    out = []
+    for qualname, module, attr in _selected(everything, model, set(), rates):
+        for site in _replacement_sites(everything, qualname, module, model, attr):
+            if site.where == "attribute":
+                kind = "rate attribute"
+            else:
+                kind = "bypassed" if qualname in bypasses else "module"
+            out.append((site, module, kind))
+    return out
 
 
 def _few(names: list[str]) -> str:

@@ -218,7 +218,7 @@ class DropoutInjector(Callback):
         self._check_shared_sites(trainer, pl_module)
         self.inject(pl_module)
         if already != self.plan and self.plan is not None and trainer.is_global_zero:
-            table = format_sites(describe(pl_module, self._example(pl_module)))
+            table = format_sites(describe(pl_module, self._example(pl_module), existing=False))
             rank_zero_info(
                 f"lightning-dropout: {len(self.plan)} dropout sites (plan {self.plan.digest()})\n{table}"
             )

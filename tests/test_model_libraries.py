@@ -682,3 +682,54 @@ def test_the_bypass_hint_matches_the_installed_transformers() -> None:
         assert not torch.allclose(model.forward(net, seed=3), model.forward(standard, seed=3))
     else:  # transformers 4 fixes the attention class when the model is built
         assert 'attn_implementation="eager"' in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. existing_dropout / describe before injecting: the dropout each model has, and how it applies it
+# ----------------------------------------------------------------------------------------------------------
+KINDS = {"module": "module", "bypassed": "bypassed", "rate": "rate attribute"}
+
+
+@pytest.mark.parametrize("model", MODELS, ids=IDS_OF)
+def test_existing_dropout_lists_every_kind_of_site(model: Model) -> None:
+    from lightning_dropout import existing_dropout
+
+    net = fresh(model)
+    before = state(net)
+    rows = {r.key: r for r in existing_dropout(net, model.example)}
+    assert list(rows) == [s.key for s in resolve(net, [Rule(replace=True)], model.example)]
+    for kind, key in model.sites.items():
+        assert rows[key].kind == KINDS[kind] and rows[key].variant == ""
+    assert state(net) == before
+    assert describe(net, model.example) == list(rows.values())
+
+
+def test_existing_dropout_of_a_tiny_bert_with_and_without_an_example() -> None:
+    from lightning_dropout import existing_dropout, format_sites
+
+    tf = _transformers()
+    config = tf.BertConfig(
+        vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.15,
+    )  # fmt: skip
+    net = tf.BertForSequenceClassification(config)
+    expected = {
+        "bert.embeddings.dropout:replace": ("module", 0.2),
+        "bert.encoder.layer.0.attention.self.dropout:replace": ("bypassed", 0.15),
+        "bert.encoder.layer.0.attention.output.dropout:replace": ("module", 0.2),
+        "bert.encoder.layer.0.output.dropout:replace": ("module", 0.2),
+        "dropout:replace": ("module", 0.2),  # the classifier's
+    }
+    for example in (None, {"input_ids": IDS}):
+        rows = existing_dropout(net, example)
+        assert {r.key: (r.kind, pytest.approx(r.p)) for r in rows} == expected
+        assert {r.module_type for r in rows} == {"Dropout"}
+    table = format_sites(describe(net, {"input_ids": IDS}))
+    line = next(x for x in table.splitlines() if x.startswith("bert.encoder.layer.0.attention.self.dropout"))
+    assert line.split() == [
+        "bert.encoder.layer.0.attention.self.dropout:replace",
+        "Dropout",
+        "bypassed",
+        "0.15",
+    ]
+    assert "dropout:replace" in table and "2x16" in table  # the classifier's input
