@@ -15,10 +15,14 @@ Three kinds of site, each checked to be found and to act (or to fail in one line
 from __future__ import annotations
 
 import copy
+import importlib
 import os
+import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,6 +31,7 @@ import pytest
 import timm_patterns as tp
 import torch
 import torch.nn.functional as F
+import yaml
 from helpers import trainer
 from torch import Tensor, nn
 
@@ -733,3 +738,152 @@ def test_existing_dropout_of_a_tiny_bert_with_and_without_an_example() -> None:
         "0.15",
     ]
     assert "dropout:replace" in table and "2x16" in table  # the classifier's input
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. The recipes of docs/model-libraries.md: the doc's own model module and YAML, on tiny models
+# ----------------------------------------------------------------------------------------------------------
+DOC = Path(__file__).resolve().parents[1] / "docs" / "model-libraries.md"
+TINY = {
+    "bert": {
+        "vocab_size": 99, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 32,
+    },
+    "vit": {
+        "image_size": 16, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 32,
+    },
+}  # fmt: skip
+
+
+def _doc_blocks(lang: str) -> dict[str, str]:
+    """The ``lang`` code blocks of the doc's recipes, by the file name on their first line (``# bert_fit.yaml``)."""
+    text = DOC.read_text(encoding="utf-8").split("## Recipes")[1]
+    blocks = re.findall(rf"```{lang}\n(# .*?)```", text, flags=re.DOTALL)
+    return {block.split()[1].rstrip(":"): block for block in blocks}
+
+
+@pytest.fixture
+def hf_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The doc's ``hf_models.py``, importable as ``hf_models`` (as the recipes' ``class_path`` says)."""
+    _transformers()
+    (tmp_path / "hf_models.py").write_text(_doc_blocks("python")["hf_models.py"], encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hf_models", raising=False)
+    yield importlib.import_module("hf_models")
+    sys.modules.pop("hf_models", None)
+
+
+def _recipe(name: str, hf_models: Any) -> tuple[dict[str, Any], L.LightningModule]:
+    """The recipe's config, and its model built tiny from the config's own model arguments."""
+    config = yaml.safe_load(_doc_blocks("yaml")[name])
+    args = dict(config["model"]["init_args"])
+    assert config["model"]["class_path"] == "hf_models.HFClassifier" and args.pop("pretrained")
+    torch.manual_seed(0)
+    return config, hf_models.HFClassifier(**args, config=TINY[args["model_type"]])
+
+
+def _batch(module: L.LightningModule) -> dict[str, Tensor]:
+    return {**module.example_input_array, "labels": torch.zeros(2, dtype=torch.long)}
+
+
+def test_doc_has_the_four_recipes() -> None:
+    assert set(_doc_blocks("yaml")) == {"bert_fit.yaml", "bert_tune.yaml", "vit_fit.yaml", "vit_tune.yaml"}
+    assert set(_doc_blocks("python")) == {"hf_models.py"}
+
+
+FIT_SITES = {
+    "bert_fit.yaml": {
+        **{k: ("standard", 0.1) for k in [
+            "model.bert.encoder.layer.0.attention.self.dropout:replace",
+            "model.bert.encoder.layer.1.attention.self.dropout:replace",
+        ]},
+        **{k: ("gaussian", 0.1) for k in [
+            "model.bert.embeddings.dropout:replace", "model.dropout:replace",
+            *(f"model.bert.encoder.layer.{i}.{m}.dropout:replace" for i in (0, 1) for m in ("attention.output", "output")),
+        ]},
+    },
+    "vit_fit.yaml": {
+        "model.vit.layers.0.dropout:replace": ("droppath", 0.0),
+        "model.vit.layers.1.dropout:replace": ("droppath", 0.1),
+        "model.vit.layers.0.attention.attention_dropout:attribute": ("standard", 0.1),
+        "model.vit.layers.1.attention.attention_dropout:attribute": ("standard", 0.1),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(FIT_SITES))
+def test_fit_recipe_applies_to_a_tiny_model(name: str, hf_models: Any) -> None:
+    config, module = _recipe(name, hf_models)
+    (callback,) = config["trainer"]["callbacks"]
+    assert callback["class_path"] == "lightning_dropout.callback.DropoutInjector"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a recipe leaves nothing alone and warns of nothing
+        plan = DropoutInjector(**callback["init_args"]).inject(module)
+    assert {s.key: (s.variant, pytest.approx(s.p)) for s in plan} == FIT_SITES[name]
+    module.train()
+    loss = module.training_step(_batch(module), 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module(**module.example_input_array).shape == (2, module.hparams.num_labels)
+
+
+TUNE_GROUPS = {
+    "bert_tune.yaml": {
+        "attention": {f"model.bert.encoder.layer.{i}.attention.self.dropout" for i in (0, 1)},
+        "hidden": {
+            "model.bert.embeddings.dropout",
+            *(f"model.bert.encoder.layer.{i}.{m}.dropout" for i in (0, 1) for m in ("attention.output", "output")),
+        },
+        "head": {"model.dropout"},
+    },
+    "vit_tune.yaml": {
+        "depth": {f"model.vit.layers.{i}.dropout" for i in (0, 1)},
+        "attention": {f"model.vit.layers.{i}.attention.attention_dropout" for i in (0, 1)},
+        "embeddings": {"model.vit.embeddings.dropout"},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(TUNE_GROUPS))
+def test_tune_recipe_applies_to_a_tiny_model(name: str, hf_models: Any) -> None:
+    from lightning_dropout.tune.checks import check_groups
+
+    config, module = _recipe(name, hf_models)
+    example = module.example_input_array
+    groups = [SearchGroup(**g) for g in config["dropout"]["groups"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=r".*self\.log\(\)")  # training_step outside a Trainer
+        check_groups(groups, module, example)  # what `tune` checks before trial 0: every variant has a site
+        assert {g.name: set(g.targets(module, example)) for g in groups} == TUNE_GROUPS[name]
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(3):
+            trial = study.ask()
+            _, net = _recipe(name, hf_models)
+            plan = suggest_plan(trial, groups, net, example)
+            apply_plan(net, plan, example)
+            assert {s.target for s in plan} == set().union(*TUNE_GROUPS[name].values())
+            net.train()
+            study.tell(trial, float(net.training_step(_batch(net), 0).detach()))
+
+
+@pytest.mark.parametrize("name", ["bert_fit.yaml", "bert_tune.yaml", "vit_fit.yaml", "vit_tune.yaml"])
+def test_recipe_is_a_valid_lightning_cli_config(name: str, hf_models: Any, tmp_path: Path) -> None:
+    """Copy-paste works: LightningCLI (as `lightning-dropout fit|tune` loads it) parses and validates the file,
+    the injector's rules and the search groups included (nothing is built, so nothing is downloaded)."""
+    from lightning_dropout.config import load_config
+    from lightning_dropout.tune.config import CONFIG_SECTIONS
+
+    path = tmp_path / name
+    your_data = "data:\n  class_path: lightning_dropout.data.MNIST1DDataModule\n"  # the doc: "add your data"
+    path.write_text(_doc_blocks("yaml")[name] + your_data, encoding="utf-8")
+    cli = load_config(["--config", str(path)], instantiate=False, sections=CONFIG_SECTIONS)
+    config = cli.config
+    assert config.model.class_path == "hf_models.HFClassifier"
+    if "fit" in name:
+        (callback,) = config.trainer.callbacks
+        assert callback.class_path == "lightning_dropout.callback.DropoutInjector"
+        assert len(callback.init_args.rules) == 2
+    else:
+        assert [g.name for g in config.dropout.groups] == list(TUNE_GROUPS[name])
