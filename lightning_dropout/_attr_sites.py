@@ -44,6 +44,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_dropout.errors import DropoutConfigError
+
 __all__ = [
     "RATE_ATTRIBUTES",
     "EagerSwitch",
@@ -77,8 +79,6 @@ def register_rate_attribute(*patterns: str) -> None:
     rates; a candidate still needs proof that it reaches a dropout kernel."""
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
-            from lightning_dropout.errors import DropoutConfigError
-
             raise DropoutConfigError(
                 f"`pattern` must be a non-empty glob string, but got pattern={pattern!r}."
             )
@@ -266,6 +266,8 @@ def probe(
             vars(objects[oid])[attr] = value
         with _isolated(root), _KernelWatch(sentinels, probed):
             run()
+    except DropoutConfigError:  # a site's own check, run by its hook within this forward: its refusal stands
+        raise
     except Exception as err:  # the user's forward may need more than we know (labels, a cache...)
         log.warning(
             "could not probe %s in training mode (%s: %s)", type(root).__name__, type(err).__name__, err

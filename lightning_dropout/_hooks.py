@@ -122,9 +122,19 @@ class FirstTrainingForward(_SiteHook):
         variant = module._modules.get(self.child)
         if isinstance(variant, DropoutVariant):
             owner_name = self.key.rpartition(":")[0].rpartition(".")[0]
-            verify_runs(
-                module, lambda: module(*args, **kwargs), [(self.key, owner_name, module, variant)], self.eager
-            )
+            try:
+                verify_runs(
+                    module,
+                    lambda: module(*args, **kwargs),
+                    [(self.key, owner_name, module, variant)],
+                    self.eager,
+                )
+            except DropoutConfigError as err:
+                raise DropoutConfigError(
+                    f"{str(err).rstrip('.')}; given an example input (`example_input`, the LightningModule's "
+                    "`example_input_array`) this is found when injecting, where a replace=True rule leaves the "
+                    "site as it is."
+                ) from None
         return None
 
 

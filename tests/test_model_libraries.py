@@ -633,6 +633,20 @@ def test_replace_true_leaves_a_site_its_variant_cannot_act_on_with_one_warning(
     assert state(net) == before
 
 
+def test_a_bypass_only_a_forward_reveals_is_refused_on_the_first_forward_with_the_way_out() -> None:
+    """GPT-2's source still calls its attention dropout (on a path it does not take by default), so without an
+    example input the bypass shows only on the first training forward; the refusal says how to avoid it."""
+    model = next(m for m in MODELS if m.name == "gpt2")
+    net = fresh(model)
+    inject(net, [Rule(replace=True, variant="gaussian")])
+    with pytest.raises(DropoutConfigError) as err:
+        model.forward(net)
+    assert model.sites["bypassed"] in one_line(err) and "example_input_array" in str(err.value)
+    with pytest.warns(UserWarning, match=r"h\.0\.attn\.attn_dropout"):
+        plan = inject(fresh(model), [Rule(replace=True, variant="gaussian")], example_input=model.example)
+    assert model.sites["bypassed"] not in {s.key for s in plan}
+
+
 def test_the_callback_leaves_bert_attention_dropout_alone_in_setup() -> None:
     """The reported case: a BERT with `example_input_array` stopped in DropoutInjector.setup."""
     model = next(m for m in MODELS if m.name == "bert")
