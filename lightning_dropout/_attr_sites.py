@@ -34,6 +34,7 @@ import fnmatch
 import functools
 import inspect
 import logging
+import sys
 import textwrap
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,15 +44,20 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_dropout.errors import DropoutConfigError
+
 __all__ = [
     "RATE_ATTRIBUTES",
     "EagerSwitch",
     "Probe",
+    "bypass_hint",
+    "eager_calls",
     "eager_switches",
     "probe",
     "rate_attribute_candidates",
     "reaches_dropout",
     "register_rate_attribute",
+    "static_bypass",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,8 +79,6 @@ def register_rate_attribute(*patterns: str) -> None:
     rates; a candidate still needs proof that it reaches a dropout kernel."""
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
-            from lightning_dropout.errors import DropoutConfigError
-
             raise DropoutConfigError(
                 f"`pattern` must be a non-empty glob string, but got pattern={pattern!r}."
             )
@@ -149,6 +153,33 @@ def _static_proof(cls: Any, attr: str) -> bool:
                     if named and _reads(kw.value, attr):
                         return True
     return False
+
+
+def _self_attr(node: ast.AST, attr: str) -> bool:
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == attr
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def static_bypass(cls: Any, child: str) -> bool:
+    """Whether the source of ``cls`` (its own methods and its bases', ``__init__`` aside) reads
+    ``self.<child>.p`` and never calls ``self.<child>(...)``: the module is a rate holder for a kernel
+    (transformers 5's attention passes ``dropout=self.dropout.p``), so a module put in its place never runs."""
+    reads = calls = False
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass.__module__.startswith("torch."):
+            break
+        for method in _class_methods(klass):
+            for node in ast.walk(method):
+                reads = reads or (
+                    isinstance(node, ast.Attribute) and node.attr == "p" and _self_attr(node.value, child)
+                )
+                calls = calls or (isinstance(node, ast.Call) and _self_attr(node.func, child))
+    return reads and not calls
 
 
 def reaches_dropout(module: nn.Module, attr: str, probed: Probe | None = None) -> bool:
@@ -235,6 +266,8 @@ def probe(
             vars(objects[oid])[attr] = value
         with _isolated(root), _KernelWatch(sentinels, probed):
             run()
+    except DropoutConfigError:  # a site's own check, run by its hook within this forward: its refusal stands
+        raise
     except Exception as err:  # the user's forward may need more than we know (labels, a cache...)
         log.warning(
             "could not probe %s in training mode (%s: %s)", type(root).__name__, type(err).__name__, err
@@ -289,3 +322,75 @@ def restore_switches(root: nn.Module) -> None:
     for module in reversed(list(root.modules())):
         for switch in reversed(module.__dict__.pop(SWITCH_STATE, [])):
             setattr(switch.obj, switch.attr, switch.original)
+
+
+@contextlib.contextmanager
+def _switched(owners: Iterable[nn.Module]) -> Iterator[None]:
+    """Every eager switch of ``owners`` flipped for the duration (nothing recorded, all restored)."""
+    switches = [s for owner in dict.fromkeys(owners) for s in eager_switches(owner)]
+    seen: set[tuple[int, str]] = set()
+    done: list[EagerSwitch] = []
+    try:
+        for switch in switches:
+            if (id(switch.obj), switch.attr) not in seen:  # a Hugging Face config is shared by the owners
+                seen.add((id(switch.obj), switch.attr))
+                setattr(switch.obj, switch.attr, switch.value)
+                done.append(switch)
+        yield
+    finally:
+        for switch in reversed(done):
+            setattr(switch.obj, switch.attr, switch.original)
+
+
+def eager_calls(
+    root: nn.Module, run: Callable[[], Any], pairs: Iterable[tuple[nn.Module, nn.Module]]
+) -> set[int]:
+    """Of ``(owner, module)`` pairs whose owner runs past ``module``, the ids of the modules their owner calls
+    once switched to its eager path (one probing forward with the switches flipped, then restored)."""
+    pairs = [(owner, module) for owner, module in pairs if eager_switches(owner)]
+    if not pairs:
+        return set()
+    with _switched(owner for owner, _ in pairs):
+        probed = probe(root, run, [], [m for _, m in pairs])
+    if probed is None:
+        return set()
+    return {id(m) for _, m in pairs if id(m) in probed.called}
+
+
+def transformers_major(owner: nn.Module) -> tuple[str, int] | None:
+    """``(version, major)`` of the transformers that defines ``owner``'s class, or ``None`` for other
+    classes (read from the imported package: nothing is imported here)."""
+    if not type(owner).__module__.startswith("transformers."):
+        return None
+    version = str(getattr(sys.modules.get("transformers"), "__version__", "") or "")
+    head = version.split(".")[0]
+    return (version, int(head)) if head.isdigit() else None
+
+
+def bypass_hint(owner: nn.Module, eager_helps: bool) -> str:
+    """How to act on a dropout module ``owner`` runs past, for the library and version at hand: the eager
+    switch when it makes ``owner`` call the module (measured: :func:`eager_calls`), else what works instead."""
+    switches = eager_switches(owner)
+    if eager_helps and switches:
+        done = ", ".join(s.describe() for s in switches)
+        same = (
+            ' (as `model.set_attn_implementation("eager")` does)'
+            if any(s.attr == "_attn_implementation" for s in switches)
+            else ""
+        )
+        return f"or switch the owner to its eager path ({done}){same}, which eager=True does for you"
+    found = transformers_major(owner)
+    if found is not None and found[1] >= 5:
+        return (
+            f"only variant 'standard' can act there: transformers {found[0]} passes the module's `.p` to the attention "
+            "kernel on every attention implementation, eager included (`attn_implementation`/"
+            "`set_attn_implementation` cannot change that); put another variant on a module after the attention "
+            "(BERT: `attention.output.dropout`; GPT-2: `attn.resid_dropout`)"
+        )
+    if found is not None:
+        return (
+            f"only variant 'standard' can act there as built: transformers {found[0]} fixes the attention class when "
+            'the model is built, so build it with `attn_implementation="eager"` (`from_pretrained(..., '
+            'attn_implementation="eager")`, or in its config), whose attention calls the module'
+        )
+    return "only variant 'standard' can act there (or exclude the site)"

@@ -122,16 +122,20 @@ class FirstTrainingForward(_SiteHook):
         variant = module._modules.get(self.child)
         if isinstance(variant, DropoutVariant):
             owner_name = self.key.rpartition(":")[0].rpartition(".")[0]
-            verify_runs(
-                module, lambda: module(*args, **kwargs), [(self.key, owner_name, module, variant)], self.eager
-            )
+            try:
+                verify_runs(
+                    module,
+                    lambda: module(*args, **kwargs),
+                    [(self.key, owner_name, module, variant)],
+                    self.eager,
+                )
+            except DropoutConfigError as err:
+                raise DropoutConfigError(
+                    f"{str(err).rstrip('.')}; given an example input (`example_input`, the LightningModule's "
+                    "`example_input_array`) this is found when injecting, where a replace=True rule leaves the "
+                    "site as it is."
+                ) from None
         return None
-
-
-_EAGER_HINT = (
-    "keep variant 'standard' there (or exclude the site), or switch the owner to its eager "
-    'path (timm: `fused_attn = False`; Hugging Face: `attn_implementation="eager"`), which eager=True does'
-)
 
 
 def verify_runs(
@@ -170,14 +174,14 @@ def verify_runs(
     if not unused:
         return
     switches = {id(owner): attr_sites.eager_switches(owner) for _, owner, _ in unused}  # before any flips
-    for head, owner, _ in unused:
-        if not eager or not switches[id(owner)]:
-            hint = (
-                f"{_EAGER_HINT} for you"
-                if switches[id(owner)]
-                else "only variant 'standard' can act there (or exclude the site)"
-            )
-            raise DropoutConfigError(f"{head}; {hint}.")
+    refused = [(h, o, v) for h, o, v in unused if not eager or not switches[id(o)]]
+    if refused:
+        head, owner, variant = refused[0]
+        helps = id(variant) in attr_sites.eager_calls(root, run, [(owner, variant)])
+        hint = attr_sites.bypass_hint(owner, helps)
+        if hint.startswith("or "):
+            hint = f"keep variant 'standard' there (or exclude the site), {hint}"
+        raise DropoutConfigError(f"{head}; {hint}.")
     switched: list[nn.Module] = []
     try:
         for _, owner, _ in unused:
@@ -188,9 +192,11 @@ def verify_runs(
         for head, owner, variant in unused:
             done = ", ".join(s.describe() for s in switches[id(owner)])
             if again is not None and id(variant) not in again.called:
+                found = attr_sites.transformers_major(owner)
+                why = f" ({attr_sites.bypass_hint(owner, False).partition(': ')[2]})" if found else ""
                 raise DropoutConfigError(
                     f"{head}, even after switching it to its eager path ({done}); only variant 'standard' can act "
-                    "there (or exclude the site)."
+                    f"there (or exclude the site){why}."
                 )
             log.info(
                 "%s: switched the owner to its eager path (%s), so the variant runs", head.split(":")[0], done

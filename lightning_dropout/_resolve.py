@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from torch import nn
@@ -18,7 +19,15 @@ from lightning_dropout.plan import DropoutPlan, Site
 from lightning_dropout.rules import Rule, existing_rate, has_float_dropout, is_dropout_module
 from lightning_dropout.variants import DropoutVariant
 
-__all__ = ["check_rules", "complete_params", "float_variant", "functional_refusal", "resolve"]
+__all__ = [
+    "Bypass",
+    "check_rules",
+    "complete_params",
+    "existing_sites",
+    "float_variant",
+    "functional_refusal",
+    "resolve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +141,7 @@ def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]
 def _replacement_sites(
     rule: Rule, qualname: str, module: nn.Module, model: nn.Module, attr: str | None = None
 ) -> list[Site]:
-    explicit = rule.replace is not True
+    explicit = rule.replace is not True or rule.strict
     if attr is not None:  # a float rate the owner applies with nn.functional.dropout or an attention kernel
         if rule.variant != "standard":
             if explicit:
@@ -179,26 +188,55 @@ def _rate_owner(module: nn.Module) -> bool:
     return not (is_dropout_module(module) or has_float_dropout(module) or isinstance(module, nn.RNNBase))
 
 
-def _rate_attributes(
-    model: nn.Module, example_input: Any = None
-) -> dict[str, list[tuple[str, nn.Module, str]]]:
-    """Per owner name, the ``(path, owner, attribute)`` of every float rate the owner applies functionally.
+@dataclass(frozen=True)
+class Bypass:
+    """A dropout module its owner runs past: the owner reads its ``.p`` into a kernel (fused attention), or
+    never calls it; a module of another variant put in its place would never run."""
 
-    Candidates by name and value (:func:`~lightning_dropout._attr_sites.rate_attribute_candidates`); proven
-    by a sentinel probe with ``example_input`` for owners it runs, else by the owner's source."""
+    owner_name: str
+    owner: nn.Module
+    why: str  # "reads the module's `.p` into scaled_dot_product_attention() instead of calling it", ...
+    eager_helps: bool  # whether the owner's eager path (timm `fused_attn`, Hugging Face) calls it
+
+    def explain(self) -> str:
+        return f"{type(self.owner).__name__} {self.owner_name!r} {self.why}"
+
+
+def _dropout_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """``(name, live module, owner)`` of every dropout module below the root (not torch's float-dropout
+    owners); the live module of a replaced one is what sits there now."""
+    return [
+        (q, model.get_submodule(q), model.get_submodule(q.rpartition(".")[0]))
+        for q, m in _candidates(model)
+        if q and is_dropout_module(m) and not has_float_dropout(m)
+    ]
+
+
+def _usage(
+    model: nn.Module, example_input: Any = None, *, bypasses: bool = False
+) -> tuple[dict[str, list[tuple[str, nn.Module, str]]], dict[str, Bypass]]:
+    """What the model's forward really applies: per owner name, the ``(path, owner, attribute)`` of every float
+    rate the owner applies functionally; and, with ``bypasses``, the dropout modules their owners run past.
+
+    Rate candidates by name and value (:func:`~lightning_dropout._attr_sites.rate_attribute_candidates`). Both
+    are proven by one sentinel-rate probe with ``example_input`` for the owners it runs, else by the owner's
+    source (a rate passed to a dropout call; a module whose ``.p`` is read and which is never called)."""
     owners = [
         (q, m, attr_sites.rate_attribute_candidates(m)) for q, m in _candidates(model) if _rate_owner(m)
     ]
     owners = [(q, m, names) for q, m, names in owners if names]
-    if not owners:
-        return {}
+    modules = _dropout_modules(model) if bypasses else []
+    if not owners and not modules:
+        return {}, {}
     probed = None
+    run = lambda: call_model(model, example_input)  # noqa: E731
     if example_input is not None:
         probed = attr_sites.probe(
             model,
-            lambda: call_model(model, example_input),
-            [(m, n) for _, m, names in owners for n in names],
-            [m for _, m, _ in owners],
+            run,
+            [(m, n) for _, m, names in owners for n in names]
+            + [(live, "p") for _, live, _ in modules if attr_sites.is_rate_value(vars(live).get("p"))],
+            [m for _, m, _ in owners] + [x for _, live, owner in modules for x in (owner, live)],
         )
     found: dict[str, list[tuple[str, nn.Module, str]]] = {}
     for qualname, module, names in owners:
@@ -206,7 +244,27 @@ def _rate_attributes(
             if attr_sites.reaches_dropout(module, name, probed):
                 path = f"{qualname}.{name}" if qualname else name
                 found.setdefault(qualname, []).append((path, module, name))
-    return found
+    passed: list[tuple[str, nn.Module, nn.Module, str]] = []  # (name, live module, owner, why)
+    for qualname, live, owner in modules:
+        if probed is not None and id(owner) in probed.called:
+            if id(live) not in probed.called:
+                kernel = probed.reached.get((id(live), "p"))
+                why = (
+                    f"reads the module's `.p` into {kernel}() instead of calling it"
+                    if kernel is not None
+                    else "runs without calling it"
+                )
+                passed.append((qualname, live, owner, why))
+        elif attr_sites.static_bypass(cast(Any, type(owner)), qualname.rpartition(".")[2]):
+            passed.append(
+                (qualname, live, owner, "reads the module's `.p` and never calls it (in its source)")
+            )
+    ran = [(o, m) for _, m, o, _ in passed if probed is not None and id(o) in probed.called]
+    helps = attr_sites.eager_calls(model, run, ran) if ran else set()
+    bypassed = {
+        q: Bypass(q.rpartition(".")[0], owner, why, id(live) in helps) for q, live, owner, why in passed
+    }
+    return found, bypassed
 
 
 def _selected(
@@ -262,16 +320,71 @@ def check_rules(rules: Any, call: str) -> None:
             )
 
 
+def existing_sites(model: nn.Module, example_input: Any = None) -> list[tuple[Site, nn.Module, str]]:
+    """``(site, module, kind)`` for the dropout ``model`` has of its own: the sites ``Rule(replace=True)``
+    resolves to, at the model's own rates, with the dropout module (the owner, for a rate attribute) and how the
+    model applies it: ``"module"``, ``"bypassed"`` (a fused kernel reads its ``.p``, or its owner never calls
+    it) or ``"rate attribute"``."""
+    rates, bypasses = _usage(model, example_input, bypasses=True)
+    everything = Rule(replace=True)
+    out = []
+    for qualname, module, attr in _selected(everything, model, set(), rates):
+        for site in _replacement_sites(everything, qualname, module, model, attr):
+            if site.where == "attribute":
+                kind = "rate attribute"
+            else:
+                kind = "bypassed" if qualname in bypasses else "module"
+            out.append((site, module, kind))
+    return out
+
+
+def _few(names: list[str]) -> str:
+    return f"{names[:3]}{' ...' if len(names) > 3 else ''}"
+
+
+def _left_alone(rule: Rule, skipped: list[str], bypassed: list[tuple[str, Bypass]]) -> tuple[str, str]:
+    """What a rule leaves as it is, and why and how to act on it: ``(what, why)`` for its message."""
+    parts, reasons = [], []
+    if skipped:
+        parts.append(f"{len(skipped)} float rates the model applies functionally ({_few(skipped)})")
+        reasons.append(
+            "those rates take only variant 'standard' (add a Rule(replace=True, variant='standard') to set or "
+            "tune them)"
+        )
+    if bypassed:
+        first = bypassed[0][1]
+        hint = attr_sites.bypass_hint(first.owner, first.eager_helps).removeprefix("or ")
+        parts.append(
+            f"{len(bypassed)} dropout modules their owners run past ({_few([q for q, _ in bypassed])})"
+        )
+        reasons.append(f"{first.explain()}, so variant {rule.variant!r} would never run there; {hint}")
+    return " and ".join(parts), "; ".join(reasons)
+
+
 def resolve(
-    model: nn.Module, rules: Sequence[Rule], example_input: Any = None, *, _traced: Trace | None = None
+    model: nn.Module,
+    rules: Sequence[Rule],
+    example_input: Any = None,
+    *,
+    eager: bool = False,
+    _traced: Trace | None = None,
 ) -> DropoutPlan:
     """Turn ``rules`` into a :class:`~lightning_dropout.plan.DropoutPlan` for ``model`` (nothing is changed).
+
+    A ``replace=True`` rule with a variant other than ``standard`` leaves the sites where that variant cannot
+    act as they are, with one warning naming them: float rates applied functionally, and dropout modules
+    their owner runs past (fused attention reads their ``.p``; seen by a training-mode probe with
+    ``example_input``, else in the owner's source), unless ``eager`` and the owner's eager path calls them.
+    With ``strict=True`` on the rule such sites are kept and refused in one line instead.
 
     Args:
         model: any ``nn.Module`` (already injected modules are looked through).
         rules: the rules, applied in order; a later rule overrides an earlier one on the same site.
         example_input: optional input (tensor, tuple of positional args, or dict of kwargs); when given, the
             output layer is found by execution order.
+        eager: whether the plan will be applied with ``eager=True`` (see
+            :func:`~lightning_dropout.inject.apply_plan`): bypassed modules whose owner's eager path calls
+            them are kept.
 
     Raises:
         DropoutConfigError: a rule matches nothing (with the closest module names) or a variant cannot
@@ -283,34 +396,45 @@ def resolve(
     rules = [r if isinstance(r, Rule) else Rule(**r) for r in rules]
     wants_head = any(r.exclude_output_layer for r in rules)
     head = output_layer(model, example_input, _traced=_traced) if wants_head else None
-    rates = _rate_attributes(model, example_input) if any(r.replace is not None for r in rules) else {}
+    lenient = [r.replace is True and r.variant != "standard" and not r.strict for r in rules]
+    rates, bypasses = (
+        _usage(model, example_input, bypasses=any(lenient))
+        if any(r.replace is not None for r in rules)
+        else ({}, {})
+    )
     sites: list[Site] = []
     for index, rule in enumerate(rules):
         excluded = {head} if (rule.exclude_output_layer and head is not None) else set()
         picked = _selected(rule, model, excluded, rates)
         new: list[Site] = []
         skipped: list[str] = []
+        bypassed: list[tuple[str, Bypass]] = []
         for qualname, module, attr in picked:
             if rule.replace is None:
                 new.extend(_injection_sites(rule, qualname, module))
-            else:
-                found = _replacement_sites(rule, qualname, module, model, attr)
-                if not found and attr is not None and getattr(module, attr) > 0:
-                    skipped.append(qualname)
-                new.extend(found)
-        if not new and skipped:
-            raise DropoutConfigError(
-                f"rules[{index}] {rule.label()} selects only float rates the model applies functionally "
-                f"({skipped[:3]}{' ...' if len(skipped) > 3 else ''}), which take only variant 'standard', but got "
-                f"{rule.variant!r}."
-            )
+                continue
+            bypass = bypasses.get(qualname) if attr is None and lenient[index] else None
+            if bypass is not None and not (eager and bypass.eager_helps):
+                if (rule.p if rule.p is not None else existing_rate(module) or 0.0) > 0:
+                    bypassed.append((qualname, bypass))
+                continue
+            found = _replacement_sites(rule, qualname, module, model, attr)
+            if (
+                not found
+                and attr is not None
+                and (rule.p if rule.p is not None else getattr(module, attr)) > 0
+            ):
+                skipped.append(qualname)
+            new.extend(found)
+        if not new and (skipped or bypassed):
+            what, why = _left_alone(rule, skipped, bypassed)
+            raise DropoutConfigError(f"rules[{index}] {rule.label()} selects only {what}: {why}.")
         if not new:
             raise _no_match_error(rule, index, model)
-        if skipped:
+        if skipped or bypassed:
+            what, why = _left_alone(rule, skipped, bypassed)
             warnings.warn(
-                f"rules[{index}] {rule.label()} leaves {len(skipped)} float rates the model applies functionally "
-                f"as they are ({skipped[:3]}{' ...' if len(skipped) > 3 else ''}): they take only variant 'standard'; "
-                "add a Rule(replace=True, variant='standard') to set or tune them.",
+                f"rules[{index}] {rule.label()} leaves {what} as they are: {why}; strict=True refuses them instead.",
                 UserWarning,
                 stacklevel=2,
             )

@@ -218,7 +218,7 @@ class DropoutInjector(Callback):
         self._check_shared_sites(trainer, pl_module)
         self.inject(pl_module)
         if already != self.plan and self.plan is not None and trainer.is_global_zero:
-            table = format_sites(describe(pl_module, self._example(pl_module)))
+            table = format_sites(describe(pl_module, self._example(pl_module), existing=False))
             rank_zero_info(
                 f"lightning-dropout: {len(self.plan)} dropout sites (plan {self.plan.digest()})\n{table}"
             )
@@ -229,7 +229,7 @@ class DropoutInjector(Callback):
             self._given_plan = self._provider(pl_module)
         if self._given_plan is not None:
             return self._given_plan
-        return resolve(pl_module, self.rules or [], self._example(pl_module))
+        return resolve(pl_module, self.rules or [], self._example(pl_module), eager=self.eager)
 
     def _check_shared_sites(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse a site another DropoutInjector of the trainer already applied (the later one would silently

@@ -7,7 +7,8 @@ Commands:
   existing LightningCLI config (``model``/``data``/``trainer`` with ``class_path``/``init_args``) works.
 * ``describe --config CONFIG.yaml``: build the model, resolve the injector's rules and print every dropout
   site (module, variant, rate, the shape it sees) without training; on a tuning config, preview the search
-  space (each group, the sites it matches, its search dimensions).
+  space (each group, the sites it matches, its search dimensions). ``describe CONFIG --existing`` lists the
+  dropout the model has of its own (modules, rate attributes, attention and RNN dropout) instead.
 * ``variants``: list the registered variants.
 * ``tune CONFIG [overrides]``: run (or resume, or join) the Optuna study of a tuning config (``study:`` and
   ``dropout:`` sections next to ``model``/``data``/``trainer``); prints the progress, the re-run table, and
@@ -54,7 +55,8 @@ _USAGE = (
     "  best STUDY|CONFIG          print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
     "  report STUDY|CONFIG        write a static HTML report of a study [--storage URL] [--out FILE.html]\n"
     "  describe CONFIG            print the dropout sites the config's DropoutInjector would create, or\n"
-    "                             preview a tuning config's search space (groups, sites, dimensions)\n"
+    "                             preview a tuning config's search space (groups, sites, dimensions);\n"
+    "                             --existing: list the dropout the model already has\n"
     "  variants                   list the dropout variants\n"
     "  --version                  print the version\n"
     "Run `lightning-dropout COMMAND --help` for a command's options (`fit --help`: every LightningCLI option)."
@@ -99,13 +101,17 @@ _COMMAND_HELP = {
         "Preview the search space first: lightning-dropout describe CONFIG.yaml"
     ),
     "describe": (
-        "usage: lightning-dropout describe CONFIG.yaml [overrides]\n"
+        "usage: lightning-dropout describe CONFIG.yaml [--existing] [overrides]\n"
         "Build the model without training and print:\n"
         "  - for a tuning config (`dropout.groups`): each search group, the sites it matches in the model and\n"
         "    its search dimensions (the Optuna parameters and their domains);\n"
         "  - for a config with a DropoutInjector in trainer.callbacks: every dropout site it creates (module,\n"
         "    variant, rate, the shape it sees).\n"
         "  CONFIG.yaml, --config CONFIG.yaml  the config\n"
+        "  --existing       list instead the dropout the model already has (dropout modules, rate attributes\n"
+        "                   applied functionally, attention and RNN dropout): the site `replace: true` makes\n"
+        "                   of each, its rate and kind (`bypassed`: a fused attention kernel reads its `.p`,\n"
+        "                   so only variant standard acts there); any config with a model will do\n"
         "  --KEY=V          override any key of the config (--model.init_args.hidden=64, ...)"
     ),
     "variants": (
@@ -357,22 +363,29 @@ def _fail(message: str, config: str | None = None) -> int:
     return 2
 
 
-def _describe(args: list[str]) -> int:
+def _describe(args: list[str], existing: bool = False) -> int:
     from lightning_dropout.callback import DropoutInjector
     from lightning_dropout.config import quiet_lightning
-    from lightning_dropout.inject import describe, format_sites
+    from lightning_dropout.inject import describe, existing_dropout, format_sites
 
     cli = _load(args)
+    model = cli.model
+    example = getattr(model, "example_input_array", None)
+    if existing:  # the model's own dropout, before any injector touches it
+        with quiet_lightning():
+            rows = existing_dropout(model, example)
+        found = format_sites(rows) if rows else f"{type(model).__name__} has no dropout of its own"
+        sys.stdout.write(found + "\n")
+        return 0
     injectors = [c for c in cli.trainer.callbacks if isinstance(c, DropoutInjector)]  # type: ignore[attr-defined]
     space = cli.config_init.get("dropout")
     groups = list(getattr(space, "groups", None) or [])
     if not injectors and not groups:
         return _fail(
             "the config must list a lightning_dropout.callback.DropoutInjector in trainer.callbacks or search "
-            "groups in `dropout.groups` (a tuning config), but it has neither."
+            "groups in `dropout.groups` (a tuning config), but it has neither; `describe CONFIG --existing` "
+            "lists the dropout the model already has."
         )
-    model = cli.model
-    example = getattr(model, "example_input_array", None)
     if groups:  # a tuning config: preview what the search may put where
         from lightning_dropout.tune.space import format_space
 
@@ -384,7 +397,7 @@ def _describe(args: list[str]) -> int:
                 injector.inject(model)
         if groups:
             sys.stdout.write("\nthe config's DropoutInjector sites:\n")
-        sys.stdout.write(format_sites(describe(model, example)) + "\n")
+        sys.stdout.write(format_sites(describe(model, example, existing=False)) + "\n")
     return 0
 
 
@@ -459,7 +472,7 @@ def _run(command: str, rest: list[str]) -> int:
     if command == "report":
         return _report(rest)
     if command == "describe":
-        return _describe(_config_args(rest))
+        return _describe(_config_args([a for a in rest if a != "--existing"]), existing="--existing" in rest)
     if command == "variants":
         return _variants()
     near = closest(command, _COMMANDS)

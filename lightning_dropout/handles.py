@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_dropout._resolve import existing_sites
 from lightning_dropout._state import CHILD_FOR, STATE_ATTR, float_slot
 from lightning_dropout._trace import trace_input
 from lightning_dropout.errors import DropoutConfigError, check_rate
@@ -23,6 +24,7 @@ __all__ = [
     "SiteInfo",
     "bind_schedules",
     "describe",
+    "existing_dropout",
     "format_sites",
     "regularization",
     "site_handles",
@@ -73,7 +75,13 @@ def site_handles(model: nn.Module) -> list[SiteHandle]:
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """One row of :func:`describe`."""
+    """One row of :func:`describe` or :func:`existing_dropout`.
+
+    For the model's own dropout (:func:`existing_dropout`) ``variant`` is empty and ``kind`` says how the model
+    applies it: ``"module"`` (a dropout module it calls), ``"bypassed"`` (a dropout module whose ``.p`` a fused
+    kernel reads, or that its owner never calls: only ``standard`` acts there) or ``"rate attribute"`` (a
+    float applied with ``nn.functional.dropout`` or inside a kernel: attention, RNN, Hugging Face's
+    ``self.dropout``); ``key`` is the site a ``Rule(replace=True)`` would create there."""
 
     key: str
     target: str
@@ -83,11 +91,44 @@ class SiteInfo:
     p: float
     params: dict[str, Any]
     shape: tuple[int, ...] | None
+    kind: str = ""
 
 
-def describe(model: nn.Module, example_input: Any = None) -> list[SiteInfo]:
+def existing_dropout(model: nn.Module, example_input: Any = None) -> list[SiteInfo]:
+    """List the dropout ``model`` has of its own, whether or not anything was injected: dropout modules
+    (``nn.Dropout*``, timm and torchvision drop-path/drop-block), the float ``dropout`` of attention and
+    stacked RNNs, and float rates modules apply functionally (Hugging Face BART's ``self.dropout``, ...), each
+    with the rate the model gave it, the site ``Rule(replace=True)`` would create there and how the model
+    applies it (:attr:`SiteInfo.kind`). With ``example_input`` a training-mode probe proves rate attributes and
+    finds the dropout modules a fused attention kernel bypasses, and each row gets the shape its site sees;
+    without one, the owners' source is read. Nothing of the model changes.
+    ``print(format_sites(existing_dropout(model)))`` shows it as a table."""
+    found = existing_sites(model, example_input)
+    trace = trace_input(model, example_input) if example_input is not None and found else None
+    return [
+        SiteInfo(
+            site.key,
+            site.target,
+            type(module).__name__,
+            site.where,
+            "",
+            site.p,
+            {},
+            trace.in_shapes.get(site.target) if trace is not None else None,
+            kind,
+        )
+        for site, module, kind in found
+    ]
+
+
+def describe(model: nn.Module, example_input: Any = None, *, existing: bool | None = None) -> list[SiteInfo]:
     """List every applied site: name, module type, variant, current rate, and the shape the site sees when
-    ``example_input`` is given. ``print(format_sites(describe(model)))`` shows it as a table."""
+    ``example_input`` is given. ``print(format_sites(describe(model)))`` shows it as a table.
+
+    ``existing=True`` lists the model's own dropout instead (:func:`existing_dropout`); the default ``None``
+    does so when no site is applied (a model not injected yet), ``False`` never."""
+    if existing or (existing is None and not model.__dict__.get(STATE_ATTR)):
+        return existing_dropout(model, example_input)
     trace = trace_input(model, example_input) if example_input is not None else None
     rows = []
     for handle in site_handles(model):
@@ -115,19 +156,29 @@ def describe(model: nn.Module, example_input: Any = None) -> list[SiteInfo]:
 
 
 def format_sites(rows: Iterable[SiteInfo]) -> str:
-    """A fixed-width text table of :func:`describe` rows."""
-    header = ("site", "module", "variant", "p", "params", "shape")
-    body = [
-        (
-            r.key,
-            r.module_type,
-            r.variant,
-            f"{r.p:.3g}",
-            ", ".join(f"{k}={v}" for k, v in r.params.items()),
-            "x".join(map(str, r.shape)) if r.shape else "",
-        )
-        for r in rows
-    ]
+    """A fixed-width text table of :func:`describe` rows (of :func:`existing_dropout` rows: site, module, kind,
+    rate and shape)."""
+    rows = list(rows)
+    body: list[tuple[str, ...]]
+    if rows and all(r.kind for r in rows):
+        header: tuple[str, ...] = ("site", "module", "kind", "p", "shape")
+        body = [
+            (r.key, r.module_type, r.kind, f"{r.p:.3g}", "x".join(map(str, r.shape)) if r.shape else "")
+            for r in rows
+        ]
+    else:
+        header = ("site", "module", "variant", "p", "params", "shape")
+        body = [
+            (
+                r.key,
+                r.module_type,
+                r.variant,
+                f"{r.p:.3g}",
+                ", ".join(f"{k}={v}" for k, v in r.params.items()),
+                "x".join(map(str, r.shape)) if r.shape else "",
+            )
+            for r in rows
+        ]
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
     lines = [
         "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()

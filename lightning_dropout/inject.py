@@ -79,6 +79,7 @@ from lightning_dropout.handles import (
     SiteHandle,
     SiteInfo,
     describe,
+    existing_dropout,
     format_sites,
     regularization,
     site_handles,
@@ -98,6 +99,7 @@ __all__ = [
     "applied_plan",
     "apply_plan",
     "describe",
+    "existing_dropout",
     "existing_rate",
     "format_sites",
     "inject",
@@ -365,7 +367,8 @@ def inject(
 
     Exactly one of ``rules`` and ``plan`` must be given. ``eager=True`` lets a non-standard variant replace a
     dropout module that a fused attention kernel bypasses, by switching its owner to the eager path (see
-    :func:`apply_plan`).
+    :func:`apply_plan`). A ``replace=True`` rule leaves the sites where its variant cannot act as they are,
+    with one warning (``strict=True`` on the rule refuses them; see :func:`resolve`).
     """
     if (rules is None) == (plan is None):
         raise DropoutConfigError(
@@ -382,7 +385,9 @@ def inject(
         traced = (
             trace_input(model, example_input) if example_input is not None else None
         )  # one forward for both
-        plan = resolve(model, [rules] if isinstance(rules, Rule) else rules, example_input, _traced=traced)
+        plan = resolve(
+            model, [rules] if isinstance(rules, Rule) else rules, example_input, eager=eager, _traced=traced
+        )
         return apply_plan(model, plan, example_input, eager=eager, _traced=traced)
     assert plan is not None
     return apply_plan(model, plan, example_input, eager=eager)

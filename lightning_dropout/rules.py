@@ -144,6 +144,9 @@ class Rule:
         exclude_output_layer: never put dropout after the model's final output layer (default ``True``).
         depth_scaling: ``"linear"`` scales the rate of the rule's i-th site of n by ``i / (n - 1)``
             (``linspace(0, p, n)``, timm's drop-path rule); ``"none"`` keeps ``p`` everywhere.
+        strict: for ``replace=True`` rules with a variant other than ``standard``: refuse, in one line, a
+            selected site where the variant cannot act (a float rate applied functionally, a dropout module a
+            fused attention kernel bypasses) instead of leaving it as it is with one warning (the default).
 
     Example:
         >>> Rule(match="Linear", p=0.2).match
@@ -161,9 +164,12 @@ class Rule:
     params: dict[str, Any] = field(default_factory=dict)
     exclude_output_layer: bool = True
     depth_scaling: str = "none"
+    strict: bool = False
 
     def __post_init__(self) -> None:
         get_variant(self.variant)
+        if not isinstance(self.strict, bool):
+            raise DropoutConfigError(f"`strict` must be true or false, but got strict={self.strict!r}.")
         if self.p is not None:
             self.p = check_rate(self.p)
         self.match = _as_types(self.match, "match") if self.match is not None else None
@@ -217,6 +223,8 @@ class Rule:
             parts.append(f"name={list(self.name)}")
         if self.regex:
             parts.append(f"regex={self.regex!r}")
+        if self.strict:
+            parts.append("strict=True")
         return f"Rule({', '.join(parts)}, variant={self.variant!r})"
 
     def _selects(self, qualname: str, module: nn.Module) -> bool:

@@ -145,3 +145,21 @@ def test_tune_shortcuts_stand_for_study_keys():
         ["--config", "x.yaml", "--workers", "2", "--n_trials=5", "--storage", "sqlite:///s.db"]
     ) == ["--config", "x.yaml", "--study.workers=2", "--study.n_trials=5", "--study.storage=sqlite:///s.db"]
     assert main(["tune", QUICKSTART, "--workers"]) == 2
+
+
+def test_describe_existing_lists_the_models_own_dropout(tmp_path, capsys):
+    transformer = str(ROOT / "configs" / "mnist1d_transformer.yaml")
+    args = [f"--data.init_args.cache_dir={tmp_path / 'data'}", f"--trainer.default_root_dir={tmp_path}"]
+    assert main(["describe", transformer, "--existing", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["site", "module", "kind", "p", "shape"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["encoder.layers.0.self_attn:attribute"][:3] == ["MultiheadAttention", "rate", "attribute"]
+    assert rows["encoder.layers.1.dropout2:replace"] == ["Dropout", "module", "0", "2x40x32"]
+    assert len(rows) == 8
+    # a config with no injector and no search groups: --existing still works; without it, the error says so
+    plain = [*_tiny(tmp_path), "--trainer.callbacks=[]"]
+    assert main(["describe", "--existing", *plain]) == 0
+    assert capsys.readouterr().out == "MLP has no dropout of its own\n"
+    assert main(["describe", *plain]) == 2
+    assert "describe CONFIG --existing" in capsys.readouterr().err

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("command", "own", "not_own"),
     [
         ("tune", ["--workers", "--n_trials", "--storage", "--study.KEY"], ["--out", "--plan"]),
-        ("describe", ["search dimensions", "DropoutInjector"], ["--workers", "--out"]),
+        ("describe", ["search dimensions", "DropoutInjector", "--existing"], ["--workers", "--out"]),
         ("variants", ["variant"], ["--workers", "--storage"]),
         ("best", ["--config", "--storage", "--out", "plan"], ["--workers"]),
         ("report", ["--config", "--storage", "--out", "HTML"], ["--workers"]),

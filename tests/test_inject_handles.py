@@ -13,7 +13,7 @@ from lightning_dropout import (
     inject,
     undo,
 )
-from lightning_dropout.inject import regularization
+from lightning_dropout.inject import regularization, resolve
 from lightning_dropout.variants import ConcreteDropout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,3 +72,62 @@ def test_describe_reports_the_shape_of_replace_sites() -> None:
     inject(model, Rule(replace=nn.Dropout, variant="gaussian"))
     rows = describe(model, torch.randn(3, 1, 6, 6))
     assert [(r.key, r.shape) for r in rows] == [("drop:replace", (3, 8))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dropout a model already has: existing_dropout, and describe on a model nothing was injected into
+# ----------------------------------------------------------------------------------------------------------
+def test_existing_dropout_lists_a_zoo_models_own_dropout() -> None:
+    from lightning_dropout import existing_dropout, format_sites
+    from lightning_dropout.zoo import MLP as ZooMLP
+    from lightning_dropout.zoo import TransformerEncoderClassifier
+
+    model = TransformerEncoderClassifier()
+    example = model.example_input_array
+    rows = existing_dropout(model, example)
+    by_key = {r.key: r for r in rows}
+    for layer in (0, 1):
+        assert by_key[f"encoder.layers.{layer}.self_attn:attribute"].kind == "rate attribute"
+        assert by_key[f"encoder.layers.{layer}.self_attn:attribute"].module_type == "MultiheadAttention"
+        for name in ("dropout", "dropout1", "dropout2"):
+            row = by_key[f"encoder.layers.{layer}.{name}:replace"]
+            assert (row.module_type, row.kind, row.p, row.variant) == ("Dropout", "module", 0.0, "")
+    assert len(rows) == 8 and by_key["encoder.layers.0.dropout1:replace"].shape is not None
+    assert [r.key for r in rows] == [
+        s.key for s in resolve(model, [Rule(replace=True)])
+    ]  # what replace finds
+    # describe on the un-injected model shows the same, as a table with a kind column
+    assert describe(model, example) == rows
+    table = format_sites(describe(model))
+    assert table.splitlines()[0].split() == ["site", "module", "kind", "p", "shape"]
+    assert "encoder.layers.1.dropout2:replace" in table and "rate attribute" in table
+    # once injected, describe shows the applied sites; existing_dropout still the model's own, at its own rates
+    inject(model, [Rule(replace=True, p=0.3)])
+    assert {r.variant for r in describe(model)} == {"standard", "attention"}
+    assert {r.p for r in describe(model)} == {0.3}
+    assert [(r.key, r.p) for r in existing_dropout(model)] == [(r.key, 0.0) for r in rows]
+    undo(model)
+    assert describe(model) == existing_dropout(model) and describe(model, existing=False) == []
+    assert existing_dropout(ZooMLP()) == [] and describe(ZooMLP()) == []
+
+
+def test_existing_dropout_finds_rate_attributes() -> None:
+    from lightning_dropout import existing_dropout
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.hidden_dropout = 0.2
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.drop(nn.functional.dropout(self.fc(x), p=self.hidden_dropout, training=self.training))
+
+    model = nn.Sequential(Functional(), nn.LSTM(4, 4, num_layers=2, dropout=0.25))
+    rows = {r.key: (r.module_type, r.kind, r.p) for r in existing_dropout(model)}
+    assert rows == {
+        "0.hidden_dropout:attribute": ("Functional", "rate attribute", 0.2),
+        "0.drop:replace": ("Dropout", "module", 0.1),
+        "1:attribute": ("LSTM", "rate attribute", 0.25),
+    }

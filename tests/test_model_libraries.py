@@ -15,10 +15,14 @@ Three kinds of site, each checked to be found and to act (or to fail in one line
 from __future__ import annotations
 
 import copy
+import importlib
 import os
+import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,6 +31,7 @@ import pytest
 import timm_patterns as tp
 import torch
 import torch.nn.functional as F
+import yaml
 from helpers import trainer
 from torch import Tensor, nn
 
@@ -530,8 +535,14 @@ def test_dropout_module_its_owner_never_calls_is_refused_for_other_variants() ->
             return self.fc(x)
 
     model = nn.Sequential(Dead())
-    with pytest.raises(DropoutConfigError) as err:
+    with pytest.raises(DropoutConfigError) as err:  # the rule would leave the only module it selects alone
         inject(model, [Rule(replace=True, variant="gaussian")], example_input=torch.randn(2, 4))
+    assert one_line(err).startswith(
+        "rules[0] Rule(replace=True, variant='gaussian') selects only 1 dropout modules their owners run past "
+        "(['0.dropout']): Dead '0' runs without calling it, so variant 'gaussian' would never run there"
+    )
+    with pytest.raises(DropoutConfigError) as err:
+        inject(model, [Rule(replace=True, variant="gaussian", strict=True)], example_input=torch.randn(2, 4))
     assert one_line(err).startswith(
         "site '0.dropout:replace': variant 'gaussian' would never run: Dead '0' ran"
     )
@@ -585,3 +596,308 @@ def test_a_refused_site_leaves_the_earlier_plan_in_place() -> None:
         )
     assert [(s.key, s.variant, s.p) for s in describe(net)] == [(s.key, s.variant, s.p) for s in first]
     assert net.blocks[0].attn.fused_attn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. A variant that cannot act on a site: replace=True leaves it alone with one warning, for a rate attribute
+#    and for a bypassed attention dropout alike; strict=True refuses; the hint fits the installed library
+# ----------------------------------------------------------------------------------------------------------
+def _our_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "Rule(replace=True" in str(w.message)]
+
+
+@pytest.mark.parametrize("with_example", [False, True], ids=["static", "example"])
+@pytest.mark.parametrize(("name", "kind"), [("bert", "bypassed"), ("t5", "rate")])
+def test_replace_true_leaves_a_site_its_variant_cannot_act_on_with_one_warning(
+    name: str, kind: str, with_example: bool
+) -> None:
+    model = next(m for m in MODELS if m.name == name)
+    key = model.sites[kind]
+    example = model.example if with_example else None
+    net = fresh(model)
+    before = state(net)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plan = inject(net, [Rule(replace=True, variant="gaussian", p=0.2)], example_input=example)
+    (message,) = _our_warnings(record)
+    assert key.split(":")[0] in message and "strict=True" in message and "'standard'" in message
+    assert key not in {s.key for s in plan}
+    assert plan and all(s.variant == "gaussian" for s in plan)  # the module sites it can act on
+    model.forward(net.train())  # a training forward: nothing left that would fail later
+    undo(net)
+    assert state(net) == before
+    # strict=True keeps the refusal, in one line naming the site, and leaves the model as it was
+    with pytest.raises(DropoutConfigError) as err:
+        inject(net, [Rule(replace=True, variant="gaussian", strict=True)], example_input=model.example)
+    assert key in one_line(err) and "'standard'" in str(err.value)
+    assert state(net) == before
+
+
+def test_a_bypass_only_a_forward_reveals_is_refused_on_the_first_forward_with_the_way_out() -> None:
+    """GPT-2's source still calls its attention dropout (on a path it does not take by default), so without an
+    example input the bypass shows only on the first training forward; the refusal says how to avoid it."""
+    model = next(m for m in MODELS if m.name == "gpt2")
+    net = fresh(model)
+    inject(net, [Rule(replace=True, variant="gaussian")])
+    with pytest.raises(DropoutConfigError) as err:
+        model.forward(net)
+    assert model.sites["bypassed"] in one_line(err) and "example_input_array" in str(err.value)
+    with pytest.warns(UserWarning, match=r"h\.0\.attn\.attn_dropout"):
+        plan = inject(fresh(model), [Rule(replace=True, variant="gaussian")], example_input=model.example)
+    assert model.sites["bypassed"] not in {s.key for s in plan}
+
+
+def test_the_callback_leaves_bert_attention_dropout_alone_in_setup() -> None:
+    """The reported case: a BERT with `example_input_array` stopped in DropoutInjector.setup."""
+    model = next(m for m in MODELS if m.name == "bert")
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = fresh(model)
+            self.example_input_array = model.example
+
+        def forward(self, input_ids: Tensor) -> Tensor:
+            return self.net(input_ids=input_ids).last_hidden_state
+
+    module = Module()
+    with pytest.warns(UserWarning, match=r"net\.encoder\.layer\.0\.attention\.self\.dropout"):
+        plan = DropoutInjector(rules=[Rule(replace=True, variant="gaussian", p=0.1)]).inject(module)
+    assert "net.encoder.layer.0.attention.output.dropout:replace" in {s.key for s in plan}
+    assert type(module.net.encoder.layer[0].attention.self.dropout) is nn.Dropout
+    with pytest.raises(DropoutConfigError, match="would never run"):
+        DropoutInjector(rules=[Rule(replace=True, variant="gaussian", strict=True)]).inject(Module())
+
+
+def test_timm_attention_dropout_is_left_alone_unless_eager_switches_it() -> None:
+    model = next(m for m in MODELS if m.name == "timm-vit")
+    with pytest.warns(UserWarning, match=r"fused_attn = False\), which eager=True does for you") as record:
+        plan = inject(fresh(model), [Rule(replace=True, variant="gaussian")], example_input=model.example)
+    assert len(_our_warnings(record.list)) == 1
+    assert model.sites["bypassed"] not in {s.key for s in plan}
+    net = fresh(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = inject(net, [Rule(replace=True, variant="gaussian")], example_input=model.example, eager=True)
+    assert model.sites["bypassed"] in {s.key for s in plan} and not net.blocks[0].attn.fused_attn
+
+
+def test_the_bypass_hint_matches_the_installed_transformers() -> None:
+    tf = _transformers()
+    major = int(tf.__version__.split(".")[0])
+    model = next(m for m in MODELS if m.name == "bert")
+    key = model.sites["bypassed"]
+    with pytest.raises(DropoutConfigError) as err:
+        _with_variant(model, key, "gaussian")
+    message = one_line(err)
+    assert f"transformers {tf.__version__}" in message
+    if major >= 5:  # no attention implementation calls the module: the old hint (eager) fails too
+        assert "eager=True does for you" not in message and "attention.output.dropout" in message
+        with pytest.raises(DropoutConfigError, match="even after switching"):
+            _with_variant(model, key, "gaussian", eager=True)
+        # what the hint says to do instead works: another variant on the module after the attention
+        net = _with_variant(model, "encoder.layer.0.attention.output.dropout:replace", "gaussian")
+        standard = _with_variant(model, "encoder.layer.0.attention.output.dropout:replace", "standard")
+        assert not torch.allclose(model.forward(net, seed=3), model.forward(standard, seed=3))
+    else:  # transformers 4 fixes the attention class when the model is built
+        assert 'attn_implementation="eager"' in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. existing_dropout / describe before injecting: the dropout each model has, and how it applies it
+# ----------------------------------------------------------------------------------------------------------
+KINDS = {"module": "module", "bypassed": "bypassed", "rate": "rate attribute"}
+
+
+@pytest.mark.parametrize("model", MODELS, ids=IDS_OF)
+def test_existing_dropout_lists_every_kind_of_site(model: Model) -> None:
+    from lightning_dropout import existing_dropout
+
+    net = fresh(model)
+    before = state(net)
+    rows = {r.key: r for r in existing_dropout(net, model.example)}
+    assert list(rows) == [s.key for s in resolve(net, [Rule(replace=True)], model.example)]
+    for kind, key in model.sites.items():
+        assert rows[key].kind == KINDS[kind] and rows[key].variant == ""
+    assert state(net) == before
+    assert describe(net, model.example) == list(rows.values())
+
+
+def test_existing_dropout_of_a_tiny_bert_with_and_without_an_example() -> None:
+    from lightning_dropout import existing_dropout, format_sites
+
+    tf = _transformers()
+    config = tf.BertConfig(
+        vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.15,
+    )  # fmt: skip
+    net = tf.BertForSequenceClassification(config)
+    expected = {
+        "bert.embeddings.dropout:replace": ("module", 0.2),
+        "bert.encoder.layer.0.attention.self.dropout:replace": ("bypassed", 0.15),
+        "bert.encoder.layer.0.attention.output.dropout:replace": ("module", 0.2),
+        "bert.encoder.layer.0.output.dropout:replace": ("module", 0.2),
+        "dropout:replace": ("module", 0.2),  # the classifier's
+    }
+    for example in (None, {"input_ids": IDS}):
+        rows = existing_dropout(net, example)
+        assert {r.key: (r.kind, pytest.approx(r.p)) for r in rows} == expected
+        assert {r.module_type for r in rows} == {"Dropout"}
+    table = format_sites(describe(net, {"input_ids": IDS}))
+    line = next(x for x in table.splitlines() if x.startswith("bert.encoder.layer.0.attention.self.dropout"))
+    assert line.split() == [
+        "bert.encoder.layer.0.attention.self.dropout:replace",
+        "Dropout",
+        "bypassed",
+        "0.15",
+    ]
+    assert "dropout:replace" in table and "2x16" in table  # the classifier's input
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. The recipes of docs/model-libraries.md: the doc's own model module and YAML, on tiny models
+# ----------------------------------------------------------------------------------------------------------
+DOC = Path(__file__).resolve().parents[1] / "docs" / "model-libraries.md"
+TINY = {
+    "bert": {
+        "vocab_size": 99, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 32,
+    },
+    "vit": {
+        "image_size": 16, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 32,
+    },
+}  # fmt: skip
+
+
+def _doc_blocks(lang: str) -> dict[str, str]:
+    """The ``lang`` code blocks of the doc's recipes, by the file name on their first line (``# bert_fit.yaml``)."""
+    text = DOC.read_text(encoding="utf-8").split("## Recipes")[1]
+    blocks = re.findall(rf"```{lang}\n(# .*?)```", text, flags=re.DOTALL)
+    return {block.split()[1].rstrip(":"): block for block in blocks}
+
+
+@pytest.fixture
+def hf_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The doc's ``hf_models.py``, importable as ``hf_models`` (as the recipes' ``class_path`` says)."""
+    _transformers()
+    (tmp_path / "hf_models.py").write_text(_doc_blocks("python")["hf_models.py"], encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hf_models", raising=False)
+    yield importlib.import_module("hf_models")
+    sys.modules.pop("hf_models", None)
+
+
+def _recipe(name: str, hf_models: Any) -> tuple[dict[str, Any], L.LightningModule]:
+    """The recipe's config, and its model built tiny from the config's own model arguments."""
+    config = yaml.safe_load(_doc_blocks("yaml")[name])
+    args = dict(config["model"]["init_args"])
+    assert config["model"]["class_path"] == "hf_models.HFClassifier" and args.pop("pretrained")
+    torch.manual_seed(0)
+    return config, hf_models.HFClassifier(**args, config=TINY[args["model_type"]])
+
+
+def _batch(module: L.LightningModule) -> dict[str, Tensor]:
+    return {**module.example_input_array, "labels": torch.zeros(2, dtype=torch.long)}
+
+
+def test_doc_has_the_four_recipes() -> None:
+    assert set(_doc_blocks("yaml")) == {"bert_fit.yaml", "bert_tune.yaml", "vit_fit.yaml", "vit_tune.yaml"}
+    assert set(_doc_blocks("python")) == {"hf_models.py"}
+
+
+FIT_SITES = {
+    "bert_fit.yaml": {
+        **{k: ("standard", 0.1) for k in [
+            "model.bert.encoder.layer.0.attention.self.dropout:replace",
+            "model.bert.encoder.layer.1.attention.self.dropout:replace",
+        ]},
+        **{k: ("gaussian", 0.1) for k in [
+            "model.bert.embeddings.dropout:replace", "model.dropout:replace",
+            *(f"model.bert.encoder.layer.{i}.{m}.dropout:replace" for i in (0, 1) for m in ("attention.output", "output")),
+        ]},
+    },
+    "vit_fit.yaml": {
+        "model.vit.layers.0.dropout:replace": ("droppath", 0.0),
+        "model.vit.layers.1.dropout:replace": ("droppath", 0.1),
+        "model.vit.layers.0.attention.attention_dropout:attribute": ("standard", 0.1),
+        "model.vit.layers.1.attention.attention_dropout:attribute": ("standard", 0.1),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(FIT_SITES))
+def test_fit_recipe_applies_to_a_tiny_model(name: str, hf_models: Any) -> None:
+    config, module = _recipe(name, hf_models)
+    (callback,) = config["trainer"]["callbacks"]
+    assert callback["class_path"] == "lightning_dropout.callback.DropoutInjector"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a recipe leaves nothing alone and warns of nothing
+        plan = DropoutInjector(**callback["init_args"]).inject(module)
+    assert {s.key: (s.variant, pytest.approx(s.p)) for s in plan} == FIT_SITES[name]
+    module.train()
+    loss = module.training_step(_batch(module), 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module(**module.example_input_array).shape == (2, module.hparams.num_labels)
+
+
+TUNE_GROUPS = {
+    "bert_tune.yaml": {
+        "attention": {f"model.bert.encoder.layer.{i}.attention.self.dropout" for i in (0, 1)},
+        "hidden": {
+            "model.bert.embeddings.dropout",
+            *(f"model.bert.encoder.layer.{i}.{m}.dropout" for i in (0, 1) for m in ("attention.output", "output")),
+        },
+        "head": {"model.dropout"},
+    },
+    "vit_tune.yaml": {
+        "depth": {f"model.vit.layers.{i}.dropout" for i in (0, 1)},
+        "attention": {f"model.vit.layers.{i}.attention.attention_dropout" for i in (0, 1)},
+        "embeddings": {"model.vit.embeddings.dropout"},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(TUNE_GROUPS))
+def test_tune_recipe_applies_to_a_tiny_model(name: str, hf_models: Any) -> None:
+    from lightning_dropout.tune.checks import check_groups
+
+    config, module = _recipe(name, hf_models)
+    example = module.example_input_array
+    groups = [SearchGroup(**g) for g in config["dropout"]["groups"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=r".*self\.log\(\)")  # training_step outside a Trainer
+        check_groups(groups, module, example)  # what `tune` checks before trial 0: every variant has a site
+        assert {g.name: set(g.targets(module, example)) for g in groups} == TUNE_GROUPS[name]
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(3):
+            trial = study.ask()
+            _, net = _recipe(name, hf_models)
+            plan = suggest_plan(trial, groups, net, example)
+            apply_plan(net, plan, example)
+            assert {s.target for s in plan} == set().union(*TUNE_GROUPS[name].values())
+            net.train()
+            study.tell(trial, float(net.training_step(_batch(net), 0).detach()))
+
+
+@pytest.mark.parametrize("name", ["bert_fit.yaml", "bert_tune.yaml", "vit_fit.yaml", "vit_tune.yaml"])
+def test_recipe_is_a_valid_lightning_cli_config(name: str, hf_models: Any, tmp_path: Path) -> None:
+    """Copy-paste works: LightningCLI (as `lightning-dropout fit|tune` loads it) parses and validates the file,
+    the injector's rules and the search groups included (nothing is built, so nothing is downloaded)."""
+    from lightning_dropout.config import load_config
+    from lightning_dropout.tune.config import CONFIG_SECTIONS
+
+    path = tmp_path / name
+    your_data = "data:\n  class_path: lightning_dropout.data.MNIST1DDataModule\n"  # the doc: "add your data"
+    path.write_text(_doc_blocks("yaml")[name] + your_data, encoding="utf-8")
+    cli = load_config(["--config", str(path)], instantiate=False, sections=CONFIG_SECTIONS)
+    config = cli.config
+    assert config.model.class_path == "hf_models.HFClassifier"
+    if "fit" in name:
+        (callback,) = config.trainer.callbacks
+        assert callback.class_path == "lightning_dropout.callback.DropoutInjector"
+        assert len(callback.init_args.rules) == 2
+    else:
+        assert [g.name for g in config.dropout.groups] == list(TUNE_GROUPS[name])
