@@ -39,7 +39,9 @@ __all__ = [
 ]
 
 _DIRECTIONS = ("minimize", "maximize")
-DEFAULT_BUDGET = 20.0  # trainings, when a study sets none of budget, n_trials, top_k, seeds (docs/tuning.md, "Budget")
+DEFAULT_BUDGET = (
+    20.0  # trainings, when a study sets none of budget, n_trials, top_k, seeds (docs/tuning.md, "Budget")
+)
 DEFAULT_N_TRIALS = 20  # without a budget
 DEFAULT_TOP_K = 3
 DEFAULT_SEEDS = 3  # without a budget

@@ -260,7 +260,8 @@ def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:
     candidates when there are any, else the best single trial."""
     chosen = _chosen(study)
     if chosen is not None:
-        return chosen.plan, f"{chosen.label} (mean over {len(chosen.values)} seeds)"
+        n = len(chosen.values)
+        return chosen.plan, f"{chosen.label} (mean over {n} seed{'' if n == 1 else 's'})"
     trial = _best_trial(study)
     return stored_plan(trial), trial_label(trial)
 
