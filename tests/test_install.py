@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,3 +71,33 @@ def test_readme_says_how_to_install_the_cpu_build_of_torch():
         "pip install torch==2.13.0 && pip install -e . && lightning-dropout tune configs/quickstart.yaml"
         in readme
     )
+
+
+def _requirement(name: str) -> Any:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    found = [Requirement(r) for r in project["dependencies"] if _normalize(Requirement(r).name) == name]
+    assert len(found) == 1, f"{name} must be declared once in [project].dependencies"
+    return found[0]
+
+
+def test_sqlalchemy_floor_takes_postgresql_urls_to_psycopg_3():
+    # the `postgres` extra installs psycopg 3; a bare postgresql:// URL reaches it only from SQLAlchemy 2.1 on
+    # (2.0 picks psycopg2, which nothing installs)
+    spec = _requirement("sqlalchemy").specifier
+    assert not spec.contains("2.0.54") and spec.contains("2.1.1")  # 2.1.1: the wheel the offline index holds
+    assert spec.contains(importlib.metadata.version("sqlalchemy"))
+    from sqlalchemy.engine import make_url
+
+    assert make_url("postgresql://u@localhost/db").get_dialect().driver == "psycopg"
+
+
+def test_jsonargparse_is_bounded_below_its_next_major():
+    # lightning_dropout/config.py parses jsonargparse's error messages: a new major may reword them
+    from packaging.version import Version
+
+    spec = _requirement("jsonargparse").specifier
+    installed = Version(importlib.metadata.version("jsonargparse"))
+    assert spec.contains(str(installed))
+    assert not spec.contains(f"{installed.major + 1}.0.0")
