@@ -19,7 +19,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 from rich.progress import Progress
-from studies import BASE, write_config
+from studies import BASE, tune, write_config
 
 from lightning_dropout.cli import main
 from lightning_dropout.plan import DropoutPlan, Site
@@ -183,6 +183,15 @@ def test_each_finished_trial_gets_one_line(finished):
     assert len(lines) == 3, finished["err"]
     assert lines[0].startswith("trial 0 (no dropout)  val_acc 0.") and lines[0].endswith("(no sites)")
     assert all("(best epoch)" in line for line in lines)  # the value is labelled (study.value: best)
+
+
+def test_a_failed_trial_is_told_once(tmp_path, data_dir, capsys, caplog):
+    config = write_config(tmp_path, study={"n_trials": 1, "seeds": 0}, model={"init_args": {"lr": 1e30}})
+    with caplog.at_level("WARNING"):
+        assert tune(config, tmp_path, data_dir) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trial 0")]
+    assert len(lines) == 1 and "failed: " in lines[0] and "diverged" in lines[0], lines
+    assert not [r for r in caplog.records if r.getMessage().startswith("trial 0 failed")]  # not logged again
 
 
 def _site(target: str, p: float = 0.1, variant: str = "standard") -> Site:

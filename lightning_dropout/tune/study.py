@@ -165,6 +165,8 @@ def _run_trials(workers: Workers, study: optuna.Study, console: Console) -> None
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
+        quiet = _FailureWarnings()  # this process's "trial N failed" warnings: its trial lines say it
+        logging.getLogger(Tuner.__module__).addFilter(quiet)
         try:
             workers.run_trials(study)
         except KeyboardInterrupt as err:  # the CLI prints one line with the count
@@ -173,6 +175,15 @@ def _run_trials(workers: Workers, study: optuna.Study, console: Console) -> None
             stop.set()
             poller.join()
             refresh()
+            logging.getLogger(Tuner.__module__).removeFilter(quiet)
+
+
+class _FailureWarnings(logging.Filter):
+    """Drops the runner's ``trial N failed: ...`` warnings while :class:`FinishedTrials` prints a line for each
+    finished trial (the same news twice otherwise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("trial %d failed")
 
 
 class TimeLeftColumn(ProgressColumn):
