@@ -17,12 +17,30 @@ ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
-def _imported_packages() -> dict[str, str]:
+def _optional_imports(tree: ast.AST) -> set[int]:
+    """The ids of the import statements in the body of a ``try`` that catches ``ImportError``: optional
+    packages (a dev extra the code uses when it is there), which a fresh install need not bring."""
+    optional: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+            for h in node.handlers
+        ):
+            optional |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return optional
+
+
+def _imported_packages(optional: bool = False) -> dict[str, str]:
     """Top-level third-party modules imported anywhere under lightning_dropout/ (in functions too), to the
-    first file that imports each."""
+    first file that imports each; those imported only under ``try: ... except ImportError`` with
+    ``optional``, else left out."""
     found: dict[str, str] = {}
     for path in sorted((ROOT / "lightning_dropout").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        guarded = _optional_imports(tree)
+        for node in ast.walk(tree):
+            if (id(node) in guarded) != optional:
+                continue
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -52,6 +70,27 @@ def test_every_imported_package_is_declared():
         if not {_normalize(d) for d in distributions.get(module, [module])} & declared
     }
     assert missing == {}, f"imported but not in [project].dependencies: {missing}"
+
+
+def test_optional_packages_are_dev_extras():
+    # imported under `try: ... except ImportError` (used when installed): declared as an extra, never core
+    optional = _imported_packages(optional=True)
+    assert "optuna_dashboard" in optional  # records.py writes the winner's note through it when installed
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = {
+        _normalize(re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0])
+        for reqs in project["optional-dependencies"].values()
+        for r in reqs
+    }
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {
+        m: where
+        for m, where in optional.items()
+        if not {_normalize(d) for d in distributions.get(m, [m])} & extras
+    }
+    assert undeclared == {}, (
+        f"optional imports not in any [project.optional-dependencies] extra: {undeclared}"
+    )
 
 
 def test_the_plain_callback_does_not_import_the_tuner():

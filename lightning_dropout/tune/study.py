@@ -144,9 +144,8 @@ def _run_trials(workers: Workers, study: optuna.Study, console: Console) -> None
         console=console,
         transient=False,
     ) as progress:
-        start = min(
-            finished_trials(study), cfg.n_trials
-        )  # a resumed study's earlier trials: not this run's pace
+        # a resumed study's earlier trials count on the bar, not in this run's pace (the ETA)
+        start = min(finished_trials(study), cfg.n_trials)
         task = progress.add_task("trials", total=cfg.n_trials, completed=start, start_count=start, info="")
         lines = FinishedTrials(study, cfg)  # one line per trial finished from now on, whichever worker ran it
 
@@ -235,11 +234,7 @@ def trial_line(trial: FrozenTrial, metric: str, value: str = "best") -> str | No
         last = max(steps) if steps else None
         outcome = "pruned" if last is None else f"pruned at epoch {last} ({metric} {steps[last]:.4f})"
     else:
-        why = (
-            (redact(str(reason)).splitlines() or ["no reason recorded"])[0]
-            if reason
-            else "no reason recorded"
-        )
+        why = redact(str(reason or "")).strip().split("\n", 1)[0] or "no reason recorded"
         outcome = f"failed: {why[:200]}"
     parts = [head, outcome]
     if trial.user_attrs.get(PLAN_ATTR):
@@ -276,9 +271,7 @@ def study_command(verb: str, cfg: StudyConfig, args: Sequence[str]) -> str:
         return f"lightning-dropout {verb} {shlex.quote(config)}"
     command = f"lightning-dropout {verb} {shlex.quote(cfg.name)}"
     url = cfg.storage_url()
-    if url == resolve_storage(
-        None, cfg.name
-    ):  # what the name alone finds (the environment's, or the default)
+    if url == resolve_storage(None, cfg.name):  # what the name alone finds: the environment's or the default
         return command
     if redact(url) == url:
         return f"{command} --storage {shlex.quote(url)}"
