@@ -94,7 +94,8 @@ _COMMAND_HELP = {
         "  CONFIG.yaml, --config CONFIG.yaml  the tuning config\n"
         "  --workers N      worker processes sharing the study on this machine (= --study.workers=N)\n"
         "  --n_trials N     finished trials the study should reach (= --study.n_trials=N)\n"
-        "  --storage URL    sqlite:///..., postgresql://..., journal:PATH (= --study.storage=URL)\n"
+        "  --storage URL    sqlite:///..., postgresql://..., journal:PATH (= --study.storage=URL); default:\n"
+        "                   the config's study.storage, else $LIGHTNING_DROPOUT_STORAGE, else SQLite in run_dir\n"
         "  --study.KEY=V, --dropout.groups=[...], --trainer.KEY=V, --model.init_args.KEY=V, --data...\n"
         "                   override any key of the config\n"
         "  --print_config   print the resolved config (defaults included) and exit\n"
@@ -257,13 +258,15 @@ def _study_parser(command: str, out_help: str) -> Any:
         nargs="?",
         default=None,
         help="the study name (`study.name` of its config), or the tuning config (a .yaml file) itself: its "
-        "`study.name` and `study.storage` (default sqlite:///<study.run_dir>/<study.name>/study.db) are used",
+        "`study.name` and `study.storage` (default $LIGHTNING_DROPOUT_STORAGE, else "
+        "sqlite:///<study.run_dir>/<study.name>/study.db) are used",
     )
     parser.add_argument("-c", "--config", default=None, help="the tuning config (same as giving it as STUDY)")
     parser.add_argument(
         "--storage",
         default=None,
-        help="the study's storage URL; default: the config's, else sqlite:///runs/STUDY/study.db",
+        help="the study's storage URL; default: the config's, else $LIGHTNING_DROPOUT_STORAGE, else "
+        "sqlite:///runs/STUDY/study.db",
     )
     parser.add_argument("--out", default=None, help=out_help)
     return parser
@@ -276,7 +279,7 @@ def _is_config(arg: str) -> bool:
 def _study_location(ns: Any) -> tuple[str, str, str]:
     """``(study name, storage URL, run directory)`` from ``best``/``report``'s arguments: a study name, a tuning
     config (positional or ``--config``), or both (the name then overrides the config's)."""
-    from lightning_dropout.tune.config import default_storage  # after parsing: `--help` stays cheap
+    from lightning_dropout.tune.config import resolve_storage  # after parsing: `--help` stays cheap
 
     name, config = ns.study, ns.config
     if config is None and name is not None and _is_config(name):
@@ -287,11 +290,11 @@ def _study_location(ns: Any) -> tuple[str, str, str]:
                 "`best` and `report` need a study name or a tuning config (`lightning-dropout best CONFIG.yaml`), "
                 "but got neither."
             )
-        return name, ns.storage or default_storage(name), "runs"
+        return name, resolve_storage(ns.storage, name), "runs"
     study = _load(["--config", config], instantiate=False).config["study"]
     name = name or str(study["name"])
     run_dir = str(study["run_dir"])
-    return name, ns.storage or study["storage"] or default_storage(name, run_dir), run_dir
+    return name, resolve_storage(ns.storage or study["storage"], name, run_dir), run_dir
 
 
 def _best(rest: list[str]) -> int:

@@ -54,6 +54,11 @@ def test_the_storage_password_reaches_no_file_and_no_output(
 
     # the storage also on the command line: the arguments a DDP trial process gets hold it
     assert main(["tune", str(path), "--storage", url]) == 0  # 2 trials, each a 2-process DDP run
+    # nor does the storage: the study's attributes (its config, the per-section summary) hold it redacted
+    from lightning_dropout.tune import open_study
+
+    attrs = open_study(name, url).user_attrs
+    assert ":***@" in attrs["config/study"] and CANARY not in str(attrs)
     assert main(["best", name, "--storage", url, "--out", "best.yaml"]) == 0
     assert main(["report", name, "--storage", url, "--out", "report.html"]) == 0
     single = ["--trainer.devices=1", "--trainer.strategy=auto", f"--trainer.default_root_dir={tmp_path}"]

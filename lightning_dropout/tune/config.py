@@ -28,6 +28,7 @@ from lightning_dropout.tune.value import ESTIMATORS
 
 __all__ = [
     "CONFIG_SECTIONS",
+    "STORAGE_ENV",
     "ClassSpec",
     "DropoutSpace",
     "StudyConfig",
@@ -36,6 +37,7 @@ __all__ = [
     "make_sampler",
     "redact",
     "resolve_spec",
+    "resolve_storage",
 ]
 
 _DIRECTIONS = ("minimize", "maximize")
@@ -117,8 +119,9 @@ class StudyConfig:
         threads: torch threads of each trial process; default one (or ``$OMP_NUM_THREADS`` when set). Small
             models run fastest on one thread, and several threads per process thrash as soon as another
             process shares the cores.
-        storage: an Optuna storage URL; default ``sqlite:///<run_dir>/<name>/study.db``. ``journal:PATH`` selects
-            the journal-file storage; ``postgresql://...`` for many machines.
+        storage: an Optuna storage URL; default ``$LIGHTNING_DROPOUT_STORAGE`` when set, else
+            ``sqlite:///<run_dir>/<name>/study.db``. ``journal:PATH`` selects the journal-file storage;
+            ``postgresql://...`` for many machines (a password is best left to the environment variable).
         seed: seeds the sampler and every trial's ``seed_everything``.
         workers: worker processes sharing the study on this machine (the ``tune`` process is worker 0).
         top_k: after the study, re-run the best ``top_k`` plans (and the baselines) over ``seeds`` seeds
@@ -278,12 +281,27 @@ class StudyConfig:
         return int(env) if env.isdigit() and int(env) > 0 else 1
 
     def storage_url(self) -> str:
-        return self.storage or default_storage(self.name, self.run_dir)
+        """The storage this study opens (:func:`resolve_storage`)."""
+        return resolve_storage(self.storage, self.name, self.run_dir)
+
+
+STORAGE_ENV = (
+    "LIGHTNING_DROPOUT_STORAGE"  # the storage URL of a study that names none (keeps passwords out of files)
+)
 
 
 def default_storage(name: str, run_dir: str = "runs") -> str:
-    """The storage of a study that names none: ``sqlite:///<run_dir>/<name>/study.db``."""
+    """The storage of a study that names none, with no ``$LIGHTNING_DROPOUT_STORAGE``:
+    ``sqlite:///<run_dir>/<name>/study.db``."""
     return f"sqlite:///{run_dir}/{name}/study.db"
+
+
+def resolve_storage(storage: str | None, name: str, run_dir: str = "runs") -> str:
+    """The storage URL of a study, the one place it is decided: ``storage`` when given (the command line's
+    ``--storage``/``--study.storage``, else the config's ``study.storage``), else the environment variable
+    ``LIGHTNING_DROPOUT_STORAGE`` (when set and not empty), else :func:`default_storage`. Spawned workers and
+    trial processes inherit the environment, so they open the same storage."""
+    return storage or os.environ.get(STORAGE_ENV) or default_storage(name, run_dir)
 
 
 def _check_enqueued(item: Any, index: int) -> dict[str, Any]:

@@ -5,9 +5,12 @@ and reading the results back (the stored plan of a trial, the re-run candidates,
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
@@ -25,6 +28,7 @@ __all__ = [
     "BASELINE_ATTR",
     "BASELINE_NONE",
     "CONFIG_ATTR",
+    "CONFIG_SUMMARY_PREFIX",
     "DUPLICATE",
     "ENQUEUED_ATTR",
     "EPOCHS_ATTR",
@@ -37,7 +41,11 @@ __all__ = [
     "RERUN_VALUE_PREFIX",
     "SEARCH_ATTR",
     "WARM_START_ATTR",
+    "WINNER_LABEL_ATTR",
+    "WINNER_TRIAL_ATTR",
+    "WINNER_VALUES_ATTR",
     "candidates",
+    "config_summary",
     "counts",
     "finished_trials",
     "fixed_label",
@@ -45,6 +53,7 @@ __all__ = [
     "open_storage",
     "open_study",
     "plan_amount",
+    "record_winner",
     "rerun_candidates",
     "storage_file",
     "stored_plan",
@@ -67,6 +76,13 @@ FAIL_ATTR = "fail_reason"
 CONFIG_ATTR = (
     "config"  # study attribute: the study's config as YAML (passwords redacted), for `best --config-out`
 )
+# study attributes "config/<section>": one readable line per section of that config (what optuna-dashboard shows)
+CONFIG_SUMMARY_PREFIX = "config/"
+# study attributes set when `tune` ends: the winner in Optuna's terms (its trial number, its label, its re-run
+# values per seed or its single trial value), next to Optuna's own best trial
+WINNER_TRIAL_ATTR = "winner_trial"
+WINNER_LABEL_ATTR = "winner_label"
+WINNER_VALUES_ATTR = "winner_values"
 SEARCH_ATTR = "search"  # trial attribute: {dotted config key: the value the run used} (`search:`)
 RERUNS_ATTR = "reruns"  # study attribute: {trial number: {label, values, seeds, amount}}
 # study attributes "rerun_value:<trial>:<seed index>": one re-run's value, written by whichever worker ran it
@@ -286,3 +302,110 @@ def winning_config(study: optuna.Study, plan_path: str | Path) -> str:
     config.pop("search", None)
     config["plan"] = str(plan_path)
     return yaml.safe_dump(config, sort_keys=False)
+
+
+_NOTE_MARK = "<!-- lightning-dropout: winner -->"  # a study note that starts with it is ours to rewrite
+
+
+def record_winner(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """Store the winner (:func:`winner`) where Optuna's own tools look: the study attributes ``winner_trial``
+    (its number), ``winner_label`` and ``winner_values`` (its re-run values, one per seed, or its single trial
+    value; a NaN as ``null``), and, when optuna-dashboard is installed, the study's note saying why it may
+    differ from the dashboard's "Best Trial". A note someone wrote by hand is left alone. Returns the winner."""
+    chosen = _chosen(study)
+    trial = winner_trial(study)
+    _, label = winner(study)
+    values = list(chosen.values) if chosen is not None else [trial.value]
+    for key, value in (
+        (WINNER_TRIAL_ATTR, trial.number),
+        (WINNER_LABEL_ATTR, label),
+        (WINNER_VALUES_ATTR, [None if v is None or math.isnan(v) else float(v) for v in values]),
+    ):
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    try:
+        from optuna_dashboard import get_note, save_note  # a dev extra: without it the attributes say it all
+    except ImportError:
+        return trial
+    current = get_note(study)
+    if not current or current.startswith(_NOTE_MARK):
+        note = _winner_note(study, trial, label, chosen)
+        if note != current:
+            save_note(study, note)
+    return trial
+
+
+def _winner_note(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, label: str, chosen: Candidate | None
+) -> str:
+    """The study note (Markdown) on the winner and Optuna's best trial."""
+    metric = str(study.user_attrs.get("metric", "value"))
+    rule = str(study.user_attrs.get("winner_rule", "one_se"))
+    best = _best_trial(study)
+    lines = [_NOTE_MARK, f"## Winner: trial {trial.number}, {label}", ""]
+    if chosen is None:
+        lines.append(
+            f"No re-runs over seeds (`study.seeds` < 2): the winner is the best single trial, "
+            f"{metric} {trial.value:.4f}, as Optuna's Best Trial."
+        )
+        return "\n".join(lines) + "\n"
+    how = (
+        "the plan with the least dropout whose mean is within one standard error of the best mean"
+        if rule == "one_se"
+        else "the plan with the best mean"
+    )
+    lines += [
+        f"lightning-dropout re-ran the best trials and the baselines over the same {len(chosen.values)} seeds "
+        f"(paired) and chose by `study.winner: {rule}`: {how}.",
+        "",
+        f"Optuna's **Best Trial** is the best *single* run: trial {best.number} ({metric} {best.value:.4f}, one "
+        "seed). "
+        + (
+            "Here it is the winner too."
+            if best.number == trial.number
+            else "The winner differs: one run varies with its seed by about as much as plans differ, so "
+            "lightning-dropout goes by the mean over the paired seeds, and prefers less dropout when the "
+            "means are within the noise."
+        ),
+        "",
+        f"| trial | plan | mean {metric} | seeds |",
+        "|---|---|---|---|",
+    ]
+    for candidate in rerun_candidates(study):
+        mark = " (winner)" if candidate.trial == trial.number else ""
+        mean = "nan" if math.isnan(candidate.mean) else f"{candidate.mean:.4f}"
+        lines.append(f"| {candidate.trial} | {candidate.label}{mark} | {mean} | {len(candidate.values)} |")
+    lines += ["", "The study attributes `winner_trial`, `winner_label` and `winner_values` hold the same."]
+    return "\n".join(lines) + "\n"
+
+
+def config_summary(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, str]:
+    """One readable line per section of a study's ``config`` (a parsed config mapping, passwords already
+    redacted), keyed ``config/<section>``: a class as ``class_path(key=value, ...)``, a mapping as its
+    ``key=value`` pairs that differ from ``defaults`` (the parser's defaults, same shape), anything else as
+    YAML flow. Sections equal to their default are left out; each line is cut at 1000 characters."""
+    out = {}
+    for section, value in config.items():
+        default = defaults.get(section)
+        if value == default or section in ("config", "ckpt_path", "__path__"):
+            continue
+        text = _brief(value, default if isinstance(default, Mapping) else {})
+        if text:
+            out[f"{CONFIG_SUMMARY_PREFIX}{section}"] = text if len(text) <= 1000 else text[:997] + "..."
+    return out
+
+
+def _flow(value: Any) -> str:
+    if isinstance(value, Mapping) and "class_path" in value:
+        args = value.get("init_args") or {}
+        inner = ", ".join(f"{k}={_flow(v)}" for k, v in args.items()) if isinstance(args, Mapping) else ""
+        return f"{value['class_path']}({inner})"
+    if isinstance(value, list) and any(isinstance(v, Mapping) and "class_path" in v for v in value):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def _brief(value: Any, default: Mapping[str, Any]) -> str:
+    if isinstance(value, Mapping) and "class_path" not in value:
+        return ", ".join(f"{k}={_flow(v)}" for k, v in value.items() if default.get(k, object()) != v)
+    return _flow(value)

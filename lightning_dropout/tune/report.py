@@ -220,13 +220,27 @@ def write_study_images(study: optuna.Study, log_dir: str | Path) -> list[str]:
     return [f"study/{n}" for n in figures]
 
 
-def plan_summary(plan: DropoutPlan) -> str:
-    """``"fc1 standard 0.21, fc2 gaussian 0.10"``, or ``"(no sites)"``."""
-    parts = [
-        f"{s.target or '<root>'}{'' if s.where == 'output' else ':' + s.where} {s.variant} {s.p:.2f}"
-        for s in plan
-    ]
-    return ", ".join(parts) if parts else "(no sites)"
+def plan_summary(plan: DropoutPlan, sep: str = "; ") -> str:
+    """A plan in a few words: ``"8 sites standard 0.10"`` when every site has the same variant and rate;
+    otherwise each run of consecutive sites with the same variant and rate once, the runs joined by ``sep``
+    (``"fc1, fc2 standard 0.21; head gaussian 0.10"``, and ``"blocks.0.mlp ... blocks.5.mlp (6 sites) standard
+    0.10"`` for a run of more than three); ``"(no sites)"`` for an empty plan."""
+    runs: list[tuple[str, list[str]]] = []  # (variant and rate, the consecutive sites that have it)
+    for s in plan:
+        setting = f"{s.variant} {s.p:.2f}"
+        name = f"{s.target or '<root>'}{'' if s.where == 'output' else ':' + s.where}"
+        if runs and runs[-1][0] == setting:
+            runs[-1][1].append(name)
+        else:
+            runs.append((setting, [name]))
+    if not runs:
+        return "(no sites)"
+    if len(runs) == 1 and len(runs[0][1]) > 1:
+        return f"{len(runs[0][1])} sites {runs[0][0]}"
+    return sep.join(
+        f"{', '.join(names) if len(names) <= 3 else f'{names[0]} ... {names[-1]} ({len(names)} sites)'} {setting}"
+        for setting, names in runs
+    )
 
 
 def _comparisons(study: optuna.Study) -> list[Comparison]:

@@ -28,6 +28,7 @@ from typing import Any, Literal, cast
 import lightning.pytorch as pl
 import optuna
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from optuna.trial import TrialState
@@ -48,6 +49,7 @@ from lightning_dropout.tune.pruning import MetricNotLoggedError, TrialPruning
 from lightning_dropout.tune.records import (
     BASELINE_ATTR,
     CONFIG_ATTR,
+    CONFIG_SUMMARY_PREFIX,
     DUPLICATE,
     EPOCHS_ATTR,
     FAIL_ATTR,
@@ -56,6 +58,7 @@ from lightning_dropout.tune.records import (
     METRICS_ATTR,
     PLAN_ATTR,
     SEARCH_ATTR,
+    config_summary,
     finished_trials,
     fixed_label,
     name_objective,
@@ -185,15 +188,32 @@ class Tuner:
         name_objective(study, cfg.metric)  # Optuna's own tools name the objective (optuna-dashboard)
         # `best` and `report` need nothing but the storage
         config = redact(self.cli.parser.dump(self.cli.config, skip_validation=True))
+        # ... and optuna-dashboard shows it readably, one line per section (computed when the config changed)
+        summary = self._config_summary(study, config) if study.user_attrs.get(CONFIG_ATTR) != config else {}
         for key, value in (
             ("metric", cfg.metric),
             ("winner_rule", cfg.winner),
             ("value", cfg.value),
             (CONFIG_ATTR, config),
+            *summary.items(),
         ):
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
         return study
+
+    def _config_summary(self, study: optuna.Study, config: str) -> dict[str, str]:
+        """The ``config/<section>`` study attributes of ``config`` (the dumped YAML, redacted; see
+        :func:`~lightning_dropout.tune.records.config_summary`); a section an earlier config had and this one
+        has not becomes ``-``."""
+        try:
+            dumped = self.cli.parser.dump(self.cli.parser.get_defaults(), skip_validation=True)
+            defaults = yaml.safe_load(redact(dumped)) or {}
+        except Exception as err:  # a parser whose defaults do not dump: every section then differs
+            log.debug("config defaults unavailable: %s", err)
+            defaults = {}
+        summary = config_summary(yaml.safe_load(config) or {}, defaults)
+        gone = {k: "-" for k in study.user_attrs if k.startswith(CONFIG_SUMMARY_PREFIX) and k not in summary}
+        return {**gone, **summary}
 
     # -- one run -----------------------------------------------------------------------------------------------
     def train(

@@ -2,25 +2,51 @@
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import logging
 import math
+import shlex
 import threading
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+import yaml
+from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from lightning_dropout.errors import Interrupted
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.tune.budget import compute_used, rerun_runs
-from lightning_dropout.tune.config import redact
+from lightning_dropout.tune.budget import BudgetPlan, compute_used, rerun_runs
+from lightning_dropout.tune.config import STORAGE_ENV, StudyConfig, redact, resolve_storage
 from lightning_dropout.tune.loggers import uses_tensorboard
-from lightning_dropout.tune.records import DUPLICATE, FAIL_ATTR, finished_trials, winner
+from lightning_dropout.tune.records import (
+    DUPLICATE,
+    FAIL_ATTR,
+    INTERRUPTED,
+    PLAN_ATTR,
+    RERUNS_ATTR,
+    SEARCH_ATTR,
+    finished_trials,
+    fixed_label,
+    record_winner,
+    stored_plan,
+    winner,
+)
 from lightning_dropout.tune.report import plan_summary, write_study_images
+from lightning_dropout.tune.reruns import rerun_jobs
 from lightning_dropout.tune.retrain import winner_lines
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import (
@@ -33,7 +59,7 @@ from lightning_dropout.tune.selection import (
 )
 from lightning_dropout.tune.workers import Workers
 
-__all__ = ["plan_summary", "results_table", "tune", "verdict"]
+__all__ = ["plan_summary", "results_table", "study_command", "trial_line", "tune", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +106,11 @@ def tune(
         ranked: list[Candidate] = []
         if (cfg.seeds or 0) > 1:
             with console.status("re-running the best plans over seeds (a race)") as status:
-                ranked = workers.rerun(study, on_done=lambda msg: status.update(f"re-running: {msg}"))
+                ranked = workers.rerun(
+                    study, on_done=lambda msg: status.update(rerun_status(study, cfg, msg, tuner.budget))
+                )
     plan, label = winner(study)
+    record_winner(study)  # Optuna's own record: study attributes winner_*, optuna-dashboard's study note
     path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
     write_study_images(study, images)
     results = Console()  # the result goes to stdout; progress and status to stderr
@@ -94,9 +123,7 @@ def tune(
         results.print(f"best trial: {label}")
     results.print(f"winner: {label}; plan written to {path}")
     results.print(compute_line(tuner, study))
-    report = f"lightning-dropout report {cfg.name}" + (
-        f" --storage {redact(cfg.storage)}" if cfg.storage else ""
-    )
+    report = study_command("report", cfg, tuner.args)
     if uses_tensorboard(tuner.logger_specs):
         results.print(
             f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / cfg.name} (study figures under IMAGES, run "
@@ -107,6 +134,11 @@ def tune(
     for line in winner_lines(args, study, path):  # its searched values (written beside the plan), the command
         results.print(line, markup=False, highlight=False, soft_wrap=True)
     return plan, ranked, path
+
+
+def _done(study: optuna.Study, budget: BudgetPlan | None) -> float:
+    """The progress bar's count: trainings used under a budget, else finished trials."""
+    return compute_used(study, budget.max_epochs) if budget is not None else float(finished_trials(study))
 
 
 def compute_line(tuner: Tuner, study: optuna.Study) -> str:
@@ -131,23 +163,30 @@ def _run_trials(workers: Workers, study: optuna.Study, console: Console) -> None
         BarColumn(),
         TextColumn("{task.fields[count]}"),
         TimeElapsedColumn(),
+        TimeLeftColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
     ) as progress:
+        # the bar counts trainings of the trials' share of the budget, or finished trials of n_trials
         budget = workers.tuner.budget
         total = float(budget.budget - budget.reserve if budget is not None else cfg.n_trials or 0)
-        task = progress.add_task("trials", total=total, info="", count="")
+        # a resumed study's earlier trials count on the bar, not in this run's pace (the ETA)
+        start = min(_done(study, budget), total)
+        task = progress.add_task("trials", total=total, start_count=start, info="", count="")
+        progress.update(task, completed=start)
+        lines = FinishedTrials(study, cfg)  # one line per trial finished from now on, whichever worker ran it
 
         def refresh() -> None:
+            lines.print_new(progress.console)
             done, pruned, failed, best = _status(study)
             info = f"best {cfg.metric} {best}  pruned {pruned}  failed {failed}"
-            if budget is not None:  # the bar counts trainings of the trials' share of the budget
-                used = compute_used(study, budget.max_epochs)
-                count = f"{used:.1f}/{total:g} trainings"
-                progress.update(task, completed=min(used, total), count=count, info=f"{done} trials  {info}")
+            now = min(_done(study, budget), total)
+            if budget is not None:
+                count = f"{now:.1f}/{total:g} trainings"
+                progress.update(task, completed=now, count=count, info=f"{done} trials  {info}")
             else:
-                progress.update(task, completed=min(done, total), count=f"{done}/{total:g}", info=info)
+                progress.update(task, completed=now, count=f"{done}/{total:g}", info=info)
 
         def poll() -> None:
             while not stop.wait(1.0):
@@ -155,6 +194,8 @@ def _run_trials(workers: Workers, study: optuna.Study, console: Console) -> None
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
+        quiet = _FailureWarnings()  # this process's "trial N failed" warnings: its trial lines say it
+        logging.getLogger(Tuner.__module__).addFilter(quiet)
         try:
             workers.run_trials(study)
         except KeyboardInterrupt as err:  # the CLI prints one line with the count
@@ -163,6 +204,129 @@ def _run_trials(workers: Workers, study: optuna.Study, console: Console) -> None
             stop.set()
             poller.join()
             refresh()
+            logging.getLogger(Tuner.__module__).removeFilter(quiet)
+
+
+class _FailureWarnings(logging.Filter):
+    """Drops the runner's ``trial N failed: ...`` warnings while :class:`FinishedTrials` prints a line for each
+    finished trial (the same news twice otherwise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("trial %d failed")
+
+
+class TimeLeftColumn(ProgressColumn):
+    """The time left at this run's average pace so far (elapsed over the steps done since the start, times the
+    steps left; the task's ``start_count`` field is where it started). Rich's own ``TimeRemainingColumn``
+    measures the pace over the last 30 s only, which for trials of minutes is mostly no estimate at all."""
+
+    def render(self, task: Task) -> Text:
+        done = task.completed - float(task.fields.get("start_count", 0))
+        if task.finished or task.remaining is None:
+            return Text("")
+        if done <= 0 or not task.elapsed:
+            return Text("eta -:--:--", style="progress.remaining")
+        left = datetime.timedelta(seconds=round(task.elapsed / done * task.remaining))
+        return Text(f"eta {left}", style="progress.remaining")
+
+
+class FinishedTrials:
+    """Prints one line per trial that finishes (:func:`trial_line`), read from the storage, so every worker's
+    trials are covered; the trials finished before it was made are not repeated."""
+
+    def __init__(self, study: optuna.Study, cfg: StudyConfig) -> None:
+        self.study, self.cfg = study, cfg
+        self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+
+    def print_new(self, console: Console) -> None:
+        for trial in self.study.get_trials(deepcopy=False):
+            if trial.state.is_finished() and trial.number not in self.seen:
+                self.seen.add(trial.number)
+                line = trial_line(trial, self.cfg.metric, self.cfg.value)
+                if line is not None:
+                    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def trial_line(trial: FrozenTrial, metric: str, value: str = "best") -> str | None:
+    """The line that reports a finished trial: its number and label, its outcome (the trial value, labelled
+    with the rule that made it from the curve, ``pruned at epoch N`` or ``failed: reason``), its plan and its
+    ``search:`` values. ``None`` for a trial that does not count (interrupted, or a duplicate never run)."""
+    reason = trial.user_attrs.get(FAIL_ATTR)
+    if reason in (INTERRUPTED, DUPLICATE):
+        return None
+    fixed = fixed_label(trial)
+    head = f"trial {trial.number}" + (f" ({fixed})" if fixed else "")
+    if trial.state == TrialState.COMPLETE and trial.value is not None:
+        rule = "best epoch" if value == "best" else f"{value} of the curve"
+        outcome = f"{metric} {trial.value:.4f} ({rule})"
+    elif trial.state == TrialState.PRUNED:
+        steps = trial.intermediate_values
+        last = max(steps) if steps else None
+        outcome = "pruned" if last is None else f"pruned at epoch {last} ({metric} {steps[last]:.4f})"
+    else:
+        why = redact(str(reason or "")).strip().split("\n", 1)[0] or "no reason recorded"
+        outcome = f"failed: {why[:200]}"
+    parts = [head, outcome]
+    if trial.user_attrs.get(PLAN_ATTR):
+        parts.append(plan_summary(stored_plan(trial)))
+    searched = {k.rsplit(".", 1)[-1]: v for k, v in (trial.user_attrs.get(SEARCH_ATTR) or {}).items()}
+    if searched:
+        parts.append(
+            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in searched.items())
+        )
+    return "  ".join(parts)
+
+
+def rerun_status(study: optuna.Study, cfg: StudyConfig, last: str, budget: BudgetPlan | None = None) -> str:
+    """The re-run status line: ``re-run K of N done, race round R (last: <what>)``: K counted over every
+    worker's re-runs stored in the study, N the runs of the rounds known so far (the race adds a round when
+    the last one is complete and still leaves a candidate undecided)."""
+    jobs, race = rerun_jobs(study, cfg, budget)
+    attrs = study.user_attrs
+    gathered = attrs.get(RERUNS_ATTR) or {}
+    done = sum(
+        job.key in attrs or job.index < len(gathered.get(str(job.trial.number), {}).get("values", []))
+        for job in jobs
+    )
+    dropped = f", {len(race.dropped)} dropped" if race.dropped else ""
+    return f"re-run {done} of {len(jobs)} done, race round {len(race.rounds)}{dropped} (last: {last})"
+
+
+def study_command(verb: str, cfg: StudyConfig, args: Sequence[str]) -> str:
+    """A ``lightning-dropout VERB ...`` command (``report``, ``best``) for this study that can be pasted as
+    printed: the tuning config when the file alone locates the study (its ``study.name``, ``study.run_dir``
+    and ``study.storage`` are the ones in effect: nothing on the command line changed them), else the study
+    name with its storage URL. A URL with a password is never printed (its password would show as ``***``):
+    then the command relies on ``$LIGHTNING_DROPOUT_STORAGE``, and says so."""
+    config = _config_path(args)
+    if config is not None and _locates(config, cfg):
+        return f"lightning-dropout {verb} {shlex.quote(config)}"
+    command = f"lightning-dropout {verb} {shlex.quote(cfg.name)}"
+    url = cfg.storage_url()
+    if url == resolve_storage(None, cfg.name):  # what the name alone finds: the environment's or the default
+        return command
+    if redact(url) == url:
+        return f"{command} --storage {shlex.quote(url)}"
+    return f"{command}  (with {STORAGE_ENV} set to the storage URL, which holds a password)"
+
+
+def _config_path(args: Sequence[str]) -> str | None:
+    """The one config file of the arguments (``--config FILE`` or ``--config=FILE``), if exactly one."""
+    found = [b for a, b in itertools.pairwise(args) if a in ("--config", "-c")]
+    found += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    return found[0] if len(found) == 1 else None
+
+
+def _locates(config: str, cfg: StudyConfig) -> bool:
+    """Whether ``config``'s own ``study:`` section (defaults filled in) names this study, run dir and storage."""
+    try:
+        study = (yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}).get("study") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    if not isinstance(study, dict):
+        return False
+    defaults = {f.name: f.default for f in fields(StudyConfig) if f.name in ("name", "run_dir", "storage")}
+    return all(study.get(key, default) == getattr(cfg, key) for key, default in defaults.items())
 
 
 def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, rule: str = "one_se") -> Table:
@@ -193,7 +357,7 @@ def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, r
             str(len(c.values)) if c.dropped_after is None else f"{len(c.values)} (dropped)",
             Comparison.format(row.vs_none),
             Comparison.format(row.vs_uniform),
-            plan_summary(c.plan),
+            plan_summary(c.plan, sep="\n"),  # one line per run of alike sites
         )
     return table
 
