@@ -129,7 +129,7 @@ def test_site_from_dict_unknown_keys_suggest_the_nearest() -> None:
     with pytest.raises(DropoutConfigError) as info:
         Site.from_dict(data)
     message = str(info.value)
-    assert "takes the keys ['target', 'where', 'variant', 'p', 'params']" in message
+    assert "takes the keys ['target', 'where', 'variant', 'p', 'params', 'rates']" in message
     assert "unknown ['parms', 'wher']" in message
     assert "'wher': ['where']" in message and "'parms': ['params']" in message
 

@@ -22,6 +22,7 @@ from jsonargparse.typing import register_type
 from lightning_dropout.errors import DropoutConfigError, check_int, check_number, check_rate, closest
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.secrets import redact
+from lightning_dropout.tune.population import PopulationConfig
 from lightning_dropout.tune.selection import WINNER_RULES
 from lightning_dropout.tune.space import SearchGroup
 from lightning_dropout.tune.value import ESTIMATORS
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 _DIRECTIONS = ("minimize", "maximize")
+METHODS = ("trials", "pbt")  # `study.method`: sampled trials, or population-based training
 
 
 class ClassSpec:
@@ -134,6 +136,10 @@ class StudyConfig:
             (``{"hidden/variant": "standard", "hidden/standard/p": 0.25}``; unset parameters are sampled).
         winner: how the winner is chosen among the re-run candidates: ``one_se`` (the least dropout among the
             candidates within one standard error of the best mean, on paired seeds) or ``best_mean``.
+        method: ``trials`` (one training per trial, sampled plans) or ``pbt`` (population-based training: the
+            rates change while ``population.size`` members train; see :mod:`~lightning_dropout.tune.pbt`).
+        population: the settings of ``method: pbt`` (:class:`~lightning_dropout.tune.population.PopulationConfig`:
+            ``size``, ``interval``, ``quantile``, ``resample_probability``, ``perturb``).
     """
 
     name: str = "dropout-study"
@@ -177,6 +183,8 @@ class StudyConfig:
     warm_start_rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     winner: str = "one_se"
+    method: str = "trials"
+    population: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
@@ -217,11 +225,21 @@ class StudyConfig:
         if self.mc_samples == 1:
             raise DropoutConfigError("`study.mc_samples` must be 0 (off) or >= 2, but got mc_samples=1.")
         check_number(self.timeout, "timeout", key="study.timeout", or_none="null")  # seconds
+        if self.method not in METHODS:
+            raise DropoutConfigError(
+                f"`study.method` must be one of {list(METHODS)}, but got {self.method!r}; "
+                f"nearest: {closest(str(self.method), METHODS)}."
+            )
+        self.population = PopulationConfig.from_mapping(self.population).to_dict()
         self.sampler = ClassSpec(self.sampler)  # a mapping from Python, a ClassSpec from the config parser
         pruner = ClassSpec(self.pruner)
         self.pruner = None if pruner.value is None else pruner
         make_sampler(self.sampler, self.seed)  # fail at load time, not after the first trial
         make_pruner(self.pruner)
+
+    def population_config(self) -> PopulationConfig:
+        """``population`` as a :class:`~lightning_dropout.tune.population.PopulationConfig` (validated at load)."""
+        return PopulationConfig.from_mapping(self.population)
 
     def torch_threads(self) -> int:
         """The torch threads of a trial process: ``threads``, else ``$OMP_NUM_THREADS``, else 1."""

@@ -18,6 +18,7 @@ from lightning_dropout.errors import Interrupted
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
 from lightning_dropout.tune.loggers import uses_tensorboard
+from lightning_dropout.tune.pbt import tune_population
 from lightning_dropout.tune.records import DUPLICATE, FAIL_ATTR, finished_trials, winner
 from lightning_dropout.tune.report import plan_summary, write_study_images
 from lightning_dropout.tune.runner import Tuner
@@ -58,6 +59,8 @@ def tune(
     tuner = Tuner(args)
     cfg = tuner.study_config
     study = tuner.study()
+    if cfg.method == "pbt":  # population-based training: its own segments, no baselines or re-runs
+        return tune_population(tuner, study, console)
     tuner.enqueue_fixed(study)
     console.print(
         f"study [bold]{cfg.name}[/] in {redact(cfg.storage_url())}: {cfg.metric} ({cfg.direction}), "
