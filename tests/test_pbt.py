@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import optuna
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -21,10 +22,11 @@ from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.data import MNIST1DDataModule
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import site_handles
-from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.plan import DropoutPlan, Site
+from lightning_dropout.schedules import Linear
 from lightning_dropout.tune import Tuner
 from lightning_dropout.tune.config import StudyConfig
-from lightning_dropout.tune.pbt import Population, Segment, run_population
+from lightning_dropout.tune.pbt import Population, Segment, _state, run_population
 from lightning_dropout.tune.population import (
     PopulationConfig,
     RateRange,
@@ -329,3 +331,35 @@ def test_an_unknown_method_exits_2_naming_the_choices(tmp_path, data_dir, capsys
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-dropout:")]
     assert len(lines) == 1 and "`study.method` must be one of ['trials', 'pbt'], but got 'pbtt'" in lines[0]
     assert StudyConfig().method == "trials"  # today's behaviour stays the default
+
+
+def test_a_killed_segment_is_enqueued_again_and_given_up_after_three_kills():
+    """A segment failed with no reason (a killed worker, failed by the heartbeat) is to run again; one that
+    failed for a reason of its own (a NaN loss) is dead; twins and interruptions are not failures of it."""
+    attrs = Segment(0, 1, 2, 4, {"hidden": 0.2}, "ckpt", 0).attrs()
+
+    def trial(state: TrialState, reason: str | None = None, number: int = 0):
+        user = {**attrs, **({FAIL_ATTR: reason} if reason else {})}
+        made = optuna.trial.create_trial(
+            state=state, user_attrs=user, value=0.5 if state == TrialState.COMPLETE else None
+        )
+        made.number = number
+        return made
+
+    killed = trial(TrialState.FAIL)
+    assert _state([killed])[0] == "missing"
+    assert _state([trial(TrialState.FAIL, INTERRUPTED)])[0] == "missing"
+    assert _state([killed, trial(TrialState.WAITING)])[0] == "pending"  # the heartbeat's retry
+    assert _state([killed] * 3)[0] == "dead"
+    assert _state([trial(TrialState.FAIL, "FloatingPointError: NaN")])[0] == "dead"
+    assert _state([trial(TrialState.FAIL, DUPLICATE)])[0] == "missing"
+    done = trial(TrialState.COMPLETE, number=3)
+    assert _state([killed, trial(TrialState.FAIL, DUPLICATE), done]) == ("done", done)
+
+
+def test_a_site_takes_either_the_plans_rates_or_the_injectors_schedule(data_dir):
+    plan = DropoutPlan([Site("linear1", "output", "standard", 0.1, rates=((0, 0.1), (1, 0.3)))])
+    assert [r["linear1:output"] for r in replay(plan, 3, data_dir)] == [0.1, 0.3, 0.3]
+    injector = DropoutInjector(plan=plan, schedule=Linear())
+    with pytest.raises(DropoutConfigError, match=r"\['linear1:output'\] have both"):
+        injector.inject(MLP(hidden=16))
