@@ -63,15 +63,9 @@ def pbt_config(tmp_path: Path, max_epochs: int, interval: float, **study: Any) -
     )
 
 
-def make_tuner(config: Path, tmp_path: Path, data_dir: Path) -> Tuner:
-    return Tuner(
-        [
-            "--config",
-            str(config),
-            f"--study.run_dir={tmp_path / 'runs'}",
-            f"--data.init_args.cache_dir={data_dir}",
-        ]
-    )
+def make_tuner(config: Path, tmp_path: Path, data_dir: Path, *extra: str) -> Tuner:
+    run_dir, cache = f"--study.run_dir={tmp_path / 'runs'}", f"--data.init_args.cache_dir={data_dir}"
+    return Tuner(["--config", str(config), run_dir, cache, *extra])
 
 
 def segments_by_label(study) -> dict[str, list]:
@@ -278,6 +272,10 @@ def test_a_stopped_population_resumes_without_redoing_finished_segments(tmp_path
     assert sorted(resumed) == ["pbt g001 m00", "pbt g001 m01"]  # nothing of generation 0 again
     done = completed_once(load(tmp_path), labels=4)
     assert Counter(name[:8] for name in done) == {"pbt g000": 2, "pbt g001": 2}
+    # a study resumes only with the settings it started with (its generations must fit together)
+    bigger = make_tuner(config, tmp_path, data_dir, '--study.population={"size": 3, "quantile": 0.5}')
+    with pytest.raises(DropoutConfigError, match=r"\['interval', 'size'\] differ from those of study 's'"):
+        run_population(bigger)
 
 
 # ----------------------------------------------------------------------------------------------------------

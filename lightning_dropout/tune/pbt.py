@@ -107,6 +107,7 @@ COPIED_ATTR = (
 )
 EPOCHS_ATTR = "pbt_epochs"  # [start, end) epochs
 END_ATTR = "pbt_checkpoint"  # the checkpoint it saved (set when it completes)
+SETTINGS_ATTR = "pbt_settings"  # study attribute: Population.settings() of the study's first run
 NOT_A_SEGMENT = "no population segment was waiting (another worker took the last one); not run"
 _MAX_ATTEMPTS = 3  # a segment killed this many times (no reason recorded) is given up
 
@@ -284,6 +285,37 @@ class Population:
         model = tuner.cli.fresh().model
         self.space = population_space(tuner.space.groups, model, getattr(model, "example_input_array", None))
         self.fatal: DropoutConfigError | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """What the segments and decisions of a study depend on (stored on the study when it starts)."""
+        ranges = {dim: [r.low, r.high, r.log] for dim, r in self.space.ranges.items()}
+        seed = self.tuner.study_config.seed
+        return {**self.cfg.to_dict(), "max_epochs": self.max_epochs, "seed": seed, "dimensions": ranges}
+
+    def bind(self, study: optuna.Study) -> None:
+        """Store :meth:`settings` on a new study; refuse to continue a study started with other settings, or one
+        that holds trials of another method (its generations would not fit together)."""
+        stored = study.user_attrs.get(SETTINGS_ATTR)
+        settings = self.settings()
+        if stored is None:
+            others = [
+                t.number
+                for t in study.get_trials(deepcopy=False)
+                if Segment.of(t) is None and t.user_attrs.get(FAIL_ATTR) != NOT_A_SEGMENT
+            ]
+            if others:
+                raise DropoutConfigError(
+                    f"`study.method: pbt` needs a study of its own, but study {study.study_name!r} already holds "
+                    f"{len(others)} trials of `study.method: trials`; choose another `study.name`."
+                )
+            study.set_user_attr(SETTINGS_ATTR, settings)
+        elif stored != settings:
+            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            raise DropoutConfigError(
+                f"a population-based study resumes with the settings it started with, but {changed} differ from "
+                f"those of study {study.study_name!r} ({ {k: stored.get(k) for k in changed} }); restore them or "
+                "choose another `study.name`."
+            )
 
     @property
     def size(self) -> int:
@@ -509,6 +541,7 @@ def run_population(tuner: Tuner, study: optuna.Study | None = None, poll: float 
     warnings.filterwarnings("ignore", message=".*the checkpoint was trained with dropout plan")
     study = study if study is not None else tuner.study()
     population = Population(tuner)
+    population.bind(study)
     deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
     while not population.advance(study):
         if deadline is not None and time.monotonic() > deadline:
@@ -531,6 +564,7 @@ def tune_population(
     plan, ``[]`` (no re-runs) and its path, or ``None, [], None`` when no member finished."""
     cfg = tuner.study_config
     population = Population(tuner)
+    population.bind(study)
     k, generations = population.size, population.generations
     epochs = population.segments[0][1]
     console.print(
