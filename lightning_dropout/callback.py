@@ -9,8 +9,9 @@ The algorithm lives in :mod:`lightning_dropout.inject`; this callback only decid
   Lightning's ``WeightAveraging`` does; Lightning requires ``configure_model`` to be idempotent).
 * ``on_fit_start()`` checks that learned rates are visible to an optimizer.
 * ``on_train_epoch_start()`` / ``on_train_batch_start()`` apply the rate schedule from the trainer's progress
-  counters, so a resumed run continues where it stopped. Rates that cannot change within an epoch (constant,
-  or on an epoch schedule) are logged once per epoch, at its start; ``on_train_batch_end()`` logs those that
+  counters, so a resumed run continues where it stopped; a plan's own per-site schedules (``Site.rates``, the
+  rates a population-based training member followed) are applied at each epoch start. Rates that cannot change
+  within an epoch (constant, or on an epoch schedule) are logged once per epoch, at its start; ``on_train_batch_end()`` logs those that
   can (step schedules, learned rates) and the measured drop fractions.
 * Concrete dropout's regularizer is added to the loss that ``training_step`` returns (automatic
   optimization); nothing in the module changes.
@@ -185,6 +186,7 @@ class DropoutInjector(Callback):
         self._handles: list[SiteHandle] = []
         self._schedules: list[tuple[SiteHandle, Schedule, float]] = []
         self._per_step: list[SiteHandle] = []  # sites whose rate may change between steps
+        self._site_schedules: list[SiteHandle] = []  # sites with their own schedule in the plan (`rates`)
 
     def __repr__(self) -> str:
         what = (
@@ -262,6 +264,15 @@ class DropoutInjector(Callback):
             if handle.module is not None:
                 handle.module.track = self.track_drop_fraction
         self._schedules = bind_schedules(self.schedule, self._handles)
+        self._site_schedules = [h for h in self._handles if h.site.rates]
+        both = sorted(
+            {h.site.key for h, _, _ in self._schedules} & {h.site.key for h in self._site_schedules}
+        )
+        if both:
+            raise DropoutConfigError(
+                f"a site follows either its plan's rate schedule (`rates`) or the injector's `schedule`, but "
+                f"{both} have both; leave those sites out of `schedule`."
+            )
         stepped = {id(handle) for handle, schedule, _ in self._schedules if schedule.unit == "step"}
         self._per_step = [
             h for h in self._handles if id(h) in stepped or isinstance(h.module, ConcreteDropout)
@@ -336,6 +347,8 @@ class DropoutInjector(Callback):
             _set_global_rng(self._global_rng)
             self._global_rng = None
         self._apply_schedule(trainer, "epoch")
+        for handle in self._site_schedules:  # the plan's own rates by epoch (e.g. a replayed PBT schedule)
+            handle.set_rate(handle.site.rate_at(trainer.current_epoch))
         self._log_epoch_rates(trainer)
 
     @override

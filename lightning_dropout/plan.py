@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ WHERE = ("output", "input", "replace", "attribute", "weight")
 * ``weight``: DropConnect on the module's weights.
 """
 
-_SITE_KEYS = ("target", "where", "variant", "p", "params")
+_SITE_KEYS = ("target", "where", "variant", "p", "params", "rates")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class Site:
         variant: a registered variant name (see :func:`~lightning_dropout.variants.variant_names`).
         p: the rate, ``0 <= p < 1`` (for ``concrete``: the initial rate).
         params: the variant's own parameters, e.g. ``{"block_size": 5}``.
+        rates: an optional piecewise-constant rate schedule over epochs, ``((epoch, rate), ...)`` with strictly
+            increasing epochs, the first 0: the rate from that epoch on (``DropoutInjector`` sets it at each
+            epoch start). ``p`` is the rate of epoch 0 (taken from the schedule when a mapping omits it).
+            Population-based training writes the schedule its best member followed this way.
     """
 
     target: str
@@ -59,6 +63,7 @@ class Site:
     variant: str
     p: float
     params: Mapping[str, Any] = field(default_factory=dict)
+    rates: tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, str):
@@ -69,6 +74,14 @@ class Site:
         object.__setattr__(self, "p", check_rate(self.p))
         object.__setattr__(self, "params", dict(self.params))
         build_variant(self.variant, self.p, **self.params)  # validates the parameters once, here
+        if self.rates is not None:
+            object.__setattr__(self, "rates", _check_rates(self.rates, self.p, self.variant))
+
+    def rate_at(self, epoch: int) -> float:
+        """The rate in ``epoch``: from the ``rates`` schedule (its last entry at or before ``epoch``), else ``p``."""
+        if not self.rates:
+            return self.p
+        return next(rate for start, rate in reversed(self.rates) if start <= epoch)
 
     @property
     def key(self) -> str:
@@ -84,6 +97,8 @@ class Site:
         }
         if self.params:
             out["params"] = dict(self.params)
+        if self.rates is not None:
+            out["rates"] = [[start, rate] for start, rate in self.rates]
         return out
 
     @classmethod
@@ -98,22 +113,80 @@ class Site:
             raise DropoutConfigError(
                 f"{where_from} takes the keys {list(_SITE_KEYS)}, but got unknown {unknown} (nearest: {hint})."
             )
-        missing = [k for k in ("target", "variant", "p") if k not in data]
+        required = ("target", "variant") if data.get("rates") is not None else ("target", "variant", "p")
+        missing = [k for k in required if k not in data]
         if missing:
             raise DropoutConfigError(f"{where_from} must give {missing}, but got {dict(data)!r}.")
         try:
+            rates = _rate_pairs(data["rates"]) if data.get("rates") is not None else None
+            p: Any = data["p"] if "p" in data or rates is None else rates[0][1]  # epoch 0's rate by default
             return cls(
                 data["target"],
                 data.get("where", "output"),
                 data["variant"],
-                data["p"],
+                p,
                 data.get("params") or {},
+                rates,
             )
         except DropoutConfigError as err:
             raise DropoutConfigError(f"{where_from}: {err}") from None
 
     def __hash__(self) -> int:
-        return hash((self.target, self.where, self.variant, self.p, json.dumps(self.params, sort_keys=True)))
+        params = json.dumps(self.params, sort_keys=True)
+        return hash((self.target, self.where, self.variant, self.p, params, self.rates))
+
+
+class _Flow(list):  # type: ignore[type-arg]
+    """A list written in YAML's flow style (a rate schedule's ``[epoch, rate]`` pairs, one per line)."""
+
+
+class _PlanDumper(yaml.SafeDumper):
+    """``yaml.safe_dump``, with :class:`_Flow` lists on one line."""
+
+
+_PlanDumper.add_representer(
+    _Flow, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+def _rate_pairs(rates: Any) -> tuple[tuple[Any, Any], ...]:
+    """``rates`` as written (``[[epoch, rate], ...]``) as pairs, or an error naming the form."""
+    if not isinstance(rates, (list, tuple)) or not rates:
+        raise DropoutConfigError(
+            f"`rates` must be a non-empty list of [epoch, rate] pairs, but got rates={rates!r}."
+        )
+    for pair in rates:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise DropoutConfigError(
+                f"`rates` must be a list of [epoch, rate] pairs, but got the entry {pair!r} in rates={rates!r}."
+            )
+    return tuple((pair[0], pair[1]) for pair in rates)
+
+
+def _check_rates(rates: Any, p: float, variant: str) -> tuple[tuple[int, float], ...]:
+    """A site's rate schedule, validated: epochs integers >= 0, strictly increasing, the first 0 with the rate
+    ``p``; every rate ``0 <= rate < 1``; a learned-rate variant takes none."""
+    pairs = _rate_pairs(rates)
+    out: list[tuple[int, float]] = []
+    for epoch, rate in pairs:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise DropoutConfigError(
+                f"`rates` epochs must be integers >= 0, but got epoch={epoch!r} in rates={list(pairs)!r}."
+            )
+        if out and epoch <= out[-1][0]:
+            raise DropoutConfigError(
+                f"`rates` epochs must strictly increase, but {epoch} follows {out[-1][0]} in rates={list(pairs)!r}."
+            )
+        out.append((epoch, check_rate(rate, "rates[].rate")))
+    if out[0][0] != 0 or out[0][1] != p:
+        raise DropoutConfigError(
+            f"`rates` must start at epoch 0 with the site's rate p={p!r}, but starts with {list(out[0])!r}."
+        )
+    if not get_variant(variant).schedulable:
+        raise DropoutConfigError(
+            f"`rates` schedules a fixed rate, but variant {variant!r} learns its rate; drop `rates` from the site."
+        )
+    return tuple(out)
 
 
 class DropoutPlan:
@@ -168,8 +241,34 @@ class DropoutPlan:
                 f"{[s.key for s in self._sites]}."
             )
         return DropoutPlan(
-            Site(s.target, s.where, s.variant, rates.get(s.key, s.p), s.params) for s in self._sites
+            Site(s.target, s.where, s.variant, rates[s.key], s.params) if s.key in rates else s
+            for s in self._sites
         )
+
+    def with_schedules(self, schedules: Mapping[str, Sequence[tuple[int, float]]]) -> DropoutPlan:
+        """A copy in which each site named in ``schedules`` (by key) follows the piecewise-constant rate schedule
+        given there (``[(epoch, rate), ...]``, the first at epoch 0; see :attr:`Site.rates`); a schedule of one
+        entry is a constant rate."""
+        unknown = sorted(set(schedules) - {s.key for s in self._sites})
+        if unknown:
+            raise DropoutConfigError(
+                f"`schedules` names sites not in the plan: {unknown}; the sites are "
+                f"{[s.key for s in self._sites]}."
+            )
+        out = []
+        for s in self._sites:
+            steps = [(int(e), float(r)) for e, r in schedules.get(s.key, ())]
+            if not steps:
+                out.append(s)
+                continue
+            rates = tuple(steps) if len(steps) > 1 else None
+            out.append(Site(s.target, s.where, s.variant, steps[0][1], s.params, rates))
+        return DropoutPlan(out)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether a site of the plan follows a rate schedule (:attr:`Site.rates`)."""
+        return any(s.rates for s in self._sites)
 
     # -- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -189,7 +288,11 @@ class DropoutPlan:
         return cls(Site.from_dict(s, f"{where_from}.sites[{i}]") for i, s in enumerate(sites))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        data = self.to_dict()
+        for site in data["sites"]:
+            if "rates" in site:
+                site["rates"] = [_Flow(pair) for pair in site["rates"]]
+        return yaml.dump(data, Dumper=_PlanDumper, sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str, where_from: str = "plan") -> DropoutPlan:

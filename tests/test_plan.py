@@ -129,7 +129,7 @@ def test_site_from_dict_unknown_keys_suggest_the_nearest() -> None:
     with pytest.raises(DropoutConfigError) as info:
         Site.from_dict(data)
     message = str(info.value)
-    assert "takes the keys ['target', 'where', 'variant', 'p', 'params']" in message
+    assert "takes the keys ['target', 'where', 'variant', 'p', 'params', 'rates']" in message
     assert "unknown ['parms', 'wher']" in message
     assert "'wher': ['where']" in message and "'parms': ['params']" in message
 
@@ -364,3 +364,49 @@ def test_digest_differs_for_different_plans(change: str) -> None:
         other.append(Site("fc3", "output", "standard", 0.1))
     assert DropoutPlan(other) != DropoutPlan(base)
     assert DropoutPlan(other).digest() != DropoutPlan(base).digest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-site rate schedules (`rates`: what population-based training writes and `fit --plan` replays)
+# ----------------------------------------------------------------------------------------------------------
+def test_scheduled_plan_round_trips_and_gives_the_rate_of_each_epoch() -> None:
+    plan = _plan().with_schedules({"conv2:output": [(0, 0.2), (15, 0.24), (30, 0.19)]})
+    text = plan.to_yaml()
+    assert "  rates:\n  - [0, 0.2]\n  - [15, 0.24]\n  - [30, 0.19]\n" in text  # one pair per line
+    again = DropoutPlan.from_yaml(text)
+    assert again == plan and again.digest() == plan.digest() and again.to_yaml() == text
+    assert plan.scheduled and not _plan().scheduled
+    assert plan.digest() != _plan().digest()  # the schedule is part of what the plan is
+    site = again["conv2:output"]
+    assert site.p == 0.2
+    assert [site.rate_at(e) for e in (0, 14, 15, 29, 30, 99)] == [0.2, 0.2, 0.24, 0.24, 0.19, 0.19]
+    assert again["rnn:input"].rates is None and again["rnn:input"].rate_at(40) == 0.3
+    # a plan without schedules is written exactly as before: no `rates` key anywhere
+    assert "rates" not in _plan().to_yaml() and DropoutPlan.from_yaml(_plan().to_yaml()) == _plan()
+    # hand-written: `p` may be left to the schedule's first entry
+    written = DropoutPlan.from_yaml(
+        "sites:\n- {target: fc, variant: standard, rates: [[0, 0.1], [3, 0.3]]}\n"
+    )
+    assert written["fc:output"].p == 0.1 and written["fc:output"].rates == ((0, 0.1), (3, 0.3))
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"),
+    [
+        pytest.param([[1, 0.1]], "must start at epoch 0 with the site's rate p=0.1", id="no-epoch-0"),
+        pytest.param([[0, 0.1], [0, 0.2]], "epochs must strictly increase", id="not-increasing"),
+        pytest.param([[0, 0.1], [2.5, 0.2]], "integers >= 0, but got epoch=2.5", id="fractional-epoch"),
+        pytest.param([[0, 0.1], [2, 1.5]], "0 <= rates[].rate < 1", id="rate-out-of-range"),
+        pytest.param([[0, 0.1, 3]], "[epoch, rate] pairs, but got the entry [0, 0.1, 3]", id="triple"),
+        pytest.param([], "non-empty list of [epoch, rate] pairs", id="empty"),
+    ],
+)
+def test_bad_rate_schedules_are_refused_naming_the_rule(rates: object, expected: str) -> None:
+    with pytest.raises(DropoutConfigError) as info:
+        DropoutPlan.from_dict({"sites": [{"target": "fc", "variant": "standard", "p": 0.1, "rates": rates}]})
+    assert expected in str(info.value) and "plan.sites[0]" in str(info.value)
+
+
+def test_a_learned_rate_takes_no_schedule() -> None:
+    with pytest.raises(DropoutConfigError, match="variant 'concrete' learns its rate"):
+        Site("fc", "input", "concrete", 0.1, rates=((0, 0.1), (2, 0.2)))

@@ -31,6 +31,8 @@ from optuna.trial import TrialState
 
 from lightning_dropout.tune.records import EPOCHS_ATTR, RERUN_VALUE_PREFIX, RERUNS_ATTR
 
+SEGMENT_EPOCHS_ATTR = "pbt_epochs"  # trial attribute of a PBT segment (lightning_dropout.tune.pbt)
+
 __all__ = [
     "MIN_RACE_SEEDS",
     "RACE_SHARE",
@@ -52,6 +54,12 @@ def trial_epochs(trial: optuna.trial.FrozenTrial) -> float:
     """The epochs a trial trained: as it recorded them, else its last reported epoch + 1 (0 if none)."""
     if EPOCHS_ATTR in trial.user_attrs:
         return float(trial.user_attrs[EPOCHS_ATTR])
+    segment = trial.user_attrs.get(SEGMENT_EPOCHS_ATTR)  # population-based training: [start, end) epochs
+    if segment is not None:
+        steps = trial.intermediate_values
+        if trial.state == TrialState.COMPLETE:
+            return float(segment[1] - segment[0])
+        return float(max(steps) + 1 - segment[0]) if steps else 0.0
     steps = trial.intermediate_values
     return float(max(steps) + 1) if steps else 0.0
 

@@ -22,6 +22,7 @@ from jsonargparse.typing import register_type
 from lightning_dropout.errors import DropoutConfigError, check_int, check_number, check_rate, closest
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.secrets import redact
+from lightning_dropout.tune.population import PopulationConfig, population_size
 from lightning_dropout.tune.selection import WINNER_RULES
 from lightning_dropout.tune.space import SearchGroup
 from lightning_dropout.tune.value import ESTIMATORS
@@ -48,6 +49,8 @@ DEFAULT_N_TRIALS = 20  # without a budget
 DEFAULT_TOP_K = 3
 DEFAULT_SEEDS = 3  # without a budget
 BUDGET_MAX_SEEDS = 10  # with a budget: the most seeds the race gives one candidate (the budget ends it first)
+
+METHODS = ("trials", "pbt")  # `study.method`: sampled trials, or population-based training
 
 
 class ClassSpec:
@@ -157,6 +160,10 @@ class StudyConfig:
             (``{"hidden/variant": "standard", "hidden/standard/p": 0.25}``; unset parameters are sampled).
         winner: how the winner is chosen among the re-run candidates: ``one_se`` (the least dropout among the
             candidates within one standard error of the best mean, on paired seeds) or ``best_mean``.
+        method: ``trials`` (one training per trial, sampled plans) or ``pbt`` (population-based training: the
+            rates change while ``population.size`` members train; see :mod:`~lightning_dropout.tune.pbt`).
+        population: the settings of ``method: pbt`` (:class:`~lightning_dropout.tune.population.PopulationConfig`:
+            ``size``, ``interval``, ``quantile``, ``resample_probability``, ``perturb``).
     """
 
     name: str = "dropout-study"
@@ -202,6 +209,8 @@ class StudyConfig:
     warm_start_rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     winner: str = "one_se"
+    method: str = "trials"
+    population: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
@@ -252,6 +261,16 @@ class StudyConfig:
                 f"`study.race_alpha` must satisfy 0 <= race_alpha < 1 (0: no candidate is dropped), but got "
                 f"race_alpha={self.race_alpha!r}."
             )
+
+        if self.method not in METHODS:
+            raise DropoutConfigError(
+                f"`study.method` must be one of {list(METHODS)}, but got {self.method!r}; "
+                f"nearest: {closest(str(self.method), METHODS)}."
+            )
+        population = dict(self.population or {}) if isinstance(self.population, dict) else self.population
+        if self.method == "pbt" and isinstance(population, dict) and "size" not in population:
+            population["size"] = population_size(self.budget)  # a PBT study costs `size` trainings
+        self.population = PopulationConfig.from_mapping(population).to_dict()
         self.sampler = ClassSpec(self.sampler)  # a mapping from Python, a ClassSpec from the config parser
         pruner = ClassSpec(self.pruner)
         self.pruner = None if pruner.value is None else pruner
@@ -272,6 +291,10 @@ class StudyConfig:
         self.top_k = DEFAULT_TOP_K if self.top_k is None else self.top_k
         if self.seeds is None:
             self.seeds = BUDGET_MAX_SEEDS if self.budget is not None else DEFAULT_SEEDS
+
+    def population_config(self) -> PopulationConfig:
+        """``population`` as a :class:`~lightning_dropout.tune.population.PopulationConfig` (validated at load)."""
+        return PopulationConfig.from_mapping(self.population)
 
     def torch_threads(self) -> int:
         """The torch threads of a trial process: ``threads``, else ``$OMP_NUM_THREADS``, else 1."""

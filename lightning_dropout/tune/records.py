@@ -36,6 +36,8 @@ __all__ = [
     "FIXED_PLAN_ATTR",
     "INTERRUPTED",
     "METRICS_ATTR",
+    "PBT_ATTR",
+    "PBT_RESULT_ATTR",
     "PLAN_ATTR",
     "RERUNS_ATTR",
     "RERUN_VALUE_PREFIX",
@@ -92,6 +94,9 @@ INTERRUPTED = "interrupted (Ctrl-C)"
 DUPLICATE = "a duplicate of an earlier trial with the same label (two processes enqueued it at once); not run"
 BASELINE_NONE = NO_DROPOUT
 BASELINE_AS_WRITTEN = "as written"
+PBT_ATTR = "pbt"  # the label of a population-based training segment ("pbt g003 m01"; tune/pbt.py)
+# study attribute: the result of population-based training ({label, plan: the scheduled plan's YAML, ...})
+PBT_RESULT_ATTR = "pbt_result"
 HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
 
 
@@ -109,7 +114,7 @@ def finished_trials(study: optuna.Study) -> int:
 def fixed_label(trial: optuna.trial.FrozenTrial | optuna.Trial) -> str | None:
     """The label of a trial enqueued before the sampler (a baseline, a warm-start point, a user's enqueued
     trial), ``None`` for a sampled one."""
-    for attr in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR):
+    for attr in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR, PBT_ATTR):
         if attr in trial.user_attrs:
             return str(trial.user_attrs[attr])
     return None
@@ -205,7 +210,7 @@ def stored_plan(trial: optuna.trial.FrozenTrial) -> DropoutPlan:
 
 
 def trial_label(trial: optuna.trial.FrozenTrial) -> str:
-    for attr in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR):
+    for attr in (BASELINE_ATTR, WARM_START_ATTR, ENQUEUED_ATTR, PBT_ATTR):
         if trial.user_attrs.get(attr):
             return str(trial.user_attrs[attr])
     return f"trial {trial.number}"
@@ -273,7 +278,11 @@ def winner_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 
 def winner(study: optuna.Study) -> tuple[DropoutPlan, str]:
     """The best plan of a study: chosen by the study's winner rule (``study.winner``) among the re-run
-    candidates when there are any, else the best single trial."""
+    candidates when there are any, else the best single trial; for population-based training, the rate schedule
+    its best member followed."""
+    population = study.user_attrs.get(PBT_RESULT_ATTR)
+    if population:
+        return DropoutPlan.from_yaml(population["plan"]), str(population["label"])
     chosen = _chosen(study)
     if chosen is not None:
         n = len(chosen.values)

@@ -444,9 +444,15 @@ class Tuner:
         enqueue_fixed(study, self.study_config, self.space, self.cli.fresh().model)
 
     def run_worker(self, index: int = 0, study: optuna.Study | None = None) -> None:
-        """Run trials until the study holds ``n_trials`` finished ones; ``index`` tells workers apart (worker 0
-        may pass the study it already opened)."""
+        """Run trials until the study holds ``n_trials`` finished ones (with ``study.method: pbt``, the population's
+        segments until its last generation); ``index`` tells workers apart (worker 0 may pass the study it already
+        opened)."""
         cfg = self.study_config
+        if cfg.method == "pbt":  # the segments of population-based training instead of sampled trials
+            from lightning_dropout.tune.pbt import run_population  # imports this module
+
+            run_population(self, study)
+            return
         self.pin_threads()
         study = study if study is not None else self.study()
 

@@ -32,6 +32,7 @@ from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.budget import BudgetPlan, compute_used, rerun_runs
 from lightning_dropout.tune.config import STORAGE_ENV, StudyConfig, redact, resolve_storage
 from lightning_dropout.tune.loggers import uses_tensorboard
+from lightning_dropout.tune.pbt import tune_population
 from lightning_dropout.tune.records import (
     DUPLICATE,
     FAIL_ATTR,
@@ -86,6 +87,10 @@ def tune(
     tuner = Tuner(args)
     cfg = tuner.study_config
     study = tuner.study()
+    if cfg.method == "pbt":  # population-based training: its own segments, no baselines or re-runs
+        outcome = tune_population(tuner, study, console)
+        Console().print(compute_line(tuner, study))
+        return outcome
     tuner.enqueue_fixed(study)
     budget = tuner.budget
     size = f"{cfg.n_trials} trials" if budget is None else f"a budget of {budget.budget:g} trainings"
