@@ -217,8 +217,10 @@ def trial_label(trial: optuna.trial.FrozenTrial) -> str:
 
 
 def candidates(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial]:
-    """The trials re-run over seeds: the ``top_k`` best completed trials (by trial value), the best point of the
-    warm-start grid (when it is not among them) and the baselines."""
+    """The trials re-run over seeds: the ``top_k`` best completed trials (by trial value) other than the
+    warm-start grid's, the best point of the warm-start grid and the baselines. A grid point that leads the
+    trials is re-run as the grid's best, and the best other plans still get their ``top_k`` places: the re-runs
+    then test whether anything beats the grid."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
     ranked = sorted(
@@ -226,9 +228,9 @@ def candidates(study: optuna.Study, top_k: int) -> list[optuna.trial.FrozenTrial
         key=lambda t: float(t.value or 0),
         reverse=reverse,
     )
-    chosen = ranked[:top_k]
+    chosen = [t for t in ranked if WARM_START_ATTR not in t.user_attrs][:top_k]
     grid = [t for t in ranked if WARM_START_ATTR in t.user_attrs]
-    if grid and grid[0] not in chosen:
+    if grid:
         chosen.append(grid[0])
     return chosen + [t for t in done if BASELINE_ATTR in t.user_attrs]
 
