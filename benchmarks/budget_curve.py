@@ -18,6 +18,9 @@ own randomness is part of what a user gets), the arms:
     grid cut to B, trials while a whole training fits beside the race's reserve) and the race over seeds.
 (e) ``concrete``: one-run learned rates: concrete dropout on every site (initial p = 0.1), in a single training
     (the final runs are the method; its selection costs nothing).
+(f) ``pbt``: population-based training over the per-site rates (``study.method: pbt``, ``study.budget = B``: a
+    population of B members, exploit/explore every 10 % of the epochs); the best member's rate schedule is
+    retrained as a scheduled plan.
 
 Every arm reports the compute it used (not the budget it was given). Resumable: every finished run is saved at
 once in ``<work-dir>/<model>_budget_stages.json``, the studies live in journal files beside it; running again
@@ -68,13 +71,14 @@ WORK_DIR = REPO / "benchmarks" / "results" / "budget"
 DEFAULT_MD = REPO / "docs" / "benchmarks-budget.md"
 MODELS = ("mlp", "cnn", "gru")
 RATES = (0.1, 0.2, 0.3, 0.4, 0.5)
-ARMS = ("none", "grid", "today", "budget", "concrete")
+ARMS = ("none", "grid", "today", "budget", "concrete", "pbt")
 ARM_TEXT = {
     "none": "(a) no dropout",
     "grid": "(b) uniform grid",
     "today": "(c0) tune, before budgets",
     "budget": "(c) tune --budget",
     "concrete": "(e) concrete, one run",
+    "pbt": "(f) population-based training",
 }
 SECOND_EDITION = {"mlp": 0.705, "cnn": 0.950, "gru": None}  # (c) at about 33 trainings (docs/benchmarks.md)
 
@@ -186,7 +190,7 @@ def _tune_args(name: str, plan: Plan, work: Path, tmp: Path, study: str, extra: 
 def arm_tune(
     name: str, plan: Plan, work: Path, tmp: Path, stages: Stages, budget: float, seed: int, arm: str
 ) -> None:
-    """(c0) or (c): a real ``tune`` in this process, its study in a journal beside the stages file."""
+    """(c0), (c) or (f): a real ``tune`` in this process, its study in a journal beside the stages file."""
     from rich.console import Console
 
     from lightning_dropout.tune.budget import compute_used, rerun_runs
@@ -197,12 +201,21 @@ def arm_tune(
     if key in stages.data["cells"]:
         return
     study = f"budget_{name}_B{budget:g}_s{seed}_{arm}"
-    sizes = (
-        [f"--study.budget={budget:g}", "--study.n_trials=null", "--study.top_k=null", "--study.seeds=null"]
-        if arm == "budget"
-        else ["--study.budget=null", f"--study.n_trials={int(budget)}", "--study.seeds=0"]
-    )
+    budgeted = [
+        f"--study.budget={budget:g}",
+        "--study.n_trials=null",
+        "--study.top_k=null",
+        "--study.seeds=null",
+    ]
+    sizes = {
+        "budget": budgeted,
+        "pbt": [*budgeted, "--study.method=pbt"],
+        "today": ["--study.budget=null", f"--study.n_trials={int(budget)}", "--study.seeds=0"],
+    }[arm]
     args = _tune_args(name, plan, work, tmp, study, [f"--study.seed={seed}", *sizes])
+    journal = work / f"{study}.journal"
+    if arm == "pbt" and journal.is_file():  # its checkpoints died with the last run's temporary folder
+        journal.unlink()
     with contextlib.suppress(Exception):
         _fail_stale(open_study(study, f"journal:{work / f'{study}.journal'}"))
     start = time.perf_counter()
@@ -273,6 +286,7 @@ def run_model(name: str, plan: Plan, work: Path, tmp: Path) -> None:
             arm_grid(name, plan, tuner, stages, budget, seed)
             arm_tune(name, plan, work, tmp, stages, budget, seed, "budget")
             arm_tune(name, plan, work, tmp, stages, budget, seed, "today")
+            arm_tune(name, plan, work, tmp, stages, budget, seed, "pbt")
             finals(name, plan, full, tuner, stages)
 
 

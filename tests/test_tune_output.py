@@ -243,10 +243,11 @@ def test_the_progress_bar_shows_the_time_left_at_this_runs_pace():
 def test_the_rerun_status_counts_every_workers_reruns(finished):
     study = open_study("out", finished["storage"])
     cfg = StudyConfig(name="out", **{k: v for k, v in STUDY.items() if k != "name"})
-    assert rerun_status(study, cfg, "no dropout seed 2/2") == "re-run 4 of 4 done (last: no dropout seed 2/2)"
+    status = rerun_status(study, cfg, "no dropout seed 2/2")
+    assert status == "re-run 4 of 4 done, race round 2 (last: no dropout seed 2/2)"
     study.set_user_attr("reruns", {})  # as if only the workers' own values were stored
     keys = [k for k in study.user_attrs if k.startswith("rerun_value:")]
-    assert rerun_status(study, cfg, "x") == f"re-run {len(keys)} of 4 done (last: x)"
+    assert rerun_status(study, cfg, "x") == f"re-run {len(keys)} of 4 done, race round 2 (last: x)"
 
 
 # -- plans in tables ------------------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ def test_a_mixed_plan_groups_runs_of_alike_sites():
 
 
 def test_the_printed_report_command_runs_as_printed(finished, monkeypatch, tmp_path):
-    (hint,) = re.findall(r"HTML report: (lightning-dropout report .*)", " ".join(finished["out"].split()))
+    (hint,) = re.findall(r"HTML report: (lightning-dropout report \S+)", " ".join(finished["out"].split()))
     assert hint == f"lightning-dropout report {shlex.quote(str(finished['config']))}"
     monkeypatch.setenv(STORAGE_ENV, finished["storage"])  # the same shell as `tune`
     monkeypatch.chdir(tmp_path)
