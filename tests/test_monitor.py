@@ -155,7 +155,7 @@ def test_train_clean_is_the_eval_mode_figure_on_the_fixed_subset_and_gap_is_val_
     t.fit(model, *loaders(train, val))
     last = monitor.history[-1]
     assert set(last) == {
-        "epoch", "gap/seconds",
+        "epoch", "timing/gap_seconds",
         "train_clean/loss", "train_clean/acc", "gap/loss", "gap/acc", "train_dropout/loss", "train_dropout/acc",
     }  # fmt: skip
     expected = by_hand(model, train, subset(60, 20, seed=3), batch_size=7)
@@ -441,8 +441,10 @@ def test_runs_after_each_validation_of_fit_only_and_reports_its_cost():
     assert [h["epoch"] for h in gap.history] == [0.0, 1.0, 2.0]
     assert [h["epoch"] for h in unc.history] == [1.0]
     assert gap.seconds > 0
-    assert gap.seconds == pytest.approx(sum(h["gap/seconds"] for h in gap.history))
-    assert float(t.callback_metrics["gap/seconds"]) == pytest.approx(gap.history[-1]["gap/seconds"], rel=1e-6)
+    assert gap.seconds == pytest.approx(sum(h["timing/gap_seconds"] for h in gap.history))
+    assert float(t.callback_metrics["timing/gap_seconds"]) == pytest.approx(
+        gap.history[-1]["timing/gap_seconds"], rel=1e-6
+    )
     t.validate(model, val_loader)
     assert len(gap.history) == 3 and len(unc.history) == 1  # not in trainer.validate
 
@@ -649,7 +651,7 @@ def test_tensorboard_gets_monitor_and_dropout_tags_and_a_custom_scalars_layout(t
     assert len(stacked) == 12 and "inp:output" in keys
     expected = {f"{kind}/{m}" for kind in ("gap", "train_clean", "train_dropout") for m in ("loss", "acc")}
     expected |= {
-        "gap/seconds",
+        "timing/gap_seconds",
         "mc/ece",
         "mc/ece_no_dropout",
         "mc/entropy",
@@ -764,9 +766,11 @@ def test_ddp_two_processes_log_the_single_process_figures_once(tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2] and single["world_size"] == 1
     assert ranks[0]["weights_unchanged"] and single["weights_unchanged"]
     # every rank holds the reduced values, and they are the single-process ones
-    drop_seconds = [[{k: v for k, v in h.items() if k != "gap/seconds"} for h in r["history"]] for r in ranks]
+    drop_seconds = [
+        [{k: v for k, v in h.items() if k != "timing/gap_seconds"} for h in r["history"]] for r in ranks
+    ]
     assert drop_seconds[0] == drop_seconds[1]
-    keys = [k for k in single["history"][0] if k.startswith(("train_clean/", "gap/")) and k != "gap/seconds"]
+    keys = [k for k in single["history"][0] if k.startswith(("train_clean/", "gap/"))]
     assert {"train_clean/loss", "train_clean/acc", "train_clean/maxloss", "train_clean/sumloss", "gap/loss",
             "gap/acc"} <= set(keys)  # fmt: skip
     assert len(ranks[0]["history"]) == len(single["history"]) == 2

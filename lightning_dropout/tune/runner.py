@@ -224,11 +224,7 @@ class Tuner:
                 if gap is not None and best < len(gap.history):
                     at_best = gap.history[best]
                     metrics.update(
-                        {
-                            f"gap_at_best/{k[4:]}": v
-                            for k, v in at_best.items()
-                            if k.startswith("gap/") and k != "gap/seconds"
-                        }
+                        {f"gap_at_best/{k[4:]}": v for k, v in at_best.items() if k.startswith("gap/")}
                     )
             result = TrialResult(None if best is None else value, metrics, pruning.pruned)
         finally:
