@@ -17,7 +17,7 @@ from rich.table import Table
 from lightning_dropout.errors import Interrupted
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.config import redact
-from lightning_dropout.tune.loggers import uses_tensorboard
+from lightning_dropout.tune.loggers import publish_study, uses_tensorboard
 from lightning_dropout.tune.records import DUPLICATE, FAIL_ATTR, finished_trials, winner
 from lightning_dropout.tune.report import plan_summary, write_study_images
 from lightning_dropout.tune.runner import Tuner
@@ -80,6 +80,7 @@ def tune(
     plan, label = winner(study)
     path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
     write_study_images(study, images)
+    publish_study(tuner.logger_specs, study, path)  # MLflow: the study's parent run
     results = Console()  # the result goes to stdout; progress and status to stderr
     maximize = cfg.direction == "maximize"
     if ranked:
