@@ -268,6 +268,41 @@ def test_report_writes_a_self_contained_html_page(study_dir, capsys):
     assert page.count("<td>complete</td>") == len(study.trials)
 
 
+def test_report_labels_the_trial_value_and_the_best_epoch_and_skips_an_empty_best_rates_figure(tmp_path):
+    """A study whose value is the `ema` of the curve (0.86) and whose best epoch reached 0.97, won by no dropout:
+    both values are shown, each labelled, and "best rates" (nothing to draw) is left out with the reason."""
+    from optuna.distributions import FloatDistribution
+
+    from lightning_dropout.tune.report import study_figures, write_report
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("metric", "val_acc")
+    study.set_user_attr("value", "ema")
+    for value, best, plan, baseline in (
+        (0.86, 0.97, DropoutPlan(), {"baseline": "no dropout"}),
+        (0.80, 0.90, DropoutPlan([Site("fc1", "output", "standard", 0.3)]), {}),
+    ):
+        attrs = {"plan": plan.to_yaml(), "metrics": {"best_value": best, "best_epoch": 4.0, "value": value}}
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=value,
+                params={"x": 0.5},
+                distributions={"x": FloatDistribution(0, 1)},
+                user_attrs={**attrs, **baseline},
+                intermediate_values={0: best - 0.1, 1: best},
+            )
+        )
+    figures, skipped = study_figures(study)
+    assert "best_rates" not in figures
+    assert skipped["best_rates"] == "the winner, no dropout, has no dropout site: no rate to draw"
+    page = write_report(study, tmp_path / "r.html").read_text()
+    assert "<th>val_acc: trial value (ema)</th><th>val_acc at the best epoch</th><th>best epoch</th>" in page
+    assert "<td>0.8600</td><td>0.9700</td><td>4</td>" in page  # the same trial's two values, in their columns
+    assert "best rates: not drawn (the winner, no dropout, has no dropout site: no rate to draw)" in page
+    history = figures["optimization_history"].axes[0]
+    assert history.get_ylabel() == "val_acc: trial value (ema)"
+
+
 def test_report_of_an_unknown_study_is_one_line_exit_2(study_dir, capsys):
     assert main(["report", "nope", "--storage", sqlite_url(study_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
