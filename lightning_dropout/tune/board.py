@@ -59,8 +59,8 @@ def column_name(key: str) -> str:
     columns first and sorts them by name, so the rank orders them: ``trial``, ``kind``, ``state``, the sites
     (``dropout/...``), then the rest.
 
-    >>> [column_name(k) for k in ("trial", "state", "dropout/fc1.output/p", "seed")]
-    ['1 trial', '3 state', '4 dropout/fc1.output/p', '5 seed']
+    >>> column_name("trial"), column_name("state"), column_name("dropout/fc1.output/p"), column_name("seed")
+    ('1 trial', '3 state', '4 dropout/fc1.output/p', '5 seed')
     """
     if key in _FIRST_COLUMNS:
         rank = _FIRST_COLUMNS.index(key) + 1
