@@ -32,7 +32,7 @@ from lightning_dropout.scalars import site_groups, site_name
 
 HERE = Path(__file__).parent
 CLASSES = 3
-MONITOR_PREFIXES = ("gap/", "train_clean/", "train_dropout/", "mc/")
+MONITOR_PREFIXES = ("gap/", "train_clean/", "train_dropout/", "mc/", "timing/")
 
 
 # ----------------------------------------------------------------------------------------------------------
