@@ -138,3 +138,30 @@ class NamelessLogger(Logger):
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
+
+
+def test_each_logger_gets_the_runs_identity_and_its_study_trial_and_kind():
+    """Unit level, no run started: W&B groups a study's runs (`group`) by kind (`job_type`); loggers with a
+    `version` put re-runs in their own folder; MLflow tags every run and names the parent run."""
+    from lightning_dropout.tune.loggers import _with_identity
+
+    wandb = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "p"}}
+    _, args = _with_identity(wandb, "s", "rerun_0001_seed0", "rerun", 1)
+    assert args == {"project": "p", "name": "s rerun_0001_seed0", "group": "s", "job_type": "rerun"}
+    csv_spec = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
+    _, args = _with_identity(csv_spec, "s", "rerun_0001_seed0", "rerun", 1)
+    assert args == {"save_dir": "logs", "version": "rerun_0001_seed0", "name": "s/reruns"}
+    mlflow = {
+        "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+        "init_args": {"tags": {"team": "a"}},
+        "parent_run_id": "abc",
+    }
+    _, args = _with_identity(mlflow, "s", "trial_0002", "trial", 2)
+    assert args["run_name"] == "s trial_0002"
+    assert args["tags"] == {
+        "team": "a",
+        "study": "s",
+        "trial": "2",
+        "kind": "trial",
+        "mlflow.parentRunId": "abc",
+    }

@@ -43,7 +43,7 @@ from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.scalars import site_name
 from lightning_dropout.tune.space import SearchGroup
 
-__all__ = ["TrialLogger", "column_name", "plan_columns", "plan_hparams", "write_experiment"]
+__all__ = ["TrialLogger", "column_name", "display_name", "plan_columns", "plan_hparams", "write_experiment"]
 
 log = logging.getLogger(__name__)
 
