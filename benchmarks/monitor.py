@@ -8,7 +8,7 @@ as closely as a shared machine allows, one fit runs the monitor after every othe
 1, 3, 5, ... in even repeats, 2, 4, 6, ... in odd ones); epoch 0 is a warm-up (it also pays the one-off
 creation of the subset loader). Two figures per model:
 
-- **own**: the monitor's measured time (``gap/seconds``, the whole ``on_validation_end``) divided by the time
+- **own**: the monitor's measured time (``timing/gap_seconds``, the whole ``on_validation_end``) divided by the time
   of the same epoch (training steps + validation + monitor);
 - **end to end**: time of an epoch with the monitor / time of the adjacent epoch without it, minus 1.
 
@@ -243,7 +243,7 @@ def measure(name: str, dm: MNIST1DDataModule, repeats: int, epochs: int, seed: i
     for r in range(repeats):
         parity = 1 if r % 2 == 0 else 0  # who comes first within a pair alternates between repeats
         times, history, _ = fit(MODELS[name], dm, epochs, parity, seed)
-        seconds = {int(h["epoch"]): h["gap/seconds"] for h in history}
+        seconds = {int(h["epoch"]): h["timing/gap_seconds"] for h in history}
         for first in range(1, epochs - 1, 2):  # pairs (1, 2), (3, 4), ...; epoch 0 is the warm-up
             on = first if first in seconds else first + 1
             off = first + 1 if on == first else first
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "validation, in batches of the validation loader's size (100), collated once per "
         f"fit and kept). Per model, {args.repeats} fits of "
         f"{args.epochs} epochs that run the monitor after every other validation (epoch 0 a warm-up), "
-        "giving adjacent pairs of epochs with and without it. *own* = `gap/seconds` / time of the same "
+        "giving adjacent pairs of epochs with and without it. *own* = `timing/gap_seconds` / time of the same "
         "epoch; *end to end* = epoch time with / adjacent epoch time without - 1; medians and IQR over the "
         f"{args.repeats * (args.epochs // 2)} pairs. Target: <= {TARGET:.0%}.",
         "",

@@ -54,7 +54,7 @@ from lightning_dropout.inject import (
 )
 from lightning_dropout.plan import DropoutPlan, as_plan
 from lightning_dropout.rules import as_rules
-from lightning_dropout.scalars import LOG_PREFIX, rate_tag, scalar_layout
+from lightning_dropout.scalars import LOG_PREFIX, rate_tag, scalar_layout, write_layout
 from lightning_dropout.schedules import Schedule
 from lightning_dropout.variants import ConcreteDropout
 
@@ -394,13 +394,15 @@ class DropoutInjector(Callback):
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         """TensorBoard "Custom Scalars": one chart per quantity and group of similar sites, all sites of a group
-        as lines of that chart (readable with 50 sites)."""
+        as lines of that chart (readable with 50 sites); a named injector's charts have their own category
+        (``dropout/<name>``), added to the layout the other injectors wrote."""
         if not (self.log_rates and self._handles and trainer.is_global_zero):
             return
-        layout = {LOG_PREFIX: scalar_layout(self._handles, self.track_drop_fraction)}
+        category = f"{LOG_PREFIX}/{self.name}" if self.name is not None else LOG_PREFIX
+        charts = scalar_layout(self._handles, self.track_drop_fraction)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_custom_scalars(layout)
+                write_layout(logger.experiment, category, charts)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     @override

@@ -9,7 +9,8 @@ data the way validation does (dropout off, the module's own ``validation_step`` 
 - ``train_clean/<metric>``: the training subset, dropout off;
 - ``gap/<metric>`` = ``val_<metric>`` - ``train_clean/<metric>``;
 - ``train_dropout/<metric>``: the same subset with dropout on (``train_mode=True``), the figure the naive gap
-  uses, labelled as such so the two can be compared.
+  uses, labelled as such so the two can be compared;
+- ``timing/gap_seconds``: the time the extra passes took.
 
 ``<metric>`` is each name the module's ``validation_step`` logs with a ``val_``/``val/``/``valid_``/
 ``validation_`` prefix stripped (``val_loss`` -> ``loss``). Neither monitor changes training: the extra
@@ -37,6 +38,7 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
@@ -46,12 +48,14 @@ from typing_extensions import override
 from lightning_dropout.errors import DropoutConfigError, check_int
 from lightning_dropout.mc import mc_dropout
 from lightning_dropout.passes import metric_modules, untouched
+from lightning_dropout.scalars import GAP_CATEGORY, gap_layout, write_layout
 from lightning_dropout.uncertainty import UncertaintyMonitor
 
 __all__ = ["GapMonitor", "LogCapture", "UncertaintyMonitor", "metric_base_name"]
 
 log = logging.getLogger(__name__)
 
+TIMING_TAG = "timing/gap_seconds"  # the extra passes' time: not a gap, so not under `gap/`
 _VAL_PREFIXES = ("validation_", "validation/", "valid_", "valid/", "val_", "val/", "val-")
 _REDUCE = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 
@@ -145,7 +149,8 @@ class GapMonitor(Callback):
 
     Attributes:
         history: one dict of logged values per validation.
-        seconds: time spent in the extra passes so far (also logged as ``gap/seconds``).
+        seconds: time spent in the extra passes so far (each validation's logged as ``timing/gap_seconds``:
+            a timing, kept out of the ``gap/`` group of gaps).
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class GapMonitor(Callback):
         self._fit_started: float | None = None
         self._batches: list[Any] | None = None
         self._subset_size = num_samples
+        self._layout_written = False
 
     def __repr__(self) -> str:
         return f"GapMonitor(num_samples={self.num_samples}, train_mode={self.train_mode}, seed={self.seed})"
@@ -267,6 +273,7 @@ class GapMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_started = time.perf_counter()
         self._batches = None
+        self._layout_written = False
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -277,23 +284,30 @@ class GapMonitor(Callback):
             clean = self._evaluate(trainer, pl_module, dropout_on=False)
             noisy = self._evaluate(trainer, pl_module, dropout_on=True) if self.train_mode else {}
         values: dict[str, float] = {}
+        overlays: dict[str, str] = {}  # base name -> validation tag, for the Custom Scalars chart
         for name, value in clean.items():
             base = metric_base_name(name)
             values[f"train_clean/{base}"] = value
             val = trainer.callback_metrics.get(name)
             if val is not None and val.numel() == 1:
                 values[f"gap/{base}"] = float(val) - value
+                overlays[base] = name
             if name in noisy:
                 values[f"train_dropout/{base}"] = noisy[name]
         elapsed = time.perf_counter() - started
         self.seconds += elapsed
-        values["gap/seconds"] = elapsed
+        values[TIMING_TAG] = elapsed
         self.history.append({"epoch": float(trainer.current_epoch), **values})
         device = pl_module.device
         trainer.callback_metrics.update({k: torch.tensor(v, device=device) for k, v in values.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
+                if isinstance(logger, TensorBoardLogger) and not self._layout_written:
+                    # "Custom Scalars": val, train_clean and train_dropout of each metric on one chart
+                    charts = gap_layout(overlays, dropout_on=self.train_mode)
+                    write_layout(logger.experiment, GAP_CATEGORY, charts)
+            self._layout_written = True
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -159,7 +159,7 @@ def test_step_schedule_linear_ramps_and_logs_rates():
     total = t.estimated_stepping_batches
     for _, step, p in recorder.rates:
         assert p == pytest.approx(0.5 * step / total)
-    assert "dropout/rate/fc1:output" in t.callback_metrics
+    assert "dropout/rate/fc1.output" in t.callback_metrics
 
 
 def test_schedule_mapping_by_site_glob_and_unmatched_glob():
@@ -193,15 +193,15 @@ def test_constant_rates_are_logged_once_per_epoch_and_scheduled_ones_per_step(tm
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     trainer(callbacks=[injector], logger=logger, log_every_n_steps=1, max_epochs=2).fit(TinyNet(), loader())
     scalars = _scalar_steps(tmp_path)
-    assert scalars["dropout/rate/fc1:output"] == [(0, pytest.approx(0.4)), (4, pytest.approx(0.4))]
-    assert [step for step, _ in scalars["dropout/rate/fc2:output"]] == list(range(8))
+    assert scalars["dropout/rate/fc1.output"] == [(0, pytest.approx(0.4)), (4, pytest.approx(0.4))]
+    assert [step for step, _ in scalars["dropout/rate/fc2.output"]] == list(range(8))
     assert [step for step, _ in scalars["dropout/mean_rate"]] == list(range(8))  # it moves with fc2
     # nothing varies within an epoch: every rate and the mean once per epoch
     injector = DropoutInjector(rules=[Rule(match=nn.Linear, p=0.3)], schedule=EarlyDropout(cutoff=1))
     logger = TensorBoardLogger(tmp_path / "constant", name="tb", version=0)
     trainer(callbacks=[injector], logger=logger, log_every_n_steps=1, max_epochs=2).fit(TinyNet(), loader())
     scalars = _scalar_steps(tmp_path / "constant")
-    for tag in ("dropout/rate/fc1:output", "dropout/rate/fc2:output", "dropout/mean_rate"):
+    for tag in ("dropout/rate/fc1.output", "dropout/rate/fc2.output", "dropout/mean_rate"):
         assert scalars[tag] == [(0, pytest.approx(0.3)), (4, 0.0)], (
             tag
         )  # the epoch schedule's value each epoch
@@ -211,7 +211,7 @@ def test_track_drop_fraction_is_logged():
     injector = DropoutInjector(rules=[Rule(match=nn.Linear, p=0.5)], track_drop_fraction=True)
     t = trainer(callbacks=[injector], log_every_n_steps=1, max_epochs=1)
     t.fit(TinyNet(), loader(n=256, batch_size=128))
-    fraction = float(t.callback_metrics["dropout/fraction/fc1:output"])
+    fraction = float(t.callback_metrics["dropout/fraction/fc1.output"])
     assert 0.35 < fraction < 0.65
 
 

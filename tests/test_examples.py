@@ -86,7 +86,7 @@ def test_tensorboard_gap_example(tmp_path, data_dir, capsys):
         "train_clean/loss",
         "train_dropout/loss",
         "mc/ece",
-        "dropout/rate/linear1:output",
+        "dropout/rate/linear1.output",
     ):
         assert series[tag], tag
     for val, clean, gap in zip(

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -27,11 +28,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from lightning_dropout import DropoutConfigError, Rule
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.monitor import GapMonitor, LogCapture, UncertaintyMonitor, metric_base_name
-from lightning_dropout.scalars import site_groups
+from lightning_dropout.scalars import site_groups, site_name
 
 HERE = Path(__file__).parent
 CLASSES = 3
-MONITOR_PREFIXES = ("gap/", "train_clean/", "train_dropout/", "mc/")
+MONITOR_PREFIXES = ("gap/", "train_clean/", "train_dropout/", "mc/", "timing/")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def test_train_clean_is_the_eval_mode_figure_on_the_fixed_subset_and_gap_is_val_
     t.fit(model, *loaders(train, val))
     last = monitor.history[-1]
     assert set(last) == {
-        "epoch", "gap/seconds",
+        "epoch", "timing/gap_seconds",
         "train_clean/loss", "train_clean/acc", "gap/loss", "gap/acc", "train_dropout/loss", "train_dropout/acc",
     }  # fmt: skip
     expected = by_hand(model, train, subset(60, 20, seed=3), batch_size=7)
@@ -441,8 +442,10 @@ def test_runs_after_each_validation_of_fit_only_and_reports_its_cost():
     assert [h["epoch"] for h in gap.history] == [0.0, 1.0, 2.0]
     assert [h["epoch"] for h in unc.history] == [1.0]
     assert gap.seconds > 0
-    assert gap.seconds == pytest.approx(sum(h["gap/seconds"] for h in gap.history))
-    assert float(t.callback_metrics["gap/seconds"]) == pytest.approx(gap.history[-1]["gap/seconds"], rel=1e-6)
+    assert gap.seconds == pytest.approx(sum(h["timing/gap_seconds"] for h in gap.history))
+    assert float(t.callback_metrics["timing/gap_seconds"]) == pytest.approx(
+        gap.history[-1]["timing/gap_seconds"], rel=1e-6
+    )
     t.validate(model, val_loader)
     assert len(gap.history) == 3 and len(unc.history) == 1  # not in trainer.validate
 
@@ -630,8 +633,6 @@ def read_events(directory: Path):
 
 
 def test_tensorboard_gets_monitor_and_dropout_tags_and_a_custom_scalars_layout(tmp_path):
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
     torch.manual_seed(0)
     injector = DropoutInjector(
         rules=[Rule(match=nn.Linear, name="layers.*", p=0.2), Rule(name="inp", variant="concrete", p=0.3)],
@@ -644,12 +645,12 @@ def test_tensorboard_gets_monitor_and_dropout_tags_and_a_custom_scalars_layout(t
     files, events = read_events(tmp_path)
     assert len(files) == 1
     tags = set(events.Tags()["scalars"])
-    keys = [s.key for s in injector.plan]
+    keys = [site_name(s.key) for s in injector.plan]
     stacked = [k for k in keys if k.startswith("layers.")]
-    assert len(stacked) == 12 and "inp:output" in keys
+    assert len(stacked) == 12 and "inp.output" in keys
     expected = {f"{kind}/{m}" for kind in ("gap", "train_clean", "train_dropout") for m in ("loss", "acc")}
     expected |= {
-        "gap/seconds",
+        "timing/gap_seconds",
         "mc/ece",
         "mc/ece_no_dropout",
         "mc/entropy",
@@ -657,29 +658,59 @@ def test_tensorboard_gets_monitor_and_dropout_tags_and_a_custom_scalars_layout(t
         "dropout/mean_rate",
     }
     expected |= {f"dropout/rate/{k}" for k in stacked} | {f"dropout/fraction/{k}" for k in stacked}
-    expected |= {"dropout/learned/inp:output"}
+    expected |= {"dropout/learned/inp.output"}
     assert expected <= tags, sorted(expected - tags)
-    assert "dropout/rate/inp:output" not in tags  # the learned rate has its own tag
+    assert "dropout/rate/inp.output" not in tags  # the learned rate has its own tag
+    assert not [t for t in tags if ":" in t]  # no plan key (`fc1:output`) in a logged key: MLflow refuses `:`
     logged = [e.value for e in events.Scalars("gap/loss")]
     assert logged == pytest.approx([h["gap/loss"] for h in gap.history], rel=1e-5)
     # the custom-scalars layout: one chart per quantity and group of sites; its regexes cover the sites
     groups = site_groups(stacked)
     assert groups == {
-        "layers.#.a:output": [f"layers.{i}.a:output" for i in range(6)],
-        "layers.#.b:output": [f"layers.{i}.b:output" for i in range(6)],
+        "layers.#.a.output": [f"layers.{i}.a.output" for i in range(6)],
+        "layers.#.b.output": [f"layers.{i}.b.output" for i in range(6)],
     }
-    config = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
-    layout = layout_pb2.Layout.FromString(config)
+    layout = last_layout(events)  # TensorBoard shows a run's last layout: it holds every callback's charts
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert [cat.title for cat in layout.category] == ["dropout"]
-    assert {"rate: layers.#.a:output", "rate: layers.#.b:output", "learned rate: all sites"} <= set(charts)
+    assert [cat.title for cat in layout.category] == ["dropout", "val vs train"]
+    assert {"rate: layers.#.a.output", "rate: layers.#.b.output", "learned rate: all sites"} <= set(charts)
     for quantity, label in (("rate", "rate"), ("fraction", "dropped fraction")):
         for group, members in groups.items():
             regexes = charts[f"{label}: {group}"]
             for tag in tags:
                 hit = any(re.fullmatch(rx, tag) for rx in regexes)
                 assert hit == (tag in {f"dropout/{quantity}/{k}" for k in members}), (group, tag)
-    assert any(re.fullmatch(rx, "dropout/learned/inp:output") for rx in charts["learned rate: all sites"])
+    assert any(re.fullmatch(rx, "dropout/learned/inp.output") for rx in charts["learned rate: all sites"])
+    # the GapMonitor's overlay: per metric, validation, clean training and dropout-on training on one chart
+    for base in ("loss", "acc"):
+        regexes = charts[f"{base}: val, train_clean, train_dropout"]
+        drawn = {tag for tag in tags if any(re.fullmatch(rx, tag) for rx in regexes)}
+        assert drawn == {f"val_{base}", f"train_clean/{base}", f"train_dropout/{base}"}, base
+
+
+def last_layout(events: Any) -> Any:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    config = events.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0]
+    return layout_pb2.Layout.FromString(config)
+
+
+def test_named_injectors_and_the_gap_monitor_share_one_custom_scalars_layout(tmp_path):
+    """Each callback adds its charts to the run's layout: two named injectors (and the GapMonitor) do not
+    overwrite each other's (TensorBoard shows only a run's last layout)."""
+    torch.manual_seed(0)
+    first = DropoutInjector(rules=[Rule(name="layers.0.a", p=0.2)], name="first")
+    second = DropoutInjector(rules=[Rule(name="layers.1.a", p=0.3)], name="second")
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    t = trainer(callbacks=[first, second, GapMonitor(num_samples=8)], logger=logger, max_epochs=1)
+    t.fit(Deep(), *loaders(dataset(16, 1), dataset(8, 2)))
+    _, events = read_events(tmp_path)
+    layout = last_layout(events)
+    charts = {cat.title: {c.title: list(c.multiline.tag) for c in cat.chart} for cat in layout.category}
+    assert set(charts) == {"dropout/first", "dropout/second", "val vs train"}
+    assert charts["dropout/first"]["rate: all sites"] == [re.escape("dropout/rate/layers.0.a.output")]
+    assert charts["dropout/second"]["rate: all sites"] == [re.escape("dropout/rate/layers.1.a.output")]
+    assert "acc: val, train_clean, train_dropout" in charts["val vs train"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -764,9 +795,11 @@ def test_ddp_two_processes_log_the_single_process_figures_once(tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2] and single["world_size"] == 1
     assert ranks[0]["weights_unchanged"] and single["weights_unchanged"]
     # every rank holds the reduced values, and they are the single-process ones
-    drop_seconds = [[{k: v for k, v in h.items() if k != "gap/seconds"} for h in r["history"]] for r in ranks]
+    drop_seconds = [
+        [{k: v for k, v in h.items() if k != "timing/gap_seconds"} for h in r["history"]] for r in ranks
+    ]
     assert drop_seconds[0] == drop_seconds[1]
-    keys = [k for k in single["history"][0] if k.startswith(("train_clean/", "gap/")) and k != "gap/seconds"]
+    keys = [k for k in single["history"][0] if k.startswith(("train_clean/", "gap/"))]
     assert {"train_clean/loss", "train_clean/acc", "train_clean/maxloss", "train_clean/sumloss", "gap/loss",
             "gap/acc"} <= set(keys)  # fmt: skip
     assert len(ranks[0]["history"]) == len(single["history"]) == 2

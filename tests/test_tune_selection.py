@@ -249,11 +249,11 @@ def test_a_study_starts_with_the_baseline_and_the_warm_start_grid(tmp_path, data
     assert all(len(r["values"]) == 2 for r in reruns.values())
 
     # the HTML report and TensorBoard's results text carry the gains and mark the winner
-    from lightning_dropout.tune.report import _markdown_results, write_report
+    from lightning_dropout.tune.report import markdown_results, write_report
 
     page = write_report(study, tmp_path / "report.html").read_text()
     assert "gain vs no dropout" in page and "gain vs best uniform" in page and "(winner)" in page
-    assert "(winner)" in _markdown_results(study)
+    assert "(winner)" in markdown_results(study)
 
     # resuming does not enqueue the grid again
     assert tune(config, tmp_path, data_dir, "--study.n_trials=7") == 0

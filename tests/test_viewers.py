@@ -24,6 +24,8 @@ from studies import load, sqlite_url, tune, write_config
 
 from lightning_dropout.cli import main
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.scalars import site_name
+from lightning_dropout.tune.board import column_name, display_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +37,7 @@ GROUP = {
     "per_layer": True,
     "params": {"standard": {"scaling": ["inverted", "inference"]}},
 }
-SITES = ("linear1:output", "linear2:output")
+SITES = ("linear1.output", "linear2.output")  # as logged: `<target>.<where>`
 METRICS = ["hp/best_val_acc", "hp/best_epoch", "hp/value", "hp/gap_at_best/acc", "hp/gap_at_best/loss"]
 FIGURES = ["optimization_history", "intermediate_values", "param_importances", "best_rates", "gap_vs_value"]
 
@@ -52,8 +54,22 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 
 
 def run_names(study_dir: Path) -> list[str]:
-    """The TensorBoard run name of every trial and re-run (relative to the study's log dir)."""
-    return sorted(f"trials/{p.name}" for p in (study_dir / "runs" / "s" / "trials").iterdir())
+    """The TensorBoard run name of every trial and re-run (relative to the study's log dir): re-runs have their
+    own folder."""
+    root = study_dir / "runs" / "s"
+    return sorted(f"{folder}/{p.name}" for folder in ("trials", "reruns") for p in (root / folder).iterdir())
+
+
+def hparams(group: dict[str, Any]) -> dict[str, Any]:
+    """A session group's values by column key (the dashboard's display names: `trial`, not `1 trial`)."""
+    return {display_name(k): v for k, v in group["hparams"].items()}
+
+
+def drawn_figures(study: optuna.Study) -> list[str]:
+    """The figures the study allows: "best rates" only when the winner has dropout (else it would be empty)."""
+    from lightning_dropout.tune.records import winner
+
+    return [f for f in FIGURES if f != "best_rates" or len(winner(study)[0])]
 
 
 def trial_plan(study: optuna.Study, number: int) -> DropoutPlan:
@@ -169,7 +185,7 @@ def _metric(session: dict[str, Any], tag: str) -> float:
 # ----------------------------------------------------------------------------------------------------------
 def test_hparams_columns_are_the_plan_the_trial_and_the_metrics(board):
     experiment = board.experiment()
-    types = {h["name"]: h["type"] for h in experiment["hparamInfos"]}
+    types = {h["displayName"]: h["type"] for h in experiment["hparamInfos"]}
     plan_columns = {f"dropout/{site}/{field}" for site in SITES for field in ("variant", "p", "scaling")}
     trial_columns = {"trial", "kind", "baseline", "seed", "state"}
     assert {name for name in types if not name.startswith("module/")} == plan_columns | trial_columns
@@ -179,6 +195,32 @@ def test_hparams_columns_are_the_plan_the_trial_and_the_metrics(board):
         assert types[f"dropout/{site}/variant"] == types[f"dropout/{site}/scaling"] == "DATA_TYPE_STRING"
     assert types["trial"] == "DATA_TYPE_FLOAT64" and types["state"] == "DATA_TYPE_STRING"
     assert [m["name"]["tag"] for m in experiment["metricInfos"]] == METRICS
+    labels = {m["name"]["tag"]: m.get("displayName", "") for m in experiment["metricInfos"]}
+    assert labels["hp/value"] == "val_acc: trial value (best)"  # the two values of a trial, told apart
+    assert labels["hp/best_val_acc"] == "val_acc at the best epoch"
+
+
+def test_hparams_marks_what_varies_and_lists_trial_kind_state_then_the_sites_first(board):
+    """The dashboard ticks the first five columns of the experiment, in the server's order (what differs first):
+    the columns that vary are marked, and come as trial, kind, state, then the sites, then the rest."""
+    experiment = board.experiment()
+    groups = board.session_groups()
+    seen: dict[str, set[str]] = {}
+    for group in groups:
+        for key, value in hparams(group).items():
+            seen.setdefault(key, set()).add(json.dumps(value))
+    infos = [(h["displayName"], bool(h.get("differs"))) for h in experiment["hparamInfos"]]
+    assert {name: differs for name, differs in infos} == {k: len(v) > 1 for k, v in seen.items()}
+    varying = [name for name, differs in infos if differs]
+    assert [name for name, differs in infos[: len(varying)]] == varying  # what varies comes first
+    first = [k for k in ("trial", "kind", "state") if k in varying]
+    sites = [k for k in varying if k.startswith("dropout/")]
+    assert varying == first + sorted(sites) + sorted(set(varying) - set(first) - set(sites))
+    assert first[:2] == ["trial", "kind"] and sites  # this study: trials and re-runs, sampled sites
+    assert {f"dropout/{site}/p" for site in SITES} <= set(sites)
+    # the names carry the rank that orders them; the dashboard shows the display names
+    names = {h["displayName"]: h["name"] for h in experiment["hparamInfos"]}
+    assert names["trial"] == column_name("trial") and names["kind"] == column_name("kind")
 
 
 def test_hparams_table_has_one_row_per_trial_and_rerun_with_the_stored_values(board, study_dir):
@@ -192,7 +234,7 @@ def test_hparams_table_has_one_row_per_trial_and_rerun_with_the_stored_values(bo
     assert len(rows) == len(study.trials) + sum(len(r["seeds"]) for r in reruns.values())
     for trial in study.trials:
         row = rows[f"trials/trial_{trial.number:04d}"]
-        hp = row["hparams"]
+        hp = hparams(row)
         assert hp["trial"] == trial.number and hp["kind"] == "trial" and hp["state"] == "complete"
         assert row["sessions"][0]["status"] == "STATUS_SUCCESS"
         assert _metric(row, "hp/value") == pytest.approx(trial.value)
@@ -200,16 +242,16 @@ def test_hparams_table_has_one_row_per_trial_and_rerun_with_the_stored_values(bo
         assert _metric(row, "hp/gap_at_best/acc") == pytest.approx(
             trial.user_attrs["metrics"]["gap_at_best/acc"]
         )
-        sites = {s.key: s for s in trial_plan(study, trial.number)}
+        sites = {site_name(s.key): s for s in trial_plan(study, trial.number)}
         for key in SITES:
             site = sites.get(key)
             assert hp[f"dropout/{key}/variant"] == (site.variant if site else "none")
             assert hp[f"dropout/{key}/p"] == pytest.approx(site.p if site else 0.0)
     for number, info in reruns.items():
         for index, (seed, value) in enumerate(zip(info["seeds"], info["values"], strict=True)):
-            row = rows[f"trials/rerun_{int(number):04d}_seed{index}"]
-            assert row["hparams"]["kind"] == "rerun" and row["hparams"]["trial"] == int(number)
-            assert row["hparams"]["seed"] == seed
+            row = rows[f"reruns/rerun_{int(number):04d}_seed{index}"]
+            assert hparams(row)["kind"] == "rerun" and hparams(row)["trial"] == int(number)
+            assert hparams(row)["seed"] == seed
             assert _metric(row, "hp/value") == pytest.approx(value)
 
 
@@ -217,7 +259,7 @@ def test_hparams_table_filtered_to_trials_and_sorted_by_value_starts_with_the_be
     study = load(study_dir)
     groups = board.session_groups(
         [
-            {"hparam": "kind", "filterDiscrete": ["trial"]},
+            {"hparam": column_name("kind"), "filterDiscrete": ["trial"]},
             {"metric": {"group": "", "tag": "hp/value"}, "order": "ORDER_DESC"},
         ]
     )
@@ -225,7 +267,7 @@ def test_hparams_table_filtered_to_trials_and_sorted_by_value_starts_with_the_be
     values = [_metric(g, "hp/value") for g in groups]
     assert values == sorted(values, reverse=True)
     assert values[0] == pytest.approx(study.best_value)
-    best = [g["hparams"]["trial"] for g in groups if _metric(g, "hp/value") == values[0]]
+    best = [hparams(g)["trial"] for g in groups if _metric(g, "hp/value") == values[0]]
     assert study.best_trial.number in best
 
 
@@ -241,20 +283,58 @@ def test_scalar_tags_have_the_gap_and_each_sites_rate(board, study_dir):
         assert {"val_acc", "gap/acc", "gap/loss", "train_clean/acc", "train_dropout/acc"} <= run_tags, name
         assert set(METRICS) <= run_tags, name
         rates = {t for t in run_tags if t.startswith("dropout/rate/")}
-        assert rates == {f"dropout/rate/{s.key}" for s in trial_plan(study, number)}, name
+        assert rates == {f"dropout/rate/{site_name(s.key)}" for s in trial_plan(study, number)}, name
     sampled = [t.number for t in study.trials if "baseline" not in t.user_attrs]
     assert sampled and all(
         f"dropout/rate/{site}" in tags[f"trials/trial_{n:04d}"] for n in sampled for site in SITES
     )
 
 
-def test_study_figures_are_images_tensorboard_serves_as_png(board):
+def test_custom_scalars_overlay_val_train_clean_and_train_dropout_per_metric(board, study_dir):
+    """The Custom Scalars dashboard (its layout request, merged over the runs): one chart per metric with the
+    validation, clean-training and dropout-on training tags; the per-site rate charts beside it."""
+    import re
+
+    layout = board.get("/data/plugin/custom_scalars/layout")
+    charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
+    assert {cat["title"] for cat in layout["category"]} == {"dropout", "val vs train"}
+    tags = board.get("/data/plugin/scalars/tags")["trials/trial_0001"]
+    for base in ("acc", "loss"):
+        regexes = charts[f"{base}: val, train_clean, train_dropout"]
+        drawn = {t for t in tags if any(re.fullmatch(rx, t) for rx in regexes)}
+        assert drawn == {f"val_{base}", f"train_clean/{base}", f"train_dropout/{base}"}, base
+    # the timing is not a gap; no logged key holds the plan key's `:` (MLflow refuses it)
+    assert "timing/gap_seconds" in tags and not [t for t in tags if t.startswith("gap/") and "second" in t]
+    assert not [t for t in tags if ":" in t]
+
+
+def test_study_figures_are_images_tensorboard_serves_as_png(board, study_dir):
     tags = board.get("/data/plugin/images/tags")
-    assert set(tags["study"]) == {f"study/{name}" for name in FIGURES}
-    for name in FIGURES:
+    figures = drawn_figures(load(study_dir))
+    assert set(tags["study"]) == {f"study/{name}" for name in figures}
+    for name in figures:
         (entry,) = board.get("/data/plugin/images/images", run="study", tag=f"study/{name}", sample="0")
         png = board.raw(f"/data/plugin/images/individualImage?{entry['query']}")
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, name
+
+
+def test_each_study_figure_has_one_title(study_dir, tmp_path):
+    """The figures of TensorBoard's IMAGES and of the report: one title each (Optuna's plots bring their own)."""
+    from lightning_dropout.tune.report import study_figures, write_report
+
+    study = load(study_dir)
+    figures, skipped = study_figures(study)
+    assert list(figures) == drawn_figures(study)
+    assert set(skipped) == set(FIGURES) - set(figures)
+    if skipped:  # no dropout won: no empty "best rates" figure, and the reason instead
+        assert "has no dropout site: no rate to draw" in skipped["best_rates"]
+    page = write_report(study, tmp_path / "report.html").read_text()
+    assert page.count("<img ") == len(figures)
+    assert ("best rates: not drawn (the winner" in page) == bool(skipped)
+    for name, fig in figures.items():
+        titles = [ax.get_title(loc) for ax in fig.axes for loc in ("left", "center", "right")]
+        titles.append(fig._suptitle.get_text() if fig._suptitle is not None else "")
+        assert len([t for t in titles if t]) == 1, (name, titles)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,7 +394,7 @@ def test_report_shows_every_figure_in_chromium_without_console_errors(chromium, 
             browser.close()
     assert problems == []
     # every figure the report embeds is decoded and laid out (a broken data: URL still reports complete)
-    assert [i["alt"] for i in images] == FIGURES and len(images) == embedded
+    assert [i["alt"] for i in images] == drawn_figures(study) and len(images) == embedded
     for image in images:
         assert image["complete"] and image["width"] > 100 and image["height"] > 100, image
         assert image["transparent"] == 0, image  # decoded whole

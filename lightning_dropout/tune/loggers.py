@@ -4,11 +4,19 @@ them), each given a per-run identity, and TensorBoard when the config names none
 A study trains many runs from one config, so each logger the config names is rebuilt per run with the run's
 name (``trial_0003``, ``rerun_0003_seed1``) in the argument that identifies a run for its class:
 
-* ``MLFlowLogger``: ``run_name`` (``"<study> trial_0003"``), in the config's experiment;
-* ``WandbLogger``, ``CometLogger``, ``NeptuneLogger``: ``name`` (same form), each run a new run of the project;
+* ``MLFlowLogger``: ``run_name`` (``"<study> trial_0003"``), in the config's experiment, with the tags ``study``,
+  ``trial`` (the study's trial number; a re-run's is the trial it re-runs) and ``kind`` (``trial``/``rerun``),
+  and as a child (``mlflow.parentRunId``) of the study's parent run (``"<study> study"``, tag ``kind=study``:
+  :func:`open_parent_runs`), which receives the study's summary when it ends (:func:`publish_study`);
+* ``WandbLogger``: ``name`` (same form), ``group`` the study (unless the config sets one), ``job_type`` the kind;
+* ``CometLogger``, ``NeptuneLogger``: ``name`` (same form), each run a new run of the project;
 * any other logger that takes a ``version`` (``TensorBoardLogger``, ``CSVLogger``, most custom loggers):
-  ``version``, and, when the config leaves its ``name`` at the class default, ``name="<study>/trials"``, so
-  runs land in ``<save_dir>/<study>/trials/<run>`` as the default TensorBoard layout does.
+  ``version``, and, when the config leaves its ``name`` at the class default, ``name="<study>/trials"`` (re-runs:
+  ``"<study>/reruns"``), so runs land in ``<save_dir>/<study>/trials/<run>`` as the default TensorBoard layout
+  does.
+
+Logged keys name a site ``<target>.<where>`` (``dropout/rate/fc1.output``): every logger accepts it, where the
+plan key's ``:`` is refused by MLflow.
 
 A ``TensorBoardLogger`` (or subclass) becomes a :class:`~lightning_dropout.tune.board.TrialLogger` with the same
 arguments, which writes the study's single HParams record per run. Every other logger gets the same record
@@ -21,16 +29,32 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.tune.board import TrialLogger
+from lightning_dropout.tune.board import RUN_FOLDERS, TrialLogger
+from lightning_dropout.tune.records import PARENT_RUNS_ATTR
 
-__all__ = ["check_loggers", "finish_loggers", "logger_specs", "trial_loggers", "uses_tensorboard"]
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "check_loggers",
+    "finish_loggers",
+    "logger_specs",
+    "open_parent_runs",
+    "publish_study",
+    "trial_loggers",
+    "uses_tensorboard",
+]
+
+log = logging.getLogger(__name__)
 
 RECORD_PREFIX = "study/"  # the record's hyperparameters in loggers other than TensorBoard
 
@@ -84,19 +108,33 @@ def _class(path: str) -> type[Logger]:
     return cls
 
 
-def _with_identity(spec: Mapping[str, Any], study: str, run: str) -> tuple[type[Logger], dict[str, Any]]:
+def _is(cls: type, name: str) -> bool:
+    return any(c.__name__ == name for c in cls.__mro__)
+
+
+def _with_identity(
+    spec: Mapping[str, Any], study: str, run: str, kind: str = "trial", number: int | None = None
+) -> tuple[type[Logger], dict[str, Any]]:
     """The logger class of ``spec`` and its arguments with run ``run``'s identity (see the module docstring)."""
     cls = _class(spec["class_path"])
     args = dict(spec["init_args"])
     params = inspect.signature(cls.__init__).parameters
     key = next((_IDENTITY[c.__name__] for c in cls.__mro__ if c.__name__ in _IDENTITY), None)
+    if _is(cls, "MLFlowLogger"):
+        tags = {"study": study, "trial": "-" if number is None else str(number), "kind": kind}
+        if spec.get("parent_run_id"):
+            tags["mlflow.parentRunId"] = spec["parent_run_id"]
+        args["tags"] = {**dict(args.get("tags") or {}), **tags}
+    elif _is(cls, "WandbLogger"):  # W&B's own grouping of runs: the study, and the kind of run
+        args.setdefault("group", study)
+        args.setdefault("job_type", kind)
     if key is not None and key in params:
         args[key] = f"{study} {run}"
     elif "version" in params:
         args["version"] = run
         name = params.get("name")
         if name is not None and args.get("name", name.default) == name.default:
-            args["name"] = f"{study}/trials"
+            args["name"] = f"{study}/{RUN_FOLDERS.get(kind, RUN_FOLDERS['trial'])}"
     else:
         raise DropoutConfigError(
             f"`trainer.logger` {spec['class_path']} takes none of `version`, `run_name` or `name`, so the runs of "
@@ -116,15 +154,22 @@ def check_loggers(specs: list[dict[str, Any]] | None) -> None:
         _with_identity(spec, "study", "check")
 
 
-def trial_loggers(specs: list[dict[str, Any]] | None, run_dir: Path, study: str, run: str) -> list[Logger]:
-    """The loggers of run ``run`` (``trial_0003``): those of ``specs`` (:func:`logger_specs`), each with the run's
-    identity, or, when the config names none, a TensorBoard :class:`TrialLogger` in
-    ``<run_dir>/<study>/trials/<run>``."""
+def trial_loggers(
+    specs: list[dict[str, Any]] | None,
+    run_dir: Path,
+    study: str,
+    run: str,
+    kind: str = "trial",
+    number: int | None = None,
+) -> list[Logger]:
+    """The loggers of run ``run`` (``trial_0003``) of ``kind`` (``trial``/``rerun``) for study trial ``number``:
+    those of ``specs`` (:func:`logger_specs`), each with the run's identity, or, when the config names none, a
+    TensorBoard :class:`TrialLogger` in ``<run_dir>/<study>/trials/<run>`` (re-runs: ``reruns/<run>``)."""
     if specs is None:
-        return [TrialLogger(run_dir / study, name="trials", version=run)]
+        return [TrialLogger(run_dir / study, name=RUN_FOLDERS.get(kind, RUN_FOLDERS["trial"]), version=run)]
     loggers: list[Logger] = []
     for spec in specs:
-        cls, args = _with_identity(spec, study, run)
+        cls, args = _with_identity(spec, study, run, kind, number)
         loggers.append(TrialLogger(**args) if issubclass(cls, TensorBoardLogger) else cls(**args))
     return loggers
 
@@ -142,3 +187,61 @@ def finish_loggers(
         logger.log_hyperparams({f"{RECORD_PREFIX}{k}": v for k, v in params.items()})
         logger.log_metrics(dict(metrics), step=0)
         logger.save()
+
+
+def _parent_args(spec: Mapping[str, Any], study: str) -> dict[str, Any]:
+    args = dict(spec["init_args"])
+    args["run_name"] = f"{study} study"
+    args["tags"] = {**dict(args.get("tags") or {}), "study": study, "kind": "study"}
+    return args
+
+
+def open_parent_runs(specs: list[dict[str, Any]] | None, study: optuna.Study) -> None:
+    """Give each MLflow logger of ``specs`` the study's parent run: created by the first ``tune`` of the study
+    (its id kept in the study's storage, so the workers, a resumed study and a joining machine find it) and named
+    by every trial and re-run as its parent (``mlflow.parentRunId``)."""
+    stored = dict(study.user_attrs.get(PARENT_RUNS_ATTR) or {})
+    created = False
+    for index, spec in enumerate(specs or ()):
+        cls = _class(spec["class_path"])
+        if not _is(cls, "MLFlowLogger"):
+            continue
+        if str(index) not in stored:
+            stored[str(index)] = cls(**_parent_args(spec, study.study_name)).run_id  # type: ignore[attr-defined]
+            created = True
+        spec["parent_run_id"] = stored[str(index)]
+    if created:
+        study.set_user_attr(PARENT_RUNS_ATTR, stored)
+
+
+def publish_study(
+    specs: list[dict[str, Any]] | None, study: optuna.Study, plan_path: Path | None = None
+) -> None:
+    """Send the study's summary to the config's loggers: for MLflow, to the study's parent run (tags ``winner``
+    and ``winner_trial``, artifacts ``report.html``, ``results.md`` (the comparison table) and the winner's
+    ``best_plan.yaml``), then marked finished. TensorBoard gets the same figures and table in the run ``study``
+    (:func:`~lightning_dropout.tune.report.write_study_images`)."""
+    from lightning_dropout.tune.records import winner, winner_trial
+    from lightning_dropout.tune.report import markdown_results, write_report
+
+    for spec in specs or ():
+        cls = _class(spec["class_path"])
+        run_id = spec.get("parent_run_id")
+        if not (_is(cls, "MLFlowLogger") and run_id):
+            continue
+        args = {**_parent_args(spec, study.study_name), "run_id": run_id}
+        logger = cls(**args)
+        client = logger.experiment  # type: ignore[attr-defined]  # an MLFlowLogger: its MlflowClient
+        client.set_tag(run_id, "winner", winner(study)[1])
+        client.set_tag(run_id, "winner_trial", str(winner_trial(study).number))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            files = [write_report(study, folder / "report.html")]
+            files.append(folder / "results.md")
+            files[-1].write_text(markdown_results(study) + "\n", encoding="utf-8")
+            if plan_path is not None and Path(plan_path).is_file():
+                files.append(Path(plan_path))
+            for path in files:
+                client.log_artifact(run_id, str(path))
+        logger.finalize("success")
+        log.debug("study summary sent to MLflow run %s", run_id)

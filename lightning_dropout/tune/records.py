@@ -36,6 +36,7 @@ __all__ = [
     "FIXED_PLAN_ATTR",
     "INTERRUPTED",
     "METRICS_ATTR",
+    "PARENT_RUNS_ATTR",
     "PBT_ATTR",
     "PBT_RESULT_ATTR",
     "PLAN_ATTR",
@@ -90,6 +91,8 @@ RERUNS_ATTR = "reruns"  # study attribute: {trial number: {label, values, seeds,
 # study attributes "rerun_value:<trial>:<seed index>": one re-run's value, written by whichever worker ran it
 # (one key per run, so workers never overwrite each other's), gathered into RERUNS_ATTR by `tune`
 RERUN_VALUE_PREFIX = "rerun_value:"
+# study attribute: {index of the logger in `trainer.logger`: the study's parent run id} (MLflow)
+PARENT_RUNS_ATTR = "logger_parent_runs"
 INTERRUPTED = "interrupted (Ctrl-C)"
 DUPLICATE = "a duplicate of an earlier trial with the same label (two processes enqueued it at once); not run"
 BASELINE_NONE = NO_DROPOUT

@@ -5,7 +5,10 @@ from any machine that reaches the storage, during or after the study.
 
 Figures: optimization history, intermediate values (pruned trials visible), parameter importances over the
 per-site rates and variants, the best plan's rate per site, and the generalization gap at the best epoch
-against the validation value for every trial.
+against the validation value for every trial. Each figure has one title; a figure the study cannot draw (too
+few trials, a winner without dropout) is left out with the reason. Two values of a trial are shown, always
+labelled: its *trial value* (``study.value``: e.g. the ``ema`` of its validation curve, what Optuna ranks and
+the re-runs compare) and the *best epoch*'s value of the same curve.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lightning_dropout.monitor import metric_base_name
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.tune.board import write_experiment
 from lightning_dropout.tune.records import (
     BASELINE_ATTR,
     FAIL_ATTR,
@@ -43,7 +47,15 @@ from lightning_dropout.tune.records import (
 )
 from lightning_dropout.tune.selection import Comparison, compare
 
-__all__ = ["plan_summary", "study_figures", "write_report", "write_study_images"]
+__all__ = [
+    "FigureSkipped",
+    "markdown_results",
+    "metric_labels",
+    "plan_summary",
+    "study_figures",
+    "write_report",
+    "write_study_images",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +70,36 @@ def _plan(trial: FrozenTrial) -> DropoutPlan | None:
     return DropoutPlan.from_yaml(text) if text else None
 
 
+class FigureSkipped(ValueError):
+    """A figure the study's trials do not allow; its message says why (shown in the report)."""
+
+
 def _metric(study: optuna.Study) -> str:
     return str(study.user_attrs.get("metric", "value"))
+
+
+def _value_label(study: optuna.Study) -> str:
+    """``"trial value (ema)"``: what a trial's value is (``study.value``), as every table and axis labels it."""
+    rule = study.user_attrs.get("value")
+    return f"trial value ({rule})" if rule else "trial value"
+
+
+def metric_labels(study: optuna.Study) -> dict[str, str]:
+    """The label of each HParams metric of the study's runs (``hp/value``: the trial value, ``hp/best_<metric>``:
+    the best epoch's value), as TensorBoard shows them."""
+    metric = _metric(study)
+    return {
+        "hp/value": f"{metric}: {_value_label(study)}",
+        f"hp/best_{metric}": f"{metric} at the best epoch",
+        "hp/best_epoch": "the best epoch",
+    }
+
+
+def _title(ax: Any, text: str) -> None:
+    """Give ``ax`` the one title ``text`` (Optuna's plots come with their own, centred)."""
+    for loc in ("left", "right"):
+        ax.set_title("", loc=loc)
+    ax.set_title(text)
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:
@@ -70,7 +110,8 @@ def _quiet(fn: Callable[[], Any]) -> Any:
 
 def _history(study: optuna.Study) -> Figure:
     ax = _quiet(lambda: optuna.visualization.matplotlib.plot_optimization_history(study))
-    ax.set_ylabel(_metric(study))
+    ax.set_ylabel(f"{_metric(study)}: {_value_label(study)}")
+    _title(ax, f"Optimization history ({_value_label(study)} of each trial)")
     return _fit(ax.figure)
 
 
@@ -84,11 +125,11 @@ def _fit(fig: Figure) -> Figure:
 def _intermediate(study: optuna.Study) -> Figure:
     ax = _quiet(lambda: optuna.visualization.matplotlib.plot_intermediate_values(study))
     ax.set_xlabel("epoch")
-    ax.set_ylabel(_metric(study))
+    ax.set_ylabel(f"{_metric(study)} at each epoch")
     legend = ax.get_legend()
     if legend is not None:
         legend.remove()  # one entry per trial: unreadable beyond a few trials
-    ax.set_title("Intermediate values (every trial; pruned ones stop early)", loc="left")
+    _title(ax, "Intermediate values (every trial; pruned ones stop early)")
     return _fit(ax.figure)
 
 
@@ -129,19 +170,21 @@ def _site_study(study: optuna.Study) -> optuna.Study:
 def _importances(study: optuna.Study) -> Figure:
     flat = _site_study(study)
     if len(flat.trials) < 2 or not flat.trials[0].params:
-        raise ValueError("parameter importances need at least two completed sampled trials with sites")
+        raise FigureSkipped("parameter importances need at least two completed sampled trials with sites")
     # PED-ANOVA: no scikit-learn needed (fANOVA and MDI import it), and suited to small studies
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     ax = _quiet(lambda: optuna.visualization.matplotlib.plot_param_importances(flat, evaluator=evaluator))
-    ax.set_title("Importance of each site's rate and variant (PED-ANOVA)", loc="left")
+    _title(ax, "Importance of each site's rate and variant (PED-ANOVA)")
     return _fit(ax.figure)
 
 
 def _best_rates(study: optuna.Study) -> Figure:
     plan, label = winner(study)
+    if not len(plan):
+        raise FigureSkipped(f"the winner, {label}, has no dropout site: no rate to draw")
     fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(plan), 2) + 1.2))
     names = [f"{s.key} ({s.variant})" for s in plan]
-    ax.barh(names or ["(no sites)"], [s.p for s in plan] or [0.0], color="tab:green")
+    ax.barh(names, [s.p for s in plan], color="tab:green")
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("rate p")
@@ -172,9 +215,9 @@ def _gap_vs_value(study: optuna.Study) -> Figure:
             ax.scatter(xs, ys, c=color, marker=marker, label=label)
             plotted += len(xs)
     if not plotted:
-        raise ValueError(f"no trial recorded `gap_at_best/{base}` (is study.gap_samples 0?)")
+        raise FigureSkipped(f"no trial recorded `gap_at_best/{base}` (is study.gap_samples 0?)")
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel(f"best {metric}")
+    ax.set_xlabel(f"{metric} at the best epoch")
     ax.set_ylabel(f"gap/{base} at the best epoch (validation - clean training)")
     ax.set_title("Generalization gap vs validation value, per trial")
     ax.legend()
@@ -199,22 +242,25 @@ def study_figures(study: optuna.Study) -> tuple[dict[str, Figure], dict[str, str
         try:
             figures[name] = make(study)
         except Exception as err:  # a figure needs data the study may not have yet
-            skipped[name] = f"{type(err).__name__}: {err}"
+            skipped[name] = str(err) if isinstance(err, FigureSkipped) else f"{type(err).__name__}: {err}"
             log.debug("figure %s skipped: %s", name, err)
     return figures, skipped
 
 
 def write_study_images(study: optuna.Study, log_dir: str | Path) -> list[str]:
-    """Write the figures as TensorBoard images (tags ``study/<name>``) to ``log_dir``; returns the tags."""
+    """Write the figures as TensorBoard images (tags ``study/<name>``) and the results as text to ``log_dir`` (the
+    run ``study``), and the HParams experiment summary of the runs in its parent folder (``trials/``, ``reruns/``:
+    :func:`~lightning_dropout.tune.board.write_experiment`); returns the image tags."""
     from torch.utils.tensorboard import SummaryWriter
 
+    write_experiment(Path(log_dir).parent, log_dir, metric_labels(study))
     figures, _ = study_figures(study)
     step = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
         for name, fig in figures.items():
             writer.add_figure(f"study/{name}", fig, global_step=step, close=True)
-        writer.add_text("study/results", _markdown_results(study), global_step=step)
+        writer.add_text("study/results", markdown_results(study), global_step=step)
     finally:
         writer.close()
     return [f"study/{n}" for n in figures]
@@ -249,9 +295,14 @@ def _comparisons(study: optuna.Study) -> list[Comparison]:
     return compare(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se"))) if reruns else []
 
 
-def _markdown_results(study: optuna.Study) -> str:
+def markdown_results(study: optuna.Study) -> str:
+    """The winner and the re-run comparison table, as Markdown (TensorBoard's text, MLflow's ``results.md``)."""
+    try:
+        head = f"Winner: **{winner(study)[1]}**\n\n"
+    except ValueError:  # no completed trial yet
+        head = ""
     rows = [
-        "| plan | trial | mean | std | seeds | gain vs no dropout | gain vs best uniform |",
+        f"| plan | trial | mean {_value_label(study)} | std | seeds | gain vs no dropout | gain vs best uniform |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in _comparisons(study):
@@ -262,8 +313,8 @@ def _markdown_results(study: optuna.Study) -> str:
             f"{Comparison.format(row.vs_none)} | {Comparison.format(row.vs_uniform)} |"
         )
     if len(rows) == 2:
-        return "No re-runs over seeds yet."
-    return "\n".join(rows)
+        return head + "No re-runs over seeds yet."
+    return head + "\n".join(rows)
 
 
 def _png(fig: Figure) -> str:
@@ -339,10 +390,10 @@ def write_report(study: optuna.Study, out: str | Path, storage: str = "") -> Pat
         header = [
             "plan",
             "trial",
-            "mean",
+            f"mean {_value_label(study)}",
             "std",
             "seeds",
-            "values",
+            f"{_value_label(study)} per seed",
             "gain vs no dropout",
             "gain vs best uniform",
         ]
@@ -368,22 +419,28 @@ def write_report(study: optuna.Study, out: str | Path, storage: str = "") -> Pat
     rows = []
     for t in trials:
         m = t.user_attrs.get(METRICS_ATTR) or {}
+        epoch = m.get("best_epoch")
         rows.append(
             [
                 t.number,
                 t.state.name.lower(),
                 str(t.user_attrs.get(BASELINE_ATTR, "")),
-                _fmt(m.get("best_value", t.value)),
+                _fmt(t.value),
+                _fmt(m.get("best_value")),
+                "-" if epoch is None or math.isnan(epoch) else int(epoch),
                 _fmt(m.get(f"gap_at_best/{base}")),
                 plan_summary(_plan(t) or DropoutPlan()),
                 str(t.user_attrs.get(FAIL_ATTR, "")),
             ]
         )
+    value = _value_label(study)
+    header = ["#", "state", "baseline", f"{metric}: {value}", f"{metric} at the best epoch", "best epoch"]
     parts += [
         "<h2>Trials</h2>",
-        _table(
-            ["#", "state", "baseline", f"best {metric}", f"gap/{base} at best", "plan", "fail reason"], rows
-        ),
+        f"<p class='note'>{html.escape(value)}: the value Optuna ranks the trials by and the re-runs compare "
+        f"(<code>study.value</code>, computed from each epoch's {html.escape(metric)}); best epoch: the single "
+        "best epoch of the same run.</p>",
+        _table([*header, f"gap/{base} at the best epoch", "plan", "fail reason"], rows),
     ]
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"

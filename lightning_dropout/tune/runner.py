@@ -44,7 +44,13 @@ from lightning_dropout.tune.budget import BudgetPlan
 from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
 from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
 from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed, race_references
-from lightning_dropout.tune.loggers import check_loggers, finish_loggers, logger_specs, trial_loggers
+from lightning_dropout.tune.loggers import (
+    check_loggers,
+    finish_loggers,
+    logger_specs,
+    open_parent_runs,
+    trial_loggers,
+)
 from lightning_dropout.tune.pruning import MetricNotLoggedError, TrialPruning
 from lightning_dropout.tune.records import (
     BASELINE_ATTR,
@@ -199,6 +205,7 @@ class Tuner:
         ):
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
+        open_parent_runs(self.logger_specs, study)  # MLflow: the study's parent run, kept in the storage
         return study
 
     def _config_summary(self, study: optuna.Study, config: str) -> dict[str, str]:
@@ -229,8 +236,8 @@ class Tuner:
         """Train one model with ``plan`` (or a function of the fresh model giving one) and return its metrics.
 
         The run is logged through the config's own loggers with ``version`` as its identity, or to TensorBoard
-        as ``<run_dir>/<study>/trials/<version>`` (:mod:`~lightning_dropout.tune.loggers`), and ends with one
-        record (the plan over the study's fixed site columns, the best value, the gap at the best epoch and the
+        as ``<run_dir>/<study>/trials/<version>`` (re-runs: ``reruns/<version>``; see ``tune.loggers``), and ends
+        with one record (the plan over the study's fixed site columns, the best value, the gap at the best epoch and the
         state; TensorBoard's HParams), whatever the outcome. ``kind`` (``trial``/``rerun``) and ``number`` (the
         study trial it belongs to) label that record; ``values`` are the ``search:`` values set in the config for
         this run."""
@@ -243,7 +250,8 @@ class Tuner:
         monitors: list[Callback] = [m for m in (gap,) if m is not None]
         if cfg.mc_samples:
             monitors.append(UncertaintyMonitor(cfg.mc_samples))
-        loggers = trial_loggers(self.logger_specs, Path(cfg.run_dir), cfg.name, version)
+        number = trial.number if trial is not None else number
+        loggers = trial_loggers(self.logger_specs, Path(cfg.run_dir), cfg.name, version, kind, number)
         cli = self.cli.fresh(
             [injector, *monitors, pruning],
             values=values,
@@ -275,15 +283,10 @@ class Tuner:
                 if gap is not None and best < len(gap.history):
                     at_best = gap.history[best]
                     metrics.update(
-                        {
-                            f"gap_at_best/{k[4:]}": v
-                            for k, v in at_best.items()
-                            if k.startswith("gap/") and k != "gap/seconds"
-                        }
+                        {f"gap_at_best/{k[4:]}": v for k, v in at_best.items() if k.startswith("gap/")}
                     )
             result = TrialResult(None if best is None else value, metrics, pruning.pruned)
         finally:
-            number = trial.number if trial is not None else number
             params: dict[str, Any] = {
                 "trial": -1 if number is None else number,
                 "kind": kind,

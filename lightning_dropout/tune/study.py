@@ -31,7 +31,7 @@ from lightning_dropout.errors import Interrupted
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.budget import BudgetPlan, compute_used, rerun_runs
 from lightning_dropout.tune.config import STORAGE_ENV, StudyConfig, redact, resolve_storage
-from lightning_dropout.tune.loggers import uses_tensorboard
+from lightning_dropout.tune.loggers import publish_study, uses_tensorboard
 from lightning_dropout.tune.pbt import tune_population
 from lightning_dropout.tune.records import (
     DUPLICATE,
@@ -118,6 +118,7 @@ def tune(
     record_winner(study)  # Optuna's own record: study attributes winner_*, optuna-dashboard's study note
     path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
     write_study_images(study, images)
+    publish_study(tuner.logger_specs, study, path)  # MLflow: the study's parent run
     results = Console()  # the result goes to stdout; progress and status to stderr
     maximize = cfg.direction == "maximize"
     if ranked:
