@@ -356,10 +356,12 @@ def _winner_note(
     metric = str(study.user_attrs.get("metric", "value"))
     rule = str(study.user_attrs.get("winner_rule", "one_se"))
     best = _best_trial(study)
-    lines = [_NOTE_MARK, f"## Winner: trial {trial.number}, {label}", ""]
+    heading = label if label.startswith(f"trial {trial.number} ") else f"trial {trial.number}, {label}"
+    lines = [_NOTE_MARK, f"## Winner: {heading}", ""]
     if chosen is None:
         lines.append(
-            f"No re-runs over seeds (`study.seeds` < 2): the winner is the best single trial, "
+            f"No re-runs over seeds (`study.seeds` < 2, or a budget too small for one round of them): the "
+            "winner is the best single trial, "
             f"{metric} {trial.value:.4f}, as Optuna's Best Trial."
         )
         return "\n".join(lines) + "\n"
@@ -369,8 +371,9 @@ def _winner_note(
         else "the plan with the best mean"
     )
     lines += [
-        f"lightning-dropout re-ran the best trials and the baselines over the same {len(chosen.values)} seeds "
-        f"(paired) and chose by `study.winner: {rule}`: {how}.",
+        f"lightning-dropout raced the best trials and the references over the same fresh seeds (paired; "
+        f"the winner has {len(chosen.values)}; a candidate a paired test found worse got no more) and chose by "
+        f"`study.winner: {rule}`: {how}.",
         "",
         f"Optuna's **Best Trial** is the best *single* run: trial {best.number} ({metric} {best.value:.4f}, one "
         "seed). "
