@@ -51,7 +51,8 @@ _USAGE = (
     "  fit|validate|test|predict  run LightningCLI (put a DropoutInjector in trainer.callbacks);\n"
     "                             `fit CONFIG --plan PLAN.yaml` retrains with a plan and reports val/test metrics\n"
     "  tune CONFIG                run or resume the Optuna study of a tuning config (study: and dropout: sections);\n"
-    "                             --workers N, --n_trials N, --storage URL stand for --study.workers=N etc.\n"
+    "                             --budget B, --workers N, --n_trials N, --storage URL stand for\n"
+    "                             --study.budget=B etc.\n"
     "  best STUDY|CONFIG          print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
     "  report STUDY|CONFIG        write a static HTML report of a study [--storage URL] [--out FILE.html]\n"
     "  describe CONFIG            print the dropout sites the config's DropoutInjector would create, or\n"
@@ -87,11 +88,13 @@ def _lightning_help(command: str) -> str:
 
 _COMMAND_HELP = {
     "tune": (
-        "usage: lightning-dropout tune CONFIG.yaml [--workers N] [--n_trials N] [--storage URL] [overrides]\n"
+        "usage: lightning-dropout tune CONFIG.yaml [--budget B] [--workers N] [--n_trials N] [--storage URL]\n"
+        "                                          [overrides]\n"
         "Run, resume or join the Optuna study of a tuning config (model/data/trainer plus `study:` and\n"
         "`dropout:` sections); prints the re-run table, writes <run_dir>/<study>/best_plan.yaml (and\n"
         "best_values.yaml, the winner's `search:` values) and ends with the command that trains the winner.\n"
         "  CONFIG.yaml, --config CONFIG.yaml  the tuning config\n"
+        "  --budget B       the study's compute in trainings of the model (= --study.budget=B; default 20)\n"
         "  --workers N      worker processes sharing the study on this machine (= --study.workers=N)\n"
         "  --n_trials N     finished trials the study should reach (= --study.n_trials=N)\n"
         "  --storage URL    sqlite:///..., postgresql://..., journal:PATH (= --study.storage=URL); default:\n"
@@ -218,7 +221,7 @@ def _tune(rest: list[str]) -> int:
     return 0
 
 
-_SHORTCUTS = ("--workers", "--n_trials", "--storage")
+_SHORTCUTS = ("--budget", "--workers", "--n_trials", "--storage")
 
 
 def _study_shortcuts(args: list[str]) -> list[str]:

@@ -177,3 +177,9 @@ def test_a_budget_leaves_room_for_the_race_and_the_race_keeps_both_references(tm
     rounds = {len(info["values"]) for info in table.values()}
     assert rounds and min(rounds) >= 1
     assert f"compute: used {used:.1f} of 8 trainings" in capsys.readouterr().out
+
+
+def test_the_budget_has_a_command_line_shortcut():
+    from lightning_dropout.cli import _study_shortcuts
+
+    assert _study_shortcuts(["study.yaml", "--budget", "5"]) == ["study.yaml", "--study.budget=5"]
