@@ -14,7 +14,7 @@ A *dimension* is what one rate is searched for: a search group (``hidden``), or 
 group (``hidden/fc1``), as in the Optuna parameter names of :mod:`~lightning_dropout.tune.space`.
 
 Example:
-    >>> cfg = PopulationConfig(size=4, interval=0.25)
+    >>> cfg = PopulationConfig(size=4, interval=0.3)
     >>> segments(cfg, max_epochs=10)
     [(0, 3), (3, 6), (6, 9), (9, 10)]
     >>> population_size(9.6)
