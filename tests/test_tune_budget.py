@@ -7,6 +7,7 @@ import random
 
 import optuna
 import pytest
+from lightning.pytorch.callbacks import Callback
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from studies import load, tune, write_config
@@ -183,3 +184,20 @@ def test_the_budget_has_a_command_line_shortcut():
     from lightning_dropout.cli import _study_shortcuts
 
     assert _study_shortcuts(["study.yaml", "--budget", "5"]) == ["study.yaml", "--study.budget=5"]
+
+
+class FailOnTrainStart(Callback):
+    """Every trial fails before its first epoch (as a broken model or data would)."""
+
+    def on_train_start(self, trainer, pl_module):
+        raise RuntimeError("broken before the first epoch")
+
+
+def test_a_budget_study_whose_trials_all_fail_before_training_ends(tmp_path, data_dir, capsys):
+    """Failed trials that trained nothing use no compute: the study stops after 5 of them instead of looping."""
+    config = write_config(tmp_path, study={"n_trials": None, "top_k": None, "seeds": 0, "budget": 3})
+    callbacks = '--trainer.callbacks=[{"class_path": "test_tune_budget.FailOnTrainStart"}]'
+    assert tune(config, tmp_path, data_dir, callbacks) == 0
+    study = load(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 5
+    assert "no trial completed" in capsys.readouterr().err

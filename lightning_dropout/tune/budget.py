@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from lightning_dropout.tune.records import EPOCHS_ATTR, RERUN_VALUE_PREFIX, RERUNS_ATTR
+from lightning_dropout.tune.records import EPOCHS_ATTR, RERUN_VALUE_PREFIX, RERUNS_ATTR, counts
 
 SEGMENT_EPOCHS_ATTR = "pbt_epochs"  # trial attribute of a PBT segment (lightning_dropout.tune.pbt)
 
@@ -145,9 +145,19 @@ class BudgetPlan:
         """The compute the study has used, in trainings (:func:`compute_used`)."""
         return compute_used(study, self.max_epochs)
 
+    @staticmethod
+    def stalled(study: optuna.Study, last: int = 5) -> bool:
+        """Whether the last ``last`` finished trials all failed before training one epoch: a budget counts
+        compute, and such trials use none, so without this a study whose every trial fails would never end."""
+        finished = [t for t in study.get_trials(deepcopy=False) if counts(t)]
+        tail = finished[-last:]
+        return len(tail) == last and all(t.state == TrialState.FAIL and trial_epochs(t) == 0 for t in tail)
+
     def room_for_trial(self, study: optuna.Study) -> bool:
         """Whether one more whole training fits beside what is used, what the running trials may still use and
         the race's reserve (what a worker asks before it starts a trial)."""
+        if self.stalled(study):
+            return False
         committed = compute_used(study, self.max_epochs, running_in_full=True)
         return committed + 1.0 + self.reserve <= self.budget + 1e-9
 
