@@ -155,9 +155,7 @@ class BudgetPlan:
 
     def room_for_trial(self, study: optuna.Study) -> bool:
         """Whether one more whole training fits beside what is used, what the running trials may still use and
-        the race's reserve (what a worker asks before it starts a trial)."""
-        if self.stalled(study):
-            return False
+        the race's reserve (what a worker asks before it starts a trial, after :meth:`stalled`)."""
         committed = compute_used(study, self.max_epochs, running_in_full=True)
         return committed + 1.0 + self.reserve <= self.budget + 1e-9
 

@@ -462,9 +462,10 @@ class Tuner:
         def full(study: optuna.Study, running: bool = True) -> bool:
             """Whether the budget or ``n_trials`` leaves no room for another trial; the trials other workers are
             running count too (``running``), so the workers do not all start the last one."""
+            if self.budget is not None and self.budget.stalled(study):
+                log.warning("the last trials all failed before training one epoch: no more trials start")
+                return True
             if self.budget is not None and not self.budget.room_for_trial(study):
-                if self.budget.stalled(study):
-                    log.warning("the last trials all failed before training one epoch: no more trials start")
                 return True
             if cfg.n_trials is None:
                 return False
