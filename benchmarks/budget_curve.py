@@ -29,7 +29,7 @@ continues. ``--report-only`` rewrites the report (a section of ``docs/benchmarks
 Usage::
 
     python benchmarks/budget_curve.py --models mlp & python benchmarks/budget_curve.py --models cnn
-    python benchmarks/budget_curve.py --models gru --budgets 20      # the GRU at the default budget
+    python benchmarks/budget_curve.py --models gru --budgets 10 --arms none,grid,budget  # the GRU, default B
     python benchmarks/budget_curve.py --report-only
     python benchmarks/budget_curve.py --quick --work-dir /tmp/x --out-dir /tmp/x   # smoke test
 """
@@ -93,6 +93,7 @@ class Plan:
     final_seeds: tuple[int, ...] = (1, 2, 3)
     limit_batches: int | None = None
     quick: bool = False
+    arms: tuple[str, ...] = ARMS
 
 
 FULL = Plan(models=("mlp", "cnn"), epochs={"mlp": 150, "cnn": 150, "gru": 150}, budgets=(5.0, 10.0))
@@ -249,8 +250,9 @@ def _plans(name: str, plan: Plan, tuner: Any, stages: Stages) -> dict[str, Any]:
     model = tuner.cli.fresh().model
     example = getattr(model, "example_input_array", None)
     out: dict[str, Any] = {"none": DropoutPlan()}
-    concrete = {**GRID_RULES[name], "variant": "concrete"}
-    out["concrete"] = resolve(model, [Rule(**concrete, p=0.1)], example)
+    if "concrete" in plan.arms:
+        concrete = {**GRID_RULES[name], "variant": "concrete"}
+        out["concrete"] = resolve(model, [Rule(**concrete, p=0.1)], example)
     for key, cell in stages.data["cells"].items():
         if cell["kind"] == "uniform":
             out[key] = resolve(model, [Rule(**GRID_RULES[name], p=cell["p"])], example)
@@ -277,10 +279,11 @@ def run_model(name: str, plan: Plan, work: Path, tmp: Path) -> None:
     finals(name, plan, full, tuner, stages)  # (a) and (e) first: they need no selection
     for budget in plan.budgets:
         for seed in plan.study_seeds:
-            arm_grid(name, plan, tuner, stages, budget, seed)
-            arm_tune(name, plan, work, tmp, stages, budget, seed, "budget")
-            arm_tune(name, plan, work, tmp, stages, budget, seed, "today")
-            arm_tune(name, plan, work, tmp, stages, budget, seed, "pbt")
+            if "grid" in plan.arms:
+                arm_grid(name, plan, tuner, stages, budget, seed)
+            for arm in ("budget", "today", "pbt"):
+                if arm in plan.arms:
+                    arm_tune(name, plan, work, tmp, stages, budget, seed, arm)
             finals(name, plan, full, tuner, stages)
 
 
@@ -299,7 +302,7 @@ def summarize(name: str, plan: Plan, stages: dict[str, Any], tuner: Any) -> dict
     plans = _plans(name, plan, tuner, holder)
     out: dict[str, Any] = {"arms": {}, "cells": {}}
     for arm in ("none", "concrete"):
-        values = _tests(stages, plans[arm], plan.final_seeds)
+        values = _tests(stages, plans[arm], plan.final_seeds) if arm in plans else None
         if values is not None:
             out["arms"][arm] = {"0": {"values": values, "trainings": [0.0 if arm == "none" else 1.0]}}
     for key, cell in stages["cells"].items():
@@ -471,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default=None, help="comma-separated budgets in trainings (default 5,10)")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR)
     parser.add_argument("--out-dir", type=Path, default=None, help="write the report here")
+    parser.add_argument(
+        "--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)} (default: all)"
+    )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke test: MLP, 2 epochs, B = 5, 1 seed")
     ns = parser.parse_args(argv)
@@ -481,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--models must be among {list(MODELS)}, but got {unknown}")
         plan = replace(plan, models=models)
+    arms = tuple(a for a in ns.arms.split(",") if a)
+    if sorted(set(arms) - set(ARMS)):
+        parser.error(f"--arms must be among {list(ARMS)}, but got {sorted(set(arms) - set(ARMS))}")
+    plan = replace(plan, arms=arms)
     if ns.budgets:
         plan = replace(plan, budgets=tuple(float(b) for b in ns.budgets.split(",")))
     md_path = ns.out_dir / "benchmarks-budget.md" if ns.out_dir else DEFAULT_MD

@@ -500,6 +500,23 @@ def test_functional_twin_agrees(name: str) -> None:
         assert torch.equal(fn(x, module, False, None), module(x))
 
 
+@pytest.mark.parametrize("name", [n for n in ALL if n != "concrete"])  # concrete takes a logit, any real
+@pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), "0.5", True])
+def test_functional_twin_refuses_the_rates_the_module_refuses(name: str, bad: Any) -> None:
+    """``dropout(x, 1.0)`` was NaN and ``gaussian_dropout(x, 1.0)`` divided by zero: a twin checks ``p`` as its
+    module does, in training and in eval, with or without a generator, in the module's words."""
+    kwargs, make = _cases(name)[0]
+    module = _build(name, kwargs)
+    x = make(SMALL)
+    with pytest.raises(DropoutConfigError) as from_module:
+        _build(name, kwargs, p=bad)
+    for training, generator in ((True, None), (True, torch.Generator().manual_seed(0)), (False, None)):
+        module.p = bad
+        with pytest.raises(DropoutConfigError) as from_twin:
+            FUNCTIONALS[name](x, module, training, generator)
+        assert str(from_twin.value) == str(from_module.value)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_functional_twin_draws_what_the_module_draws(name: str) -> None:
     """Twin and module run one kernel: from the same seed they give the same output bit for bit and leave the

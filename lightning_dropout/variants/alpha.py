@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_dropout.errors import check_rate
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = [
@@ -53,6 +54,7 @@ def alpha_dropout(
     x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
 ) -> Tensor:
     """Functional twin of :class:`AlphaDropout` (note: ``training`` defaults to ``True`` here)."""
+    p = check_rate(p)
     if not training or p == 0.0:
         return x
     return _apply(x, p, False, generator)[0]
@@ -62,6 +64,7 @@ def feature_alpha_dropout(
     x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
 ) -> Tensor:
     """Functional twin of :class:`FeatureAlphaDropout`; ``x`` is ``(N, C, *)``."""
+    p = check_rate(p)
     if not training or p == 0.0:
         return x
     return _apply(x, p, True, generator)[0]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dropout.errors import check_int
+from lightning_dropout.errors import check_int, check_rate
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = ["DropBlock", "drop_block", "seed_rate"]
@@ -94,6 +94,7 @@ def drop_block(
 ) -> Tensor:
     """Functional twin of :class:`DropBlock`; ``x`` is ``(N, C, L)`` or ``(N, C, H, W)``."""
     _check_block_size(block_size)
+    p = check_rate(p)
     if not training or p == 0.0:
         return x
     return _apply(x, p, block_size, share_channels, generator)[0]

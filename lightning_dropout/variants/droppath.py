@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_dropout.errors import check_rate
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = ["DropPath", "drop_path"]
@@ -28,6 +29,7 @@ def drop_path(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Functional twin of :class:`DropPath`; ``x`` is ``(N, *)``."""
+    p = check_rate(p)
     if not training or p == 0.0:
         return x
     return _apply(x, p, scale_by_keep, generator)[0]

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_dropout.errors import check_rate
 from lightning_dropout.variants._base import DropoutVariant, register_variant, rng
 
 __all__ = ["GaussianDropout", "gaussian_dropout"]
@@ -23,6 +24,10 @@ def gaussian_dropout(
     x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
 ) -> Tensor:
     """Functional twin of :class:`GaussianDropout`."""
+    return _apply(x, check_rate(p), training, generator)
+
+
+def _apply(x: Tensor, p: float, training: bool, generator: torch.Generator | None) -> Tensor:
     if not training or p == 0.0:
         return x
     noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, **rng(generator))
@@ -41,4 +46,4 @@ class GaussianDropout(DropoutVariant):
     drops_units = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return gaussian_dropout(x, self.p, self.training, self.generator)
+        return _apply(x, self.p, self.training, self.generator)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_dropout.errors import check_rate
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = ["SpatialDropout", "spatial_dropout"]
@@ -24,6 +25,7 @@ def spatial_dropout(
     x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
 ) -> Tensor:
     """Functional twin of :class:`SpatialDropout`; ``x`` is ``(N, C, *spatial)`` with 1 to 3 spatial dims."""
+    p = check_rate(p)
     if not training or p == 0.0:
         return x
     return _apply(x, p, generator)[0]

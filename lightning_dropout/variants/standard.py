@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import DropoutConfigError, check_rate
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = ["SCALINGS", "AttentionDropout", "Dropout", "attention_dropout", "dropout"]
@@ -56,6 +56,7 @@ def dropout(
         tensor([0.5000, 0.5000, 0.5000, 0.5000])
     """
     _check_scaling(scaling)
+    p = check_rate(p)
     if not training or p == 0.0:
         return _idle(x, p, training, scaling)
     return _apply(x, p, scaling, generator)[0]

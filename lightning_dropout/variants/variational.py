@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import DropoutConfigError, check_rate
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = ["VariationalDropout", "variational_dropout"]
@@ -46,6 +46,7 @@ def variational_dropout(
         batch_first: layout of ``x`` (ignored for PackedSequence and unbatched input).
         generator: draw the mask from this generator.
     """
+    p = check_rate(p)
     if not training or p == 0.0:
         return x
     out, _ = _apply(x, p, batch_first, generator)

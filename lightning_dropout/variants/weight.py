@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_dropout.errors import check_rate
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = ["WeightDropout", "weight_dropout"]
@@ -27,6 +28,7 @@ def weight_dropout(
     weight: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
 ) -> Tensor:
     """Functional twin of :class:`WeightDropout`: inverted dropout on a weight tensor."""
+    p = check_rate(p)
     if not training or p == 0.0:
         return weight
     return _apply(weight, p, generator)[0]
