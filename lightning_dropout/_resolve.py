@@ -14,7 +14,7 @@ from torch import nn
 from lightning_dropout import _attr_sites as attr_sites
 from lightning_dropout._state import site_records
 from lightning_dropout._trace import Trace, call_model, output_layer
-from lightning_dropout.errors import DropoutConfigError, closest
+from lightning_dropout.errors import DropoutConfigError, check_instance, closest
 from lightning_dropout.plan import DropoutPlan, Site
 from lightning_dropout.rules import Rule, existing_rate, has_float_dropout, is_dropout_module
 from lightning_dropout.variants import DropoutVariant
@@ -390,6 +390,7 @@ def resolve(
         DropoutConfigError: a rule matches nothing (with the closest module names) or a variant cannot
             apply to a selected module.
     """
+    check_instance(model, nn.Module, "model", "resolve(model, rules)", "an nn.Module")
     if isinstance(rules, Rule):
         rules = [rules]
     check_rules(rules, "resolve(model, rules)")

@@ -4,6 +4,7 @@ starts with :data:`STATE_KEY_PREFIX`). ``lightning_dropout.callback`` re-exports
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,15 @@ def load_checkpoint(
     by :class:`DropoutInjector` is applied, then every weight, learned rates included, is loaded with
     ``strict=True``.
     """
+    if not isinstance(checkpoint_path, (str, os.PathLike)):
+        raise DropoutConfigError(
+            "`load_checkpoint(model_cls, checkpoint_path)` takes the path of a .ckpt file as `checkpoint_path`, "
+            f"but got {type(checkpoint_path).__name__} {checkpoint_path!r:.60}."
+        )
+    if "://" not in str(checkpoint_path) and not Path(checkpoint_path).is_file():  # remote URLs: fsspec's
+        raise DropoutConfigError(
+            f"`checkpoint_path` must be an existing checkpoint file, but got {str(checkpoint_path)!r} (no such file)."
+        )
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
     plan = checkpoint_plan(checkpoint)
     model = model_cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)

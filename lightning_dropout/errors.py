@@ -14,6 +14,7 @@ _T = TypeVar("_T")
 __all__ = [
     "DropoutConfigError",
     "Interrupted",
+    "check_instance",
     "check_int",
     "check_number",
     "check_rate",
@@ -95,6 +96,24 @@ def check_rate(p: object, name: str = "p") -> float:
     value = float(p)
     if not 0.0 <= value < 1.0:  # also rejects NaN
         raise DropoutConfigError(f"`{name}` must satisfy 0 <= {name} < 1, but got {name}={p!r}.")
+    return value
+
+
+def check_instance(value: object, kind: type, name: str, call: str, what: str | None = None) -> Any:
+    """Validate that argument ``name`` of ``call`` is a ``kind`` (``what`` names it in the message); returns it.
+
+    Example:
+        >>> check_instance("x", int, "model", "inject(model, rules)", "an nn.Module")
+        Traceback (most recent call last):
+        ...
+        lightning_dropout.errors.DropoutConfigError: `inject(model, rules)` takes an nn.Module as `model`, but got str 'x'.
+    """
+    if not isinstance(value, kind):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise DropoutConfigError(
+            f"`{call}` takes {what or 'a ' + kind.__qualname__} as `{name}`, but got {type(value).__name__} {shown}."
+        )
     return value
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_dropout._resolve import existing_sites
 from lightning_dropout._state import CHILD_FOR, STATE_ATTR, float_slot
 from lightning_dropout._trace import trace_input
-from lightning_dropout.errors import DropoutConfigError, check_rate
+from lightning_dropout.errors import DropoutConfigError, check_instance, check_rate
 from lightning_dropout.plan import Site
 from lightning_dropout.schedules import Schedule
 from lightning_dropout.variants import DropoutVariant
@@ -54,6 +54,7 @@ class SiteHandle:
 
 def site_handles(model: nn.Module) -> list[SiteHandle]:
     """Handles on every applied site, in plan order."""
+    check_instance(model, nn.Module, "model", "site_handles(model)", "an nn.Module")
     out = []
     for record in model.__dict__.get(STATE_ATTR, {}).values():
         site = record.site
@@ -103,6 +104,7 @@ def existing_dropout(model: nn.Module, example_input: Any = None) -> list[SiteIn
     finds the dropout modules a fused attention kernel bypasses, and each row gets the shape its site sees;
     without one, the owners' source is read. Nothing of the model changes.
     ``print(format_sites(existing_dropout(model)))`` shows it as a table."""
+    check_instance(model, nn.Module, "model", "existing_dropout(model)", "an nn.Module")
     found = existing_sites(model, example_input)
     trace = trace_input(model, example_input) if example_input is not None and found else None
     return [
@@ -127,6 +129,7 @@ def describe(model: nn.Module, example_input: Any = None, *, existing: bool | No
 
     ``existing=True`` lists the model's own dropout instead (:func:`existing_dropout`); the default ``None``
     does so when no site is applied (a model not injected yet), ``False`` never."""
+    check_instance(model, nn.Module, "model", "describe(model)", "an nn.Module")
     if existing or (existing is None and not model.__dict__.get(STATE_ATTR)):
         return existing_dropout(model, example_input)
     trace = trace_input(model, example_input) if example_input is not None else None

@@ -74,7 +74,7 @@ from lightning_dropout._state import (
     site_records,
 )
 from lightning_dropout._trace import Trace, call_model, definition_order, output_layer, trace_input
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import DropoutConfigError, check_instance
 from lightning_dropout.handles import (
     SiteHandle,
     SiteInfo,
@@ -290,6 +290,7 @@ def apply_plan(
     (timm ``fused_attn = False``, Hugging Face ``config._attn_implementation = "eager"``; :func:`undo`
     restores it), and refused only if the module still does not run.
     """
+    check_instance(model, nn.Module, "model", "apply_plan(model, plan)", "an nn.Module")
     if not isinstance(plan, DropoutPlan):
         raise DropoutConfigError(f"`plan` must be a DropoutPlan, but got {type(plan).__name__}.")
     records = site_records(model)
@@ -370,6 +371,7 @@ def inject(
     :func:`apply_plan`). A ``replace=True`` rule leaves the sites where its variant cannot act as they are,
     with one warning (``strict=True`` on the rule refuses them; see :func:`resolve`).
     """
+    check_instance(model, nn.Module, "model", "inject(model, rules)", "an nn.Module")
     if (rules is None) == (plan is None):
         raise DropoutConfigError(
             "give exactly one of `rules` and `plan`, but got "
@@ -395,6 +397,7 @@ def inject(
 
 def undo(model: nn.Module) -> None:
     """Remove every site lightning-dropout applied to ``model``, restoring the original modules exactly."""
+    check_instance(model, nn.Module, "model", "undo(model)", "an nn.Module")
     records = model.__dict__.get(STATE_ATTR, {})
     for key in reversed(list(records)):
         _detach(model, records.pop(key))
@@ -404,4 +407,5 @@ def undo(model: nn.Module) -> None:
 
 def applied_plan(model: nn.Module) -> DropoutPlan:
     """The plan currently applied to ``model`` (empty when nothing is)."""
+    check_instance(model, nn.Module, "model", "applied_plan(model)", "an nn.Module")
     return DropoutPlan(r.site for r in model.__dict__.get(STATE_ATTR, {}).values())

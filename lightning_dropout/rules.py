@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +108,7 @@ def _as_types(spec: Any, field_name: str) -> tuple[type[nn.Module], ...]:
 def _as_globs(spec: Any, field_name: str) -> tuple[str, ...]:
     if spec is None:
         return ()
-    items = [spec] if isinstance(spec, str) else list(spec)
+    items = list(spec) if isinstance(spec, Iterable) and not isinstance(spec, (str, bytes)) else [spec]
     if not all(isinstance(s, str) for s in items):
         raise DropoutConfigError(f"`{field_name}` must be a glob string or a list of them, but got {spec!r}.")
     return tuple(items)

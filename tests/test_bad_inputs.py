@@ -364,15 +364,19 @@ CLI_CASES = [
 
 
 def _api_cases() -> list[tuple[str, Callable[[], Any], tuple[str, ...]]]:
-    from lightning_dropout import DropoutPlan, Rule, inject
-    from lightning_dropout.callback import DropoutInjector
+    import optuna
+
+    from lightning_dropout import DropoutPlan, Rule, apply_plan, describe, inject, undo
+    from lightning_dropout.callback import DropoutInjector, load_checkpoint
     from lightning_dropout.errors import check_rate
     from lightning_dropout.plan import Site
-    from lightning_dropout.tune import SearchGroup, StudyConfig
-    from lightning_dropout.variants import get_variant
+    from lightning_dropout.tune import SearchGroup, StudyConfig, suggest_plan, tune_study
+    from lightning_dropout.variants import dropout, gaussian_dropout, get_variant
+    from lightning_dropout.zoo import MLP
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     plan = DropoutPlan([Site("0", "output", "standard", 0.2)])
+    group = SearchGroup(name="hidden", select={"match": "Linear"}, variants=["standard"])
     return [
         ("rule-unknown-arg", lambda: Rule(foo=1), ("foo", "Rule", "match")),
         ("rule-unknown-arg-typo", lambda: Rule(mach="Linear"), ("mach", "match")),
@@ -393,6 +397,35 @@ def _api_cases() -> list[tuple[str, Callable[[], Any], tuple[str, ...]]]:
         ("study-direction", lambda: StudyConfig(direction="up"), ("study.direction", "'up'", "maximize")),
         ("variant-unknown", lambda: get_variant("gausian"), ("gausian", "gaussian")),
         ("check-rate-str", lambda: check_rate("x"), ("p='x'",)),
+        ("rule-name-int", lambda: Rule(name=42), ("`name`", "42", "glob")),
+        ("inject-string-model", lambda: inject("x", [Rule(match="Linear", p=0.1)]), ("inject", "nn.Module", "'x'")),
+        ("apply-plan-none-model", lambda: apply_plan(None, plan), ("apply_plan", "nn.Module", "None")),
+        ("describe-string-model", lambda: describe("net"), ("describe", "nn.Module", "'net'")),
+        ("undo-none-model", lambda: undo(None), ("undo", "nn.Module")),
+        ("twin-rate-one", lambda: dropout(torch.ones(3), 1.0), ("p=1.0", "0 <= p < 1")),
+        ("twin-gaussian-rate-one", lambda: gaussian_dropout(torch.ones(3), 1.0), ("p=1.0",)),
+        (
+            "suggest-plan-none-model",
+            lambda: suggest_plan(optuna.create_study().ask(), [group], None),
+            ("suggest_plan", "nn.Module", "None"),
+        ),
+        (
+            "suggest-plan-one-group",
+            lambda: suggest_plan(optuna.create_study().ask(), group, model),
+            ("suggest_plan", "list of SearchGroup", "SearchGroup("),
+        ),
+        ("study-config-typo", lambda: StudyConfig(n_trial=3), ("n_trial", "nearest: ['n_trials'")),
+        (
+            "tune-study-typo",
+            lambda: tune_study(MLP, type(model), dropout=[group], study={"n_trial": 3}),
+            ("n_trial", "n_trials"),
+        ),
+        ("load-checkpoint-none", lambda: load_checkpoint(MLP, None), ("load_checkpoint", "None")),
+        (
+            "load-checkpoint-missing",
+            lambda: load_checkpoint(MLP, "/no/such/epoch=1.ckpt"),
+            ("checkpoint_path", "/no/such/epoch=1.ckpt"),
+        ),
     ]
 
 

@@ -19,7 +19,14 @@ from typing import Any, cast
 import optuna
 from jsonargparse.typing import register_type
 
-from lightning_dropout.errors import DropoutConfigError, check_int, check_number, check_rate, closest
+from lightning_dropout.errors import (
+    DropoutConfigError,
+    check_int,
+    check_number,
+    check_rate,
+    closest,
+    strict_init,
+)
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.secrets import redact
 from lightning_dropout.tune.population import PopulationConfig, population_size
@@ -96,6 +103,7 @@ class DropoutSpace:
             raise DropoutConfigError(f"`dropout.groups` names must be unique, but {dupes} repeat.")
 
 
+@strict_init
 @dataclass
 class StudyConfig:
     """``study:``: what to optimize, how, and where the study is stored.

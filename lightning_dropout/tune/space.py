@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from torch import nn
 
-from lightning_dropout.errors import DropoutConfigError, check_rate, strict_init
+from lightning_dropout.errors import DropoutConfigError, check_instance, check_rate, strict_init
 from lightning_dropout.inject import Rule, resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.variants import get_variant
@@ -158,6 +158,14 @@ def suggest_plan(
 ) -> DropoutPlan:
     """Sample one plan for ``model`` from ``groups`` (define-by-run). An injecting group whose rate is 0 adds no
     site; a replacing group at 0 switches the model's own dropout off."""
+    check_instance(model, nn.Module, "model", "suggest_plan(trial, groups, model)", "an nn.Module")
+    if isinstance(groups, SearchGroup) or not isinstance(groups, Sequence):
+        raise DropoutConfigError(
+            "`suggest_plan(trial, groups, model)` takes a list of SearchGroup as `groups`, but got "
+            f"{type(groups).__name__} {groups!r:.60}."
+        )
+    for group in groups:
+        check_instance(group, SearchGroup, "groups[...]", "suggest_plan(trial, groups, model)")
     rules: list[Rule] = []
     for group in groups:
         if group.per_layer:
