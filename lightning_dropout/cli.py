@@ -27,6 +27,8 @@ User errors (a bad config, a rule that matches nothing) print one line on stderr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import sys
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 # argv handling, `--help` and `variants` stay cheap: Lightning, jsonargparse and Optuna load in the commands
 from lightning_dropout.errors import DropoutConfigError, closest, summarize
-from lightning_dropout.secrets import redact
+from lightning_dropout.secrets import redact, remember_urls
 
 if TYPE_CHECKING:
     from lightning_dropout.config import ConfigCLI
@@ -436,7 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(_COMMAND_HELP[command] + "\n")
         return 0
     _own_code_importable()
+    _remember_passwords(rest)
     try:
+        if any(a == "--print_config" or a.startswith("--print_config=") for a in rest):
+            return _print_config(command, rest)
         return _run(command, rest)
     except KeyboardInterrupt as err:
         kept = getattr(err, "kept", None)
@@ -454,6 +459,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         config = _config_file(rest) if command in (*_LIGHTNING_COMMANDS, "tune", "describe") else None
         return _fail(message, config)
+
+
+def _print_config(command: str, rest: list[str]) -> int:
+    """``--print_config``: jsonargparse prints the resolved config and exits; the storage URL in it is redacted
+    like every other line this program prints."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            return _run(command, rest)
+    finally:
+        sys.stdout.write(redact(out.getvalue()))
+
+
+def _remember_passwords(rest: list[str]) -> None:
+    """Note the passwords of the storage URLs on the command line, in ``$LIGHTNING_DROPOUT_STORAGE`` and in the
+    config file before anything is parsed, so every line this process prints hides them, whatever their
+    characters (:func:`~lightning_dropout.secrets.remember`)."""
+    for arg in rest:
+        remember_urls(arg)
+    remember_urls(os.environ.get("LIGHTNING_DROPOUT_STORAGE", ""))
+    config = _config_file(rest)
+    if config is not None:
+        with contextlib.suppress(
+            OSError, ValueError
+        ):  # a missing or unreadable file is reported by the parser
+            remember_urls(Path(config).read_text(encoding="utf-8", errors="replace")[:1_000_000])
 
 
 def _own_code_importable() -> None:

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
+from lightning_dropout._yaml import load_yaml
 from lightning_dropout.errors import DropoutConfigError, closest, summarize
 from lightning_dropout.secrets import redact_value
 
@@ -67,27 +68,6 @@ def _import_hint(reason: str) -> str:
     )
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping that repeats a key (YAML itself keeps the last silently)."""
-
-
-def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
-        line = key_node.start_mark.line + 1
-        if key in seen:
-            raise DropoutConfigError(
-                f"line {line}: key `{key}` must appear once in its mapping, but it appears twice (lines "
-                f"{seen[key]} and {line}); YAML would keep only the last."
-            )
-        seen[key] = line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
 def check_config_file(path: str) -> None:
     """Refuse, in one line naming ``path``, a config file that is not UTF-8 text, not valid YAML, empty, not a
     mapping, or that repeats a key. A missing file is left to the parser (it says so)."""
@@ -106,7 +86,7 @@ def check_config_file(path: str) -> None:
             f"{path}: a config must be a readable file, but reading it failed: {err.strerror}."
         ) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+        data = load_yaml(text)  # the safe loader, strict on repeated keys and alias bombs
     except DropoutConfigError as err:
         raise DropoutConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from lightning_dropout._yaml import load_yaml
 from lightning_dropout.errors import DropoutConfigError, check_rate, closest
 from lightning_dropout.variants import build_variant, get_variant
 
@@ -302,7 +303,9 @@ class DropoutPlan:
                 "use DropoutPlan.load(path) for a file."
             )
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)  # the safe loader, strict on repeated keys and alias bombs
+        except DropoutConfigError as err:
+            raise DropoutConfigError(f"{where_from}: {err}") from None
         except yaml.YAMLError as err:
             raise DropoutConfigError(f"{where_from} is not valid YAML: {err}") from None
         return cls.from_dict(data, where_from)

@@ -293,6 +293,14 @@ CONFIG_CASES = [
         raw=yaml.safe_dump(BASE).encode() + b"study:\n  name: other\n",
     ),
     ConfigCase(
+        "file-alias-bomb",
+        None,
+        ("alias", "10,000"),
+        raw=b"a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+        b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nmodel: *e\n",
+    ),
+    ConfigCase(
         "file-duplicate-nested-key",
         None,
         ("n_trials", "twice"),
@@ -359,6 +367,21 @@ CLI_CASES = [
         ("linear9", "linear1"),
         plan=b"sites:\n- {target: linear9, where: output, variant: standard, p: 0.2}\n",
     ),
+    CliCase(
+        "fit-plan-two-sites-keys",
+        ("fit", "{config}", "--plan", "{tmp}/plan.yaml"),
+        ("plan.yaml", "`sites`", "twice"),
+        plan=b"sites:\n- {target: linear1, where: output, variant: standard, p: 0.2}\nsites: []\n",
+    ),
+    CliCase(
+        "fit-plan-alias-bomb",
+        ("fit", "{config}", "--plan", "{tmp}/plan.yaml"),
+        ("plan.yaml", "alias", "10,000"),
+        plan=b"a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+        b"sites: [*d, *d]\n",
+    ),
+    CliCase("tune-name-dot-dot", ("tune", "{config}", "--study.name=.."), ("study.name", "'..'")),
     CliCase("describe-config-no-value", ("describe", "--config"), ("--config",)),
 ]
 
@@ -398,7 +421,11 @@ def _api_cases() -> list[tuple[str, Callable[[], Any], tuple[str, ...]]]:
         ("variant-unknown", lambda: get_variant("gausian"), ("gausian", "gaussian")),
         ("check-rate-str", lambda: check_rate("x"), ("p='x'",)),
         ("rule-name-int", lambda: Rule(name=42), ("`name`", "42", "glob")),
-        ("inject-string-model", lambda: inject("x", [Rule(match="Linear", p=0.1)]), ("inject", "nn.Module", "'x'")),
+        (
+            "inject-string-model",
+            lambda: inject("x", [Rule(match="Linear", p=0.1)]),
+            ("inject", "nn.Module", "'x'"),
+        ),
         ("apply-plan-none-model", lambda: apply_plan(None, plan), ("apply_plan", "nn.Module", "None")),
         ("describe-string-model", lambda: describe("net"), ("describe", "nn.Module", "'net'")),
         ("undo-none-model", lambda: undo(None), ("undo", "nn.Module")),

@@ -42,6 +42,27 @@ def test_describe_lists_sites_without_training(tmp_path, capsys):
     assert "2x100" in out  # the shape each site sees, from the model's example_input_array
 
 
+def test_a_config_with_yaml_merge_keys_is_accepted(tmp_path, capsys):
+    """``<<: *anchor`` merges a mapping and the keys beside it override it: not a repeated key (it was refused
+    as invalid YAML)."""
+    from lightning_dropout.config import check_config_file
+
+    config = tmp_path / "merged.yaml"
+    config.write_text(
+        "model: {class_path: lightning_dropout.zoo.MLP}\n"
+        "dropout:\n"
+        "  groups:\n"
+        "  - &hidden {name: first, select: {name: linear1}, variants: [standard], p: [0.0, 0.5]}\n"
+        "  - <<: *hidden\n"
+        "    name: second\n"
+        "    select: {name: linear2}\n"
+    )
+    check_config_file(str(config))
+    assert main(["describe", str(config), "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    assert "name: second" in printed and "linear2" in printed and printed.count("- standard") == 2
+
+
 def test_variants_lists_the_registry(capsys):
     from lightning_dropout.variants import VARIANTS
 

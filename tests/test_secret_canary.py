@@ -17,7 +17,11 @@ from lightning_dropout.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
-CANARY = "canary-Q7vX2-secret"
+# as a user types it into the URL: every character a URL parser or a redactor may stop at ('@' must be
+# percent-encoded for SQLAlchemy); every piece holds the marker, so a partial leak is caught too (7 characters:
+# the report's base64 images and the event files' bytes hold any shorter string by chance)
+MARK = "Cn7Xq0Z"
+CANARY = "Cn7Xq0Z1?Cn7Xq0Z2 Cn7Xq0Z3'Cn7Xq0Z4\"Cn7Xq0Z5<Cn7Xq0Z6/Cn7Xq0Z7%40Cn7Xq0Z8"
 
 CONFIG = {
     "model": {"class_path": "lightning_dropout.zoo.MLP"},
@@ -41,8 +45,9 @@ def test_the_storage_password_reaches_no_file_and_no_output(
     postgres_url, tmp_path, data_dir, monkeypatch, capfd
 ):
     monkeypatch.chdir(tmp_path)  # defaults (runs/, lightning_logs/) land here too
-    url = make_url(postgres_url).set(password=CANARY).render_as_string(hide_password=False)
-    assert CANARY in url
+    parts = make_url(postgres_url)
+    url = f"{parts.drivername}://{parts.username}:{CANARY}@{parts.host}:{parts.port}/{parts.database}"
+    assert make_url(url).password == CANARY.replace("%40", "@")  # what the driver receives
     name = f"canary-{tmp_path.name[-12:]}".replace("_", "-")
     config = {**CONFIG, "study": {**CONFIG["study"], "name": name, "storage": url, "run_dir": "runs"}}
     config["data"] = {
@@ -58,11 +63,14 @@ def test_the_storage_password_reaches_no_file_and_no_output(
     from lightning_dropout.tune import open_study
 
     attrs = open_study(name, url).user_attrs
-    assert ":***@" in attrs["config/study"] and CANARY not in str(attrs)
-    assert main(["best", name, "--storage", url, "--out", "best.yaml"]) == 0
+    assert ":***@" in attrs["config/study"] and MARK not in str(attrs)
+    assert main(["best", name, "--storage", url, "--out", "best.yaml", "--config-out", "winner.yaml"]) == 0
     assert main(["report", name, "--storage", url, "--out", "report.html"]) == 0
     single = ["--trainer.devices=1", "--trainer.strategy=auto", f"--trainer.default_root_dir={tmp_path}"]
     assert main(["fit", str(path), "--plan", "best.yaml", *single]) == 0
+    # the errors: a study that is not in the storage, and the printed config
+    assert main(["best", "no-such-study", "--storage", url]) == 2
+    assert main(["tune", str(path), "--storage", url, "--print_config"]) == 0
     output = capfd.readouterr()
 
     written = {p for p in tmp_path.rglob("*") if p.is_file() and p != path}
@@ -70,16 +78,22 @@ def test_the_storage_password_reaches_no_file_and_no_output(
     # the files that once held the password are among those checked
     assert "config.yaml" in names, names  # lightning_logs/version_0/config.yaml of `fit --plan`
     assert {"trial_0000.json", "trial_0001.json"} <= names, names  # the DDP trials' job files
-    assert {"report.html", "best.yaml", "best_plan.yaml"} <= names, names
+    assert {"report.html", "best.yaml", "best_plan.yaml", "winner.yaml"} <= names, names
     assert any(n.startswith("events.out.tfevents") for n in names), names
-    leaked = sorted(str(p.relative_to(tmp_path)) for p in written if CANARY.encode() in p.read_bytes())
+    leaked = sorted(str(p.relative_to(tmp_path)) for p in written if MARK.encode() in p.read_bytes())
     assert leaked == [], leaked
-    assert CANARY not in output.out + output.err
+    assert MARK not in output.out + output.err, [
+        ln for ln in (output.out + output.err).splitlines() if MARK in ln
+    ]
     assert ":***@" in output.err  # the study line names the storage, redacted
+    assert "no-such-study" in output.err and f"storage: postgresql://{parts.username}:***@" in output.out
     for trial_file in (p for p in written if p.parent.name == "trial_io"):
         assert stat.S_IMODE(trial_file.stat().st_mode) == 0o600, trial_file
     saved = yaml.safe_load(next(p for p in written if p.name == "config.yaml").read_text())
     assert saved["study"]["storage"] == url.replace(CANARY, "***")
+    assert yaml.safe_load((tmp_path / "winner.yaml").read_text())["study"]["storage"] == url.replace(
+        CANARY, "***"
+    )
     print(f"secret canary: {len(written)} files checked")  # shown with -s
 
 
@@ -97,9 +111,35 @@ def test_the_storage_password_reaches_no_file_and_no_output(
         ),
         ("failed: 'postgresql://u:pw@h/d' refused", "failed: 'postgresql://u:***@h/d' refused"),
         ("sqlite:////tmp/a@b/study.db", "sqlite:////tmp/a@b/study.db"),
+        ("postgresql://user:pa?ss@host/db", "postgresql://user:***@host/db"),
+        ("postgresql://user:pa?ss@host/db?sslmode=require", "postgresql://user:***@host/db?sslmode=require"),
+        ("postgresql://host/db?user=me@example.org", "postgresql://host/db?user=me@example.org"),
     ],
 )
 def test_redact_hides_passwords_with_special_characters(url, expected):
     from lightning_dropout.tune import redact
 
     assert redact(url) == expected
+
+
+@pytest.mark.parametrize(
+    "password", ["pa?ss", "a b", "q'uo\"te", "lt<gt>", "sl/ash", "x", "long?pass word'<x>/y"]
+)
+def test_a_remembered_password_is_hidden_whatever_its_characters(password):
+    """A URL the program was given is parsed as SQLAlchemy parses it: its password is hidden wherever a line
+    shows it, raw, percent-encoded or decoded, even where the URL's shape is lost (a space, a quote)."""
+    from urllib.parse import quote
+
+    from lightning_dropout.secrets import redact, remember
+
+    url = f"postgresql://user:{password}@db-host:5432/optuna"
+    remember(url)
+    for text in (
+        f"storage: {url}",
+        f"could not connect to '{url}': refused",
+        f"postgresql://user:{quote(password, safe='')}@db-host/optuna",
+        make_url(url).render_as_string(hide_password=False),
+    ):
+        shown = redact(text)
+        assert password not in shown.replace("user:***@", "") or len(password) == 1, shown
+        assert "user:***@db-host" in shown, shown

@@ -491,8 +491,8 @@ def test_diverging_trial_fails_with_nan_reason(tmp_path, data_dir):
         model={"init_args": {"hidden": 16, "lr": 1e30}},
         study={"metric": "val_loss", "direction": "minimize", "n_trials": 2},
     )
-    # no trial completes: the command ends normally but writes no best plan
-    assert tune(config, tmp_path, data_dir) == 0
+    # no trial completes: the command fails in one line and writes no best plan
+    assert tune(config, tmp_path, data_dir) == 2
     assert not (tmp_path / "runs" / "s" / "best_plan.yaml").exists()
     trials = load(tmp_path).get_trials()
     assert [t.state for t in trials] == [
@@ -502,6 +502,32 @@ def test_diverging_trial_fails_with_nan_reason(tmp_path, data_dir):
     for trial in trials:
         assert "NaN" in trial.user_attrs["fail_reason"]
         assert math.isnan(trial.user_attrs["metrics"]["val_loss"])
+
+
+@pytest.mark.parametrize(
+    ("trainer", "reason"),
+    [
+        ({"max_epochs": 0}, "no training step ran"),
+        ({"limit_train_batches": 0}, "no training step ran"),
+        ({"val_check_interval": 50}, "val_check_interval"),  # beyond the epoch's 3 batches
+    ],
+    ids=["max_epochs-0", "limit_train_batches-0", "val_check_interval-beyond-the-epoch"],
+)
+def test_a_study_whose_trials_fail_alike_stops_after_three_in_one_line_and_exits_2(
+    tmp_path, data_dir, capsys, trainer, reason
+):
+    """A config that makes every trial fail the same way (or train nothing) is not a success: the study stops
+    after the first 3 such trials, says why in one line, exits 2, and never calls it a divergence."""
+    config = write_config(tmp_path, trainer=trainer, study={"n_trials": 6})
+    assert tune(config, tmp_path, data_dir) == 2
+    trials = load(tmp_path).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all(reason in t.user_attrs["fail_reason"] for t in trials), [t.user_attrs for t in trials]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("lightning-dropout:")]
+    assert len(errors) == 1, errors
+    assert "every trial failed for the same reason, so the study stopped after 3" in errors[0]
+    assert reason in errors[0] and "diverged" not in err
 
 
 # ----------------------------------------------------------------------------------------------------------

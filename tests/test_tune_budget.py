@@ -187,17 +187,23 @@ def test_the_budget_has_a_command_line_shortcut():
 
 
 class FailOnTrainStart(Callback):
-    """Every trial fails before its first epoch (as a broken model or data would)."""
+    """Every trial fails before its first epoch (as a broken model or data would), each with its own words."""
+
+    failures = 0
 
     def on_train_start(self, trainer, pl_module):
-        raise RuntimeError("broken before the first epoch")
+        FailOnTrainStart.failures += 1
+        raise RuntimeError(f"broken before the first epoch (failure {FailOnTrainStart.failures})")
 
 
 def test_a_budget_study_whose_trials_all_fail_before_training_ends(tmp_path, data_dir, capsys):
-    """Failed trials that trained nothing use no compute: the study stops after 5 of them instead of looping."""
+    """Failed trials that trained nothing use no compute: the study stops after 5 of them instead of looping,
+    and does not succeed."""
     config = write_config(tmp_path, study={"n_trials": None, "top_k": None, "seeds": 0, "budget": 3})
     callbacks = '--trainer.callbacks=[{"class_path": "test_tune_budget.FailOnTrainStart"}]'
-    assert tune(config, tmp_path, data_dir, callbacks) == 0
+    assert tune(config, tmp_path, data_dir, callbacks) == 2
     study = load(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 5
-    assert "no trial completed" in capsys.readouterr().err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-dropout:")]
+    assert len(errors) == 1 and "no trial completed (5 failed of 5)" in errors[0], errors
+    assert "broken before the first epoch" in errors[0]

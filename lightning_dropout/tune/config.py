@@ -28,7 +28,7 @@ from lightning_dropout.errors import (
     strict_init,
 )
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.secrets import redact
+from lightning_dropout.secrets import redact, remember
 from lightning_dropout.tune.population import PopulationConfig, population_size
 from lightning_dropout.tune.selection import WINNER_RULES
 from lightning_dropout.tune.space import SearchGroup
@@ -221,9 +221,16 @@ class StudyConfig:
     population: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
+        if isinstance(self.storage, str):
+            remember(self.storage)  # before any message could show it
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise DropoutConfigError(
                 f"`study.name` must use letters, digits, '_', '.', '-', but got {self.name!r}."
+            )
+        if set(self.name) == {"."}:  # `..` would put the study's folder outside run_dir
+            raise DropoutConfigError(
+                f"`study.name` must hold a letter, digit, '_' or '-' (it names a folder in run_dir), but got "
+                f"{self.name!r}."
             )
         if self.direction not in _DIRECTIONS:
             raise DropoutConfigError(
@@ -332,7 +339,9 @@ def resolve_storage(storage: str | None, name: str, run_dir: str = "runs") -> st
     ``--storage``/``--study.storage``, else the config's ``study.storage``), else the environment variable
     ``LIGHTNING_DROPOUT_STORAGE`` (when set and not empty), else :func:`default_storage`. Spawned workers and
     trial processes inherit the environment, so they open the same storage."""
-    return storage or os.environ.get(STORAGE_ENV) or default_storage(name, run_dir)
+    url = storage or os.environ.get(STORAGE_ENV) or default_storage(name, run_dir)
+    remember(url)  # hidden in every line this process prints, whatever its characters
+    return url
 
 
 def _check_enqueued(item: Any, index: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.secrets import redact
+from lightning_dropout.secrets import redact, remember
 from lightning_dropout.tune.selection import NO_DROPOUT, Candidate, choose_winner, rank_candidates
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "FIXED_PLAN_ATTR",
     "INTERRUPTED",
     "METRICS_ATTR",
+    "NOTHING_TRAINED",
     "PARENT_RUNS_ATTR",
     "PBT_ATTR",
     "PBT_RESULT_ATTR",
@@ -43,6 +44,7 @@ __all__ = [
     "RERUNS_ATTR",
     "RERUN_VALUE_PREFIX",
     "SEARCH_ATTR",
+    "STEPS_METRIC",
     "WARM_START_ATTR",
     "WINNER_LABEL_ATTR",
     "WINNER_TRIAL_ATTR",
@@ -57,6 +59,7 @@ __all__ = [
     "open_study",
     "plan_amount",
     "record_winner",
+    "repeated_failure",
     "rerun_candidates",
     "storage_file",
     "stored_plan",
@@ -100,6 +103,11 @@ BASELINE_AS_WRITTEN = "as written"
 PBT_ATTR = "pbt"  # the label of a population-based training segment ("pbt g003 m01"; tune/pbt.py)
 # study attribute: the result of population-based training ({label, plan: the scheduled plan's YAML, ...})
 PBT_RESULT_ATTR = "pbt_result"
+STEPS_METRIC = "train_steps"  # a trial's metric: the optimizer steps it ran (0: it trained nothing)
+NOTHING_TRAINED = (
+    "no training step ran: `trainer.max_epochs`, `max_steps` or `limit_train_batches` leave nothing to train"
+)
+REPEATS = 3  # failures alike, with no trial complete, after which a study stops (`repeated_failure`)
 HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
 
 
@@ -107,6 +115,31 @@ def counts(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether a finished trial counts towards ``n_trials``: complete, pruned, or failed for a reason other
     than Ctrl-C (re-run when the study resumes) or being a duplicate (never run)."""
     return trial.state.is_finished() and trial.user_attrs.get(FAIL_ATTR) not in (INTERRUPTED, DUPLICATE)
+
+
+def repeated_failure(study: optuna.Study, repeats: int = REPEATS) -> str | None:
+    """The reason of the failures when no trial completed and the last ``repeats`` finished trials all failed
+    with that same reason (a broken config, not a plan that diverged): every further trial would fail alike.
+    ``None`` otherwise.
+
+    Example:
+        >>> study = optuna.create_study()
+        >>> for _ in range(3):
+        ...     trial = study.ask()
+        ...     trial.set_user_attr(FAIL_ATTR, "ValueError: bad")
+        ...     _ = study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        >>> repeated_failure(study)
+        'ValueError: bad'
+    """
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        return None
+    tail = [t for t in trials if counts(t)][-repeats:]
+    reasons = {str(t.user_attrs.get(FAIL_ATTR)) for t in tail if t.state == TrialState.FAIL}
+    if len(tail) < repeats or len(reasons) != 1 or any(t.state != TrialState.FAIL for t in tail):
+        return None
+    reason = reasons.pop()
+    return None if reason == "None" or "the training diverged" in reason else reason
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -126,6 +159,7 @@ def fixed_label(trial: optuna.trial.FrozenTrial | optuna.Trial) -> str | None:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``: ``sqlite:///``, ``postgresql://``, ``mysql://`` (with heartbeat and retry
     of stale trials) or ``journal:PATH`` (journal file; no heartbeat)."""
+    remember(url)  # every process that opens it hides its password, whatever its characters
     if url.startswith("journal:"):
         path = Path(url[len("journal:") :])
         path.parent.mkdir(parents=True, exist_ok=True)

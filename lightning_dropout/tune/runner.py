@@ -62,13 +62,16 @@ from lightning_dropout.tune.records import (
     FIXED_PLAN_ATTR,
     INTERRUPTED,
     METRICS_ATTR,
+    NOTHING_TRAINED,
     PLAN_ATTR,
     SEARCH_ATTR,
+    STEPS_METRIC,
     config_summary,
     finished_trials,
     fixed_label,
     name_objective,
     open_storage,
+    repeated_failure,
 )
 from lightning_dropout.tune.search import Distribution, parse_search, search_values
 from lightning_dropout.tune.seeding import seeded_sampler
@@ -96,11 +99,16 @@ class TrialResult:
         """The loss metrics that became NaN."""
         return sorted(k for k, v in self.metrics.items() if "loss" in k and math.isnan(v))
 
+    def trained(self) -> bool:
+        """Whether one optimizer step ran (``max_epochs: 0`` or ``limit_train_batches: 0`` train nothing)."""
+        return self.metrics.get(STEPS_METRIC, 1.0) > 0
+
     def state(self) -> str:
-        """``pruned``, ``failed`` (no finite value of the metric, or a NaN loss) or ``complete``."""
+        """``pruned``, ``failed`` (nothing trained, no finite value of the metric, or a NaN loss) or
+        ``complete``."""
         if self.pruned:
             return "pruned"
-        if self.value is None or math.isnan(self.value) or self.diverged():
+        if not self.trained() or self.value is None or math.isnan(self.value) or self.diverged():
             return "failed"
         return "complete"
 
@@ -278,6 +286,7 @@ class Tuner:
             value = trial_value(pruning.history, cfg.value, pruning.maximize, cfg.value_window)
             metrics["value"] = value
             metrics[EPOCHS_ATTR] = float(cli.trainer.current_epoch)  # the compute it used (tune/budget.py)
+            metrics[STEPS_METRIC] = float(cli.trainer.global_step)
             if best is not None:
                 metrics["best_epoch"] = float(pruning.epochs[best])
                 if gap is not None and best < len(gap.history):
@@ -432,6 +441,10 @@ class Tuner:
         if result.pruned:
             raise optuna.TrialPruned("stopped by the pruner")
         diverged = result.diverged()
+        if not result.trained():  # said before "diverged": a run that trained nothing did not diverge
+            trial.set_user_attr(FAIL_ATTR, NOTHING_TRAINED)
+            log.warning("trial %d failed: %s", trial.number, NOTHING_TRAINED)
+            raise RuntimeError(NOTHING_TRAINED)
         if result.state() == "failed":
             reason = f"`{cfg.metric}` was NaN" if not diverged else f"{diverged} became NaN"
             trial.set_user_attr(FAIL_ATTR, f"{reason}: the training diverged")
@@ -464,6 +477,8 @@ class Tuner:
             running count too (``running``), so the workers do not all start the last one."""
             if self.budget is not None and self.budget.stalled(study):
                 log.warning("the last trials all failed before training one epoch: no more trials start")
+                return True
+            if repeated_failure(study) is not None:  # a config reason: every further trial would fail alike
                 return True
             if self.budget is not None and not self.budget.room_for_trial(study):
                 return True

@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from lightning_dropout.errors import Interrupted
+from lightning_dropout.errors import DropoutConfigError, Interrupted
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.budget import BudgetPlan, compute_used, rerun_runs
 from lightning_dropout.tune.config import STORAGE_ENV, StudyConfig, redact, resolve_storage
@@ -43,6 +43,7 @@ from lightning_dropout.tune.records import (
     finished_trials,
     fixed_label,
     record_winner,
+    repeated_failure,
     stored_plan,
     winner,
 )
@@ -104,6 +105,15 @@ def tune(
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             write_study_images(study, images)  # e.g. the intermediate values of pruned trials
             done, pruned, failed, _ = _status(study)
+            reason = repeated_failure(study)
+            if reason is not None:  # a config reason: the study stopped after the first trials it failed
+                raise DropoutConfigError(
+                    f"every trial failed for the same reason, so the study stopped after {failed}: {reason}"
+                )
+            if not pruned:  # it trained nothing to a value: not a success
+                last = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL][-1:]
+                why = f"; the last failure: {last[0].user_attrs.get(FAIL_ATTR)}" if last else ""
+                raise DropoutConfigError(f"no trial completed ({failed} failed of {done}){why}")
             console.print(
                 f"no trial completed ({pruned} pruned, {failed} failed of {done}): no best plan to write."
             )
