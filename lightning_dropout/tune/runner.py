@@ -43,6 +43,7 @@ from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.budget import BudgetPlan
 from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
 from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
+from lightning_dropout.tune.devices import DeviceLayout, divide, visible_gpus
 from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed, race_references
 from lightning_dropout.tune.loggers import (
     check_loggers,
@@ -123,6 +124,7 @@ class Tuner:
         self._fatal: DropoutConfigError | None = None
         self._site_columns: dict[str, list[str]] | None = None
         self._budget: BudgetPlan | None = None
+        self._layout: DeviceLayout | None = None
         self.study_config: StudyConfig = init["study"]
         self.space: DropoutSpace = init["dropout"]
         if not self.space.groups:
@@ -144,6 +146,38 @@ class Tuner:
         threads = self.study_config.torch_threads()
         torch.set_num_threads(threads)
         return threads
+
+    # -- workers and their GPUs -------------------------------------------------------------------------------
+    def place_workers(self) -> DeviceLayout:
+        """Where this ``tune`` run's workers go (:mod:`~lightning_dropout.tune.devices`), decided once, in the
+        ``tune`` process, before trial 0: resolves ``study.workers: auto`` to a number (stored back on
+        :attr:`study_config`) and gives each worker its ``trainer.devices`` GPUs of ``study.devices`` (default:
+        every visible GPU when the trainer runs on CUDA). Raises :class:`DropoutConfigError` when they do not
+        fit."""
+        if self._layout is not None:
+            return self._layout
+        from lightning.pytorch.accelerators import CUDAAccelerator
+
+        cfg = self.study_config
+        trainer = self.cli.trainer
+        per_trial = max(1, int(trainer.num_devices))  # type: ignore[attr-defined]
+        gpus = cfg.gpu_list()
+        on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)  # type: ignore[attr-defined]
+        ids = list(getattr(trainer, "device_ids", range(per_trial)))
+        if on_cuda and ids != list(range(per_trial)):
+            # the config picks its GPUs itself (`trainer.devices: [2, 3]`): fine for one worker, nothing to divide
+            if cfg.workers != 1 or gpus is not None:
+                raise DropoutConfigError(
+                    f"`trainer.devices` must be a number of GPUs when `study.workers` is not 1 or "
+                    f"`study.devices` is set (each worker gets its own GPUs), but got the GPU ids {ids}; write "
+                    f"trainer.devices: {per_trial} and study.devices: {ids}."
+                )
+        elif gpus is None and on_cuda and cfg.workers != 1:  # one worker alone keeps Lightning's choice
+            gpus = visible_gpus()
+        layout = divide(gpus, per_trial, cfg.workers, threads=cfg.torch_threads())
+        cfg.workers = layout.workers
+        self._layout = layout
+        return layout
 
     # -- budget ----------------------------------------------------------------------------------------------
     @property

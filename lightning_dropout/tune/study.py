@@ -85,6 +85,7 @@ def tune(
     console = console or Console(stderr=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress bar, table, one line per failed trial
     tuner = Tuner(args)
+    layout = tuner.place_workers()  # `workers: auto`, each worker's GPUs: fail before the study opens
     cfg = tuner.study_config
     study = tuner.study()
     if cfg.method == "pbt":  # population-based training: its own segments, no baselines or re-runs
@@ -96,7 +97,7 @@ def tune(
     size = f"{cfg.n_trials} trials" if budget is None else f"a budget of {budget.budget:g} trainings"
     console.print(
         f"study [bold]{cfg.name}[/] in {redact(cfg.storage_url())}: {cfg.metric} ({cfg.direction}), "
-        f"{size}, {cfg.workers} worker(s)"
+        f"{size}, {cfg.workers} worker(s)" + (f" on {layout.describe()}" if layout.sets else "")
     )
     images = Path(cfg.run_dir) / cfg.name / "study"
     with Workers(tuner) as workers:
