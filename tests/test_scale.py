@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from studies import tune, write_config
 
 from lightning_dropout.cli import _study_shortcuts, main
-from lightning_dropout.tune import Tuner
+from lightning_dropout.tune import Tuner, open_study
 
 # a callback in its own module under tmp_path (the current folder of the test): the spawned worker imports it
 # through sys.path, the DDP trial processes and their ranks through PYTHONPATH
@@ -45,6 +48,19 @@ class DeviceProbe(pl.Callback):
             if any(r["rank"] == 0 and r["parent"] != self.hold for r in rows):
                 return
             time.sleep(0.2)
+
+
+class PlanProbe(pl.Callback):
+    """Appends, when the fit ends, this rank's plan and the epoch it stopped at."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):
+        (injector,) = [c for c in trainer.callbacks if type(c).__name__ == "DropoutInjector"]
+        row = {"rank": trainer.global_rank, "epoch": trainer.current_epoch, "plan": injector.plan.to_yaml()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\\n")
 '''
 
 DDP = {"devices": 2, "strategy": "ddp", "max_epochs": 1, "limit_train_batches": 2}
@@ -120,3 +136,81 @@ def test_study_devices_must_be_distinct_gpus(probe_dir, capsys):
     config = write_config(probe_dir, study={**STUDY, "devices": [0, 0]})
     assert main(["tune", str(config)]) == 2
     assert "`study.devices` must be null" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_a_trial_on_two_nodes_under_torchrun_is_one_optuna_trial_run_by_rank_0_of_node_0(probe_dir, data_dir):
+    """2 "nodes" x 1 process on this machine (gloo), started as torchrun starts them: the environment variables
+    of each rank, every rank running `tune`. Rank 0 of node 0 alone opens the study; rank 1 trains the same
+    plan and stops when the pruner stops rank 0."""
+    record = probe_dir / "plans.jsonl"
+    config = write_config(
+        probe_dir,
+        trainer={"num_nodes": 2, "devices": 1, "strategy": "ddp", "max_epochs": 3, "limit_train_batches": 2},
+        study={
+            **STUDY,
+            "n_trials": 1,
+            "warm_start": False,
+            "prune_after": 0,
+            # val_acc of this tiny model stays far below 0.99: pruned at the first validation (epoch 0 of 3)
+            "pruner": {"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"lower": 0.99}},
+        },
+    )
+    callbacks = [{"class_path": "gpuprobe.PlanProbe", "init_args": {"path": str(record)}}]
+    args = [
+        str(config),
+        f"--study.run_dir={probe_dir / 'runs'}",
+        f"--data.init_args.cache_dir={data_dir}",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+    ]
+    base = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "TORCHELASTIC_RUN_ID": "two-nodes",
+        "OMP_NUM_THREADS": "1",
+    }
+    # node 1 would find a study of its own here if it opened one
+    elsewhere = f"sqlite:///{probe_dir / 'node1.db'}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lightning_dropout.cli", "tune", *args],
+            env={
+                **base,
+                "RANK": str(node),
+                "GROUP_RANK": str(node),
+                "NODE_RANK": str(node),
+                **({"LIGHTNING_DROPOUT_STORAGE": elsewhere} if node else {}),
+            },
+            cwd=probe_dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    finally:
+        for proc in procs:  # a rank left waiting for the other must not outlive the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert not (probe_dir / "node1.db").exists()
+    trials = open_study("s", f"sqlite:///{probe_dir / 'runs' / 's' / 'study.db'}").get_trials()
+    assert len(trials) == 1 and trials[0].state.name == "PRUNED"  # one Optuna trial for both ranks
+    assert sorted(trials[0].intermediate_values) == [0]
+    rows = sorted((json.loads(line) for line in record.read_text().splitlines()), key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == [0, 1]
+    assert rows[0]["plan"] == rows[1]["plan"] == trials[0].user_attrs["plan"]  # the plan rank 0 sampled
+    assert [r["epoch"] for r in rows] == [1, 1]  # both stopped after epoch 0 of 3: the pruning reached rank 1

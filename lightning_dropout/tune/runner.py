@@ -125,6 +125,8 @@ class Tuner:
         self._site_columns: dict[str, list[str]] | None = None
         self._budget: BudgetPlan | None = None
         self._layout: DeviceLayout | None = None
+        # under torchrun/srun, on global rank 0: where each job goes to the other ranks (tune/launched.py)
+        self.channel: Any = None
         self.study_config: StudyConfig = init["study"]
         self.space: DropoutSpace = init["dropout"]
         if not self.space.groups:
@@ -331,7 +333,8 @@ class Tuner:
             chosen = injector.plan if injector.plan is not None else DropoutPlan()
             params.update(plan_hparams(chosen, columns))
             params.update({f"search/{k}": v for k, v in (values or {}).items()})
-            finish_loggers(loggers, params, self._hparam_metrics(result, gap is not None))
+            if cli.trainer.global_rank == 0:  # the others' loggers write nothing (Lightning's rank-zero rule)
+                finish_loggers(loggers, params, self._hparam_metrics(result, gap is not None))
         assert injector.plan is not None and result is not None  # set in setup() / after fit
         return result, injector.plan
 
@@ -365,9 +368,14 @@ class Tuner:
 
     @property
     def multiprocess(self) -> bool:
-        """Whether a trial's trainer re-launches its script per rank (``strategy: ddp`` on several devices),
-        read off the Trainer the config builds (whatever form the strategy and devices were given in)."""
+        """Whether a trial's trainer re-launches its script per rank (``strategy: ddp`` on several devices, the
+        ranks not started by a cluster launcher), read off the Trainer the config builds (whatever form the strategy and devices were given in)."""
         trainer = self.cli.trainer
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if (
+            env is not None and env.creates_processes_externally
+        ):  # torchrun/srun started the ranks (launched.py)
+            return False
         return isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
 
     def run_trial(
@@ -428,6 +436,9 @@ class Tuner:
         if self.multiprocess:
             job = {"plan": plan.to_yaml(), "seed": seed, "version": version, "number": number}
             return self._in_subprocess(version, {**job, "values": dict(values or {})})[0]
+        if self.channel is not None:
+            job = {"plan": plan.to_yaml(), "seed": seed, "version": version, "number": number}
+            self.channel.send({"kind": "rerun", **job, "values": dict(values or {})})
         return self.train(plan, None, seed, version, kind="rerun", number=number, values=values)[0]
 
     def objective(self, trial: optuna.Trial) -> float:
@@ -441,6 +452,8 @@ class Tuner:
             values = search_values(trial, self.search, self.cli.config, fixed=fixed_label(trial) is not None)
             if values:
                 trial.set_user_attr(SEARCH_ATTR, values)
+            if self.channel is not None:  # the other ranks of a launched multi-node trainer train it too
+                self.channel.send({"kind": "trial", "number": trial.number, "values": values})
             if self.multiprocess:
                 name = f"trial_{trial.number:04d}"
                 result, plan = self._in_subprocess(name, {"trial_id": trial._trial_id, "values": values})
