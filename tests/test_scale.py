@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from studies import tune, write_config
 
 from lightning_dropout.cli import _study_shortcuts, main
-from lightning_dropout.tune import Tuner, open_study
+from lightning_dropout.tune import Tuner
 
 # a callback in its own module under tmp_path (the current folder of the test): the spawned worker imports it
 # through sys.path, the DDP trial processes and their ranks through PYTHONPATH
@@ -67,8 +64,7 @@ DDP = {"devices": 2, "strategy": "ddp", "max_epochs": 1, "limit_train_batches": 
 STUDY = {"n_trials": 2, "baselines": False, "gap_samples": 0}
 
 
-@pytest.fixture
-def probe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def install_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``tmp_path`` as the current folder, holding ``gpuprobe.py``, importable here, in spawned workers and in
     the trial processes (the CLI puts the current folder on ``sys.path`` and ``PYTHONPATH``; set here first, so
     that the test leaves both as they were)."""
@@ -80,6 +76,11 @@ def probe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def probe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return install_probe(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
@@ -136,81 +137,3 @@ def test_study_devices_must_be_distinct_gpus(probe_dir, capsys):
     config = write_config(probe_dir, study={**STUDY, "devices": [0, 0]})
     assert main(["tune", str(config)]) == 2
     assert "`study.devices` must be null" in capsys.readouterr().err
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.mark.slow
-def test_a_trial_on_two_nodes_under_torchrun_is_one_optuna_trial_run_by_rank_0_of_node_0(probe_dir, data_dir):
-    """2 "nodes" x 1 process on this machine (gloo), started as torchrun starts them: the environment variables
-    of each rank, every rank running `tune`. Rank 0 of node 0 alone opens the study; rank 1 trains the same
-    plan and stops when the pruner stops rank 0."""
-    record = probe_dir / "plans.jsonl"
-    config = write_config(
-        probe_dir,
-        trainer={"num_nodes": 2, "devices": 1, "strategy": "ddp", "max_epochs": 3, "limit_train_batches": 2},
-        study={
-            **STUDY,
-            "n_trials": 1,
-            "warm_start": False,
-            "prune_after": 0,
-            # val_acc of this tiny model stays far below 0.99: pruned at the first validation (epoch 0 of 3)
-            "pruner": {"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"lower": 0.99}},
-        },
-    )
-    callbacks = [{"class_path": "gpuprobe.PlanProbe", "init_args": {"path": str(record)}}]
-    args = [
-        str(config),
-        f"--study.run_dir={probe_dir / 'runs'}",
-        f"--data.init_args.cache_dir={data_dir}",
-        f"--trainer.callbacks={json.dumps(callbacks)}",
-    ]
-    base = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
-        "LOCAL_WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "TORCHELASTIC_RUN_ID": "two-nodes",
-        "OMP_NUM_THREADS": "1",
-    }
-    # node 1 would find a study of its own here if it opened one
-    elsewhere = f"sqlite:///{probe_dir / 'node1.db'}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "lightning_dropout.cli", "tune", *args],
-            env={
-                **base,
-                "RANK": str(node),
-                "GROUP_RANK": str(node),
-                "NODE_RANK": str(node),
-                **({"LIGHTNING_DROPOUT_STORAGE": elsewhere} if node else {}),
-            },
-            cwd=probe_dir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in (0, 1)
-    ]
-    try:
-        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
-    finally:
-        for proc in procs:  # a rank left waiting for the other must not outlive the test
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert [proc.returncode for proc in procs] == [0, 0], outputs
-    assert not (probe_dir / "node1.db").exists()
-    trials = open_study("s", f"sqlite:///{probe_dir / 'runs' / 's' / 'study.db'}").get_trials()
-    assert len(trials) == 1 and trials[0].state.name == "PRUNED"  # one Optuna trial for both ranks
-    assert sorted(trials[0].intermediate_values) == [0]
-    rows = sorted((json.loads(line) for line in record.read_text().splitlines()), key=lambda r: r["rank"])
-    assert [r["rank"] for r in rows] == [0, 1]
-    assert rows[0]["plan"] == rows[1]["plan"] == trials[0].user_attrs["plan"]  # the plan rank 0 sampled
-    assert [r["epoch"] for r in rows] == [1, 1]  # both stopped after epoch 0 of 3: the pruning reached rank 1
