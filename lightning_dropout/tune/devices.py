@@ -73,6 +73,7 @@ def divide(
     workers: int | str,
     threads: int = 1,
     cores: int | None = None,
+    source: str = "the GPUs of `study.devices`",
 ) -> DeviceLayout:
     """The layout of ``workers`` (an integer or ``"auto"``) with trials of ``per_trial`` devices on the GPUs
     ``devices`` (``None``: no GPUs to divide, the trials run on the CPU or wherever the trainer puts them).
@@ -102,7 +103,7 @@ def divide(
         need = f"{count} worker{'s' if count != 1 else ''} of {per_trial} need {count * per_trial}"
         hint = f" (`--workers {fit}` or `--workers auto`)" if fit else ""
         raise DropoutConfigError(
-            f"`study.workers` x `trainer.devices` must fit the GPUs of `study.devices` ({shown}), but {need}; "
+            f"`study.workers` x `trainer.devices` must fit {source} ({shown}), but {need}; "
             f"{_fits(n, per_trial)}{hint}."
         )
     sets = tuple(",".join(devices[i * per_trial : (i + 1) * per_trial]) for i in range(count))

@@ -166,17 +166,17 @@ class Tuner:
         gpus = cfg.gpu_list()
         on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)  # type: ignore[attr-defined]
         ids = list(getattr(trainer, "device_ids", range(per_trial)))
-        if on_cuda and ids != list(range(per_trial)):
-            # the config picks its GPUs itself (`trainer.devices: [2, 3]`): fine for one worker, nothing to divide
-            if cfg.workers != 1 or gpus is not None:
-                raise DropoutConfigError(
-                    f"`trainer.devices` must be a number of GPUs when `study.workers` is not 1 or "
-                    f"`study.devices` is set (each worker gets its own GPUs), but got the GPU ids {ids}; write "
-                    f"trainer.devices: {per_trial} and study.devices: {ids}."
-                )
-        elif gpus is None and on_cuda and cfg.workers != 1:  # one worker alone keeps Lightning's choice
-            gpus = visible_gpus()
-        layout = divide(gpus, per_trial, cfg.workers, threads=cfg.torch_threads())
+        # GPU ids in the config (`trainer.devices: [2, 3]`) pick the GPUs of one worker: nothing to divide
+        if on_cuda and ids != list(range(per_trial)) and (cfg.workers != 1 or gpus is not None):
+            raise DropoutConfigError(
+                f"`trainer.devices` must be a number of GPUs when `study.workers` is not 1 or "
+                f"`study.devices` is set (each worker gets its own GPUs), but got the GPU ids {ids}; write "
+                f"trainer.devices: {per_trial} and study.devices: {ids}."
+            )
+        source = "the GPUs of `study.devices`"
+        if gpus is None and on_cuda and cfg.workers != 1:  # one worker alone keeps Lightning's choice
+            gpus, source = visible_gpus(), "the visible GPUs (`study.devices` unset)"
+        layout = divide(gpus, per_trial, cfg.workers, threads=cfg.torch_threads(), source=source)
         cfg.workers = layout.workers
         self._layout = layout
         return layout
