@@ -137,3 +137,20 @@ def test_study_devices_must_be_distinct_gpus(probe_dir, capsys):
     config = write_config(probe_dir, study={**STUDY, "devices": [0, 0]})
     assert main(["tune", str(config)]) == 2
     assert "`study.devices` must be null" in capsys.readouterr().err
+
+
+def test_the_gpu_check_script_parses_and_runs_every_tune_check():
+    """benchmarks/gpu_check.sh runs only where a GPU is: here, its syntax and that it runs each check of
+    benchmarks/gpu_trials.py."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    assert subprocess.run(["bash", "-n", str(root / "gpu_check.sh")]).returncode == 0
+    spec = importlib.util.spec_from_file_location("gpu_trials", root / "gpu_trials.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loop = next(
+        line for line in (root / "gpu_check.sh").read_text().splitlines() if line.startswith("for check")
+    )
+    assert sorted(loop.split(" in ")[1].rstrip("; do").split()) == sorted(module.CHECKS)
