@@ -130,8 +130,9 @@ class StudyConfig:
             ``auto``: as many as fit, ``len(devices) // trainer.devices`` with GPUs, else the CPU cores divided by
             the threads of one trial (``threads`` x ``trainer.devices``).
         devices: the GPUs this ``tune`` divides among its workers, as ``CUDA_VISIBLE_DEVICES`` names them (indices
-            or UUIDs); default every visible GPU when the trainer runs on CUDA (none otherwise). Worker ``i`` gets
-            the ``trainer.devices`` GPUs after those of workers ``0 .. i-1`` (:mod:`~lightning_dropout.tune.devices`).
+            or UUIDs); default every visible GPU when the trainer runs on CUDA with several workers (one worker alone
+            keeps the GPUs Lightning picks). Worker ``i`` gets the ``trainer.devices`` GPUs after those of workers
+            ``0 .. i-1`` (:mod:`~lightning_dropout.tune.devices`).
         top_k: after the study, re-run the best ``top_k`` plans (and the baselines) over ``seeds`` seeds
             (default 3; with a budget, the most that fit).
         seeds: the most seeds a re-run candidate gets (default 3; with a budget, 10: the budget ends the race);

@@ -122,6 +122,7 @@ class Tuner:
         )
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self._fatal: DropoutConfigError | None = None
+        self._launched_failure: RuntimeError | None = None  # a failed trial under torchrun/srun ends the job
         self._site_columns: dict[str, list[str]] | None = None
         self._budget: BudgetPlan | None = None
         self._layout: DeviceLayout | None = None
@@ -471,6 +472,14 @@ class Tuner:
                 trial.study.stop()
             else:
                 log.warning("trial %d failed: %s", trial.number, redact(f"{type(err).__name__}: {err}")[:300])
+            if self.channel is not None and self._fatal is None:
+                # the other ranks of a multi-node trainer may wait in the failed training's next collective: end
+                # the job (the launcher stops every rank), the trial recorded; running it again resumes
+                self._launched_failure = RuntimeError(
+                    f"trial {trial.number} failed on rank 0 of a multi-node trainer, so the other ranks cannot go "
+                    "on: the job ends (start it again to resume the study)"
+                )
+                trial.study.stop()
             raise
         trial.set_user_attr(PLAN_ATTR, plan.to_yaml())
         trial.set_user_attr(METRICS_ATTR, result.metrics)
@@ -534,3 +543,5 @@ class Tuner:
         )
         if self._fatal is not None:
             raise self._fatal
+        if self._launched_failure is not None:
+            raise self._launched_failure

@@ -95,10 +95,11 @@ def tune(
         channel.follow(tuner)
         return None, [], None
     tuner.channel = channel
-    try:
-        return _tune(tuner, args, console)
-    finally:
-        channel.send({"kind": "stop"})
+    # on an error this rank exits without a word to the others: the launcher then stops them (they may be
+    # waiting in a training's collective, not for a job)
+    outcome = _tune(tuner, args, console)
+    channel.send({"kind": "stop"})
+    return outcome
 
 
 def _tune(
