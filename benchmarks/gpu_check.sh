@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 13), for a machine with a CUDA device; about 2-4 minutes, well under 8.
+# The prepared GPU check (issues 13 and 22), for a machine with a CUDA device; under 8 minutes in all (each step's
+# time limit is cut to what is left of 460 s).
 #
 # 1. the tests marked `cuda` (tests/test_cuda.py): weight dropout on cuDNN RNNs (`_flat_weights`), bf16-mixed
 #    training with injected sites, the GapMonitor's CUDA generator fork, MC dropout on CUDA;
-# 2. the train-step overhead benchmark (benchmarks/overhead.py) on the GPU: injected dropout against the same
+# 2. `tune`, one 2-GPU DDP trial with the gap monitor (benchmarks/gpu_trials.py ddp-gap);
+# 3. `tune --workers 2` on 2 GPUs: each trial process reports its CUDA_VISIBLE_DEVICES,
+#    torch.cuda.current_device() and that GPU's PCI bus id; the two workers' must differ (gpu_trials.py workers);
+# 4. `tune`, one bf16-mixed trial (gpu_trials.py bf16);
+# 5. the train-step overhead benchmark (benchmarks/overhead.py) on the GPU: injected dropout against the same
 #    models written by hand with nn.Dropout.
+# Checks 2 and 3 need 2 GPUs and say SKIP with one.
 #
-# Everything lands in ONE file: $OUT/gpu_check.md when $OUT is set, else benchmarks/results/gpu_check.md
-# (or the path given as the first argument). Run from the repository root, in an environment with the
-# project installed (`pip install -e ".[dev]"` with a CUDA build of torch):
+# It prints one line per check; everything lands in ONE file: $OUT/gpu_check.md when $OUT is set, else
+# benchmarks/results/gpu_check.md (or the path given as the first argument). Run from the repository root, in an
+# environment with the project installed (`pip install -e ".[dev]"` with a CUDA build of torch):
 #
 #   bash benchmarks/gpu_check.sh [REPORT.md]
 #
-# Exit status: 0 when the tests passed and the benchmark ran; 1 otherwise (the report says what failed).
+# Exit status: 0 when every check passed (or skipped for want of a second GPU); 1 otherwise (the report says what
+# failed).
 set -u
 cd "$(dirname "$0")/.."
 report="${1:-${OUT:-benchmarks/results}/gpu_check.md}"
@@ -21,6 +28,14 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 python=${PYTHON:-python}
 status=0
+begin=$(date +%s)
+budget=460
+
+# the time limit of a step: its own cap, or what is left of the budget if less
+limit() {
+  local left=$(( budget - ($(date +%s) - begin) ))
+  if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
 
 {
   echo "# GPU check"
@@ -42,7 +57,7 @@ EOF
 
 # -- 1. the cuda tests ---------------------------------------------------------------------------------------
 start=$(date +%s)
-OMP_NUM_THREADS=4 timeout 300 "$python" -m pytest tests/test_cuda.py -m cuda -q -rA -p no:cacheprovider \
+OMP_NUM_THREADS=4 timeout "$(limit 200)" "$python" -m pytest tests/test_cuda.py -m cuda -q -rA -p no:cacheprovider \
   > "$tmp/pytest.txt" 2>&1 || status=1
 {
   echo
@@ -63,11 +78,37 @@ OMP_NUM_THREADS=4 timeout 300 "$python" -m pytest tests/test_cuda.py -m cuda -q 
 if grep -q "skipped" "$tmp/pytest.txt" && ! grep -q "passed" "$tmp/pytest.txt"; then
   status=1  # every test skipped: no GPU was seen, nothing was checked
 fi
+echo "cuda tests: $(if [ "$status" -eq 0 ]; then echo PASS; else echo FAIL; fi)" \
+  "($(grep -E " (passed|failed|skipped)" "$tmp/pytest.txt" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//'))"
 
-# -- 2. the overhead benchmark on the GPU --------------------------------------------------------------------
+# -- 2-4. tune on the GPU: a 2-GPU DDP trial with the gap, two workers on two GPUs, a bf16-mixed trial --------
+for check in ddp-gap workers bf16; do
+  cap=$(limit 100)
+  if [ "$cap" -lt 20 ]; then
+    line="$check: FAIL not run: the 8-minute budget is spent"
+  else
+    line=$(OMP_NUM_THREADS=4 timeout "$cap" "$python" benchmarks/gpu_trials.py "$check" "$tmp/$check" \
+             2> "$tmp/$check.err" | tail -1)
+    [ -n "$line" ] || line="$check: FAIL no result within $cap s"
+  fi
+  echo "$line"
+  case "$line" in *": FAIL"*) status=1 ;; esac
+  {
+    echo
+    echo "## tune: $check"
+    echo
+    echo "$line"
+    case "$line" in
+      *": FAIL"*) echo; echo '```'; tail -60 "$tmp/$check.err"; echo '```' ;;
+    esac
+  } >> "$report"
+done
+
+# -- 5. the overhead benchmark on the GPU --------------------------------------------------------------------
 start=$(date +%s)
-if (cd benchmarks && timeout 240 "$python" overhead.py --device cuda --repeats 15 --steps 50 --warmup 20 \
-      --out "$tmp/overhead.md") > "$tmp/overhead.txt" 2>&1; then
+if (cd benchmarks && timeout "$(limit 150)" "$python" overhead.py --device cuda --repeats 15 --steps 50 \
+      --warmup 20 --out "$tmp/overhead.md") > "$tmp/overhead.txt" 2>&1; then
+  echo "overhead benchmark: PASS ($(( $(date +%s) - start )) s)"
   {
     echo
     echo "## Train-step overhead on the GPU ($(( $(date +%s) - start )) s)"
@@ -76,6 +117,7 @@ if (cd benchmarks && timeout 240 "$python" overhead.py --device cuda --repeats 1
   } >> "$report"
 else
   status=1
+  echo "overhead benchmark: FAIL (see the report)"
   {
     echo
     echo "## Train-step overhead on the GPU: FAILED"
@@ -86,5 +128,5 @@ else
   } >> "$report"
 fi
 
-echo "wrote $report (status $status)"
+echo "wrote $report (status $status, $(( $(date +%s) - begin )) s)"
 exit "$status"

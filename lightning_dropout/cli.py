@@ -90,14 +90,15 @@ def _lightning_help(command: str) -> str:
 
 _COMMAND_HELP = {
     "tune": (
-        "usage: lightning-dropout tune CONFIG.yaml [--budget B] [--workers N] [--n_trials N] [--storage URL]\n"
+        "usage: lightning-dropout tune CONFIG.yaml [--budget B] [--workers N|auto] [--n_trials N] [--storage URL]\n"
         "                                          [overrides]\n"
         "Run, resume or join the Optuna study of a tuning config (model/data/trainer plus `study:` and\n"
         "`dropout:` sections); prints the re-run table, writes <run_dir>/<study>/best_plan.yaml (and\n"
         "best_values.yaml, the winner's `search:` values) and ends with the command that trains the winner.\n"
         "  CONFIG.yaml, --config CONFIG.yaml  the tuning config\n"
         "  --budget B       the study's compute in trainings of the model (= --study.budget=B; default 20)\n"
-        "  --workers N      worker processes sharing the study on this machine (= --study.workers=N)\n"
+        "  --workers N      worker processes sharing the study on this machine (= --study.workers=N); each gets\n"
+        "                   its own trainer.devices GPUs of study.devices; auto: as many as fit\n"
         "  --n_trials N     finished trials the study should reach (= --study.n_trials=N)\n"
         "  --storage URL    sqlite:///..., postgresql://..., journal:PATH (= --study.storage=URL); default:\n"
         "                   the config's study.storage, else $LIGHTNING_DROPOUT_STORAGE, else SQLite in run_dir\n"

@@ -134,7 +134,13 @@ class StudyConfig:
             ``sqlite:///<run_dir>/<name>/study.db``. ``journal:PATH`` selects the journal-file storage;
             ``postgresql://...`` for many machines (a password is best left to the environment variable).
         seed: seeds the sampler and every trial's ``seed_everything``.
-        workers: worker processes sharing the study on this machine (the ``tune`` process is worker 0).
+        workers: worker processes sharing the study on this machine (the ``tune`` process is worker 0), or
+            ``auto``: as many as fit, ``len(devices) // trainer.devices`` with GPUs, else the CPU cores divided by
+            the threads of one trial (``threads`` x ``trainer.devices``).
+        devices: the GPUs this ``tune`` divides among its workers, as ``CUDA_VISIBLE_DEVICES`` names them (indices
+            or UUIDs); default every visible GPU when the trainer runs on CUDA with several workers (one worker alone
+            keeps the GPUs Lightning picks). Worker ``i`` gets the ``trainer.devices`` GPUs after those of workers
+            ``0 .. i-1`` (:mod:`~lightning_dropout.tune.devices`).
         top_k: after the study, re-run the best ``top_k`` plans (and the baselines) over ``seeds`` seeds
             (default 3; with a budget, the most that fit).
         seeds: the most seeds a re-run candidate gets (default 3; with a budget, 10: the budget ends the race);
@@ -201,7 +207,8 @@ class StudyConfig:
     prune_after: float = 0.2
     storage: str | None = None
     seed: int = 0
-    workers: int = 1
+    workers: int | str = 1
+    devices: list[int | str] | None = None
     threads: int | None = None
     top_k: int | None = None
     seeds: int | None = None
@@ -246,8 +253,14 @@ class StudyConfig:
             )
         check_int(self.threads, "threads", key="study.threads", or_none="null")
         self._resolve_budget()
-        for key in ("workers", "value_window"):
-            check_int(getattr(self, key), key, key=f"study.{key}")
+        if self.workers != "auto" and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
+            raise DropoutConfigError(
+                f"`study.workers` must be an integer >= 1 or auto (as many as fit), but got workers={self.workers!r}."
+            )
+        check_int(self.value_window, "value_window", key="study.value_window")
+        self.devices = _check_devices(self.devices)
         if self.value not in ESTIMATORS:
             raise DropoutConfigError(
                 f"`study.value` must be one of {list(ESTIMATORS)}, but got {self.value!r}; "
@@ -318,6 +331,10 @@ class StudyConfig:
         env = os.environ.get("OMP_NUM_THREADS", "")
         return int(env) if env.isdigit() and int(env) > 0 else 1
 
+    def gpu_list(self) -> list[str] | None:
+        """``devices`` as ``CUDA_VISIBLE_DEVICES`` entries (``None`` when not set)."""
+        return None if self.devices is None else [str(d) for d in self.devices]
+
     def storage_url(self) -> str:
         """The storage this study opens (:func:`resolve_storage`)."""
         return resolve_storage(self.storage, self.name, self.run_dir)
@@ -342,6 +359,27 @@ def resolve_storage(storage: str | None, name: str, run_dir: str = "runs") -> st
     url = storage or os.environ.get(STORAGE_ENV) or default_storage(name, run_dir)
     remember(url)  # hidden in every line this process prints, whatever its characters
     return url
+
+
+def _check_devices(devices: Any) -> list[int | str] | None:
+    """``study.devices``: ``null`` or a non-empty list of distinct GPU indices (>= 0) or names (UUIDs)."""
+    if devices is None:
+        return None
+    ok = (
+        isinstance(devices, list)
+        and devices
+        and all(
+            (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+            or (isinstance(d, str) and re.fullmatch(r"[A-Za-z0-9_.:/-]+", d))
+            for d in devices
+        )
+    )
+    if not ok or len({str(d) for d in devices}) != len(devices):
+        raise DropoutConfigError(
+            "`study.devices` must be null (every visible GPU) or a list of distinct GPU indices (>= 0) or UUIDs, "
+            f"as CUDA_VISIBLE_DEVICES takes them (e.g. [0, 1, 2, 3]), but got devices={devices!r}."
+        )
+    return list(devices)
 
 
 def _check_enqueued(item: Any, index: int) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.budget import BudgetPlan
 from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
 from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
+from lightning_dropout.tune.devices import DeviceLayout, divide, visible_gpus
 from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed, race_references
 from lightning_dropout.tune.loggers import (
     check_loggers,
@@ -129,8 +130,12 @@ class Tuner:
         )
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self._fatal: DropoutConfigError | None = None
+        self._launched_failure: RuntimeError | None = None  # a failed trial under torchrun/srun ends the job
         self._site_columns: dict[str, list[str]] | None = None
         self._budget: BudgetPlan | None = None
+        self._layout: DeviceLayout | None = None
+        # under torchrun/srun, on global rank 0: where each job goes to the other ranks (tune/launched.py)
+        self.channel: Any = None
         self.study_config: StudyConfig = init["study"]
         self.space: DropoutSpace = init["dropout"]
         if not self.space.groups:
@@ -152,6 +157,38 @@ class Tuner:
         threads = self.study_config.torch_threads()
         torch.set_num_threads(threads)
         return threads
+
+    # -- workers and their GPUs -------------------------------------------------------------------------------
+    def place_workers(self) -> DeviceLayout:
+        """Where this ``tune`` run's workers go (:mod:`~lightning_dropout.tune.devices`), decided once, in the
+        ``tune`` process, before trial 0: resolves ``study.workers: auto`` to a number (stored back on
+        :attr:`study_config`) and gives each worker its ``trainer.devices`` GPUs of ``study.devices`` (default:
+        every visible GPU when the trainer runs on CUDA). Raises :class:`DropoutConfigError` when they do not
+        fit."""
+        if self._layout is not None:
+            return self._layout
+        from lightning.pytorch.accelerators import CUDAAccelerator
+
+        cfg = self.study_config
+        trainer = self.cli.trainer
+        per_trial = max(1, int(trainer.num_devices))  # type: ignore[attr-defined]
+        gpus = cfg.gpu_list()
+        on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)  # type: ignore[attr-defined]
+        ids = list(getattr(trainer, "device_ids", range(per_trial)))
+        # GPU ids in the config (`trainer.devices: [2, 3]`) pick the GPUs of one worker: nothing to divide
+        if on_cuda and ids != list(range(per_trial)) and (cfg.workers != 1 or gpus is not None):
+            raise DropoutConfigError(
+                f"`trainer.devices` must be a number of GPUs when `study.workers` is not 1 or "
+                f"`study.devices` is set (each worker gets its own GPUs), but got the GPU ids {ids}; write "
+                f"trainer.devices: {per_trial} and study.devices: {ids}."
+            )
+        source = "the GPUs of `study.devices`"
+        if gpus is None and on_cuda and cfg.workers != 1:  # one worker alone keeps Lightning's choice
+            gpus, source = visible_gpus(), "the visible GPUs (`study.devices` unset)"
+        layout = divide(gpus, per_trial, cfg.workers, threads=cfg.torch_threads(), source=source)
+        cfg.workers = layout.workers
+        self._layout = layout
+        return layout
 
     # -- budget ----------------------------------------------------------------------------------------------
     @property
@@ -306,7 +343,8 @@ class Tuner:
             chosen = injector.plan if injector.plan is not None else DropoutPlan()
             params.update(plan_hparams(chosen, columns))
             params.update({f"search/{k}": v for k, v in (values or {}).items()})
-            finish_loggers(loggers, params, self._hparam_metrics(result, gap is not None))
+            if cli.trainer.global_rank == 0:  # the others' loggers write nothing (Lightning's rank-zero rule)
+                finish_loggers(loggers, params, self._hparam_metrics(result, gap is not None))
         assert injector.plan is not None and result is not None  # set in setup() / after fit
         return result, injector.plan
 
@@ -340,9 +378,14 @@ class Tuner:
 
     @property
     def multiprocess(self) -> bool:
-        """Whether a trial's trainer re-launches its script per rank (``strategy: ddp`` on several devices),
-        read off the Trainer the config builds (whatever form the strategy and devices were given in)."""
+        """Whether a trial's trainer re-launches its script per rank (``strategy: ddp`` on several devices, the
+        ranks not started by a cluster launcher), read off the Trainer the config builds (whatever form the strategy and devices were given in)."""
         trainer = self.cli.trainer
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if (
+            env is not None and env.creates_processes_externally
+        ):  # torchrun/srun started the ranks (launched.py)
+            return False
         return isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
 
     def run_trial(
@@ -403,6 +446,9 @@ class Tuner:
         if self.multiprocess:
             job = {"plan": plan.to_yaml(), "seed": seed, "version": version, "number": number}
             return self._in_subprocess(version, {**job, "values": dict(values or {})})[0]
+        if self.channel is not None:
+            job = {"plan": plan.to_yaml(), "seed": seed, "version": version, "number": number}
+            self.channel.send({"kind": "rerun", **job, "values": dict(values or {})})
         return self.train(plan, None, seed, version, kind="rerun", number=number, values=values)[0]
 
     def objective(self, trial: optuna.Trial) -> float:
@@ -416,6 +462,8 @@ class Tuner:
             values = search_values(trial, self.search, self.cli.config, fixed=fixed_label(trial) is not None)
             if values:
                 trial.set_user_attr(SEARCH_ATTR, values)
+            if self.channel is not None:  # the other ranks of a launched multi-node trainer train it too
+                self.channel.send({"kind": "trial", "number": trial.number, "values": values})
             if self.multiprocess:
                 name = f"trial_{trial.number:04d}"
                 result, plan = self._in_subprocess(name, {"trial_id": trial._trial_id, "values": values})
@@ -433,6 +481,14 @@ class Tuner:
                 trial.study.stop()
             else:
                 log.warning("trial %d failed: %s", trial.number, redact(f"{type(err).__name__}: {err}")[:300])
+            if self.channel is not None and self._fatal is None:
+                # the other ranks of a multi-node trainer may wait in the failed training's next collective: end
+                # the job (the launcher stops every rank), the trial recorded; running it again resumes
+                self._launched_failure = RuntimeError(
+                    f"trial {trial.number} failed on rank 0 of a multi-node trainer, so the other ranks cannot go "
+                    "on: the job ends (start it again to resume the study)"
+                )
+                trial.study.stop()
             raise
         trial.set_user_attr(PLAN_ATTR, plan.to_yaml())
         trial.set_user_attr(METRICS_ATTR, result.metrics)
@@ -502,3 +558,5 @@ class Tuner:
         )
         if self._fatal is not None:
             raise self._fatal
+        if self._launched_failure is not None:
+            raise self._launched_failure

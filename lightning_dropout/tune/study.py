@@ -31,6 +31,7 @@ from lightning_dropout.errors import DropoutConfigError, Interrupted
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.budget import BudgetPlan, compute_used, rerun_runs
 from lightning_dropout.tune.config import STORAGE_ENV, StudyConfig, redact, resolve_storage
+from lightning_dropout.tune.launched import Channel, launched_rank
 from lightning_dropout.tune.loggers import publish_study, uses_tensorboard
 from lightning_dropout.tune.pbt import tune_population
 from lightning_dropout.tune.records import (
@@ -86,6 +87,26 @@ def tune(
     console = console or Console(stderr=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress bar, table, one line per failed trial
     tuner = Tuner(args)
+    rank = launched_rank(tuner)
+    if rank is None:
+        return _tune(tuner, args, console)
+    # torchrun/srun started every rank of a multi-node trainer: rank 0 runs the study, the others follow it
+    channel = Channel(tuner)
+    if rank != 0:
+        channel.follow(tuner)
+        return None, [], None
+    tuner.channel = channel
+    # on an error this rank exits without a word to the others: the launcher then stops them (they may be
+    # waiting in a training's collective, not for a job)
+    outcome = _tune(tuner, args, console)
+    channel.send({"kind": "stop"})
+    return outcome
+
+
+def _tune(
+    tuner: Tuner, args: Sequence[str], console: Console
+) -> tuple[DropoutPlan | None, list[Candidate], Path | None]:
+    layout = tuner.place_workers()  # `workers: auto`, each worker's GPUs: fail before the study opens
     cfg = tuner.study_config
     study = tuner.study()
     if cfg.method == "pbt":  # population-based training: its own segments, no baselines or re-runs
@@ -97,7 +118,7 @@ def tune(
     size = f"{cfg.n_trials} trials" if budget is None else f"a budget of {budget.budget:g} trainings"
     console.print(
         f"study [bold]{cfg.name}[/] in {redact(cfg.storage_url())}: {cfg.metric} ({cfg.direction}), "
-        f"{size}, {cfg.workers} worker(s)"
+        f"{size}, {cfg.workers} worker(s)" + (f" on {layout.describe()}" if layout.sets else "")
     )
     images = Path(cfg.run_dir) / cfg.name / "study"
     with Workers(tuner) as workers:

@@ -5,10 +5,15 @@ The workers run the trials, then share the race over seeds (:mod:`~lightning_dro
 the next run of the current round from a counter they share (:class:`~lightning_dropout.tune.reruns.Claims`)
 and waits for the round's other runs before the next. The baselines' re-runs (from a counter of their own) are
 claimed as soon as a worker's own trials are done; the race waits until every worker's trials are done (the
-candidates are known then), which this process tells the spawned workers."""
+candidates are known then), which this process tells the spawned workers.
+
+Each worker may get GPUs of its own (:mod:`~lightning_dropout.tune.devices`): a spawned worker starts with its
+``CUDA_VISIBLE_DEVICES`` in its environment, this process sets worker 0's on itself while the workers run (and
+restores it after); the trial processes of DDP trials inherit their worker's."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -24,6 +29,7 @@ import optuna
 
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.secrets import redact
+from lightning_dropout.tune.devices import VISIBLE_ENV, gpu_environment
 from lightning_dropout.tune.reruns import Claims, rerun, run_claimed_baselines, run_race
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import Candidate
@@ -103,7 +109,11 @@ class Workers:
 
     def __init__(self, tuner: Tuner, poll: float = 0.2) -> None:
         self.tuner = tuner
-        self.n = tuner.study_config.workers
+        place = getattr(tuner, "place_workers", None)  # resolves `workers: auto` and each worker's GPUs
+        self.gpu_sets: tuple[str, ...] = place().sets if callable(place) else ()
+        workers = tuner.study_config.workers  # a number once place_workers resolved `auto`
+        self.n = workers if isinstance(workers, int) else 1
+        self._own_gpus = contextlib.ExitStack()
         self.poll = poll
         self._procs: list[Any] = []
         self._done: list[Any] = []
@@ -115,7 +125,12 @@ class Workers:
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
+    def _gpus(self, index: int) -> str | None:
+        return self.gpu_sets[index] if self.gpu_sets else None
+
     def __enter__(self) -> Workers:
+        if self.gpu_sets:
+            _check_cuda_unused(self.gpu_sets[0])
         if self.n > 1:
             context = multiprocessing.get_context("spawn")
             self._decision = context.Value("i", _UNDECIDED, lock=False)
@@ -137,10 +152,12 @@ class Workers:
                 )
                 for i, done in zip(range(1, self.n), self._done, strict=True)
             ]
-            for proc in self._procs:
-                proc.start()
+            for i, proc in enumerate(self._procs, start=1):
+                with gpu_environment(self._gpus(i)):  # the child's environment from its first instruction
+                    proc.start()
             self._watcher = threading.Thread(target=self._watch, name="tune-worker-watch", daemon=True)
             self._watcher.start()
+        self._own_gpus.enter_context(gpu_environment(self._gpus(0)))  # worker 0: this process
         return self
 
     def _watch(self) -> None:
@@ -170,6 +187,7 @@ class Workers:
     def __exit__(
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._own_gpus.close()
         self._decide(_STOP)
         self._watch_stop.set()  # from here on, workers end because this process says so
         if self._watcher is not None:
@@ -228,6 +246,19 @@ class Workers:
     def _lost_worker(self) -> bool:
         """Whether a spawned worker is gone (its claimed runs then run here)."""
         return any(not proc.is_alive() for proc in self._procs)
+
+
+def _check_cuda_unused(first: str) -> None:
+    """Worker 0 runs in this process: CUDA must not be initialized here yet, or ``CUDA_VISIBLE_DEVICES`` would
+    no longer limit it to its GPUs (Lightning counts GPUs through NVML and leaves CUDA alone until a trial)."""
+    import torch
+
+    if torch.cuda.is_initialized() and os.environ.get(VISIBLE_ENV) != first:
+        raise DropoutConfigError(
+            f"the `tune` process must not use CUDA before its workers get their GPUs (worker 0: {first}), but CUDA "
+            "is already initialized (a model, datamodule or callback that moves to the GPU when built?); move "
+            "tensors in setup() or configure_model(), or run one worker (`study.workers: 1`)."
+        )
 
 
 def run_workers(tuner: Tuner, study: optuna.Study | None = None) -> None:
