@@ -86,7 +86,9 @@ def test_the_storage_password_reaches_no_file_and_no_output(
         ln for ln in (output.out + output.err).splitlines() if MARK in ln
     ]
     assert ":***@" in output.err  # the study line names the storage, redacted
-    assert "no-such-study" in output.err and f"storage: postgresql://{parts.username}:***@" in output.out
+    assert (
+        "no-such-study" in output.err and f"storage: {parts.drivername}://{parts.username}:***@" in output.out
+    )
     for trial_file in (p for p in written if p.parent.name == "trial_io"):
         assert stat.S_IMODE(trial_file.stat().st_mode) == 0o600, trial_file
     saved = yaml.safe_load(next(p for p in written if p.name == "config.yaml").read_text())
