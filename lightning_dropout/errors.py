@@ -118,11 +118,17 @@ def check_instance(value: object, kind: type, name: str, call: str, what: str | 
 
 
 def check_int(
-    value: object, name: str, minimum: int = 1, *, key: str | None = None, or_none: str = ""
+    value: object,
+    name: str,
+    minimum: int = 1,
+    *,
+    key: str | None = None,
+    or_none: str = "",
+    maximum: int | None = None,
 ) -> Any:
-    """Validate an integer ``>= minimum`` (``True``/``False`` refused); returns it. ``key`` is the name shown in
-    backticks (default ``name``, e.g. ``study.n_trials``); with ``or_none`` (``"None"``, ``"null"``) ``None`` is
-    accepted too and the message says so.
+    """Validate an integer ``>= minimum`` (and ``<= maximum`` when given; ``True``/``False`` refused); returns
+    it. ``key`` is the name shown in backticks (default ``name``, e.g. ``study.n_trials``); with ``or_none``
+    (``"None"``, ``"null"``) ``None`` is accepted too and the message says so.
 
     Example:
         >>> check_int(3, "n_samples", 2)
@@ -134,11 +140,16 @@ def check_int(
     """
     if value is None and or_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         alt = f" or {or_none}" if or_none else ""
-        raise DropoutConfigError(
-            f"`{key or name}` must be an integer >= {minimum}{alt}, but got {name}={value!r}."
-        )
+        rule = f">= {minimum}" if maximum is None else f"with {minimum} <= {name} <= {maximum:,}"
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(str(value))} digits)"
+        raise DropoutConfigError(f"`{key or name}` must be an integer {rule}{alt}, but got {name}={shown}.")
     return value
 
 

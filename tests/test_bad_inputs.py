@@ -382,6 +382,12 @@ CLI_CASES = [
         b"sites: [*d, *d]\n",
     ),
     CliCase("tune-name-dot-dot", ("tune", "{config}", "--study.name=.."), ("study.name", "'..'")),
+    CliCase(
+        "tune-seed-huge", ("tune", "{config}", "--study.seed=" + "9" * 30), ("study.seed", "2,147,483,647")
+    ),
+    CliCase("tune-seeds-huge", ("tune", "{config}", "--study.seeds=1000000"), ("study.seeds", "100")),
+    CliCase("tune-top-k-huge", ("tune", "{config}", "--study.top_k=1000000"), ("study.top_k", "100")),
+    CliCase("tune-workers-huge", ("tune", "{config}", "--workers", "1000000"), ("study.workers", "256")),
     CliCase("describe-config-no-value", ("describe", "--config"), ("--config",)),
 ]
 

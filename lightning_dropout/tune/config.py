@@ -55,6 +55,9 @@ DEFAULT_BUDGET = (
 DEFAULT_N_TRIALS = 20  # without a budget
 DEFAULT_TOP_K = 3
 DEFAULT_SEEDS = 3  # without a budget
+MAX_SEED = 2**31 - 1  # seed_everything takes 0 .. 2**32 - 1; trials and re-runs add to it
+MAX_RERUNS = 100  # the most `top_k` and `seeds`: each one more is a whole training per candidate
+MAX_WORKERS = 256  # worker processes of one `tune` on one machine
 BUDGET_MAX_SEEDS = 10  # with a budget: the most seeds the race gives one candidate (the budget ends it first)
 
 METHODS = ("trials", "pbt")  # `study.method`: sampled trials, or population-based training
@@ -254,11 +257,19 @@ class StudyConfig:
         check_int(self.threads, "threads", key="study.threads", or_none="null")
         self._resolve_budget()
         if self.workers != "auto" and (
-            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+            isinstance(self.workers, bool)
+            or not isinstance(self.workers, int)
+            or not 1 <= self.workers <= MAX_WORKERS
         ):
             raise DropoutConfigError(
-                f"`study.workers` must be an integer >= 1 or auto (as many as fit), but got workers={self.workers!r}."
+                f"`study.workers` must be an integer with 1 <= workers <= {MAX_WORKERS} or auto (as many as fit), "
+                f"but got workers={self.workers!r:.40}."
             )
+        # a trial adds its number to the seed, a re-run 1000 per seed
+        check_int(self.seed, "seed", 0, key="study.seed", maximum=MAX_SEED)
+        check_int(
+            self.dropout_seed, "dropout_seed", 0, key="study.dropout_seed", or_none="null", maximum=MAX_SEED
+        )
         check_int(self.value_window, "value_window", key="study.value_window")
         self.devices = _check_devices(self.devices)
         if self.value not in ESTIMATORS:
@@ -275,7 +286,9 @@ class StudyConfig:
             check_rate(r, f"study.warm_start_rates[{i}]") for i, r in enumerate(self.warm_start_rates)
         ]
         self.enqueue = [_check_enqueued(item, i) for i, item in enumerate(self.enqueue)]
-        for key in ("top_k", "seeds", "gap_samples", "mc_samples"):
+        for key in ("top_k", "seeds"):
+            check_int(getattr(self, key), key, 0, key=f"study.{key}", maximum=MAX_RERUNS)
+        for key in ("gap_samples", "mc_samples"):
             check_int(getattr(self, key), key, 0, key=f"study.{key}")
         if self.mc_samples == 1:
             raise DropoutConfigError("`study.mc_samples` must be 0 (off) or >= 2, but got mc_samples=1.")
