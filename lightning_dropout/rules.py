@@ -168,8 +168,11 @@ class Rule:
 
     def __post_init__(self) -> None:
         get_variant(self.variant)
-        if not isinstance(self.strict, bool):
-            raise DropoutConfigError(f"`strict` must be true or false, but got strict={self.strict!r}.")
+        for key in ("strict", "exclude_output_layer"):  # a string 'false' would read as true
+            if not isinstance(getattr(self, key), bool):
+                raise DropoutConfigError(
+                    f"`{key}` must be true or false (not a string), but got {key}={getattr(self, key)!r}."
+                )
         if self.p is not None:
             self.p = check_rate(self.p)
         self.match = _as_types(self.match, "match") if self.match is not None else None

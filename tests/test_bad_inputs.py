@@ -428,6 +428,11 @@ def _api_cases() -> list[tuple[str, Callable[[], Any], tuple[str, ...]]]:
         ("check-rate-str", lambda: check_rate("x"), ("p='x'",)),
         ("rule-name-int", lambda: Rule(name=42), ("`name`", "42", "glob")),
         (
+            "rule-exclude-output-string",
+            lambda: Rule(match="Linear", p=0.1, exclude_output_layer="false"),
+            ("exclude_output_layer", "'false'", "true or false"),
+        ),
+        (
             "inject-string-model",
             lambda: inject("x", [Rule(match="Linear", p=0.1)]),
             ("inject", "nn.Module", "'x'"),
