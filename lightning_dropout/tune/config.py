@@ -136,8 +136,9 @@ class StudyConfig:
         storage: an Optuna storage URL; default ``$LIGHTNING_DROPOUT_STORAGE`` when set, else
             ``sqlite:///<run_dir>/<name>/study.db``. ``journal:PATH`` selects the journal-file storage;
             ``postgresql://...`` for many machines (a password is best left to the environment variable).
-        seed: seeds the sampler and every trial's ``seed_everything``.
-        workers: worker processes sharing the study on this machine (the ``tune`` process is worker 0), or
+        seed: seeds the sampler and every trial's ``seed_everything`` (0 .. 2**31 - 1).
+        workers: worker processes sharing the study on this machine (the ``tune`` process is worker 0; at most
+            256), or
             ``auto``: as many as fit, ``len(devices) // trainer.devices`` with GPUs, else the CPU cores divided by
             the threads of one trial (``threads`` x ``trainer.devices``).
         devices: the GPUs this ``tune`` divides among its workers, as ``CUDA_VISIBLE_DEVICES`` names them (indices
@@ -145,9 +146,9 @@ class StudyConfig:
             keeps the GPUs Lightning picks). Worker ``i`` gets the ``trainer.devices`` GPUs after those of workers
             ``0 .. i-1`` (:mod:`~lightning_dropout.tune.devices`).
         top_k: after the study, re-run the best ``top_k`` plans (and the baselines) over ``seeds`` seeds
-            (default 3; with a budget, the most that fit).
+            (default 3; with a budget, the most that fit; at most 100).
         seeds: the most seeds a re-run candidate gets (default 3; with a budget, 10: the budget ends the race);
-            0 or 1 disables re-runs.
+            0 or 1 disables re-runs; at most 100.
         race_alpha: the re-runs race (one seed per round for every candidate still in it): from 3 paired seeds
             on, a candidate that a one-sided paired t-test finds worse than the leader is dropped. ``race_alpha``
             is the race's error rate per candidate, the chance of ever dropping a candidate (the best one
