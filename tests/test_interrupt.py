@@ -75,3 +75,30 @@ def test_ctrl_c_prints_one_line_with_the_kept_trials(postgres_url, tmp_path, dat
     # every worker recorded its interrupted trial before it stopped (none was killed with its trial running)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps (Linux)")
+def test_a_worker_interrupted_while_it_imports_leaves_quietly(tmp_path):
+    """A spawned worker's first code installs the Ctrl-C handling before it imports torch, Lightning and
+    Optuna: a SIGINT landing in those imports ends it with 130 and no traceback (it printed one before)."""
+    code = (
+        "from lightning_dropout._worker_start import start_worker\n"
+        f"start_worker(['--config', {str(tmp_path / 'missing.yaml')!r}], 1)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if "libtorch" in maps.read_text():  # torch's libraries are loading: the imports are under way
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "the worker ended before its imports"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert proc.returncode == 130, (proc.returncode, err)

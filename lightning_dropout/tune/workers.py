@@ -27,6 +27,7 @@ from typing import Any
 
 import optuna
 
+from lightning_dropout._worker_start import start_worker
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.secrets import redact
 from lightning_dropout.tune.devices import VISIBLE_ENV, gpu_environment
@@ -139,7 +140,7 @@ class Workers:
             self._done = [context.Event() for _ in range(1, self.n)]
             self._procs = [
                 context.Process(
-                    target=worker_main,
+                    target=start_worker,  # worker_main, quiet on a Ctrl-C while it imports
                     args=(
                         self.tuner.args,
                         i,
