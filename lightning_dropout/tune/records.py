@@ -6,6 +6,7 @@ and reading the results back (the stored plan of a trial, the re-run candidates,
 from __future__ import annotations
 
 import math
+import random
 import time
 import warnings
 from collections.abc import Mapping
@@ -108,6 +109,7 @@ NOTHING_TRAINED = (
     "no training step ran: `trainer.max_epochs`, `max_steps` or `limit_train_batches` leave nothing to train"
 )
 REPEATS = 3  # failures alike, with no trial complete, after which a study stops (`repeated_failure`)
+_OPEN_TRIES = 6  # creating the tables of a fresh database: the tries when several processes race
 HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
 
 
@@ -178,7 +180,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             f"`study.storage` must be a sqlite:///, postgresql://, mysql:// or journal: URL, "
             f"but got {redact(url)!r}."
         )
-    for attempt in range(3):
+    for attempt in range(_OPEN_TRIES):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API
@@ -191,16 +193,27 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                     ),
                     engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
                 )
-        except sqlalchemy.exc.IntegrityError:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
             # several workers or machines creating Optuna's tables in an empty database at the same moment:
-            # one wins, the others find the tables on the next try
-            time.sleep(0.5 * (attempt + 1))
-        except (ImportError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as err:
+            # one wins (PostgreSQL: a duplicate type; SQLite: "table ... already exists" or a locked file),
+            # the others find the tables on the next try
+            racing = isinstance(err, sqlalchemy.exc.IntegrityError) or any(
+                text in str(err) for text in ("already exists", "database is locked")
+            )
+            if not racing or attempt == _OPEN_TRIES - 1:
+                raise DropoutConfigError(
+                    f"`study.storage` must be a database this machine can open, but {redact(url)!r} failed: "
+                    f"{type(err).__name__}: {redact(str(err)).splitlines()[0]}"
+                ) from None
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
+        except (ImportError, sqlalchemy.exc.ArgumentError) as err:
             raise DropoutConfigError(
                 f"`study.storage` must be a database this machine can open, but {redact(url)!r} failed: "
                 f"{type(err).__name__}: {redact(str(err)).splitlines()[0]}"
             ) from None
-    raise DropoutConfigError(f"`study.storage` {redact(url)!r} could not be initialized after 3 tries.")
+    raise DropoutConfigError(
+        f"`study.storage` {redact(url)!r} could not be initialized after {_OPEN_TRIES} tries."
+    )
 
 
 def storage_file(url: str) -> Path | None:
