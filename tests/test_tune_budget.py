@@ -131,7 +131,7 @@ def test_a_budget_needs_max_epochs_and_at_least_one_training(tmp_path, data_dir,
 
 
 def test_without_any_size_a_study_gets_the_default_budget_and_with_them_none():
-    assert StudyConfig().budget == 20 and StudyConfig().n_trials is None
+    assert StudyConfig().budget == 10 and StudyConfig().n_trials is None
     legacy = StudyConfig(n_trials=7)
     assert legacy.budget is None and (legacy.top_k, legacy.seeds) == (3, 3)
 

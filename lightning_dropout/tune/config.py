@@ -50,7 +50,7 @@ __all__ = [
 
 _DIRECTIONS = ("minimize", "maximize")
 DEFAULT_BUDGET = (
-    20.0  # trainings, when a study sets none of budget, n_trials, top_k, seeds (docs/tuning.md, "Budget")
+    10.0  # trainings, when a study sets none of budget, n_trials, top_k, seeds (docs/tuning.md, "Budget")
 )
 DEFAULT_N_TRIALS = 20  # without a budget
 DEFAULT_TOP_K = 3
@@ -118,7 +118,7 @@ class StudyConfig:
         budget: the study's total training compute, in trainings of the model (``trainer.max_epochs`` epochs
             each): every trial (a pruned one by the epochs it ran), the baselines, the grid and the re-runs count.
             The study fits its warm-start grid, trials and racing re-runs into it and stops when it is used, across
-            workers, machines and resumed runs. Default 20 when none of ``n_trials``, ``top_k`` and ``seeds`` is
+            workers, machines and resumed runs. Default 10 when none of ``n_trials``, ``top_k`` and ``seeds`` is
             set (a study that sets them and no budget runs as they say); ``null`` with them set: no budget.
         n_trials: the total number of finished trials the study should reach, counting those in storage (default
             20 without a budget; with a budget, a further cap if set).
