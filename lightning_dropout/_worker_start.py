@@ -1,11 +1,13 @@
-"""The first code a spawned ``tune`` worker runs (the target :mod:`multiprocessing` unpickles), kept free of
+"""The first code a spawned worker process runs (the target :mod:`multiprocessing` unpickles), kept free of
 heavy imports: a Ctrl-C reaches every process of the terminal's process group, and a worker still importing
-torch, Lightning and Optuna when it lands would print a ``KeyboardInterrupt`` traceback. Until the imports are
-done, Ctrl-C ends the worker quietly (exit 130: the ``tune`` process records the study's state and says so
-once); then :func:`lightning_dropout.tune.workers.worker_main` runs with Python's own handler back."""
+torch, Lightning and Optuna when it lands would print a ``KeyboardInterrupt`` traceback. Until its target is
+imported, Ctrl-C ends the worker quietly (exit 130: the parent records the study's state and says so once);
+then the target runs with Python's own handler back. ``tune`` starts its workers here with the target
+``lightning_dropout.tune.workers:worker_main``."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 from typing import Any
@@ -14,13 +16,13 @@ __all__ = ["start_worker"]
 
 
 def _leave(signum: int, frame: Any) -> None:
-    os._exit(130)  # nothing of the study started here yet: no state to record, no traceback to print
+    os._exit(130)  # nothing started here yet: no state to record, no traceback to print
 
 
-def start_worker(*args: Any) -> None:
-    """Run :func:`~lightning_dropout.tune.workers.worker_main` with ``args``, quiet on a Ctrl-C at start-up."""
+def start_worker(target: str, *args: Any) -> None:
+    """Import ``target`` (``"package.module:function"``) quietly on a Ctrl-C, then call it with ``args``."""
     signal.signal(signal.SIGINT, _leave)
-    from lightning_dropout.tune.workers import worker_main  # torch, Lightning, Optuna: seconds
-
+    module, _, name = target.partition(":")
+    function = getattr(importlib.import_module(module), name)  # torch, Lightning, Optuna: seconds
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    worker_main(*args)
+    function(*args)

@@ -83,7 +83,8 @@ def test_a_worker_interrupted_while_it_imports_leaves_quietly(tmp_path):
     Optuna: a SIGINT landing in those imports ends it with 130 and no traceback (it printed one before)."""
     code = (
         "from lightning_dropout._worker_start import start_worker\n"
-        f"start_worker(['--config', {str(tmp_path / 'missing.yaml')!r}], 1)\n"
+        "start_worker('lightning_dropout.tune.workers:worker_main', "
+        f"['--config', {str(tmp_path / 'missing.yaml')!r}], 1)\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path

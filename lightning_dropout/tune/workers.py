@@ -142,6 +142,7 @@ class Workers:
                 context.Process(
                     target=start_worker,  # worker_main, quiet on a Ctrl-C while it imports
                     args=(
+                        f"{__name__}:{worker_main.__name__}",
                         self.tuner.args,
                         i,
                         done,
