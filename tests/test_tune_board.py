@@ -333,7 +333,7 @@ def test_failed_trials_have_a_run_with_state_failed(tmp_path, data_dir):
         model={"init_args": {"hidden": 16, "lr": 1e30}},
         study={"metric": "val_loss", "direction": "minimize", "n_trials": 1},
     )
-    assert tune(config, tmp_path, data_dir) == 0
+    assert tune(config, tmp_path, data_dir) == 2  # no trial completed: not a success
     (trial,) = load(tmp_path).trials
     assert trial.state == TrialState.FAIL
     run = Run(tmp_path / "runs" / "s" / "trials" / "trial_0000")

@@ -188,7 +188,7 @@ def test_each_finished_trial_gets_one_line(finished):
 def test_a_failed_trial_is_told_once(tmp_path, data_dir, capsys, caplog):
     config = write_config(tmp_path, study={"n_trials": 1, "seeds": 0}, model={"init_args": {"lr": 1e30}})
     with caplog.at_level("WARNING"):
-        assert tune(config, tmp_path, data_dir) == 0
+        assert tune(config, tmp_path, data_dir) == 2  # no trial completed: not a success
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trial 0")]
     assert len(lines) == 1 and "failed: " in lines[0] and "diverged" in lines[0], lines
     assert not [r for r in caplog.records if r.getMessage().startswith("trial 0 failed")]  # not logged again
