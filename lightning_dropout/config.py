@@ -68,6 +68,9 @@ def _import_hint(reason: str) -> str:
     )
 
 
+_MAPPING_SECTIONS = ("trainer", "study", "dropout")  # sections that hold keys (model and data name a class)
+
+
 def check_config_file(path: str) -> None:
     """Refuse, in one line naming ``path``, a config file that is not UTF-8 text, not valid YAML, empty, not a
     mapping, or that repeats a key. A missing file is left to the parser (it says so)."""
@@ -106,6 +109,13 @@ def check_config_file(path: str) -> None:
             f"{path}: a config must be a YAML mapping of sections (model, data, trainer, ...), but it holds a "
             f"{type(data).__name__}: {str(data)[:80]!r}."
         )
+    for section in _MAPPING_SECTIONS:
+        if section in data and not isinstance(data[section], dict):
+            value = "null" if data[section] is None else repr(data[section])[:60]
+            raise DropoutConfigError(
+                f"{path}: `{section}` must be a mapping of its keys (or be left out for the defaults), but got "
+                f"{section}: {value}."
+            )
 
 
 def _class_params(path: str) -> list[str]:

@@ -283,6 +283,9 @@ CONFIG_CASES = [
     ),
     # -- the file itself --------------------------------------------------------------------------------------
     ConfigCase("file-empty", None, ("empty",), raw=b""),
+    ConfigCase("file-study-null", _set("study", None), ("`study`", "mapping", "study: null")),
+    ConfigCase("file-study-list", _set("study", []), ("`study`", "mapping", "study: []")),
+    ConfigCase("file-trainer-list", _set("trainer", []), ("`trainer`", "mapping", "trainer: []")),
     ConfigCase("file-binary", None, ("UTF-8",), raw=bytes(range(256)) * 4),
     ConfigCase("file-not-mapping", None, ("mapping", "list"), raw=b"- a\n- b\n"),
     ConfigCase("file-yaml-syntax", None, ("YAML", "line"), raw=b"study: {name: x\nmodel: [\n"),
