@@ -536,6 +536,12 @@ def markdown(results: dict[str, Any], partial: dict[str, Any], meta: dict[str, A
         "`python benchmarks/outcome.py` (protocol in its docstring); raw numbers in "
         "`benchmarks/results/outcome.json` and `benchmarks/results/outcome/`.",
         "",
+        "**Third edition: the budget curve** ([benchmarks-budget.md](benchmarks-budget.md), "
+        "`benchmarks/budget_curve.py`): the same protocol at budgets of 5 and 10 trainings, where `tune --budget` "
+        "is compared with the grid, the tuner before budgets, population-based training and one run of concrete "
+        "dropout, each at the compute it used. Its figures supersede the equal-budget comparison below, which "
+        "spent about 33 trainings per arm.",
+        "",
     ]
     if meta.get("quick"):
         lines += ["**`--quick` smoke run: tiny budget, the numbers mean nothing.**", ""]
