@@ -24,7 +24,7 @@ own randomness is part of what a user gets), the arms:
 
 Every arm reports the compute it used (not the budget it was given). Resumable: every finished run is saved at
 once in ``<work-dir>/<model>_budget_stages.json``, the studies live in journal files beside it; running again
-continues. ``--report-only`` rewrites the report (a section of ``docs/benchmarks.md``) from what is done.
+continues. ``--report-only`` rewrites the report (``docs/benchmarks-budget.md``, the third edition of ``docs/benchmarks.md``) from what is done.
 
 Usage::
 
