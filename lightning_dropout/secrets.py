@@ -1,4 +1,5 @@
-"""Keeping credentials out of output and files: ``redact`` a URL, or every URL in a text (no dependencies).
+"""Keeping credentials out of output and files: ``redact`` a URL, or every URL in a text (SQLAlchemy, when
+installed, parses the URLs to remember).
 
 A storage URL may carry a password (``postgresql://user:PASSWORD@host/db``, ``...?password=PASSWORD``).
 Everything lightning-dropout prints, logs or writes (error messages, the saved ``config.yaml`` of a run, trial
@@ -55,9 +56,8 @@ def remember(url: str) -> None:
         return
     found: list[str] = []
     rest = text.split("://", 1)[1]
-    for at in {rest.find("@"), rest.rfind("@")} - {
-        -1
-    }:  # SQLAlchemy splits at the first '@', redact at the last
+    ats = {rest.find("@"), rest.rfind("@")} - {-1}  # SQLAlchemy splits at the first '@', redact at the last
+    for at in sorted(ats):
         user, colon, password = rest[:at].partition(":")
         if colon and password and "/" not in user:
             found.append(password)
