@@ -70,15 +70,24 @@ def load_yaml(text: str) -> Any:
     """
     loader = _StrictLoader(text)
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        size = _size(node, {})
-        if size > MAX_ALIAS_NODES and "*" in text:
-            raise DropoutConfigError(
-                f"a YAML document must stay under {MAX_ALIAS_NODES:,} nodes once its aliases (*name) are "
-                f"expanded, but this one has {size:,}: an alias bomb?"
-            )
-        return loader.construct_document(node)
+        return _load(loader, text)
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise DropoutConfigError(
+            "a YAML document must nest its lists and mappings at most a few hundred levels deep, but this one "
+            "nests deeper than Python can read."
+        ) from None
     finally:
         loader.dispose()
+
+
+def _load(loader: _StrictLoader, text: str) -> Any:
+    node = loader.get_single_node()
+    if node is None:
+        return None
+    size = _size(node, {})
+    if size > MAX_ALIAS_NODES and "*" in text:
+        raise DropoutConfigError(
+            f"a YAML document must stay under {MAX_ALIAS_NODES:,} nodes once its aliases (*name) are "
+            f"expanded, but this one has {size:,}: an alias bomb?"
+        )
+    return loader.construct_document(node)

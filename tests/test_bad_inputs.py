@@ -283,6 +283,7 @@ CONFIG_CASES = [
     ),
     # -- the file itself --------------------------------------------------------------------------------------
     ConfigCase("file-empty", None, ("empty",), raw=b""),
+    ConfigCase("file-deep-flow", None, ("nest", "deep"), raw=b"model: " + b"[" * 5000 + b"]" * 5000 + b"\n"),
     ConfigCase("file-study-null", _set("study", None), ("`study`", "mapping", "study: null")),
     ConfigCase("file-study-list", _set("study", []), ("`study`", "mapping", "study: []")),
     ConfigCase("file-trainer-list", _set("trainer", []), ("`trainer`", "mapping", "trainer: []")),
