@@ -691,7 +691,8 @@ class FakeContext:
             exitcode = context.exitcode
 
             def start(self) -> None:
-                context.started.append(args)
+                assert target.__name__ == "start_worker" and args[0].endswith(":worker_main"), (target, args)
+                context.started.append(args[1:])  # worker_main's own arguments
 
             def is_alive(self) -> bool:
                 return False
