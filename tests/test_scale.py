@@ -34,6 +34,7 @@ class DeviceProbe(pl.Callback):
             "pid": os.getpid(),
             "parent": os.getppid(),
             "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "port": os.environ.get("MASTER_PORT"),
         }
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\\n")
@@ -107,6 +108,12 @@ def test_two_workers_of_two_devices_each_see_their_own_gpus_down_to_every_ddp_ra
     assert len(seen) == 2 and os.getpid() in seen
     assert seen[os.getpid()] == "0,1"
     assert sorted(seen.values()) == ["0,1", "2,3"]
+    # each trial its own rendezvous port, below the ephemeral range: another trial's connections never take it
+    # (Lightning's own pick is an ephemeral port, lost to them now and then: EADDRINUSE)
+    from lightning_dropout.tune.devices import _ephemeral_low
+
+    ports = [int(r["port"]) for r in trials]
+    assert len(set(ports)) == 2 and all(port < _ephemeral_low() for port in ports), ports
 
 
 def test_workers_that_do_not_fit_the_gpus_stop_before_trial_0_saying_what_fits(probe_dir, data_dir, capsys):

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from lightning_dropout.errors import DropoutConfigError
 
-__all__ = ["VISIBLE_ENV", "DeviceLayout", "divide", "gpu_environment", "visible_gpus"]
+__all__ = ["VISIBLE_ENV", "DeviceLayout", "divide", "gpu_environment", "trial_port", "visible_gpus"]
 
 VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 
@@ -126,3 +128,36 @@ def gpu_environment(value: str | None) -> Iterator[None]:
             os.environ.pop(VISIBLE_ENV, None)
         else:
             os.environ[VISIBLE_ENV] = before
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections (Linux: ``ip_local_port_range``)."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # the usual lower bound (Linux, and IANA's dynamic range starts at 49152)
+
+
+def trial_port(low: int = 10000) -> int:
+    """A free TCP port for a DDP trial's rendezvous (``MASTER_PORT``), below the ephemeral range.
+
+    Lightning's own choice (bind to port 0, close, bind again once the ranks have started) is an ephemeral
+    port: while the ranks of a trial start, the connections of another worker's DDP trial (gloo opens many)
+    may take it, and the trial fails with EADDRINUSE. A port below the range is never taken by a connection.
+
+    Example:
+        >>> 10000 <= trial_port() < max(_ephemeral_low(), 10001)
+        True
+    """
+    high = max(_ephemeral_low(), low + 1)
+    for _ in range(100):
+        port = random.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded range: any free port
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])

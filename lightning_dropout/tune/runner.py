@@ -43,7 +43,7 @@ from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.budget import BudgetPlan
 from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
 from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
-from lightning_dropout.tune.devices import DeviceLayout, divide, visible_gpus
+from lightning_dropout.tune.devices import DeviceLayout, divide, trial_port, visible_gpus
 from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed, race_references
 from lightning_dropout.tune.loggers import (
     check_loggers,
@@ -420,6 +420,8 @@ class Tuner:
         cmd = [sys.executable, "-m", "lightning_dropout.tune.trial", str(spec)]
         threads = str(self.study_config.torch_threads())  # every rank's process: its own share, no more
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        if "MASTER_PORT" not in env:  # each trial its own rendezvous port, safe beside other workers'
+            env["MASTER_PORT"] = str(trial_port())
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         data = trial_io.read_result(out)
         if data is None:
