@@ -85,7 +85,12 @@ def probe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.slow
-def test_two_workers_of_two_devices_each_see_their_own_gpus_down_to_every_ddp_rank(probe_dir, data_dir):
+def test_two_workers_of_two_devices_each_see_their_own_gpus_down_to_every_ddp_rank(
+    probe_dir, data_dir, monkeypatch
+):
+    # a port left in the environment (by a scheduler, or by an earlier DDP run in this process) is not shared
+    # by the workers' concurrent trials
+    monkeypatch.setenv("MASTER_PORT", "29517")
     record = probe_dir / "seen.jsonl"
     config = write_config(probe_dir, trainer=DDP, study={**STUDY, "workers": 2, "devices": [0, 1, 2, 3]})
     callbacks = [
@@ -114,6 +119,7 @@ def test_two_workers_of_two_devices_each_see_their_own_gpus_down_to_every_ddp_ra
 
     ports = [int(r["port"]) for r in trials]
     assert len(set(ports)) == 2 and all(port < _ephemeral_low() for port in ports), ports
+    assert 29517 not in ports
 
 
 def test_workers_that_do_not_fit_the_gpus_stop_before_trial_0_saying_what_fits(probe_dir, data_dir, capsys):

@@ -420,8 +420,9 @@ class Tuner:
         cmd = [sys.executable, "-m", "lightning_dropout.tune.trial", str(spec)]
         threads = str(self.study_config.torch_threads())  # every rank's process: its own share, no more
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        if "MASTER_PORT" not in env:  # each trial its own rendezvous port, safe beside other workers'
-            env["MASTER_PORT"] = str(trial_port())
+        # each trial its own rendezvous on this machine, safe beside other workers' trials: an inherited
+        # MASTER_PORT (a scheduler's, or one Lightning left in this process) would be shared by all of them
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(trial_port()))
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         data = trial_io.read_result(out)
         if data is None:
