@@ -132,3 +132,57 @@ def test_a_worker_that_dies_is_reported_with_the_workers_left(monkeypatch, caplo
     assert len(lines) == 1, lines  # once, however often it is checked
     assert lines[0].startswith("tune worker 1 exited with code 1; 1 of 2 workers left")
     assert '`if __name__ == "__main__":`' in lines[0]
+
+
+class _StuckProcess:
+    """A worker that ignores Ctrl-C: alive until terminated."""
+
+    instances: list[_StuckProcess] = []
+
+    def __init__(self, target, args, name):
+        self.alive, self.terminated = True, False
+        _StuckProcess.instances.append(self)
+
+    def start(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def join(self, timeout=None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        self.terminated, self.alive = True, False
+
+    def kill(self) -> None:
+        self.alive = False
+
+
+def test_a_worker_that_ignores_ctrl_c_is_terminated_instead_of_hanging_the_exit(monkeypatch):
+    """Python's exit joins every live worker process: one stuck after Ctrl-C hung `tune` for good. It is now
+    terminated once the wait for the workers is over."""
+    from lightning_dropout.tune import workers
+
+    context = types.SimpleNamespace(
+        Process=_StuckProcess,
+        Event=threading.Event,
+        Value=lambda typecode, value, lock=True: types.SimpleNamespace(value=value, get_lock=threading.Lock),
+    )
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: context)
+    monkeypatch.setattr(workers.Workers, "_join", lambda self, timeout=None: None)  # the wait is over at once
+    _StuckProcess.instances.clear()
+
+    def run_worker(index, study=None):
+        raise KeyboardInterrupt
+
+    tuner = types.SimpleNamespace(
+        study_config=types.SimpleNamespace(workers=2, seeds=0), args=[], run_worker=run_worker
+    )
+    try:
+        with workers.Workers(tuner, poll=0.01) as pool:  # type: ignore[arg-type]
+            pool.run_trials()
+    except KeyboardInterrupt:
+        pass
+    (proc,) = _StuckProcess.instances
+    assert proc.terminated and not proc.is_alive()

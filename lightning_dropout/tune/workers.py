@@ -197,7 +197,8 @@ class Workers:
         if kind is None:
             self._join()
         elif issubclass(kind, KeyboardInterrupt):  # the workers got the SIGINT too: they record their trials
-            self._join(timeout=60)
+            self._join(timeout=30)
+            self._stop_stragglers()  # never wait on one forever (Python's exit would join it: a hang)
         elif issubclass(kind, DropoutConfigError):  # the others stop on it too (a fatal error ends the study)
             self._join()
         else:  # not a trial's failure (those are recorded): do not leave the others running
@@ -210,8 +211,24 @@ class Workers:
             self._decision.value = decision
 
     def _join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         for proc in self._procs:
-            proc.join(timeout=timeout)
+            proc.join(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _stop_stragglers(self) -> None:
+        """Terminate, then kill, the workers still alive: their running trial stays RUNNING in the storage,
+        where the heartbeat (RDB storages) fails it and a resumed study retries it."""
+        alive = [proc for proc in self._procs if proc.is_alive()]
+        if not alive:
+            return
+        log.warning("%d worker(s) did not stop on Ctrl-C within 30 s: terminating them", len(alive))
+        for proc in alive:
+            proc.terminate()
+        for proc in alive:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
 
     def _trials_done(self) -> bool:
         """Whether every spawned worker's trials are done (a dead worker's too)."""
