@@ -130,6 +130,9 @@ def gpu_environment(value: str | None) -> Iterator[None]:
             os.environ[VISIBLE_ENV] = before
 
 
+_PORTS = random.SystemRandom()
+
+
 def _ephemeral_low() -> int:
     """The first port the kernel hands out to outgoing connections (Linux: ``ip_local_port_range``)."""
     try:
@@ -151,7 +154,7 @@ def trial_port(low: int = 10000) -> int:
     """
     high = max(_ephemeral_low(), low + 1)
     for _ in range(100):
-        port = random.randrange(low, high)
+        port = _PORTS.randrange(low, high)  # not `random`: seed_everything seeds it alike in every worker
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("", port))
