@@ -84,8 +84,8 @@ def _load(loader: _StrictLoader, text: str) -> Any:
     node = loader.get_single_node()
     if node is None:
         return None
-    size = _size(node, {})
-    if size > MAX_ALIAS_NODES and "*" in text:
+    size = _size(node, {}) if "*" in text else 0  # only aliases can make a document outgrow its text
+    if size > MAX_ALIAS_NODES:
         raise DropoutConfigError(
             f"a YAML document must stay under {MAX_ALIAS_NODES:,} nodes once its aliases (*name) are "
             f"expanded, but this one has {size:,}: an alias bomb?"

@@ -82,6 +82,13 @@ def _rules(*rules: dict[str, Any]) -> Callable[[Config], None]:
     return _set("trainer.callbacks", [{**INJECTOR, "init_args": {"rules": list(rules)}}])
 
 
+# four levels of ten aliases each: 10,000 nodes once expanded (the cases add a level or a doubling)
+ALIAS_BOMB = b"".join(
+    f"{name}: &{name} [{', '.join([item] * 10)}]\n".encode()
+    for name, item in (("a", "x"), ("b", "*a"), ("c", "*b"), ("d", "*c"))
+)
+
+
 CONFIG_CASES = [
     # -- the model, data and trainer sections --------------------------------------------------------------
     ConfigCase(
@@ -300,9 +307,7 @@ CONFIG_CASES = [
         "file-alias-bomb",
         None,
         ("alias", "10,000"),
-        raw=b"a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-        b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
-        b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nmodel: *e\n",
+        raw=ALIAS_BOMB + b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nmodel: *e\n",
     ),
     ConfigCase(
         "file-duplicate-nested-key",
@@ -381,9 +386,7 @@ CLI_CASES = [
         "fit-plan-alias-bomb",
         ("fit", "{config}", "--plan", "{tmp}/plan.yaml"),
         ("plan.yaml", "alias", "10,000"),
-        plan=b"a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-        b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
-        b"sites: [*d, *d]\n",
+        plan=ALIAS_BOMB + b"sites: [*d, *d]\n",
     ),
     CliCase("tune-name-dot-dot", ("tune", "{config}", "--study.name=.."), ("study.name", "'..'")),
     CliCase(

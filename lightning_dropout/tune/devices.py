@@ -18,6 +18,7 @@ import random
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from lightning_dropout.errors import DropoutConfigError
 
@@ -136,7 +137,7 @@ _PORTS = random.SystemRandom()
 def _ephemeral_low() -> int:
     """The first port the kernel hands out to outgoing connections (Linux: ``ip_local_port_range``)."""
     try:
-        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768  # the usual lower bound (Linux, and IANA's dynamic range starts at 49152)
 

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.plan import DropoutPlan
 
 if TYPE_CHECKING:
     from lightning_dropout.tune.runner import Tuner
@@ -74,16 +73,7 @@ class Channel:
                 if job["kind"] == "trial":
                     tuner.run_trial(None, job.get("values"))
                 else:
-                    plan = DropoutPlan.from_yaml(job["plan"])
-                    tuner.train(
-                        plan,
-                        None,
-                        job["seed"],
-                        job["version"],
-                        kind="rerun",
-                        number=job.get("number"),
-                        values=job.get("values"),
-                    )
+                    tuner.train_rerun(job)
             except Exception as err:  # rank 0 records the trial's failure; this rank waits for the next job
                 log.warning("rank %d: %s failed: %s", self.rank, job["kind"], f"{type(err).__name__}: {err}")
             done += 1

@@ -446,13 +446,26 @@ class Tuner:
     ) -> TrialResult:
         """Train a fixed plan with ``seed`` and the ``search:`` ``values`` (a re-run of trial ``number``), in its
         own process when the trainer is multi-process."""
+        job = {"plan": plan.to_yaml(), "seed": seed, "version": version, "number": number}
+        job["values"] = dict(values or {})
         if self.multiprocess:
-            job = {"plan": plan.to_yaml(), "seed": seed, "version": version, "number": number}
-            return self._in_subprocess(version, {**job, "values": dict(values or {})})[0]
+            return self._in_subprocess(version, job)[0]
         if self.channel is not None:
-            job = {"plan": plan.to_yaml(), "seed": seed, "version": version, "number": number}
-            self.channel.send({"kind": "rerun", **job, "values": dict(values or {})})
+            self.channel.send({"kind": "rerun", **job})
         return self.train(plan, None, seed, version, kind="rerun", number=number, values=values)[0]
+
+    def train_rerun(self, job: Mapping[str, Any]) -> tuple[TrialResult, DropoutPlan]:
+        """Train, in this process, the re-run ``job`` that :meth:`run_plan` hands to another process (a trial
+        process's job file, or what rank 0 sends the other ranks of a launched trainer)."""
+        return self.train(
+            DropoutPlan.from_yaml(job["plan"]),
+            None,
+            job["seed"],
+            job["version"],
+            kind="rerun",
+            number=job.get("number"),
+            values=job.get("values"),
+        )
 
     def objective(self, trial: optuna.Trial) -> float:
         cfg = self.study_config

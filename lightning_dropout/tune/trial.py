@@ -16,7 +16,6 @@ from pathlib import Path
 
 import optuna
 
-from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.secrets import redact
 from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.pruning import MetricNotLoggedError
@@ -35,15 +34,7 @@ def main(spec_path: str) -> int:
         tuner = Tuner(trial_io.read_args())
         tuner.pin_threads()
         if "plan" in spec:  # a re-run of a fixed plan with another seed
-            result, plan = tuner.train(
-                DropoutPlan.from_yaml(spec["plan"]),
-                None,
-                spec["seed"],
-                spec["version"],
-                kind="rerun",
-                number=spec.get("number"),
-                values=spec.get("values"),
-            )
+            result, plan = tuner.train_rerun(spec)
         else:
             # the configured sampler and pruner decide on rank 0 (the sampler is seeded per trial number)
             study = tuner.study()
