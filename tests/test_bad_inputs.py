@@ -175,6 +175,16 @@ CONFIG_CASES = [
         ("study.storage", "/proc/nope/study.db"),
     ),
     ConfigCase(
+        "study-storage-journal-device",
+        _set("study.storage", "journal:/dev/null"),
+        ("study.storage", "journal:/dev/null", "not a regular file"),
+    ),
+    ConfigCase(
+        "study-storage-in-memory",
+        _set("study.storage", "sqlite://"),
+        ("study.storage", "'sqlite://'", "in-memory", "sqlite:///PATH.db"),
+    ),
+    ConfigCase(
         "study-run-dir-unwritable", _set("study.run_dir", "/proc/nope"), ("study.run_dir", "/proc/nope")
     ),
     ConfigCase(  # the storage elsewhere: every trial used to fail with "you tried to log nan"

@@ -56,6 +56,7 @@ from lightning_dropout.errors import DropoutConfigError, Interrupted
 from lightning_dropout.inject import resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.secrets import redact
+from lightning_dropout.tune import ctrl_c
 from lightning_dropout.tune.board import TrialLogger, plan_hparams
 from lightning_dropout.tune.fixed import duplicate_of
 from lightning_dropout.tune.loggers import finish_loggers, trial_loggers, uses_tensorboard
@@ -78,7 +79,7 @@ from lightning_dropout.tune.records import (
     PLAN_ATTR,
 )
 from lightning_dropout.tune.report import write_study_images
-from lightning_dropout.tune.runner import DuplicateTrialError, Tuner
+from lightning_dropout.tune.runner import DuplicateTrialError, Tuner, fit
 from lightning_dropout.tune.space import SearchGroup
 from lightning_dropout.tune.value import trial_value
 from lightning_dropout.tune.workers import Workers
@@ -453,13 +454,8 @@ class Population:
             end = self.checkpoint(segment.member, segment.generation)
             end.parent.mkdir(parents=True, exist_ok=True)
             part = end.with_name(f"{end.name}.part")  # a killed save leaves no half checkpoint under the name
+            fit(cli, ckpt_path=segment.start)
             with quiet_lightning():
-                try:
-                    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=segment.start)
-                except SystemExit as exit_:  # Lightning's Ctrl-C (see Tuner.train)
-                    if cli.trainer.interrupted:
-                        raise KeyboardInterrupt from exit_
-                    raise
                 cli.trainer.save_checkpoint(part, weights_only=False)
             os.replace(part, end)
             metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
@@ -547,7 +543,8 @@ def run_population(tuner: Tuner, study: optuna.Study | None = None, poll: float 
         if deadline is not None and time.monotonic() > deadline:
             return
         if _waiting(study):
-            study.optimize(population.objective, n_trials=1, catch=(Exception,))
+            with ctrl_c.held():  # Ctrl-C stops a training, not Optuna's bookkeeping (tune/ctrl_c.py)
+                study.optimize(population.objective, n_trials=1, catch=(Exception,))
             if population.fatal is not None:
                 raise population.fatal
             continue

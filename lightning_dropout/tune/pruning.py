@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.tune import ctrl_c
 from lightning_dropout.tune.value import best_index
 
 __all__ = ["MetricNotLoggedError", "TrialPruning"]
@@ -75,10 +76,11 @@ class TrialPruning(Callback):
         self.epochs.append(trainer.current_epoch)
         prune = False
         if trainer.is_global_zero and self.trial is not None:
-            self.trial.report(score, step=trainer.current_epoch)
-            max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 0
-            if self.prunable and trainer.current_epoch + 1 >= self.prune_after * max_epochs:
-                prune = self.trial.should_prune()
+            with ctrl_c.held():  # a storage write: a Ctrl-C waits for its end (tune/ctrl_c.py)
+                self.trial.report(score, step=trainer.current_epoch)
+                max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 0
+                if self.prunable and trainer.current_epoch + 1 >= self.prune_after * max_epochs:
+                    prune = self.trial.should_prune()
         prune = bool(trainer.strategy.broadcast(prune, src=0))
         if prune:
             self.pruned = True

@@ -163,10 +163,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     of stale trials) or ``journal:PATH`` (journal file; no heartbeat)."""
     remember(url)  # every process that opens it hides its password, whatever its characters
     if url.startswith("journal:"):
-        path = Path(url[len("journal:") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend)
+        return _journal(url)
+    if url.split("?", 1)[0] in ("sqlite:", "sqlite:/", "sqlite://", "sqlite:///", "sqlite:///:memory:"):
+        raise DropoutConfigError(
+            f"`study.storage` must be a database that outlives `tune` and that every worker can open, but "
+            f"{redact(url)!r} is an in-memory SQLite database; choices: sqlite:///PATH.db, postgresql://..., "
+            "journal:PATH, or no `storage` for the run directory's SQLite file."
+        )
     if url.startswith("sqlite:///"):
         try:
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +216,25 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             ) from None
     raise DropoutConfigError(
         f"`study.storage` {redact(url)!r} could not be initialized after {_OPEN_TRIES} tries."
+    )
+
+
+def _journal(url: str) -> optuna.storages.BaseStorage:
+    """A journal-file storage for ``journal:PATH``: a regular file (created with its folder if missing)."""
+    path = Path(url[len("journal:") :])
+    problem = None
+    if not path.name:
+        problem = "it names no file"
+    elif path.exists() and not path.is_file():
+        problem = "it is not a regular file"
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as err:
+            problem = (err.strerror or type(err).__name__).lower()
+    raise DropoutConfigError(
+        f"`study.storage` must be a journal file this machine can write, but {redact(url)!r} is not: {problem}."
     )
 
 

@@ -38,7 +38,7 @@ from lightning_dropout.config import ConfigCLI, load_config, quiet_lightning
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.tune import trial_io
+from lightning_dropout.tune import ctrl_c, trial_io
 from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.budget import BudgetPlan
 from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
@@ -112,6 +112,19 @@ class TrialResult:
         if not self.trained() or self.value is None or math.isnan(self.value) or self.diverged():
             return "failed"
         return "complete"
+
+
+def fit(cli: ConfigCLI, ckpt_path: str | None = None) -> None:
+    """``cli.trainer.fit`` as a trial runs it: quiet, stopped at once by a Ctrl-C (:func:`ctrl_c.allowed`), and
+    Lightning's own Ctrl-C exit (``sys.exit(1)``) turned back into ``KeyboardInterrupt``, so Optuna records the
+    trial as interrupted and the study stops."""
+    with quiet_lightning(), ctrl_c.allowed():
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        except SystemExit as exit_:
+            if cli.trainer.interrupted:
+                raise KeyboardInterrupt from exit_
+            raise
 
 
 class Tuner:
@@ -308,15 +321,7 @@ class Tuner:
         columns = self._columns(cli.model)
         result: TrialResult | None = None
         try:
-            with quiet_lightning():
-                try:
-                    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-                except SystemExit as exit_:
-                    # Lightning turns Ctrl-C into sys.exit(1); hand Optuna a KeyboardInterrupt instead, so it
-                    # records the trial as failed (storage stays consistent) and stops the study
-                    if cli.trainer.interrupted:
-                        raise KeyboardInterrupt from exit_
-                    raise
+            fit(cli)
             metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
             best = pruning.best_index()
             metrics["best_value"] = math.nan if best is None else pruning.history[best]
@@ -565,13 +570,14 @@ class Tuner:
 
         if full(study, running=False):
             return
-        study.optimize(
-            self.objective,
-            n_trials=None,
-            timeout=cfg.timeout,
-            catch=(Exception,),
-            callbacks=[stop],
-        )
+        with ctrl_c.held():  # Ctrl-C stops a training, not Optuna's bookkeeping (tune/ctrl_c.py)
+            study.optimize(
+                self.objective,
+                n_trials=None,
+                timeout=cfg.timeout,
+                catch=(Exception,),
+                callbacks=[stop, ctrl_c.check],
+            )
         if self._fatal is not None:
             raise self._fatal
         if self._launched_failure is not None:
