@@ -41,8 +41,14 @@ def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = 
     for key_node, _ in node.value:
         if key_node.tag == _MERGE_TAG:  # `<<: *base`: the mapping's own keys may override the merged ones
             continue
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
         line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]`: YAML allows it, Python mappings do not
+            kind = "a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping"
+            raise DropoutConfigError(
+                f"line {line}: a mapping's key must be a plain value such as a name or a number, but this one "
+                f"is {kind} (a YAML complex key, `? ...`)."
+            )
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
         if key in seen:
             raise DropoutConfigError(
                 f"line {line}: key `{key}` must appear once in its mapping, but it appears twice (lines "

@@ -150,7 +150,7 @@ SELECTORS: list[Any] = [
 ]
 STORAGES = [
     "postgresql://user:pa?ss@127.0.0.1:1/db",
-    "sqlite:////no/such/dir/s.db",
+    "sqlite:////proc/nope/s.db",  # unwritable, even as root
     "mysql://",
     "journal:/dev/null",
     "",
@@ -325,26 +325,36 @@ class Hang(BaseException):
 
 @contextlib.contextmanager
 def _captured() -> Iterator[dict[str, str]]:
-    """The process's stdout and stderr, file descriptors included, while the block runs."""
+    """What the block writes to stdout and stderr: through ``sys.stdout``/``sys.stderr`` (swapped for files:
+    pytest's capture has swapped them too) and to the file descriptors 1 and 2 (C code, child processes)."""
     result: dict[str, str] = {}
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err:
-        os.dup2(out.fileno(), 1)
-        os.dup2(err.fileno(), 2)
+    saved_fds = [os.dup(1), os.dup(2)]
+    saved_streams = (sys.stdout, sys.stderr)
+    with contextlib.ExitStack() as files:
+        raw = [files.enter_context(tempfile.TemporaryFile("w+b")) for _ in range(2)]
+        text = [
+            files.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace"))
+            for _ in range(2)
+        ]
+        os.dup2(raw[0].fileno(), 1)
+        os.dup2(raw[1].fileno(), 2)
+        sys.stdout, sys.stderr = text
         try:
             yield result
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
+            for stream in text:
+                stream.flush()
+            sys.stdout, sys.stderr = saved_streams
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
                 os.close(fd)
-            for name, f in (("out", out), ("err", err)):
-                f.seek(0)
-                result[name] = f.read().decode("utf-8", "replace")
+            for name, fd_file, stream in (("out", raw[0], text[0]), ("err", raw[1], text[1])):
+                fd_file.seek(0)
+                stream.seek(0)
+                result[name] = stream.read() + fd_file.read().decode("utf-8", "replace")
 
 
 @contextlib.contextmanager
@@ -373,19 +383,28 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _trained(run_dir: Path) -> bool | None:
-    """Whether a study stored under ``run_dir`` has a trial that ran to its end or its pruning (None: no storage
-    found there)."""
+def _storage_of(config: Path) -> str | None:
+    """The ``study.storage`` a config names, if it parses and names one."""
+    with contextlib.suppress(Exception):
+        storage = yaml.safe_load(config.read_text(encoding="utf-8"))["study"]["storage"]
+        return storage if isinstance(storage, str) and storage else None
+    return None
+
+
+def _trained(run_dir: Path, storage: str | None = None) -> bool | None:
+    """Whether a study stored under ``run_dir`` (or in ``storage``) has a trial that ran to its end or its
+    pruning (None: no storage found)."""
     import optuna
 
-    files = glob.glob(str(run_dir / "**" / "*.db"), recursive=True)
-    if not files:
+    urls = [f"sqlite:///{path}" for path in glob.glob(str(run_dir / "**" / "*.db"), recursive=True)]
+    if storage is not None:
+        urls.append(storage)
+    if not urls:
         return None
-    for path in files:
-        storage = f"sqlite:///{path}"
+    for url in urls:
         with contextlib.suppress(Exception):
-            for summary in optuna.get_all_study_summaries(storage):
-                study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            for summary in optuna.get_all_study_summaries(url):
+                study = optuna.load_study(study_name=summary.study_name, storage=url)
                 states = {t.state for t in study.get_trials(deepcopy=False)}
                 if states & {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}:
                     return True
@@ -430,7 +449,7 @@ def run_one(command: str, config: Path, run_dir: Path, limit: float) -> Outcome:
             return Outcome(command, rc, seconds, f"exit 2 with {len(errors)} error lines: {errors[:3]}", line)
         return Outcome(command, rc, seconds, None, line)
     if rc == 0:
-        if command == "tune" and _trained(run_dir) is not True:
+        if command == "tune" and _trained(run_dir, _storage_of(config)) is not True:
             return Outcome(command, rc, seconds, "exit 0 from a study that trained nothing", line)
         return Outcome(command, rc, seconds, None, line)
     return Outcome(command, rc, seconds, f"exit {rc}: {output['err'].strip().splitlines()[-1:]}", line)
