@@ -15,8 +15,9 @@ exit status, exit 0 from a study that trained nothing, or a run past the time li
 
 Before mutating, each config is shrunk so that a valid mutation trains in about a second: one epoch of one
 batch on 500 sequences, one trial, no re-runs, one worker, the run directory and the data cache given by the
-caller. The keys that shrink it (:data:`PINNED`) are not mutated in the CI run; ``--deep`` mutates them too and
-then allows each run more time.
+caller. The keys that shrink it (:data:`PINNED`) are not mutated in the CI run; ``--deep`` gives them wrong types,
+typos, strings and bad or small numbers too (not deletions or huge values, which ask for a long real study), over
+more cases.
 
 ``tests/test_fuzz.py`` runs :data:`CI_CASES` mutations at a fixed seed. The deep mode, run by hand::
 
@@ -120,6 +121,8 @@ def _pinned(path: Path_) -> bool:
 
 WRONG_TYPES: list[Any] = ["text", 3, 2.5, True, None, [], {}, [1, 2], {"a": 1}]
 NUMBERS: list[Any] = [-1, 0, 1, 2**31, 2**63, 10**100, 1e308, math.nan, math.inf, -math.inf, 1e-300, 0.5, 1.5]
+PINNED_KINDS = ("wrong-type", "number", "typo-key", "string")
+PINNED_NUMBERS: list[Any] = [-1, 0, 1, math.nan, math.inf, -math.inf, 1e-300, 0.5, 1.5, -(2**63)]
 CLASS_PATHS = [
     "no.such.Class",
     "lightning_dropout.zoo.MLPP",
@@ -197,10 +200,12 @@ class Mutation:
 
 def _tree_mutation(config: dict[str, Any], rng: random.Random, deep: bool) -> tuple[str, str, Any] | None:
     """A change to one node of the parsed ``config``: (kind, where, new config)."""
-    paths = [p for p in _paths(config) if deep or not _pinned(p)]
+    kind = rng.choice(TREE_KINDS)
+    # a pinned key (--deep only) takes a bad or small value: deleting it or making it huge would ask for a
+    # real, long study (Lightning's default is 1000 epochs), which is no finding
+    paths = [p for p in _paths(config) if not _pinned(p) or (deep and kind in PINNED_KINDS)]
     if not paths:
         return None
-    kind = rng.choice(TREE_KINDS)
     config = copy.deepcopy(config)
     if kind == "class-path":
         candidates = [p for p in paths if p[-1] == "class_path"]
@@ -243,6 +248,8 @@ def _tree_mutation(config: dict[str, Any], rng: random.Random, deep: bool) -> tu
             "selector": SELECTORS,
             "string": STRINGS,
         }[kind]
+        if kind == "number" and _pinned(path):
+            pool = PINNED_NUMBERS
         _set(config, path, copy.deepcopy(rng.choice(pool)))
     return kind, where, config
 
@@ -465,18 +472,18 @@ def run_mutation(mutation: Mutation, work: Path, limit: float) -> list[Outcome]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--deep", action="store_true", help="mutate the pinned keys too")
+    parser.add_argument(
+        "--deep", action="store_true", help="mutate the pinned keys too (bad or small values)"
+    )
     parser.add_argument("--cases", type=int, default=CI_CASES)
     parser.add_argument("--seed", type=int, default=CI_SEED)
-    parser.add_argument(
-        "--limit", type=float, default=None, help="seconds a run may take (60; 300 with --deep)"
-    )
+    parser.add_argument("--limit", type=float, default=None, help="seconds a run may take (default 120)")
     parser.add_argument("--out", type=Path, default=None, help="write every outcome here as JSON")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    limit = args.limit or (300.0 if args.deep else 60.0)
+    limit = args.limit or 120.0
     counts: Counter[str] = Counter()
     rows = []
     start = time.perf_counter()

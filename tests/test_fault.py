@@ -164,3 +164,90 @@ def test_four_processes_creating_a_fresh_sqlite_study_at_once_all_succeed(tmp_pa
         for proc in procs:
             proc.join(timeout=60)
         assert outcomes == ["ok"] * 4, outcomes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_study_killed_and_resumed_at_once_reaches_exactly_n_trials(backend, request, tmp_path, data_dir):
+    """kill -9 of a two-worker ``tune`` while both train, then a resume started at once, within the heartbeat's
+    grace period: the killed trials are still RUNNING when it starts. They used to count as busy for good (the
+    resumed study stopped short of ``n_trials`` and left RUNNING zombies); now the resume waits for their
+    heartbeat to go stale, fails them, runs their retries, and ends with exactly ``n_trials`` finished trials,
+    each killed trial counted once (as its retry)."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'study.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    optuna.storages.RDBStorage(url)  # Optuna's tables, before the two workers race on them
+    name = f"ld-kill-{uuid.uuid4().hex[:10]}"
+    n_trials = 4
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH", "")) if p),
+        "OMP_NUM_THREADS": "1",
+    }
+    common = [
+        sys.executable,
+        str(WORKER),
+        CONFIG,
+        f"--study.name={name}",
+        f"--study.storage={url}",
+        f"--study.run_dir={tmp_path / 'runs'}",
+        f"--study.n_trials={n_trials}",
+        "--study.seeds=0",
+        "--study.warm_start=false",
+        f"--data.init_args.cache_dir={data_dir}",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+    ]
+
+    def trials() -> list[FrozenTrial]:
+        return optuna.load_study(study_name=name, storage=url).get_trials()
+
+    log = tmp_path / "killed.log"
+    killed = subprocess.Popen(
+        [*common, "--study.workers=2", "--trainer.max_epochs=100000"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**env, "TUNE_TEST_HEARTBEAT_INTERVAL": "2"},
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert killed.poll() is None, log.read_text()[-3000:]
+            with contextlib.suppress(KeyError):  # KeyError: the study is not created yet
+                if sum(t.state == TrialState.RUNNING and bool(t.intermediate_values) for t in trials()) >= 2:
+                    break
+            time.sleep(0.3)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=30)
+    victims = [t.number for t in trials() if t.state == TrialState.RUNNING]
+    assert len(victims) == 2, log.read_text()[-3000:]
+
+    # at once: the resumed process's grace period (2 x 5 s) outlasts its start-up
+    log = tmp_path / "resumed.log"
+    resumed = subprocess.run(
+        [*common, "--study.workers=1", "--trainer.max_epochs=2"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**env, "TUNE_TEST_HEARTBEAT_INTERVAL": "5"},
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert resumed.returncode == 0, log.read_text()[-3000:]
+    after = trials()
+    assert not [t.number for t in after if t.state == TrialState.RUNNING], "a RUNNING zombie was left"
+    for number in victims:
+        assert after[number].state == TrialState.FAIL
+        retries = [t for t in after if number in t.system_attrs.get("retry_history", ())]
+        assert len(retries) == 1 and retries[0].state.is_finished()
+    # the resume started within the grace period: it ran a trial of its own before the killed ones went stale
+    retry_numbers = [t.number for t in after if "retry_history" in t.system_attrs]
+    fresh = [t.number for t in after if t.number > max(victims) and t.number not in retry_numbers]
+    assert fresh and min(fresh) < min(retry_numbers), (fresh, retry_numbers)
+    study = optuna.load_study(study_name=name, storage=url)
+    assert records.finished_trials(study) == n_trials, [(t.number, t.state.name) for t in after]

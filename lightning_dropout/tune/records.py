@@ -9,7 +9,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ __all__ = [
     "record_winner",
     "repeated_failure",
     "rerun_candidates",
+    "retried",
     "storage_file",
     "stored_plan",
     "trial_label",
@@ -144,9 +145,19 @@ def repeated_failure(study: optuna.Study, repeats: int = REPEATS) -> str | None:
     return None if reason == "None" or "the training diverged" in reason else reason
 
 
+def retried(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
+    """The numbers of the trials that failed and were run again: a trial whose process was killed is failed by
+    the storage's heartbeat and re-queued as a copy (Optuna's ``retry_history``); the copy is the one that
+    counts."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
 def finished_trials(study: optuna.Study) -> int:
-    """The number of trials that count towards ``n_trials`` (:func:`counts`)."""
-    return sum(counts(t) for t in study.get_trials(deepcopy=False))
+    """The number of trials that count towards ``n_trials`` (:func:`counts`; a retried failure counts once, as
+    its retry)."""
+    trials = study.get_trials(deepcopy=False)
+    again = retried(trials)
+    return sum(counts(t) and t.number not in again for t in trials)
 
 
 def fixed_label(trial: optuna.trial.FrozenTrial | optuna.Trial) -> str | None:

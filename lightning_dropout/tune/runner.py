@@ -20,6 +20,7 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -568,17 +569,37 @@ class Tuner:
             if full(study):
                 study.stop()
 
-        if full(study, running=False):
-            return
+        deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
         with ctrl_c.held():  # Ctrl-C stops a training, not Optuna's bookkeeping (tune/ctrl_c.py)
-            study.optimize(
-                self.objective,
-                n_trials=None,
-                timeout=cfg.timeout,
-                catch=(Exception,),
-                callbacks=[stop, ctrl_c.check],
-            )
-        if self._fatal is not None:
-            raise self._fatal
-        if self._launched_failure is not None:
-            raise self._launched_failure
+            while not full(study, running=False):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                study.optimize(
+                    self.objective,
+                    n_trials=None,
+                    timeout=left,
+                    catch=(Exception,),
+                    callbacks=[stop, ctrl_c.check],
+                )
+                if self._fatal is not None:
+                    raise self._fatal
+                if self._launched_failure is not None:
+                    raise self._launched_failure
+                if not self._await_running(study):
+                    break
+
+    def _await_running(self, study: optuna.Study, poll: float = 1.0) -> bool:
+        """Wait for the trials still running in the study before this worker leaves it, since they count as busy:
+        a trial whose process was killed (kill -9, a lost machine) would stay RUNNING for good. Once its
+        heartbeat is stale it is failed and Optuna queues its retry. True when a trial waits to be run (the
+        worker runs it), False when nothing runs any more (or the storage has no heartbeat: a journal file)."""
+        if self.storage_url.startswith("journal:"):
+            return False
+        while True:
+            trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+            if not trials or any(t.state == TrialState.WAITING for t in trials):
+                return bool(trials)
+            ctrl_c.check()
+            time.sleep(poll)
+            optuna.storages.fail_stale_trials(study)
