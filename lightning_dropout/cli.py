@@ -389,6 +389,9 @@ def _describe(args: list[str], existing: bool = False) -> int:
     injectors = [c for c in cli.trainer.callbacks if isinstance(c, DropoutInjector)]  # type: ignore[attr-defined]
     space = cli.config_init.get("dropout")
     groups = list(getattr(space, "groups", None) or [])
+    plan = _plan_path(cli.config, args)
+    if plan:  # what `fit --plan` would train: the plan's sites, in place of the config's injector and search
+        injectors, groups = [DropoutInjector(plan=plan)], []
     if not injectors and not groups:
         return _fail(
             "the config must list a lightning_dropout.callback.DropoutInjector in trainer.callbacks or search "

@@ -245,6 +245,11 @@ CONFIG_CASES = [
         _group(variants=["dropblock"], params={"dropblock": {"size": [3]}}),
         ("dropout.groups['hidden']", "size", "block_size"),
     ),
+    ConfigCase(  # a later choice was only found when a trial drew it
+        "dropout-params-later-choice",
+        _group(variants=["dropblock"], params={"dropblock": {"block_size": [3, -5]}}),
+        ("dropout.groups['hidden']", "params.dropblock.block_size[1]", "-5", ">= 1"),
+    ),
     ConfigCase(
         "dropout-depth-scaling",
         _group(per_layer=False, depth_scaling=["quadratic"]),
@@ -399,6 +404,12 @@ CLI_CASES = [
         plan=ALIAS_BOMB + b"sites: [*d, *d]\n",
     ),
     CliCase("tune-name-dot-dot", ("tune", "{config}", "--study.name=.."), ("study.name", "'..'")),
+    CliCase(  # it was ignored in silence, and repeated in the "train the winner" line
+        "tune-plan",
+        ("tune", "{config}", "--plan", "{tmp}/plan.yaml"),
+        ("`plan` must not be given to `tune`", "plan.yaml", "fit CONFIG --plan"),
+        plan=b"sites: []\n",
+    ),
     CliCase(
         "tune-seed-huge", ("tune", "{config}", "--study.seed=" + "9" * 30), ("study.seed", "2,147,483,647")
     ),

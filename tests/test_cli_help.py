@@ -80,6 +80,18 @@ def test_describe_previews_the_search_space_of_a_tuning_config(tmp_path, data_di
     assert "linear3" not in out  # the output layer is never a site
 
 
+def test_describe_with_a_plan_shows_the_plans_sites_not_the_search(tmp_path, data_dir, capsys):
+    """``describe CONFIG --plan PLAN`` shows what ``fit CONFIG --plan PLAN`` trains (it showed the config's
+    search space, ignoring the plan)."""
+    config = write_config(tmp_path)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("sites:\n- {target: linear2, where: output, variant: gaussian, p: 0.3}\n")
+    assert main(["describe", str(config), "--plan", str(plan), f"--data.init_args.cache_dir={data_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "linear2:output" in out and "gaussian" in out and "0.3" in out
+    assert "linear1" not in out and "search space" not in out
+
+
 def test_describe_without_injector_or_search_groups_fails_in_one_line(tmp_path, data_dir, capsys):
     config = write_config(tmp_path, dropout={"groups": []})
     assert main(["describe", str(config), f"--data.init_args.cache_dir={data_dir}"]) == 2

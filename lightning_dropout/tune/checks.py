@@ -22,7 +22,7 @@ from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import check_plan, resolve
 from lightning_dropout.tune.space import SearchGroup
 
-__all__ = ["check_groups", "check_no_injector", "check_run_dir"]
+__all__ = ["check_groups", "check_no_injector", "check_no_plan", "check_run_dir"]
 
 
 def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input: Any = None) -> None:
@@ -70,4 +70,16 @@ def check_no_injector(callbacks: Sequence[Any]) -> None:
             f"yours would add its dropout to every trial, the no-dropout baseline included), but it lists {found}; "
             "remove it from the config, or tune a copy without it (to compare its dropout, enqueue its "
             "plan: `study.enqueue: [{plan: PLAN.yaml}]`)."
+        )
+
+
+def check_no_plan(plan: Any) -> None:
+    """Refuse a plan given to ``tune`` (``--plan`` or a ``plan:`` key): the study searches the plan, so one given
+    would be ignored in silence."""
+    if plan:
+        raise DropoutConfigError(
+            "`plan` must not be given to `tune`: the study searches the plan (the config's `dropout:` section), "
+            f"so it would be ignored, but got plan={plan!r}; remove it, or train with it: "
+            "`lightning-dropout fit CONFIG --plan PLAN.yaml` (to compare it in the study, enqueue it: "
+            "`study.enqueue: [{plan: PLAN.yaml}]`)."
         )

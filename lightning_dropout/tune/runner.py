@@ -42,7 +42,7 @@ from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune import ctrl_c, trial_io
 from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.budget import BudgetPlan
-from lightning_dropout.tune.checks import check_groups, check_no_injector, check_run_dir
+from lightning_dropout.tune.checks import check_groups, check_no_injector, check_no_plan, check_run_dir
 from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
 from lightning_dropout.tune.devices import DeviceLayout, divide, trial_port, visible_gpus
 from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed, race_references
@@ -158,6 +158,7 @@ class Tuner:
             )
         check_run_dir(self.study_config.run_dir)
         check_no_injector(self.cli.trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning
+        check_no_plan(self.cli.config.get("plan"))
         # the config's own loggers, rebuilt per run with the run's identity (checked here, before trial 0)
         self.logger_specs = logger_specs(self.cli.config["trainer"]["logger"])
         check_loggers(self.logger_specs)

@@ -22,7 +22,7 @@ from torch import nn
 from lightning_dropout.errors import DropoutConfigError, check_instance, check_rate, strict_init
 from lightning_dropout.inject import Rule, resolve
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.variants import get_variant
+from lightning_dropout.variants import build_variant, get_variant
 
 __all__ = ["SearchGroup", "format_space", "space_dimensions", "suggest_plan", "uniform_params"]
 
@@ -99,6 +99,7 @@ class SearchGroup:
                         f"{where}: `params.{variant}.{param}` must be a non-empty list of "
                         f"choices, but got {values!r}."
                     )
+            self._check_choices(where, variant, choices)
         if self.per_layer and list(self.depth_scaling) != ["none"]:
             raise DropoutConfigError(
                 f"{where}: `depth_scaling` scales one shared rate over the group's sites, so with `per_layer: true`"
@@ -110,6 +111,20 @@ class SearchGroup:
                     f"{where}: `depth_scaling` choices must be 'none' or 'linear', but got {choice!r}."
                 )
         self.rule(self.variants[0], self.probe_rate)  # selectors validated once, here
+
+    def _check_choices(self, where: str, variant: str, choices: Mapping[str, list[Any]]) -> None:
+        """Every choice of every parameter builds the variant (beside the first choice of the others): a bad
+        choice is found here, not when a trial happens to draw it."""
+        first = {k: v[0] for k, v in choices.items()}
+        for param, values in choices.items():
+            for i, value in enumerate(values):
+                try:
+                    build_variant(variant, max(self.p[1], 0.1), **{**first, param: value})
+                except (DropoutConfigError, TypeError, ValueError) as err:
+                    raise DropoutConfigError(
+                        f"{where}: `params.{variant}.{param}[{i}]` must be a value variant {variant!r} accepts "
+                        f"({str(err).rstrip('.')}), but got {value!r}."
+                    ) from None
 
     @property
     def probe_rate(self) -> float:
