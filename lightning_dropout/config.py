@@ -248,6 +248,9 @@ Section = tuple[Any, str]
 one value it holds (e.g. ``dict[str, Any]``)."""
 
 
+MAX_DEVICES = 1024  # devices of one trainer on one machine: far above any GPU count or sensible CPU processes
+
+
 class ConfigCLI(LightningCLI):
     """LightningCLI that parses only; see the module docstring.
 
@@ -320,8 +323,16 @@ class ConfigCLI(LightningCLI):
         if self._skip_instantiation:  # LightningCLI.__init__ calls this; `fresh()` instantiates later
             self._skip_instantiation = False
             return
+        self._check_devices()
         try:
             super().instantiate_classes()
+        except (
+            ModuleNotFoundError
+        ) as err:  # an accelerator or strategy whose package is missing (tpu: torch_xla)
+            raise DropoutConfigError(
+                f"{self._where(str(err))}the trainer's accelerator or strategy needs a package that is not "
+                f"installed: {summarize(str(err))}"
+            ) from err
         except (ValueError, TypeError) as err:  # DropoutConfigError included
             raise DropoutConfigError(self._where(str(err)) + summarize(str(err))) from err
         except MisconfigurationException as err:  # Lightning refusing a trainer argument
@@ -335,6 +346,19 @@ class ConfigCLI(LightningCLI):
                 f"DropoutInjector: a distinct `name`), but several share one, so their checkpoint states would "
                 "collide."
             ) from err
+
+    def _check_devices(self) -> None:
+        """Refuse a device count no machine has before Lightning acts on it (a million CPU processes hang; a
+        count past the word size raises ``OverflowError``)."""
+        devices = (self.config.get("trainer") or {}).get("devices")
+        count = devices if isinstance(devices, int) and not isinstance(devices, bool) else None
+        if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+            count = int(devices)
+        if count is not None and count > MAX_DEVICES:
+            raise DropoutConfigError(
+                f"{self._where('')}`trainer.devices` must be at most {MAX_DEVICES:,} (or -1: all, or 'auto'), "
+                f"but got devices={count}."
+            )
 
     def _where(self, message: str) -> str:
         """``"<file>: <key>: "`` for an error raised while building a class of the config."""

@@ -391,10 +391,15 @@ class Outcome:
 
 
 def _storage_of(config: Path) -> str | None:
-    """The ``study.storage`` a config names, if it parses and names one."""
+    """The storage a config's study lives in: its ``study.storage``, else the run directory's SQLite file (both
+    as the config gives them, relative to its folder), if the config parses that far."""
     with contextlib.suppress(Exception):
-        storage = yaml.safe_load(config.read_text(encoding="utf-8"))["study"]["storage"]
-        return storage if isinstance(storage, str) and storage else None
+        study = yaml.safe_load(config.read_text(encoding="utf-8"))["study"]
+        storage = study.get("storage")
+        if isinstance(storage, str) and storage:
+            return storage
+        folder = config.parent / str(study.get("run_dir") or "runs") / str(study["name"])
+        return f"sqlite:///{folder.resolve() / 'study.db'}"
     return None
 
 

@@ -404,6 +404,17 @@ CLI_CASES = [
         plan=ALIAS_BOMB + b"sites: [*d, *d]\n",
     ),
     CliCase("tune-name-dot-dot", ("tune", "{config}", "--study.name=.."), ("study.name", "'..'")),
+    CliCase(  # a million CPU processes: tune hung
+        "tune-devices-huge", ("tune", "{config}", "--trainer.devices=1000000"), ("trainer.devices", "1000000")
+    ),
+    CliCase(  # OverflowError in Lightning
+        "describe-devices-overflow",
+        ("describe", "{config}", "--trainer.devices=" + "9" * 20),
+        ("trainer.devices", "9" * 20, "1,024"),
+    ),
+    CliCase(  # ModuleNotFoundError traceback
+        "tune-accelerator-tpu", ("tune", "{config}", "--trainer.accelerator=tpu"), ("not installed", "torch_xla")
+    ),
     CliCase(  # it was ignored in silence, and repeated in the "train the winner" line
         "tune-plan",
         ("tune", "{config}", "--plan", "{tmp}/plan.yaml"),
