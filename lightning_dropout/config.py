@@ -116,6 +116,29 @@ def check_config_file(path: str) -> None:
                 f"{path}: `{section}` must be a mapping of its keys (or be left out for the defaults), but got "
                 f"{section}: {value}."
             )
+    _check_class_keys(path, data, "")
+
+
+_CLASS_KEYS = ("class_path", "init_args", "dict_kwargs")  # what jsonargparse reads beside a class_path
+
+
+def _check_class_keys(path: str, node: Any, where: str) -> None:
+    """Refuse a key beside ``class_path`` that jsonargparse does not read (``init_arg``: jsonargparse reports the
+    whole mapping as "must be LightningModule or None")."""
+    if isinstance(node, dict):
+        if "class_path" in node:
+            unknown = [k for k in node if k not in _CLASS_KEYS]
+            if unknown:
+                key = unknown[0]
+                raise DropoutConfigError(
+                    f"{path}: `{where}{key}` must be one of {list(_CLASS_KEYS)} beside `class_path`, but got "
+                    f"{key!r}; nearest: {closest(str(key), _CLASS_KEYS)}."
+                )
+        for key, value in node.items():
+            _check_class_keys(path, value, f"{where}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_class_keys(path, value, f"{where}{i}.")
 
 
 def _class_params(path: str) -> list[str]:

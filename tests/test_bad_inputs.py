@@ -123,6 +123,11 @@ CONFIG_CASES = [
     ConfigCase(
         "trainer-precision", _set("trainer.precision", "bad"), ("trainer.precision", "bad", "16-mixed")
     ),
+    ConfigCase(  # was "must be LightningModule or None" / "choices: []"
+        "model-key-beside-class-path",
+        _set("model.init_arg", {"hidden": 8}),
+        ("model.init_arg", "beside `class_path`", "init_args"),
+    ),
     ConfigCase("study-storage-type", _set("study.storage", 5), ("study.storage", "str or None", "5")),
     # -- study: -----------------------------------------------------------------------------------------------
     ConfigCase("study-key-typo", _set("study.n_trial", 3), ("study.n_trial", "study.n_trials")),
