@@ -418,7 +418,9 @@ CLI_CASES = [
         ("trainer.devices", "9" * 20, "1,024"),
     ),
     CliCase(  # ModuleNotFoundError traceback
-        "tune-accelerator-tpu", ("tune", "{config}", "--trainer.accelerator=tpu"), ("not installed", "torch_xla")
+        "tune-accelerator-tpu",
+        ("tune", "{config}", "--trainer.accelerator=tpu"),
+        ("not installed", "torch_xla"),
     ),
     CliCase(  # it was ignored in silence, and repeated in the "train the winner" line
         "tune-plan",
