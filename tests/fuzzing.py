@@ -503,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             for o in outcomes:
                 counts[f"{o.command} " + ("finding" if o.finding else f"exit {o.rc}")] += 1
+                if o.seconds > 20:
+                    print(
+                        f"case {i} {mutation.source} {mutation.kind} {mutation.where}: {o.command} took "
+                        f"{o.seconds:.0f} s (exit {o.rc})",
+                        flush=True,
+                    )
                 if o.finding:
                     print(
                         f"case {i} {mutation.source} {mutation.kind} {mutation.where}: {o.command}: {o.finding}"
