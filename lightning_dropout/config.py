@@ -349,9 +349,7 @@ class ConfigCLI(LightningCLI):
         self._check_devices()
         try:
             super().instantiate_classes()
-        except (
-            ModuleNotFoundError
-        ) as err:  # an accelerator or strategy whose package is missing (tpu: torch_xla)
+        except ModuleNotFoundError as err:  # an accelerator or strategy's package is missing (tpu: torch_xla)
             raise DropoutConfigError(
                 f"{self._where(str(err))}the trainer's accelerator or strategy needs a package that is not "
                 f"installed: {summarize(str(err))}"

@@ -31,6 +31,30 @@ SHORT = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer
 LONG = ["--trainer.max_epochs=100000", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
 
 
+def _worker_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``tune_worker.py`` process (``extra``: e.g. its heartbeat interval)."""
+    path = os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _worker_args(
+    name: str, url: str, tmp_path: Path, data_dir: Path, n_trials: int, *extra: str
+) -> list[str]:
+    """``tune`` of the MLP config on study ``name`` in ``url``, without re-runs, through ``tune_worker.py``."""
+    return [
+        sys.executable,
+        str(WORKER),
+        CONFIG,
+        f"--study.name={name}",
+        f"--study.storage={url}",
+        f"--study.run_dir={tmp_path / 'runs'}",
+        f"--study.n_trials={n_trials}",
+        "--study.seeds=0",
+        f"--data.init_args.cache_dir={data_dir}",
+        *extra,
+    ]
+
+
 def _enqueued(trial: FrozenTrial) -> bool:
     """Enqueued by the tuner (a baseline) or by Optuna's heartbeat (the retry of a stale trial)."""
     return (
@@ -44,28 +68,12 @@ def test_joined_killed_and_resumed_study_repeats_and_loses_nothing(postgres_url,
     url = make_url(postgres_url).set(password="fault-pw").render_as_string(hide_password=False)
     storage = optuna.storages.RDBStorage(url)  # Optuna's tables, created once before the racing processes
     name = f"ld-fault-{uuid.uuid4().hex[:10]}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH", "")) if p),
-        "TUNE_TEST_HEARTBEAT_INTERVAL": "1",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = _worker_env(TUNE_TEST_HEARTBEAT_INTERVAL="1")
 
     def args(n_trials: int, budget: list[str]) -> list[str]:
-        return [
-            sys.executable,
-            str(WORKER),
-            CONFIG,
-            f"--study.name={name}",
-            f"--study.storage={url}",
-            f"--study.run_dir={tmp_path / 'runs'}",
-            f"--study.n_trials={n_trials}",
-            "--study.seeds=0",
-            # with the warm-start grid (the default): two processes starting at once may both enqueue it;
-            # the later twin of each fixed trial is recorded as a duplicate and not run
-            f"--data.init_args.cache_dir={data_dir}",
-            *budget,
-        ]
+        # with the warm-start grid (the default): two processes starting at once may both enqueue it; the later
+        # twin of each fixed trial is recorded as a duplicate and not run
+        return _worker_args(name, url, tmp_path, data_dir, n_trials, *budget)
 
     def trials() -> list[FrozenTrial]:
         return optuna.load_study(study_name=name, storage=storage).get_trials()
@@ -181,25 +189,16 @@ def test_a_study_killed_and_resumed_at_once_reaches_exactly_n_trials(backend, re
     optuna.storages.RDBStorage(url)  # Optuna's tables, before the two workers race on them
     name = f"ld-kill-{uuid.uuid4().hex[:10]}"
     n_trials = 4
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH", "")) if p),
-        "OMP_NUM_THREADS": "1",
-    }
-    common = [
-        sys.executable,
-        str(WORKER),
-        CONFIG,
-        f"--study.name={name}",
-        f"--study.storage={url}",
-        f"--study.run_dir={tmp_path / 'runs'}",
-        f"--study.n_trials={n_trials}",
-        "--study.seeds=0",
+    common = _worker_args(
+        name,
+        url,
+        tmp_path,
+        data_dir,
+        n_trials,
         "--study.warm_start=false",
-        f"--data.init_args.cache_dir={data_dir}",
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
-    ]
+    )
 
     def trials() -> list[FrozenTrial]:
         return optuna.load_study(study_name=name, storage=url).get_trials()
@@ -209,7 +208,7 @@ def test_a_study_killed_and_resumed_at_once_reaches_exactly_n_trials(backend, re
         [*common, "--study.workers=2", "--trainer.max_epochs=100000"],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**env, "TUNE_TEST_HEARTBEAT_INTERVAL": "2"},
+        env=_worker_env(TUNE_TEST_HEARTBEAT_INTERVAL="2"),
         cwd=tmp_path,
         start_new_session=True,
     )
@@ -235,7 +234,7 @@ def test_a_study_killed_and_resumed_at_once_reaches_exactly_n_trials(backend, re
         [*common, "--study.workers=1", "--trainer.max_epochs=2"],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**env, "TUNE_TEST_HEARTBEAT_INTERVAL": "10"},
+        env=_worker_env(TUNE_TEST_HEARTBEAT_INTERVAL="10"),
         cwd=tmp_path,
         timeout=240,
     )

@@ -70,29 +70,25 @@ def test_ctrl_c_prints_one_line_and_exits(moment, postgres_url, tmp_path, data_d
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, start_new_session=True
     )
+
+    def ready() -> bool:
+        """start-up: the study exists (workers are still importing); training: two trials report values."""
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+        except KeyError:  # not created yet
+            return False
+        return (
+            moment == "start-up"
+            or sum(t.state == TrialState.RUNNING and bool(t.intermediate_values) for t in trials) >= 2
+        )
+
     try:
-        if moment == "start-up":  # two competitors; the signal lands as the study opens, workers importing
-            with competitors(2):
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline and proc.poll() is None:
-                    with contextlib.suppress(KeyError):  # KeyError: not created yet
-                        optuna.load_study(study_name=name, storage=storage)
-                        break
-                    time.sleep(0.05)
-                os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole process group
-                sent = time.monotonic()
-                out, err = proc.communicate(timeout=120)
-        else:
+        # at start-up, with two CPU-bound competitors beside it
+        with competitors(2 if moment == "start-up" else 0):
             deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
-                except KeyError:  # not created yet
-                    trials = []
-                if sum(t.state == TrialState.RUNNING and bool(t.intermediate_values) for t in trials) >= 2:
-                    break
-                time.sleep(0.3)
-            os.killpg(proc.pid, signal.SIGINT)
+            while time.monotonic() < deadline and proc.poll() is None and not ready():
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole process group
             sent = time.monotonic()
             out, err = proc.communicate(timeout=120)
         took = time.monotonic() - sent

@@ -175,7 +175,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     remember(url)  # every process that opens it hides its password, whatever its characters
     if url.startswith("journal:"):
         return _journal(url)
-    if url.split("?", 1)[0] in ("sqlite:", "sqlite:/", "sqlite://", "sqlite:///", "sqlite:///:memory:"):
+    if _in_memory_sqlite(url):
         raise DropoutConfigError(
             f"`study.storage` must be a database that outlives `tune` and that every worker can open, but "
             f"{redact(url)!r} is an in-memory SQLite database; choices: sqlite:///PATH.db, postgresql://..., "
@@ -249,12 +249,17 @@ def _journal(url: str) -> optuna.storages.BaseStorage:
     )
 
 
+def _in_memory_sqlite(url: str) -> bool:
+    """Whether ``url`` is an in-memory SQLite database (gone when the process ends, one per connection)."""
+    return url.split("?", 1)[0] in ("sqlite:", "sqlite:/", "sqlite://", "sqlite:///", "sqlite:///:memory:")
+
+
 def storage_file(url: str) -> Path | None:
     """The local file a ``sqlite:///`` or ``journal:`` URL names (``None`` for a database server or an in-memory
     SQLite)."""
     if url.startswith("journal:"):
         return Path(url[len("journal:") :])
-    if url.startswith("sqlite:///") and url not in ("sqlite:///", "sqlite:///:memory:"):
+    if url.startswith("sqlite:///") and not _in_memory_sqlite(url):
         return Path(url[len("sqlite:///") :].split("?", 1)[0])
     return None
 

@@ -119,7 +119,7 @@ class SearchGroup:
         for param, values in choices.items():
             for i, value in enumerate(values):
                 try:
-                    build_variant(variant, max(self.p[1], 0.1), **{**first, param: value})
+                    build_variant(variant, self.probe_rate, **{**first, param: value})
                 except (DropoutConfigError, TypeError, ValueError) as err:
                     raise DropoutConfigError(
                         f"{where}: `params.{variant}.{param}[{i}]` must be a value variant {variant!r} accepts "
