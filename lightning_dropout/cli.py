@@ -32,13 +32,14 @@ import io
 import os
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # argv handling, `--help` and `variants` stay cheap: Lightning, jsonargparse and Optuna load in the commands
-from lightning_dropout.errors import DropoutConfigError, closest, summarize
+from lightning_dropout.errors import DropoutConfigError, closest, summarize, unwritable
 from lightning_dropout.secrets import redact, remember_urls
 
 if TYPE_CHECKING:
@@ -443,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _own_code_importable()
     _remember_passwords(rest)
+    _quiet_unwritable_threads()
     try:
         if any(a == "--print_config" or a.startswith("--print_config=") for a in rest):
             return _print_config(command, rest)
@@ -463,6 +465,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         config = _config_file(rest) if command in (*_LIGHTNING_COMMANDS, "tune", "describe") else None
         return _fail(message, config)
+
+
+def _quiet_unwritable_threads() -> None:
+    """A full disk also fails the background writers (TensorBoard's event thread): the main thread says it in
+    one line, so those threads' tracebacks are not printed."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is None or unwritable(args.exc_value) is None:
+            default(args)
+
+    threading.excepthook = hook
 
 
 def _print_config(command: str, rest: list[str]) -> int:
@@ -540,6 +554,10 @@ def user_error(err: BaseException) -> str | None:
         return (
             f"a file must be UTF-8 text, but byte {err.object[err.start]:#04x} at offset {err.start} is not."
         )
+    full = unwritable(err)
+    if full is not None and not isinstance(err, DropoutConfigError):  # a full disk after the trials
+        where = f" `{err.filename}`" if isinstance(err, OSError) and err.filename else ""
+        return f"stopped: cannot write{where}: {full}. What is stored is kept: make room (or make it writable) and run it again."
     if isinstance(err, OSError) and err.filename is not None:
         reason = (err.strerror or type(err).__name__).lower()
         return f"`{err.filename}` must be a path this user can read and write, but it is not: {reason}."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import functools
 import re
 from collections.abc import Callable, Iterable
@@ -14,12 +15,14 @@ _T = TypeVar("_T")
 __all__ = [
     "DropoutConfigError",
     "Interrupted",
+    "UnwritableError",
     "check_instance",
     "check_int",
     "check_number",
     "check_rate",
     "closest",
     "strict_init",
+    "unwritable",
 ]
 
 # "`x` must ..., but got ...", with the key path that may precede it ("dropout.groups['hidden']: ")
@@ -53,6 +56,58 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, kept: int) -> None:
         super().__init__(kept)
         self.kept = kept
+
+
+class UnwritableError(DropoutConfigError):
+    """A study or run could not write its storage or files (a full disk, a file-size limit, a read-only file
+    system or database): the run stops in one line, keeping what it stored, and resumes once there is room."""
+
+
+_UNWRITABLE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "a file grew past the size limit",
+    errno.EROFS: "the file system is read-only",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+# what the same faults read like once a database driver, or a trial's process, has turned them into text
+_UNWRITABLE_TEXTS = {
+    "database or disk is full": "the database or the disk is full",
+    "disk i/o error": "the disk failed a write (SQLite: disk I/O error; a full disk or a file-size limit)",
+    "readonly database": "the database is read-only",
+    "read-only transaction": "the database is read-only",
+    "no space left on device": "no space left on the device",
+    "could not extend file": "no space left for the database",
+    "diskfull": "no space left for the database",
+    "file too large": "a file grew past the size limit",
+    "read-only file system": "the file system is read-only",
+    "disk quota exceeded": "the disk quota is exceeded",
+}
+
+
+def unwritable(err: BaseException) -> str | None:
+    """Why ``err`` (or an error it was raised from) is a failure to write storage, in a few words; ``None``
+    for any other error.
+
+    Example:
+        >>> unwritable(OSError(28, "No space left on device"))
+        'no space left on the device'
+        >>> unwritable(RuntimeError("OperationalError: (sqlite3.OperationalError) database or disk is full"))
+        'the database or the disk is full'
+        >>> unwritable(ValueError("bad")) is None
+        True
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _UNWRITABLE_ERRNOS:
+            return _UNWRITABLE_ERRNOS[current.errno]
+        text = str(current).lower()
+        for marker, reason in _UNWRITABLE_TEXTS.items():
+            if marker in text:
+                return reason
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:

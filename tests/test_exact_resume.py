@@ -4,6 +4,8 @@ epoch; the callback saves and restores the random states the masks are drawn fro
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 from lightning_dropout import Rule
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.data import MNIST1DDataModule
+from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.zoo import MLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,7 +52,7 @@ def _fit(
         limit_train_batches=4,
         limit_val_batches=1,
         logger=False,
-        enable_checkpointing=bool(callbacks),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[injector, metrics, *callbacks],
@@ -73,6 +76,64 @@ def test_resumed_fit_equals_uninterrupted_fit_bit_for_bit(tmp_path, data_dir, dr
     assert sorted(resumed_metrics.by_epoch) == list(range(K, N))
     for epoch in range(K, N):
         assert resumed_metrics.by_epoch[epoch] == straight_metrics.by_epoch[epoch], epoch
+
+
+class SaveAtStep(Callback):
+    """A checkpoint in the middle of an epoch, where ``ModelCheckpoint(every_n_train_steps=...)`` saves."""
+
+    def __init__(self, path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("step", [6, 8, 9])  # mid-epoch 1 (2 of 4 batches), its end, mid-epoch 2 (1 of 4)
+def test_a_fit_resumed_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_fit(tmp_path, data_dir, step):
+    """The training loader is resumable: the resumed epoch trains on its remaining batches, in the same order."""
+    straight, straight_metrics = _fit(data_dir, N, 7)
+    ckpt = tmp_path / "mid.ckpt"
+    _fit(data_dir, N, 7, callbacks=[SaveAtStep(ckpt, step)])
+    assert ckpt.exists()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dataloader is not resumable.*")
+        resumed, resumed_metrics = _fit(data_dir, N, 7, ckpt_path=str(ckpt))
+
+    delta = max(
+        float((a - b).abs().max())
+        for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )
+    assert delta == 0.0, f"max |dw| = {delta}"
+    assert resumed_metrics.by_epoch[N - 1] == straight_metrics.by_epoch[N - 1]
+
+
+def test_a_resumable_loader_replays_the_rest_of_its_epoch_and_only_of_that_epoch(data_dir):
+    data = MNIST1DDataModule(batch_size=50, num_samples=500, cache_dir=str(data_dir))
+    data.prepare_data()
+    data.setup("fit")
+    loader = data.train_dataloader()
+    loader.sampler.set_epoch(3)  # type: ignore[attr-defined]
+    batches = iter(loader)
+    seen = [next(batches)[1] for _ in range(2)]
+    state = loader.state_dict()
+    assert state == {"epoch": 3, "batches": 2}
+    rest = [y for _, y in batches]
+
+    fresh = data.train_dataloader()  # a resumed fit builds its loader anew, then loads the state
+    fresh.load_state_dict(state)
+    fresh.sampler.set_epoch(3)  # type: ignore[attr-defined]
+    replayed = [y for _, y in fresh]
+    assert len(replayed) == len(rest) and all(torch.equal(a, b) for a, b in zip(replayed, rest, strict=True))
+    assert fresh.state_dict() == {"epoch": 3, "batches": len(seen) + len(rest)}
+    assert len(list(fresh)) == len(seen) + len(rest)  # the skip applies once
+
+    ended = data.train_dataloader()  # a checkpoint at the end of epoch 3 resumes at epoch 4, from its start
+    ended.load_state_dict({"epoch": 3, "batches": len(seen) + len(rest)})
+    ended.sampler.set_epoch(4)  # type: ignore[attr-defined]
+    assert len(list(ended)) == len(seen) + len(rest)
+    with pytest.raises(DropoutConfigError, match="ResumableLoader state"):
+        ended.load_state_dict({"batches": -1})
 
 
 def test_the_training_order_is_a_function_of_seed_and_epoch(data_dir):

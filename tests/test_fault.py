@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
+from studies import write_config
 
 from lightning_dropout.tune import records
 from lightning_dropout.tune.records import DUPLICATE, fixed_label
@@ -251,3 +253,73 @@ def test_a_study_killed_and_resumed_at_once_reaches_exactly_n_trials(backend, re
     assert fresh and min(fresh) < min(retry_numbers), (fresh, retry_numbers)
     study = optuna.load_study(study_name=name, storage=url)
     assert records.finished_trials(study) == n_trials, [(t.number, t.state.name) for t in after]
+
+
+def test_a_full_disk_stops_the_study_in_one_line_keeping_what_is_stored(tmp_path, data_dir):
+    """A storage that can no longer grow (here: a file-size limit on the study's process, which SQLite reports as
+    a disk I/O error, as it reports a full disk) stops the study at its first failed write, in one line; the
+    trials stored before are kept, and the same command resumes once there is room."""
+    config = write_config(tmp_path, study={"n_trials": 2, "workers": 1})
+    db = tmp_path / "study.db"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_dropout.cli",
+        "tune",
+        str(config),
+        f"--study.storage=sqlite:///{db}",
+        f"--study.run_dir={tmp_path / 'runs'}",
+        f"--data.init_args.cache_dir={data_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    limit = db.stat().st_size + 16384  # room for a few more trials, not for 30
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run(
+        [*cmd, "--study.n_trials=30"], env=env, capture_output=True, text=True, timeout=300, preexec_fn=cap
+    )
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    (line,) = [x for x in full.stderr.splitlines() if x.startswith("lightning-dropout: error:")]
+    assert "cannot write" in line and "resume" in line
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{db}").get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) >= 2 and len(trials) < 30  # the stored trials are kept; the study stopped early
+    assert sum(t.state == TrialState.FAIL for t in trials) <= 1  # at the first failed write, not after each
+
+    more = len(trials) + 1
+    resumed = subprocess.run(
+        [*cmd, f"--study.n_trials={more}"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = optuna.load_study(study_name="s", storage=f"sqlite:///{db}").get_trials()
+    assert len(after) == more and sum(t.state == TrialState.COMPLETE for t in after) == len(done) + 1
+
+
+def test_a_read_only_storage_is_one_line_and_left_as_it_was(tmp_path, data_dir):
+    config = write_config(tmp_path, study={"n_trials": 1, "workers": 1})
+    db = tmp_path / "study.db"
+    optuna.create_study(study_name="other", storage=f"sqlite:///{db}")  # a database with no table to spare
+    before = db.read_bytes()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_dropout.cli",
+            "tune",
+            str(config),
+            f"--study.storage=sqlite:///file:{db}?mode=ro&uri=true",
+            f"--study.run_dir={tmp_path / 'runs'}",
+            f"--data.init_args.cache_dir={data_dir}",
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("\n") == 1 and "read-only" in done.stderr
+    assert db.read_bytes() == before

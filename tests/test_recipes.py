@@ -43,15 +43,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _finish(procs: list[subprocess.Popen], timeout: float = 180) -> list[str]:
-    """The outputs of ``procs``; none outlives the test (a rank left waiting for the other is killed)."""
+def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> list[str]:
+    """What each of ``procs`` wrote to its log; none outlives the test (a rank left waiting is killed, and the
+    logs, not a timeout's traceback, then say where each rank was)."""
     try:
-        return [proc.communicate(timeout=timeout)[0] for proc in procs]
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    return [log.read_text(errors="replace") for log in logs]
 
 
 def test_slurm_array_tasks_join_one_study_whose_storage_comes_from_the_environment(tmp_path, data_dir):
@@ -145,6 +150,7 @@ def test_torchrun_recipe_runs_a_two_machine_trial_as_one_optuna_trial_driven_by_
     elsewhere = (
         f"sqlite:///{probe_dir / 'node1.db'}"  # node 1 would find a study of its own here if it opened one
     )
+    logs = [probe_dir / f"node{node}.log" for node in (0, 1)]
     procs = [
         subprocess.Popen(
             ["bash", str(EXAMPLES / "torchrun_multinode.sh"), str(config), *overrides],
@@ -155,14 +161,18 @@ def test_torchrun_recipe_runs_a_two_machine_trial_as_one_optuna_trial_driven_by_
                 LIGHTNING_DROPOUT_STORAGE=elsewhere if node else storage,
             ),
             cwd=probe_dir,
-            stdout=subprocess.PIPE,
+            stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for node in (0, 1)
+        for node, log in enumerate(logs)
     ]
-    outputs = _finish(procs)
-    assert [proc.returncode for proc in procs] == [0, 0], [out[-2000:] for out in outputs]
+    outputs = _finish(procs, logs)
+    codes = [proc.returncode for proc in procs]
+    assert codes == [0, 0], "\n".join(
+        f"--- node {n}: exit {c}\n{out[-6000:]}"
+        for n, (c, out) in enumerate(zip(codes, outputs, strict=True))
+    )
     assert not (probe_dir / "node1.db").exists()
     (trial,) = open_study("s", storage).get_trials()  # one Optuna trial for both machines
     assert trial.state.name == "PRUNED" and sorted(trial.intermediate_values) == [0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -299,6 +300,30 @@ def test_user_trials_are_enqueued_from_yaml(tmp_path, data_dir):
     assert "hidden/linear2/variant" in trials[1].params  # not given: sampled
     assert DropoutPlan.from_yaml(trials[2].user_attrs["plan"]) == DropoutPlan.from_dict(enqueue[1])
     assert DropoutPlan.from_yaml(trials[3].user_attrs["plan"]) == DropoutPlan.load(plan_file)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (
+            {"hidden/linear1/gaussian/p": 0.9},
+            r"study.enqueue\[0\]: `hidden/linear1/gaussian/p` must be in \[0.05, 0.5\], but got 0.9\.",
+        ),
+        (
+            {"hidden/linear1/variant": "alpha"},
+            r"`hidden/linear1/variant` must be in \{'standard', 'gaussian'\}, but got 'alpha'",
+        ),
+        (
+            {"hidden/linear3/variant": "standard"},
+            r"`hidden/linear3/variant` must be a parameter of the search space.*nearest: \[.*'hidden/linear1/variant'",
+        ),
+    ],
+)
+def test_enqueued_parameters_are_checked_before_the_first_trial(tmp_path, data_dir, capsys, params, match):
+    config = write_config(tmp_path, study={"n_trials": 2, "enqueue": [params]})
+    assert tune(config, tmp_path, data_dir) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "runs" / "s" / "trials").exists()  # refused before trial 0
 
 
 def test_n_trials_smaller_than_the_grid_enqueues_what_fits(tmp_path, data_dir, caplog):

@@ -27,6 +27,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from typing_extensions import override
 
+from lightning_dropout.data.resumable import ResumableLoader
+
 __all__ = ["CACHE_ENV_VAR", "EpochShuffle", "MNIST1DDataModule", "default_cache_dir"]
 
 CACHE_ENV_VAR = "LIGHTNING_DROPOUT_CACHE"
@@ -257,10 +259,12 @@ class MNIST1DDataModule(L.LightningDataModule):
         self.val_dataset = TensorDataset(x[val_idx], y[val_idx]) if n_val > 0 else None
         self.test_dataset = TensorDataset(x_test, y_test)
 
-    def _loader(self, dataset: TensorDataset | None, name: str, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, dataset: TensorDataset | None, name: str, kind: type[DataLoader] = DataLoader, **kwargs: Any
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"`{name}` is not built yet; call `prepare_data()` and `setup()` first.")
-        return DataLoader(
+        return kind(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -271,13 +275,16 @@ class MNIST1DDataModule(L.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the order of epoch ``e`` is a function of ``seed`` and ``e``
-        (:class:`EpochShuffle`), so a resumed fit replays the uninterrupted order. The loader has its own
-        generator, so iterating it never draws from the global random state."""
+        (:class:`EpochShuffle`), so a resumed fit replays the uninterrupted order, from a mid-epoch checkpoint
+        too (:class:`~lightning_dropout.data.resumable.ResumableLoader`). The loader has its own generator, so
+        iterating it never draws from the global random state."""
         if self.train_dataset is None:
             return self._loader(None, "train_dataset")
         sampler = EpochShuffle(self.train_dataset, self.seed)
         generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.train_dataset, "train_dataset", sampler=sampler, generator=generator)
+        return self._loader(
+            self.train_dataset, "train_dataset", ResumableLoader, sampler=sampler, generator=generator
+        )
 
     @override
     def val_dataloader(self) -> DataLoader | list:

@@ -2,6 +2,8 @@
 
 * every search group selects at least one site of the model, with every variant it lists (a group that matches
   nothing, or ``dropblock`` on Linear layers, would otherwise fail each trial while the baseline "wins");
+* every ``study.enqueue`` item given as Optuna parameters names the space's dimensions, with values in their
+  domains (a bad value would otherwise fail the enqueued trial only, and the study would go on without it);
 * ``study.run_dir`` can be written (else every trial fails with a misleading reason and uses up ``n_trials``);
 * the config's ``trainer.callbacks`` list no DropoutInjector: the tuner injects each trial's plan itself, and
   one in the config would stack its dropout on every trial, the no-dropout baseline included.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,9 @@ from torch import nn
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.inject import check_plan, resolve
-from lightning_dropout.tune.space import SearchGroup
+from lightning_dropout.tune.space import SearchGroup, check_enqueued
 
-__all__ = ["check_groups", "check_no_injector", "check_no_plan", "check_run_dir"]
+__all__ = ["check_enqueue", "check_groups", "check_no_injector", "check_no_plan", "check_run_dir"]
 
 
 def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input: Any = None) -> None:
@@ -41,6 +43,24 @@ def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input:
                 )
             except DropoutConfigError as err:
                 raise DropoutConfigError(f"dropout.groups[{group.name!r}]: {err}") from None
+
+
+def check_enqueue(
+    enqueue: Sequence[Mapping[str, Any]],
+    groups: Sequence[SearchGroup],
+    model: nn.Module,
+    example_input: Any = None,
+    search: Collection[str] = (),
+) -> None:
+    """Raise unless every ``study.enqueue`` item given as Optuna parameters names dimensions of the search
+    space (or ``search:`` keys) with values in their domains: a bad one is found here, not when its trial runs.
+    A model that builds its layers later (in ``configure_model``) has no sites to check yet."""
+    if not any(True for _ in model.parameters()):
+        return
+    for i, item in enumerate(enqueue):
+        if "params" in item:
+            params = {k: v for k, v in item["params"].items() if k not in search}
+            check_enqueued(groups, model, params, f"study.enqueue[{i}]", example_input)
 
 
 def check_run_dir(run_dir: str | os.PathLike[str]) -> None:

@@ -36,13 +36,19 @@ from optuna.trial import TrialState
 
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.config import ConfigCLI, load_config, quiet_lightning
-from lightning_dropout.errors import DropoutConfigError
+from lightning_dropout.errors import DropoutConfigError, UnwritableError, unwritable
 from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune import ctrl_c, trial_io
 from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.budget import BudgetPlan
-from lightning_dropout.tune.checks import check_groups, check_no_injector, check_no_plan, check_run_dir
+from lightning_dropout.tune.checks import (
+    check_enqueue,
+    check_groups,
+    check_no_injector,
+    check_no_plan,
+    check_run_dir,
+)
 from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
 from lightning_dropout.tune.devices import DeviceLayout, divide, trial_port, visible_gpus
 from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed, race_references
@@ -162,9 +168,11 @@ class Tuner:
         # the config's own loggers, rebuilt per run with the run's identity (checked here, before trial 0)
         self.logger_specs = logger_specs(self.cli.config["trainer"]["logger"])
         check_loggers(self.logger_specs)
-        check_groups(self.space.groups, self.cli.model, getattr(self.cli.model, "example_input_array", None))
+        example = getattr(self.cli.model, "example_input_array", None)
+        check_groups(self.space.groups, self.cli.model, example)
         _ = self.budget  # a budget needs trainer.max_epochs: fail before trial 0
         self.search: dict[str, Distribution] = parse_search(self.cli.config.get("search"), self.cli.config)
+        check_enqueue(self.study_config.enqueue, self.space.groups, self.cli.model, example, self.search)
 
     def pin_threads(self) -> int:
         """Set this process's torch threads to ``study.threads`` (see
@@ -475,6 +483,17 @@ class Tuner:
         )
 
     def objective(self, trial: optuna.Trial) -> float:
+        """Train ``trial`` and return its value (Optuna's objective); a full disk or a read-only storage stops
+        the study, since every further trial would fail alike and could not even record why."""
+        try:
+            return self._objective(trial)
+        except Exception as err:
+            if unwritable(err) is not None:
+                self._fatal = self.unwritable_error(err)
+                trial.study.stop()
+            raise
+
+    def _objective(self, trial: optuna.Trial) -> float:
         cfg = self.study_config
         twin = duplicate_of(trial)
         if twin is not None:  # enqueued twice by two processes starting at once: the earlier one runs
@@ -576,19 +595,37 @@ class Tuner:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                study.optimize(
-                    self.objective,
-                    n_trials=None,
-                    timeout=left,
-                    catch=(Exception,),
-                    callbacks=[stop, ctrl_c.check],
-                )
+                try:
+                    study.optimize(
+                        self.objective,
+                        n_trials=None,
+                        timeout=left,
+                        catch=(Exception,),
+                        callbacks=[stop, ctrl_c.check],
+                    )
+                except Exception as err:  # Optuna's own writes (a trial's start, its result) on a full disk
+                    if unwritable(err) is None:
+                        raise
+                    raise self.unwritable_error(err) from err
                 if self._fatal is not None:
                     raise self._fatal
                 if self._launched_failure is not None:
                     raise self._launched_failure
                 if not self._await_running(study):
                     break
+
+    def unwritable_error(self, err: BaseException) -> UnwritableError:
+        """The one line for a study that cannot write its storage or its files any more."""
+        filename = getattr(err, "filename", None)
+        where = (
+            f"`{filename}`"
+            if filename
+            else f"its storage ({redact(self.storage_url)}) or its run directory ({self.study_config.run_dir})"
+        )
+        return UnwritableError(
+            f"the study stopped: it cannot write to {where}: {unwritable(err)}. What is stored is kept: make "
+            "room (or make it writable) and run the same command to resume."
+        )
 
     def _await_running(self, study: optuna.Study, poll: float = 1.0) -> bool:
         """Wait for the trials still running in the study before this worker leaves it, since they count as busy:

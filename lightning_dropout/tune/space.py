@@ -19,12 +19,21 @@ from typing import Any
 import optuna
 from torch import nn
 
-from lightning_dropout.errors import DropoutConfigError, check_instance, check_rate, strict_init
+from lightning_dropout.errors import DropoutConfigError, check_instance, check_rate, closest, strict_init
 from lightning_dropout.inject import Rule, resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.variants import build_variant, get_variant
 
-__all__ = ["SearchGroup", "format_space", "space_dimensions", "suggest_plan", "uniform_params"]
+__all__ = [
+    "Dimension",
+    "SearchGroup",
+    "all_dimensions",
+    "check_enqueued",
+    "format_space",
+    "space_dimensions",
+    "suggest_plan",
+    "uniform_params",
+]
 
 _SELECT_KEYS = ("match", "name", "regex", "exclude", "replace", "where", "exclude_output_layer")
 
@@ -152,20 +161,130 @@ class SearchGroup:
         return list(dict.fromkeys(s.target for s in plan))
 
 
-def _choose(trial: optuna.Trial, prefix: str, group: SearchGroup) -> tuple[str, float, dict[str, Any], str]:
-    variant = trial.suggest_categorical(f"{prefix}/variant", group.variants)
+@dataclass(frozen=True)
+class Dimension:
+    """One Optuna parameter a group suggests: the one description of the search space that sampling
+    (:func:`suggest_plan`), the uniform design (:func:`uniform_params`), ``describe`` (:func:`space_dimensions`)
+    and the check of ``study.enqueue`` all read.
+
+    Attributes:
+        name: the Optuna parameter name (``<prefix>/variant``, ``<prefix>/<variant>/p``, ...).
+        key: what it sets: ``variant``, ``p``, a variant parameter's name, or ``depth_scaling``.
+        distribution: its Optuna distribution.
+        variant: the variant it belongs to (suggested only when that variant is chosen); ``None`` for those
+            suggested whatever the variant.
+    """
+
+    name: str
+    key: str
+    distribution: optuna.distributions.BaseDistribution
+    variant: str | None = None
+
+    @property
+    def fixed(self) -> bool:
+        """A choice with one value: suggested (so a plan's parameters are complete) but not searched."""
+        dist = self.distribution
+        return isinstance(dist, optuna.distributions.CategoricalDistribution) and len(dist.choices) == 1
+
+    @property
+    def first(self) -> Any:
+        """The uniform design's value: the first choice (a rate has none: :func:`uniform_params` clips one)."""
+        dist = self.distribution
+        return dist.choices[0] if isinstance(dist, optuna.distributions.CategoricalDistribution) else None
+
+    def domain(self) -> str:
+        """``{'standard', 'gaussian'}``, ``[0, 0.3]``, ``[0.01, 0.5] log``."""
+        dist = self.distribution
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            return "{" + ", ".join(repr(c) for c in dist.choices) + "}"
+        assert isinstance(dist, optuna.distributions.FloatDistribution)
+        return f"[{dist.low:g}, {dist.high:g}]" + (" log" if dist.log else "")
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """Ask ``trial`` for this dimension's value."""
+        dist = self.distribution
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            return trial.suggest_categorical(self.name, dist.choices)
+        assert isinstance(dist, optuna.distributions.FloatDistribution)
+        return trial.suggest_float(self.name, dist.low, dist.high, log=dist.log)
+
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` is in the domain (what an enqueued trial may give)."""
+        try:
+            return bool(self.distribution._contains(self.distribution.to_internal_repr(value)))
+        except (TypeError, ValueError):
+            return False
+
+
+def _dimensions(group: SearchGroup, prefix: str) -> list[Dimension]:
+    """The dimensions ``group`` suggests under ``prefix``, in suggestion order (the variant, then each variant's
+    rate and parameters, then ``depth_scaling``)."""
+    cat, flt = optuna.distributions.CategoricalDistribution, optuna.distributions.FloatDistribution
+    dims = [Dimension(f"{prefix}/variant", "variant", cat(group.variants))]
     low, high = group.p
-    p = low if low == high else trial.suggest_float(f"{prefix}/{variant}/p", low, high, log=group.log)
-    params = {
-        k: trial.suggest_categorical(f"{prefix}/{variant}/{k}", v)
-        for k, v in sorted(group.params.get(variant, {}).items())
-    }
-    scaling = (
-        group.depth_scaling[0]
-        if len(group.depth_scaling) == 1
-        else trial.suggest_categorical(f"{prefix}/depth_scaling", group.depth_scaling)
-    )
-    return variant, p, params, scaling
+    for variant in group.variants:
+        if low != high:
+            dims.append(Dimension(f"{prefix}/{variant}/p", "p", flt(low, high, log=group.log), variant))
+        for key, choices in sorted(group.params.get(variant, {}).items()):
+            dims.append(Dimension(f"{prefix}/{variant}/{key}", key, cat(choices), variant))
+    if len(group.depth_scaling) > 1:
+        dims.append(Dimension(f"{prefix}/depth_scaling", "depth_scaling", cat(group.depth_scaling)))
+    return dims
+
+
+def _prefixes(group: SearchGroup, model: nn.Module, example_input: Any = None) -> list[str]:
+    """The parameter-name prefixes of ``group`` on ``model``: one per site target with ``per_layer``, else
+    the group's name."""
+    if group.per_layer:
+        return [f"{group.name}/{t}" for t in group.targets(model, example_input)]
+    return [group.name]
+
+
+def all_dimensions(
+    groups: Sequence[SearchGroup], model: nn.Module, example_input: Any = None
+) -> list[Dimension]:
+    """Every dimension the groups can suggest on ``model``, in suggestion order."""
+    return [
+        dim
+        for group in groups
+        for prefix in _prefixes(group, model, example_input)
+        for dim in _dimensions(group, prefix)
+    ]
+
+
+def _choose(trial: optuna.Trial, prefix: str, group: SearchGroup) -> tuple[str, float, dict[str, Any], str]:
+    """Suggest ``group``'s dimensions under ``prefix``: (variant, rate, the variant's parameters, scaling)."""
+    dims = _dimensions(group, prefix)
+    variant = dims[0].suggest(trial)
+    chosen: dict[str, Any] = {"p": group.p[0], "depth_scaling": group.depth_scaling[0]}
+    for dim in dims[1:]:
+        if dim.variant in (None, variant):
+            chosen[dim.key] = dim.suggest(trial)
+    p, scaling = chosen.pop("p"), chosen.pop("depth_scaling")
+    return variant, p, chosen, scaling
+
+
+def check_enqueued(
+    groups: Sequence[SearchGroup],
+    model: nn.Module,
+    params: Mapping[str, Any],
+    where: str,
+    example_input: Any = None,
+) -> None:
+    """Raise unless every Optuna parameter of an enqueued trial (``study.enqueue``'s ``params``) is one of the
+    space's dimensions and its value is in that dimension's domain: found before the first trial, not when
+    the enqueued trial runs."""
+    dims = {dim.name: dim for dim in all_dimensions(groups, model, example_input)}
+    for name, value in params.items():
+        dim = dims.get(name)
+        if dim is None:
+            near = closest(name, dims)
+            raise DropoutConfigError(
+                f"{where}: `{name}` must be a parameter of the search space, but it is not; "
+                + (f"nearest: {near}." if near else f"the parameters: {list(dims)}.")
+            )
+        if not dim.admits(value):
+            raise DropoutConfigError(f"{where}: `{name}` must be in {dim.domain()}, but got {value!r}.")
 
 
 def suggest_plan(
@@ -213,19 +332,11 @@ def uniform_params(
     for group in groups:
         variant = group.variants[0]
         low, high = group.p
-        prefixes = (
-            [f"{group.name}/{t}" for t in group.targets(model, example_input)]
-            if group.per_layer
-            else [group.name]
-        )
-        for prefix in prefixes:
-            params[f"{prefix}/variant"] = variant
-            if low != high:
-                params[f"{prefix}/{variant}/p"] = min(max(float(rate), low), high)
-            for key, choices in sorted(group.params.get(variant, {}).items()):
-                params[f"{prefix}/{variant}/{key}"] = choices[0]
-        if not group.per_layer and len(group.depth_scaling) > 1:
-            params[f"{group.name}/depth_scaling"] = group.depth_scaling[0]
+        for prefix in _prefixes(group, model, example_input):
+            for dim in _dimensions(group, prefix):
+                if dim.variant not in (None, variant):
+                    continue
+                params[dim.name] = min(max(float(rate), low), high) if dim.key == "p" else dim.first
     return params
 
 
@@ -240,25 +351,12 @@ def space_dimensions(group: SearchGroup, model: nn.Module, example_input: Any = 
         >>> space_dimensions(group, net)
         {'hidden/variant': "{'standard', 'gaussian'}", 'hidden/standard/p': '[0, 0.3]', 'hidden/gaussian/p': '[0, 0.3]'}
     """
-    low, high = group.p
-    prefixes = (
-        [f"{group.name}/{t}" for t in group.targets(model, example_input)]
-        if group.per_layer
-        else [group.name]
-    )
-    out: dict[str, str] = {}
-    for prefix in prefixes:
-        if len(group.variants) > 1:
-            out[f"{prefix}/variant"] = "{" + ", ".join(repr(v) for v in group.variants) + "}"
-        for variant in group.variants:
-            if low != high:
-                out[f"{prefix}/{variant}/p"] = f"[{low:g}, {high:g}]" + (" log" if group.log else "")
-            for key, choices in sorted(group.params.get(variant, {}).items()):
-                if len(choices) > 1:
-                    out[f"{prefix}/{variant}/{key}"] = "{" + ", ".join(repr(c) for c in choices) + "}"
-        if not group.per_layer and len(group.depth_scaling) > 1:
-            out[f"{prefix}/depth_scaling"] = "{" + ", ".join(repr(c) for c in group.depth_scaling) + "}"
-    return out
+    return {
+        dim.name: dim.domain()
+        for prefix in _prefixes(group, model, example_input)
+        for dim in _dimensions(group, prefix)
+        if not dim.fixed
+    }
 
 
 def _group_sites(group: SearchGroup, model: nn.Module, example_input: Any = None) -> list[str]:
