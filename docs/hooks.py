@@ -333,7 +333,7 @@ def _help(args: list[str]) -> str:
 def cli_reference() -> str:
     from lightning_dropout import cli
 
-    commands = list(cli._COMMANDS)
+    commands = list(cli._VERBS)
     top = _help(["--help"])
     helps: dict[str, list[str]] = {}  # help text -> commands printing it
     for command in commands:

@@ -34,7 +34,8 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -48,23 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-_COMMANDS = (*_LIGHTNING_COMMANDS, "tune", "best", "report", "describe", "variants")
-_USAGE = (
-    "usage: lightning-dropout {fit,validate,test,predict,tune,best,report,describe,variants} [CONFIG.yaml] [overrides]\n"
-    "  fit|validate|test|predict  run LightningCLI (put a DropoutInjector in trainer.callbacks);\n"
-    "                             `fit CONFIG --plan PLAN.yaml` retrains with a plan and reports val/test metrics\n"
-    "  tune CONFIG                run or resume the Optuna study of a tuning config (study: and dropout: sections);\n"
-    "                             --budget B, --workers N, --n_trials N, --storage URL stand for\n"
-    "                             --study.budget=B etc.\n"
-    "  best STUDY|CONFIG          print and write the best plan of a study [--storage URL] [--out PLAN.yaml]\n"
-    "  report STUDY|CONFIG        write a static HTML report of a study [--storage URL] [--out FILE.html]\n"
-    "  describe CONFIG            print the dropout sites the config's DropoutInjector would create, or\n"
-    "                             preview a tuning config's search space (groups, sites, dimensions);\n"
-    "                             --existing: list the dropout the model already has\n"
-    "  variants                   list the dropout variants\n"
-    "  --version                  print the version\n"
-    "Run `lightning-dropout COMMAND --help` for a command's options (`fit --help`: every LightningCLI option)."
-)
 
 
 def _lightning_help(command: str) -> str:
@@ -89,45 +73,44 @@ def _lightning_help(command: str) -> str:
     )
 
 
-_COMMAND_HELP = {
-    "tune": (
-        "usage: lightning-dropout tune CONFIG.yaml [--budget B] [--workers N|auto] [--n_trials N] [--storage URL]\n"
-        "                                          [overrides]\n"
-        "Run, resume or join the Optuna study of a tuning config (model/data/trainer plus `study:` and\n"
-        "`dropout:` sections); prints the re-run table, writes <run_dir>/<study>/best_plan.yaml (and\n"
-        "best_values.yaml, the winner's `search:` values) and ends with the command that trains the winner.\n"
-        "  CONFIG.yaml, --config CONFIG.yaml  the tuning config\n"
-        "  --budget B       the study's compute in trainings of the model (= --study.budget=B; default 20)\n"
-        "  --workers N      worker processes sharing the study on this machine (= --study.workers=N); each gets\n"
-        "                   its own trainer.devices GPUs of study.devices; auto: as many as fit\n"
-        "  --n_trials N     finished trials the study should reach (= --study.n_trials=N)\n"
-        "  --storage URL    sqlite:///..., postgresql://..., journal:PATH (= --study.storage=URL); default:\n"
-        "                   the config's study.storage, else $LIGHTNING_DROPOUT_STORAGE, else SQLite in run_dir\n"
-        "  --study.KEY=V, --dropout.groups=[...], --trainer.KEY=V, --model.init_args.KEY=V, --data...\n"
-        "                   override any key of the config\n"
-        "  --print_config   print the resolved config (defaults included) and exit\n"
-        "Preview the search space first: lightning-dropout describe CONFIG.yaml"
-    ),
-    "describe": (
-        "usage: lightning-dropout describe CONFIG.yaml [--existing] [overrides]\n"
-        "Build the model without training and print:\n"
-        "  - for a tuning config (`dropout.groups`): each search group, the sites it matches in the model and\n"
-        "    its search dimensions (the Optuna parameters and their domains);\n"
-        "  - for a config with a DropoutInjector in trainer.callbacks: every dropout site it creates (module,\n"
-        "    variant, rate, the shape it sees).\n"
-        "  CONFIG.yaml, --config CONFIG.yaml  the config\n"
-        "  --existing       list instead the dropout the model already has (dropout modules, rate attributes\n"
-        "                   applied functionally, attention and RNN dropout): the site `replace: true` makes\n"
-        "                   of each, its rate and kind (`bypassed`: a fused attention kernel reads its `.p`,\n"
-        "                   so only variant standard acts there); any config with a model will do\n"
-        "  --KEY=V          override any key of the config (--model.init_args.hidden=64, ...)"
-    ),
-    "variants": (
-        "usage: lightning-dropout variants\n"
-        "List the dropout variants (the names `variant:` takes in rules, plans and search groups)."
-    ),
-    **{command: _lightning_help(command) for command in _LIGHTNING_COMMANDS},
-}
+_TUNE_HELP = (
+    "usage: lightning-dropout tune CONFIG.yaml [--budget B] [--workers N|auto] [--n_trials N] [--storage URL]\n"
+    "                                          [overrides]\n"
+    "Run, resume or join the Optuna study of a tuning config (model/data/trainer plus `study:` and\n"
+    "`dropout:` sections); prints the re-run table, writes <run_dir>/<study>/best_plan.yaml (and\n"
+    "best_values.yaml, the winner's `search:` values) and ends with the command that trains the winner.\n"
+    "  CONFIG.yaml, --config CONFIG.yaml  the tuning config\n"
+    "  --budget B       the study's compute in trainings of the model (= --study.budget=B; default 10)\n"
+    "  --workers N      worker processes sharing the study on this machine (= --study.workers=N); each gets\n"
+    "                   its own trainer.devices GPUs of study.devices; auto: as many as fit\n"
+    "  --n_trials N     finished trials the study should reach (= --study.n_trials=N)\n"
+    "  --storage URL    sqlite:///..., postgresql://..., journal:PATH (= --study.storage=URL); default:\n"
+    "                   the config's study.storage, else $LIGHTNING_DROPOUT_STORAGE, else SQLite in run_dir\n"
+    "  --study.KEY=V, --dropout.groups=[...], --trainer.KEY=V, --model.init_args.KEY=V, --data...\n"
+    "                   override any key of the config\n"
+    "  --print_config   print the resolved config (defaults included) and exit\n"
+    "Preview the search space first: lightning-dropout describe CONFIG.yaml"
+)
+
+_DESCRIBE_HELP = (
+    "usage: lightning-dropout describe CONFIG.yaml [--existing] [overrides]\n"
+    "Build the model without training and print:\n"
+    "  - for a tuning config (`dropout.groups`): each search group, the sites it matches in the model and\n"
+    "    its search dimensions (the Optuna parameters and their domains);\n"
+    "  - for a config with a DropoutInjector in trainer.callbacks: every dropout site it creates (module,\n"
+    "    variant, rate, the shape it sees).\n"
+    "  CONFIG.yaml, --config CONFIG.yaml  the config\n"
+    "  --existing       list instead the dropout the model already has (dropout modules, rate attributes\n"
+    "                   applied functionally, attention and RNN dropout): the site `replace: true` makes\n"
+    "                   of each, its rate and kind (`bypassed`: a fused attention kernel reads its `.p`,\n"
+    "                   so only variant standard acts there); any config with a model will do\n"
+    "  --KEY=V          override any key of the config (--model.init_args.hidden=64, ...)"
+)
+
+_VARIANTS_HELP = (
+    "usage: lightning-dropout variants\n"
+    "List the dropout variants (the names `variant:` takes in rules, plans and search groups)."
+)
 
 
 def _config_args(rest: list[str]) -> list[str]:
@@ -423,13 +406,90 @@ def _variants() -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class _Verb:
+    """One command: what ``--help`` lists for it, what ``COMMAND --help`` prints, what runs it (with the
+    arguments after the command) and whether it reads a config (whose path then prefixes its errors). A new
+    command is one entry of ``_VERBS``."""
+
+    synopsis: str  # `tune CONFIG`, as the usage lists it
+    summary: str  # the usage's lines for it
+    run: Callable[[list[str]], int]
+    takes_config: bool = False
+    help: str | None = None  # `COMMAND --help`; None: the command's own parser prints it
+
+
+def _lightning_verb(command: str) -> _Verb:
+    return _Verb(
+        "fit|validate|test|predict",
+        "run LightningCLI (put a DropoutInjector in trainer.callbacks);\n"
+        "`fit CONFIG --plan PLAN.yaml` retrains with a plan and reports val/test metrics",
+        lambda rest: _lightning(command, _config_args(rest)),
+        takes_config=True,
+        help=_lightning_help(command),
+    )
+
+
+_VERBS: dict[str, _Verb] = {
+    **{command: _lightning_verb(command) for command in _LIGHTNING_COMMANDS},
+    "tune": _Verb(
+        "tune CONFIG",
+        "run or resume the Optuna study of a tuning config (study: and dropout: sections);\n"
+        "--budget B, --workers N, --n_trials N, --storage URL stand for\n--study.budget=B etc.",
+        lambda rest: _tune(_config_args(rest)),
+        takes_config=True,
+        help=_TUNE_HELP,
+    ),
+    "best": _Verb(
+        "best STUDY|CONFIG",
+        "print and write the best plan of a study [--storage URL] [--out PLAN.yaml]",
+        _best,
+    ),
+    "report": _Verb(
+        "report STUDY|CONFIG",
+        "write a static HTML report of a study [--storage URL] [--out FILE.html]",
+        _report,
+    ),
+    "describe": _Verb(
+        "describe CONFIG",
+        "print the dropout sites the config's DropoutInjector would create, or\n"
+        "preview a tuning config's search space (groups, sites, dimensions);\n"
+        "--existing: list the dropout the model already has",
+        lambda rest: _describe(
+            _config_args([a for a in rest if a != "--existing"]), existing="--existing" in rest
+        ),
+        takes_config=True,
+        help=_DESCRIBE_HELP,
+    ),
+    "variants": _Verb("variants", "list the dropout variants", lambda rest: _variants(), help=_VARIANTS_HELP),
+}
+
+
+def _usage() -> str:
+    """``lightning-dropout --help``: every command of ``_VERBS`` (those with one synopsis listed once)."""
+    rows: dict[str, str] = {}
+    for verb in _VERBS.values():
+        rows.setdefault(verb.synopsis, verb.summary)
+    rows["--version"] = "print the version"
+    width = max(map(len, rows)) + 1
+    lines = [f"usage: lightning-dropout {{{','.join(_VERBS)}}} [CONFIG.yaml] [overrides]"]
+    for synopsis, summary in rows.items():
+        first, *more = summary.split("\n")
+        lines.append(f"  {synopsis.ljust(width)} {first}")
+        lines += [f"  {' ' * width} {line}" for line in more]
+    lines.append(
+        "Run `lightning-dropout COMMAND --help` for a command's options (`fit --help`: every LightningCLI option)."
+    )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-dropout`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     # Lightning 2.6 on torch 2.13 warns about its own pytree use on every fit: noise for our users.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     if not args or args[0] in ("-h", "--help"):
-        sys.stdout.write(_USAGE + "\n")
+        sys.stdout.write(_usage() + "\n")
         return 0 if args else 2
     if args[0] in ("-V", "--version"):
         from importlib.metadata import version
@@ -439,8 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command in _LIGHTNING_COMMANDS and "--help-all" in rest:  # LightningCLI's own, complete help
         rest = ["--help" if a == "--help-all" else a for a in rest]
-    elif command in _COMMAND_HELP and any(a in ("-h", "--help") for a in rest):
-        sys.stdout.write(_COMMAND_HELP[command] + "\n")
+    elif command in _VERBS and _VERBS[command].help and any(a in ("-h", "--help") for a in rest):
+        sys.stdout.write(f"{_VERBS[command].help}\n")
         return 0
     _own_code_importable()
     _remember_passwords(rest)
@@ -463,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = user_error(err)
         if message is None:  # a bug, not a bad input: the traceback helps
             raise
-        config = _config_file(rest) if command in (*_LIGHTNING_COMMANDS, "tune", "describe") else None
+        config = _config_file(rest) if command in _VERBS and _VERBS[command].takes_config else None
         return _fail(message, config)
 
 
@@ -518,23 +578,14 @@ def _own_code_importable() -> None:
 
 
 def _run(command: str, rest: list[str]) -> int:
-    if command in _LIGHTNING_COMMANDS:
-        return _lightning(command, _config_args(rest))
-    if command == "tune":
-        return _tune(_config_args(rest))
-    if command == "best":
-        return _best(rest)
-    if command == "report":
-        return _report(rest)
-    if command == "describe":
-        return _describe(_config_args([a for a in rest if a != "--existing"]), existing="--existing" in rest)
-    if command == "variants":
-        return _variants()
-    near = closest(command, _COMMANDS)
-    raise DropoutConfigError(
-        f"the command must be one of {list(_COMMANDS)}, but got {command!r}"
-        + (f"; nearest: {near}." if near else ".")
-    )
+    verb = _VERBS.get(command)
+    if verb is None:
+        near = closest(command, _VERBS)
+        raise DropoutConfigError(
+            f"the command must be one of {list(_VERBS)}, but got {command!r}"
+            + (f"; nearest: {near}." if near else ".")
+        )
+    return verb.run(rest)
 
 
 def _config_file(rest: list[str]) -> str | None:

@@ -77,6 +77,13 @@ def test_help_and_no_arguments(capsys):
     assert main([]) == 2
 
 
+def test_the_tune_help_states_the_default_budget(capsys):
+    from lightning_dropout.tune.config import DEFAULT_BUDGET
+
+    assert main(["tune", "--help"]) == 0
+    assert f"default {DEFAULT_BUDGET:g})" in capsys.readouterr().out
+
+
 _MODULES_AFTER = """
 import json, sys
 from lightning_dropout.cli import main
@@ -184,3 +191,21 @@ def test_describe_existing_lists_the_models_own_dropout(tmp_path, capsys):
     assert capsys.readouterr().out == "MLP has no dropout of its own\n"
     assert main(["describe", *plain]) == 2
     assert "describe CONFIG --existing" in capsys.readouterr().err
+
+
+def test_every_command_of_the_table_is_listed_has_its_help_and_is_named_on_a_typo(capsys):
+    """One table (`cli._VERBS`) makes a command: the usage, `COMMAND --help` and the typo message read it."""
+    from lightning_dropout import cli
+
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert (
+        usage.splitlines()[0]
+        == f"usage: lightning-dropout {{{','.join(cli._VERBS)}}} [CONFIG.yaml] [overrides]"
+    )
+    for name, verb in cli._VERBS.items():
+        assert f"\n  {verb.synopsis} " in usage
+        assert main([name, "--help"]) == 0
+        assert capsys.readouterr().out.startswith(f"usage: lightning-dropout {name}")
+    assert main(["tnue"]) == 2
+    assert str(list(cli._VERBS)) in capsys.readouterr().err

@@ -55,21 +55,21 @@ def _fields(path: str, cls: str) -> list[str]:
 
 
 def _commands() -> list[str]:
-    """``lightning_dropout.cli._COMMANDS``, read from the source (same reason)."""
+    """The keys of ``lightning_dropout.cli._VERBS``, read from the source (same reason)."""
     tree = ast.parse((ROOT / "lightning_dropout" / "cli.py").read_text(encoding="utf-8"))
-    values = {
-        t.id: n.value
-        for n in tree.body
-        if isinstance(n, ast.Assign)
-        for t in n.targets
-        if isinstance(t, ast.Name)
-    }
+    values = {}
+    for n in tree.body:
+        if isinstance(n, ast.Assign):
+            values.update({t.id: n.value for t in n.targets if isinstance(t, ast.Name)})
+        elif isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value is not None:
+            values[n.target.id] = n.value
     out: list[str] = []
-    for element in values["_COMMANDS"].elts:  # (*_LIGHTNING_COMMANDS, "tune", ...)
-        if isinstance(element, ast.Starred):
-            out += [ast.literal_eval(e) for e in values[element.value.id].elts]
+    verbs = values["_VERBS"]
+    for key, value in zip(verbs.keys, verbs.values, strict=True):
+        if key is None:  # **{command: ... for command in _LIGHTNING_COMMANDS}
+            out += [ast.literal_eval(e) for e in values[value.generators[0].iter.id].elts]
         else:
-            out.append(ast.literal_eval(element))
+            out.append(ast.literal_eval(key))
     return out
 
 

@@ -165,6 +165,36 @@ def test_a_ctrl_c_inside_optunas_tell_stops_the_study_cleanly(tmp_path, data_dir
     assert states == [TrialState.COMPLETE], states  # told in full, and no second trial started
 
 
+def test_a_ctrl_c_during_the_start_up_storage_writes_lets_them_finish(
+    tmp_path, data_dir, monkeypatch, capsys
+):
+    """The signal lands while `tune` writes the study's attributes at start-up: the write completes (one cut
+    inside a PostgreSQL driver's transaction left the connection unusable: a StorageInternalError traceback,
+    exit 1), then the run stops in one line."""
+    from optuna.storages import RDBStorage
+
+    write = RDBStorage.set_study_user_attr
+    written = []
+
+    def write_and_ctrl_c(self, study_id, key, value):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at the next bytecode: inside the write
+        write(self, study_id, key, value)
+        written.append(key)
+
+    monkeypatch.setattr(RDBStorage, "set_study_user_attr", write_and_ctrl_c)
+    config = {**BASE, "study": {**BASE["study"], "run_dir": str(tmp_path / "runs"), "n_trials": 3}}
+    config["data"] = {**BASE["data"], "init_args": {**BASE["data"]["init_args"], "cache_dir": str(data_dir)}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    rc = main(["tune", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    assert "lightning-dropout: interrupted; re-run to resume" in err
+    study = load(tmp_path)
+    assert written and all(key in study.user_attrs for key in written)
+    assert study.trials == []  # stopped before trial 0
+
+
 def test_ctrl_c_is_held_outside_trainings_and_raised_at_the_next_safe_point():
     with pytest.raises(KeyboardInterrupt), ctrl_c.held():
         os.kill(os.getpid(), signal.SIGINT)

@@ -112,6 +112,8 @@ def test_a_worker_that_dies_is_reported_with_the_workers_left(monkeypatch, caplo
         Value=lambda typecode, value, lock=True: types.SimpleNamespace(value=value, get_lock=threading.Lock),
     )
     monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: context)
+    # the study started from a user's script (whatever runs these tests: pytest, or an xdist worker)
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__="/home/me/study.py"))
     reported_while_running = []
 
     def run_worker(index, study=None):  # worker 0's trials: the report comes while they run

@@ -8,6 +8,7 @@ The throwaway PostgreSQL server trusts local connections and ignores the passwor
 from __future__ import annotations
 
 import stat
+import uuid
 
 import pytest
 import yaml
@@ -48,7 +49,7 @@ def test_the_storage_password_reaches_no_file_and_no_output(
     parts = make_url(postgres_url)
     url = f"{parts.drivername}://{parts.username}:{CANARY}@{parts.host}:{parts.port}/{parts.database}"
     assert make_url(url).password == CANARY.replace("%40", "@")  # what the driver receives
-    name = f"canary-{tmp_path.name[-12:]}".replace("_", "-")
+    name = f"canary-{uuid.uuid4().hex[:12]}"  # a study of its own in a database other runs may share
     config = {**CONFIG, "study": {**CONFIG["study"], "name": name, "storage": url, "run_dir": "runs"}}
     config["data"] = {
         **config["data"],

@@ -62,6 +62,12 @@ class Channel:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return dict(box[0])
 
+    def close(self) -> None:
+        """Every rank, once the study is done: wait for the others, then leave the process group together, so
+        no rank exits while another still talks to it (or to the launcher's store)."""
+        dist.barrier(group=self.group)
+        dist.destroy_process_group()
+
     def follow(self, tuner: Tuner) -> int:
         """A rank other than 0: train each job rank 0 sends until it says stop; return the number trained."""
         done = 0

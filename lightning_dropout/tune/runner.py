@@ -249,7 +249,12 @@ class Tuner:
     def study(self) -> optuna.Study:
         """Open (or create) the study. The sampler draws each trial from its own stream, seeded from the trial
         number (:mod:`~lightning_dropout.tune.seeding`): a resumed study, a second worker or a joining machine
-        never replays the proposals of earlier trials, and a fresh study is reproducible."""
+        never replays the proposals of earlier trials, and a fresh study is reproducible. A Ctrl-C during these
+        storage writes is raised once they are done (one landing inside a driver's transaction breaks it)."""
+        with ctrl_c.held():
+            return self._open_study()
+
+    def _open_study(self) -> optuna.Study:
         cfg = self.study_config
         study = optuna.create_study(
             study_name=cfg.name,
@@ -555,7 +560,9 @@ class Tuner:
     def enqueue_fixed(self, study: optuna.Study) -> None:
         """Enqueue, once per study, what runs before the sampler (:func:`~lightning_dropout.tune.fixed.enqueue_fixed`):
         the baselines, the warm-start grid and the user's own trials."""
-        enqueue_fixed(study, self.study_config, self.space, self.cli.fresh().model)
+        model = self.cli.fresh().model
+        with ctrl_c.held():  # storage writes (see :meth:`study`)
+            enqueue_fixed(study, self.study_config, self.space, model)
 
     def run_worker(self, index: int = 0, study: optuna.Study | None = None) -> None:
         """Run trials until the study holds ``n_trials`` finished ones (with ``study.method: pbt``, the population's

@@ -94,12 +94,14 @@ def tune(
     channel = Channel(tuner)
     if rank != 0:
         channel.follow(tuner)
+        channel.close()
         return None, [], None
     tuner.channel = channel
     # on an error this rank exits without a word to the others: the launcher then stops them (they may be
     # waiting in a training's collective, not for a job)
     outcome = _tune(tuner, args, console)
     channel.send({"kind": "stop"})
+    channel.close()
     return outcome
 
 
