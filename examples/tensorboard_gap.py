@@ -23,7 +23,8 @@ from torch import nn
 from lightning_dropout import Rule
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.data import MNIST1DDataModule
-from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor
+from lightning_dropout.monitor import GapMonitor
+from lightning_dropout.uncertainty import UncertaintyMonitor
 from lightning_dropout.zoo import MLP
 
 

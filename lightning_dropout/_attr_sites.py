@@ -208,7 +208,9 @@ class _KernelWatch(TorchFunctionMode):
         self.sentinels = sentinels
         self.probed = probed
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if any(word in name.lower() for word in _KERNEL_WORDS):

@@ -42,7 +42,7 @@ class _SiteHook:
 
 
 class OutputHook(_SiteHook):
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         drop = cast(nn.Module, module._modules[self.child])  # the child we registered, never None
         try:
             if isinstance(output, tuple):  # recurrent modules: (sequence, state); the sequence is dropped
@@ -53,7 +53,7 @@ class OutputHook(_SiteHook):
 
 
 class InputHook(_SiteHook):
-    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if not args:
             return None
         drop = cast(nn.Module, module._modules[self.child])  # the child we registered, never None
@@ -66,7 +66,7 @@ class InputHook(_SiteHook):
 class WeightPreHook(_SiteHook):
     """Give the module dropped weights for one call; the parameters themselves are never re-registered."""
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         drop: WeightDropout = module._modules[self.child]  # type: ignore[assignment]
         restore_weights(module, drop)
         if not drop.training or drop.p == 0.0:
@@ -77,11 +77,11 @@ class WeightPreHook(_SiteHook):
                 module._flat_weights[module._flat_weights_names.index(name)] = dropped
             else:
                 drop.__dict__.setdefault("_stash", {})[name] = module._parameters[name]
-                module._parameters[name] = dropped  # type: ignore[assignment]
+                module._parameters[name] = dropped
 
 
 class WeightPostHook(_SiteHook):
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         restore_weights(module, module._modules[self.child])  # type: ignore[arg-type]
 
 
@@ -115,7 +115,7 @@ class FirstTrainingForward(_SiteHook):
         super().__init__(key, child)
         self.eager = eager
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not module.training:
             return None
         remove_hooks(module, self.key)  # first: the probe calls the owner again

@@ -42,7 +42,8 @@ class SiteRecord:
 
 
 def site_records(model: nn.Module) -> dict[str, SiteRecord]:
-    return model.__dict__.setdefault(STATE_ATTR, {})
+    records: dict[str, SiteRecord] = model.__dict__.setdefault(STATE_ATTR, {})
+    return records
 
 
 def site_module(model: nn.Module, target: str, site: Site) -> nn.Module:

@@ -54,7 +54,7 @@ def trace_input(model: nn.Module, example_input: Any) -> Trace:
         names.setdefault(id(mod), qualname)
     handles = []
 
-    def record(mod: nn.Module, args: tuple, out: Any) -> None:
+    def record(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         qualname = names.get(id(mod))
         if qualname is None:
             return

@@ -48,7 +48,7 @@ def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = 
                 f"line {line}: a mapping's key must be a plain value such as a name or a number, but this one "
                 f"is {kind} (a YAML complex key, `? ...`)."
             )
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise DropoutConfigError(
                 f"line {line}: key `{key}` must appear once in its mapping, but it appears twice (lines "

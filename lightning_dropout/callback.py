@@ -431,7 +431,7 @@ class DropoutInjector(Callback):
 def _global_rng() -> dict[str, Any]:
     """torch's global random states (CPU, and every CUDA device once CUDA is initialized)."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

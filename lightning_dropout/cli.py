@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 # argv handling, `--help` and `variants` stay cheap: Lightning, jsonargparse and Optuna load in the commands
 from lightning_dropout.errors import DropoutConfigError, closest, summarize, unwritable
-from lightning_dropout.secrets import redact, remember_urls
+from lightning_dropout.redaction import redact, remember_urls
 
 if TYPE_CHECKING:
     from lightning_dropout.config import ConfigCLI
@@ -171,7 +171,7 @@ def _lightning(command: str, rest: list[str]) -> int:
 def _plan_path(config: Any, rest: list[str]) -> str | None:
     """The ``plan`` of the command: ``--plan PATH`` as given (relative to the current folder), or a config's
     ``plan:`` relative to that config file's folder (as LightningCLI resolves paths in a config)."""
-    plan = config.get("plan")
+    plan: str | None = config.get("plan")
     if not plan or os.path.isabs(plan) or any(a == "--plan" or a.startswith("--plan=") for a in rest):
         return plan
     import yaml
@@ -333,7 +333,6 @@ def _report(rest: list[str]) -> int:
     ns = _study_parser("report", "the HTML file to write (default: <run_dir>/STUDY/report.html)").parse_args(
         rest
     )
-    from lightning_dropout.tune.config import redact  # after parsing: `report --help` stays cheap
     from lightning_dropout.tune.records import open_study
     from lightning_dropout.tune.report import write_report
 
@@ -553,7 +552,7 @@ def _print_config(command: str, rest: list[str]) -> int:
 def _remember_passwords(rest: list[str]) -> None:
     """Note the passwords of the storage URLs on the command line, in ``$LIGHTNING_DROPOUT_STORAGE`` and in the
     config file before anything is parsed, so every line this process prints hides them, whatever their
-    characters (:func:`~lightning_dropout.secrets.remember`)."""
+    characters (:func:`~lightning_dropout.redaction.remember`)."""
     for arg in rest:
         remember_urls(arg)
     remember_urls(os.environ.get("LIGHTNING_DROPOUT_STORAGE", ""))

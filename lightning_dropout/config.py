@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from lightning_dropout._yaml import load_yaml
 from lightning_dropout.errors import DropoutConfigError, closest, summarize
-from lightning_dropout.secrets import redact_value
+from lightning_dropout.redaction import redact_value
 
 log = logging.getLogger(__name__)
 

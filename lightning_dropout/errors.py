@@ -123,7 +123,7 @@ def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
 def strict_init(cls: type[_T]) -> type[_T]:
     """Make a dataclass refuse an unknown or surplus argument with a :class:`DropoutConfigError` naming the
     argument, the nearest field and every field (instead of Python's bare ``TypeError``)."""
-    init: Callable[..., None] = cls.__init__  # type: ignore[misc]
+    init: Callable[..., None] = cls.__init__
     names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
 
     @functools.wraps(init)

@@ -1,5 +1,5 @@
-"""What TensorBoard should show about dropout: the generalization gap measured correctly, and MC-dropout
-uncertainty (Lightning callbacks; no Optuna).
+"""What TensorBoard should show about dropout: the generalization gap measured correctly (a Lightning callback;
+no Optuna). MC-dropout uncertainty is :class:`~lightning_dropout.uncertainty.UncertaintyMonitor`.
 
 Most tools plot the training loss, measured with dropout on, against the validation loss, measured with it
 off, and call the difference a generalization gap. Dropout inflates the first, so that "gap" shrinks or turns
@@ -13,12 +13,9 @@ data the way validation does (dropout off, the module's own ``validation_step`` 
 - ``timing/gap_seconds``: the time the extra passes took.
 
 ``<metric>`` is each name the module's ``validation_step`` logs with a ``val_``/``val/``/``valid_``/
-``validation_`` prefix stripped (``val_loss`` -> ``loss``). Neither monitor changes training: the extra
+``validation_`` prefix stripped (``val_loss`` -> ``loss``). The monitor does not change training: the extra
 passes draw from forked random number generators (global and each dropout site's own), leave BatchNorm in
 eval mode and the module's torchmetrics states as they were.
-
-:class:`UncertaintyMonitor` runs MC dropout (:func:`~lightning_dropout.mc.mc_predict`) on the validation set
-and logs the expected calibration error (torchmetrics) and the predictive entropy.
 
 Under DDP every rank evaluates its own shard; sums are reduced across ranks (torchmetrics states are synced
 by torchmetrics) and only rank 0 writes to the loggers. The values also go to ``trainer.callback_metrics``, so
@@ -49,9 +46,8 @@ from lightning_dropout.errors import DropoutConfigError, check_int
 from lightning_dropout.mc import mc_dropout
 from lightning_dropout.passes import metric_modules, untouched
 from lightning_dropout.scalars import GAP_CATEGORY, gap_layout, write_layout
-from lightning_dropout.uncertainty import UncertaintyMonitor
 
-__all__ = ["GapMonitor", "LogCapture", "UncertaintyMonitor", "metric_base_name"]
+__all__ = ["GapMonitor", "LogCapture", "metric_base_name"]
 
 log = logging.getLogger(__name__)
 
@@ -322,3 +318,20 @@ class GapMonitor(Callback):
             100 * self.seconds / max(total, 1e-9),
             total,
         )
+
+
+def __getattr__(name: str) -> Any:
+    """``lightning_dropout.monitor.UncertaintyMonitor``, the former path: still importable for one release."""
+    if name == "UncertaintyMonitor":
+        import warnings
+
+        from lightning_dropout.uncertainty import UncertaintyMonitor
+
+        warnings.warn(
+            "lightning_dropout.monitor.UncertaintyMonitor moved to lightning_dropout.uncertainty.UncertaintyMonitor; "
+            "the old path goes in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return UncertaintyMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

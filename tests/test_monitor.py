@@ -27,8 +27,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from lightning_dropout import DropoutConfigError, Rule
 from lightning_dropout.callback import DropoutInjector
-from lightning_dropout.monitor import GapMonitor, LogCapture, UncertaintyMonitor, metric_base_name
+from lightning_dropout.monitor import GapMonitor, LogCapture, metric_base_name
 from lightning_dropout.scalars import site_groups, site_name
+from lightning_dropout.uncertainty import UncertaintyMonitor
 
 HERE = Path(__file__).parent
 CLASSES = 3
@@ -812,3 +813,14 @@ def test_ddp_two_processes_log_the_single_process_figures_once(tmp_path):
     _, events = read_events(two)
     logged = [e.value for e in events.Scalars("train_clean/loss")]
     assert logged == pytest.approx([h["train_clean/loss"] for h in single["history"]], abs=1e-5)
+
+
+def test_the_former_path_of_uncertainty_monitor_still_imports_with_a_deprecation_warning():
+    import lightning_dropout.monitor as monitor
+    from lightning_dropout.uncertainty import UncertaintyMonitor as moved
+
+    with pytest.warns(DeprecationWarning, match="lightning_dropout.uncertainty.UncertaintyMonitor"):
+        assert monitor.UncertaintyMonitor is moved
+    assert "UncertaintyMonitor" not in monitor.__all__
+    with pytest.raises(AttributeError):
+        monitor.NoSuchMonitor  # noqa: B018

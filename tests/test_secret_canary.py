@@ -133,7 +133,7 @@ def test_a_remembered_password_is_hidden_whatever_its_characters(password):
     shows it, raw, percent-encoded or decoded, even where the URL's shape is lost (a space, a quote)."""
     from urllib.parse import quote
 
-    from lightning_dropout.secrets import redact, remember
+    from lightning_dropout.redaction import redact, remember
 
     url = f"postgresql://user:{password}@db-host:5432/optuna"
     remember(url)

@@ -110,8 +110,21 @@ def test_searched_values_reach_the_model_and_data_and_the_reruns(tmp_path, data_
             {"model.init_args.lr": {"type": "double", "low": 0.1, "high": 1}},
             ["['float', 'int', 'categorical']"],
         ),
+        (
+            {"model.init_args.lr": {"low": 0.001, "high": 0.1, "log": "false"}},
+            ["`search.model.init_args.lr`.log must be true or false, but got 'false'"],
+        ),
     ],
-    ids=["unknown-key", "log-at-zero", "reversed", "unknown-field", "int-fraction", "tuner-key", "bad-type"],
+    ids=[
+        "unknown-key",
+        "log-at-zero",
+        "reversed",
+        "unknown-field",
+        "int-fraction",
+        "tuner-key",
+        "bad-type",
+        "log-as-string",
+    ],
 )
 def test_a_bad_search_entry_stops_tune_before_trial_0(tmp_path, data_dir, capsys, search, expected):
     config = write_config(tmp_path)

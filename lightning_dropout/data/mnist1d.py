@@ -260,8 +260,12 @@ class MNIST1DDataModule(L.LightningDataModule):
         self.test_dataset = TensorDataset(x_test, y_test)
 
     def _loader(
-        self, dataset: TensorDataset | None, name: str, kind: type[DataLoader] = DataLoader, **kwargs: Any
-    ) -> DataLoader:
+        self,
+        dataset: TensorDataset | None,
+        name: str,
+        kind: type[DataLoader[Any]] = DataLoader,
+        **kwargs: Any,
+    ) -> DataLoader[Any]:
         if dataset is None:
             raise RuntimeError(f"`{name}` is not built yet; call `prepare_data()` and `setup()` first.")
         return kind(
@@ -273,7 +277,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         )
 
     @override
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[Any]:
         """Shuffled training batches; the order of epoch ``e`` is a function of ``seed`` and ``e``
         (:class:`EpochShuffle`), so a resumed fit replays the uninterrupted order, from a mid-epoch checkpoint
         too (:class:`~lightning_dropout.data.resumable.ResumableLoader`). The loader has its own generator, so
@@ -287,13 +291,13 @@ class MNIST1DDataModule(L.LightningDataModule):
         )
 
     @override
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader[Any] | list[Any]:
         """Validation batches in a fixed order, or ``[]`` when ``val_fraction == 0``."""
         if self.val_fraction == 0:
             return []
         return self._loader(self.val_dataset, "val_dataset", shuffle=False, generator=torch.Generator())
 
     @override
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[Any]:
         """The held-out test sequences (1000 with the defaults), in a fixed order."""
         return self._loader(self.test_dataset, "test_dataset", shuffle=False, generator=torch.Generator())

@@ -37,7 +37,7 @@ from lightning_dropout.errors import DropoutConfigError
 __all__ = ["ResumableLoader"]
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(DataLoader[Any]):
     """A DataLoader whose position in the epoch is saved in Lightning's checkpoints and restored on resume.
 
     Lightning needs the batch count of a sized loader without pre-fetching, so the batches served are the batches

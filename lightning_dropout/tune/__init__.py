@@ -1,7 +1,8 @@
 """Tuning studies: per-layer dropout rate and variant search with Optuna (the only layer that imports Optuna)."""
 
+from lightning_dropout.redaction import redact
 from lightning_dropout.tune.api import StudyResult, tune_study
-from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler, redact
+from lightning_dropout.tune.config import DropoutSpace, StudyConfig, make_pruner, make_sampler
 from lightning_dropout.tune.pruning import TrialPruning
 from lightning_dropout.tune.records import candidates, open_storage, open_study, winner
 from lightning_dropout.tune.reruns import rerun

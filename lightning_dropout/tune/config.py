@@ -28,7 +28,7 @@ from lightning_dropout.errors import (
     strict_init,
 )
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.secrets import redact, remember
+from lightning_dropout.redaction import remember
 from lightning_dropout.tune.population import PopulationConfig, population_size
 from lightning_dropout.tune.selection import WINNER_RULES
 from lightning_dropout.tune.space import SearchGroup
@@ -43,7 +43,6 @@ __all__ = [
     "build",
     "make_pruner",
     "make_sampler",
-    "redact",
     "resolve_spec",
     "resolve_storage",
 ]
@@ -162,7 +161,7 @@ class StudyConfig:
         gap_samples: every trial runs a :class:`~lightning_dropout.monitor.GapMonitor` on this many training
             examples (logged ``gap/<metric>``; the HParams record gets the gap at the best epoch); 0 disables it.
         mc_samples: with ``>= 2``, every trial also runs an
-            :class:`~lightning_dropout.monitor.UncertaintyMonitor` with this many MC-dropout passes (logged
+            :class:`~lightning_dropout.uncertainty.UncertaintyMonitor` with this many MC-dropout passes (logged
             ``mc/ece``, ``mc/entropy``); 0 disables it.
         value: how a run's validation curve becomes its value (trials and re-runs alike): ``best`` (the best
             epoch), ``window`` (the mean of ``value_window`` epochs around the best), ``ema`` (the best of an

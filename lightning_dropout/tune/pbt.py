@@ -55,7 +55,7 @@ from lightning_dropout.config import quiet_lightning
 from lightning_dropout.errors import DropoutConfigError, Interrupted
 from lightning_dropout.inject import resolve
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.secrets import redact
+from lightning_dropout.redaction import redact
 from lightning_dropout.tune import ctrl_c
 from lightning_dropout.tune.board import TrialLogger, plan_hparams
 from lightning_dropout.tune.fixed import duplicate_of

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.secrets import redact, remember
+from lightning_dropout.redaction import redact, remember
 from lightning_dropout.tune.selection import NO_DROPOUT, Candidate, choose_winner, rank_candidates
 
 __all__ = [

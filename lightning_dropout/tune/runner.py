@@ -37,8 +37,9 @@ from optuna.trial import TrialState
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.config import ConfigCLI, load_config, quiet_lightning
 from lightning_dropout.errors import DropoutConfigError, UnwritableError, unwritable
-from lightning_dropout.monitor import GapMonitor, UncertaintyMonitor, metric_base_name
+from lightning_dropout.monitor import GapMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.redaction import redact
 from lightning_dropout.tune import ctrl_c, trial_io
 from lightning_dropout.tune.board import plan_columns, plan_hparams
 from lightning_dropout.tune.budget import BudgetPlan
@@ -49,7 +50,7 @@ from lightning_dropout.tune.checks import (
     check_no_plan,
     check_run_dir,
 )
-from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner, redact
+from lightning_dropout.tune.config import CONFIG_SECTIONS, DropoutSpace, StudyConfig, make_pruner
 from lightning_dropout.tune.devices import DeviceLayout, divide, trial_port, visible_gpus
 from lightning_dropout.tune.fixed import baseline_plans, duplicate_of, enqueue_fixed, race_references
 from lightning_dropout.tune.loggers import (
@@ -85,6 +86,7 @@ from lightning_dropout.tune.search import Distribution, parse_search, search_val
 from lightning_dropout.tune.seeding import seeded_sampler
 from lightning_dropout.tune.space import suggest_plan
 from lightning_dropout.tune.value import trial_value
+from lightning_dropout.uncertainty import UncertaintyMonitor
 
 __all__ = ["DuplicateTrialError", "TrialResult", "Tuner"]
 
@@ -194,9 +196,9 @@ class Tuner:
 
         cfg = self.study_config
         trainer = self.cli.trainer
-        per_trial = max(1, int(trainer.num_devices))  # type: ignore[attr-defined]
+        per_trial = max(1, int(trainer.num_devices))
         gpus = cfg.gpu_list()
-        on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)  # type: ignore[attr-defined]
+        on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)
         ids = list(getattr(trainer, "device_ids", range(per_trial)))
         # GPU ids in the config (`trainer.devices: [2, 3]`) pick the GPUs of one worker: nothing to divide
         if on_cuda and ids != list(range(per_trial)) and (cfg.workers != 1 or gpus is not None):

@@ -74,7 +74,9 @@ class Distribution:
             raise DropoutConfigError(
                 f"{where} needs finite numbers low <= high, but got low={low!r}, high={high!r}."
             )
-        log = bool(spec.get("log", False))
+        log = spec.get("log", False)
+        if not isinstance(log, bool):  # YAML's 'false' is a string, and a non-empty string is true
+            raise DropoutConfigError(f"{where}.log must be true or false, but got {log!r}.")
         if log and low <= 0:  # type: ignore[operator]
             raise DropoutConfigError(f"{where}: `log: true` needs low > 0, but got low={low!r}.")
         step = spec.get("step")

@@ -29,8 +29,9 @@ from rich.text import Text
 
 from lightning_dropout.errors import DropoutConfigError, Interrupted
 from lightning_dropout.plan import DropoutPlan
+from lightning_dropout.redaction import redact
 from lightning_dropout.tune.budget import BudgetPlan, compute_used, rerun_runs
-from lightning_dropout.tune.config import STORAGE_ENV, StudyConfig, redact, resolve_storage
+from lightning_dropout.tune.config import STORAGE_ENV, StudyConfig, resolve_storage
 from lightning_dropout.tune.launched import Channel, launched_rank
 from lightning_dropout.tune.loggers import publish_study, uses_tensorboard
 from lightning_dropout.tune.pbt import tune_population

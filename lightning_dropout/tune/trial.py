@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 
-from lightning_dropout.secrets import redact
+from lightning_dropout.redaction import redact
 from lightning_dropout.tune import trial_io
 from lightning_dropout.tune.pruning import MetricNotLoggedError
 from lightning_dropout.tune.runner import Tuner

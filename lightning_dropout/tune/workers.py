@@ -29,7 +29,7 @@ import optuna
 
 from lightning_dropout._worker_start import start_worker
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.secrets import redact
+from lightning_dropout.redaction import redact
 from lightning_dropout.tune.devices import VISIBLE_ENV, gpu_environment
 from lightning_dropout.tune.reruns import Claims, rerun, run_claimed_baselines, run_race
 from lightning_dropout.tune.runner import Tuner
@@ -272,7 +272,7 @@ def _check_cuda_unused(first: str) -> None:
     no longer limit it to its GPUs (Lightning counts GPUs through NVML and leaves CUDA alone until a trial)."""
     import torch
 
-    if torch.cuda.is_initialized() and os.environ.get(VISIBLE_ENV) != first:
+    if torch.cuda.is_initialized() and os.environ.get(VISIBLE_ENV) != first:  # type: ignore[no-untyped-call]
         raise DropoutConfigError(
             f"the `tune` process must not use CUDA before its workers get their GPUs (worker 0: {first}), but CUDA "
             "is already initialized (a model, datamodule or callback that moves to the GPU when built?); move "

@@ -104,7 +104,7 @@ class ConcreteDropout(DropoutVariant):
         self.dropout_regularizer = float(dropout_regularizer)
         self.input_features = 0  # K, set by the last training forward
 
-    @property  # type: ignore[override]
+    @property
     def p(self) -> float:
         """The current learned rate ``sigmoid(p_logit)``."""
         return float(torch.sigmoid(self.p_logit.detach()))

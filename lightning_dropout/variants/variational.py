@@ -94,7 +94,7 @@ class VariationalDropout(DropoutVariant):
     def check_input(self, shape: torch.Size) -> str | None:
         return "needs a sequence (B, T, *) or (T, B, *)" if len(shape) < 3 else None
 
-    def forward(self, x: Tensor | PackedSequence) -> Tensor | PackedSequence:  # type: ignore[override]
+    def forward(self, x: Tensor | PackedSequence) -> Tensor | PackedSequence:
         if not self._active(x):
             return x
         out, mask = _apply(x, self.p, self.batch_first, self.generator)

@@ -140,7 +140,8 @@ class MLP(MNIST1DClassifier):
     def forward(self, x: Tensor) -> Tensor:
         h = self.linear1(x).relu()
         h = h + self.linear2(h).relu()
-        return self.linear3(h)
+        logits: Tensor = self.linear3(h)
+        return logits
 
 
 def _conv_out(length: int, kernel: int, stride: int, padding: int) -> int:
@@ -185,7 +186,8 @@ class CNN(MNIST1DClassifier):
         h = self.conv1(h).relu()
         h = self.conv2(h).relu()
         h = self.conv3(h).relu()
-        return self.head(h.flatten(1))
+        logits: Tensor = self.head(h.flatten(1))
+        return logits
 
 
 class GRU(MNIST1DClassifier):
@@ -223,7 +225,8 @@ class GRU(MNIST1DClassifier):
     @override
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.gru(x.unsqueeze(-1))
-        return self.head(out.flatten(1))
+        logits: Tensor = self.head(out.flatten(1))
+        return logits
 
 
 class TransformerEncoderClassifier(MNIST1DClassifier):
@@ -282,4 +285,5 @@ class TransformerEncoderClassifier(MNIST1DClassifier):
     def forward(self, x: Tensor) -> Tensor:
         h = self.embed(x.unsqueeze(-1)) + self.pos_embedding
         h = self.encoder(h)
-        return self.head(h.mean(dim=1))
+        logits: Tensor = self.head(h.mean(dim=1))
+        return logits
