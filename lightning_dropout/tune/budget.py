@@ -29,9 +29,13 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from lightning_dropout.tune.records import EPOCHS_ATTR, RERUN_VALUE_PREFIX, RERUNS_ATTR, counts
-
-SEGMENT_EPOCHS_ATTR = "pbt_epochs"  # trial attribute of a PBT segment (lightning_dropout.tune.pbt)
+from lightning_dropout.tune.records import (
+    EPOCHS_ATTR,
+    RERUN_VALUE_PREFIX,
+    RERUNS_ATTR,
+    SEGMENT_EPOCHS_ATTR,
+    counts,
+)
 
 __all__ = [
     "MIN_RACE_SEEDS",

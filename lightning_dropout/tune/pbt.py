@@ -77,6 +77,7 @@ from lightning_dropout.tune.records import (
     PBT_ATTR,
     PBT_RESULT_ATTR,
     PLAN_ATTR,
+    SEGMENT_EPOCHS_ATTR,
 )
 from lightning_dropout.tune.report import write_study_images
 from lightning_dropout.tune.runner import DuplicateTrialError, Tuner, fit
@@ -106,7 +107,7 @@ START_ATTR = "pbt_start"  # the checkpoint it starts from ("" in generation 0)
 COPIED_ATTR = (
     "pbt_copied_from"  # the member whose checkpoint it continues (itself unless it exploited; -1 at 0)
 )
-EPOCHS_ATTR = "pbt_epochs"  # [start, end) epochs
+EPOCHS_ATTR = SEGMENT_EPOCHS_ATTR  # [start, end) epochs (tune/budget.py counts them)
 END_ATTR = "pbt_checkpoint"  # the checkpoint it saved (set when it completes)
 SETTINGS_ATTR = "pbt_settings"  # study attribute: Population.settings() of the study's first run
 NOT_A_SEGMENT = "no population segment was waiting (another worker took the last one); not run"

@@ -37,6 +37,7 @@ __all__ = [
     "FIXED_PLAN_ATTR",
     "INTERRUPTED",
     "METRICS_ATTR",
+    "METRIC_ATTR",
     "NOTHING_TRAINED",
     "PARENT_RUNS_ATTR",
     "PBT_ATTR",
@@ -45,9 +46,12 @@ __all__ = [
     "RERUNS_ATTR",
     "RERUN_VALUE_PREFIX",
     "SEARCH_ATTR",
+    "SEGMENT_EPOCHS_ATTR",
     "STEPS_METRIC",
+    "VALUE_RULE_ATTR",
     "WARM_START_ATTR",
     "WINNER_LABEL_ATTR",
+    "WINNER_RULE_ATTR",
     "WINNER_TRIAL_ATTR",
     "WINNER_VALUES_ATTR",
     "candidates",
@@ -65,12 +69,19 @@ __all__ = [
     "retried",
     "storage_file",
     "stored_plan",
+    "study_metric",
     "trial_label",
+    "value_rule",
     "winner",
+    "winner_rule",
     "winner_trial",
     "winning_config",
 ]
 
+# study attributes `tune` writes when it opens the study, which `best`, `report` and the figures read back
+METRIC_ATTR = "metric"  # the metric the study optimizes (`study.metric`)
+WINNER_RULE_ATTR = "winner_rule"  # how the race picks the winner (`study.winner`)
+VALUE_RULE_ATTR = "value"  # how a trial's value summarizes its curve (`study.value`)
 BASELINE_ATTR = "baseline"
 WARM_START_ATTR = "warm_start"  # the label of a warm-start trial ("uniform p=0.2")
 ENQUEUED_ATTR = "enqueued"  # the label of a trial from `study.enqueue` ("enqueued #1")
@@ -102,6 +113,7 @@ INTERRUPTED = "interrupted (Ctrl-C)"
 DUPLICATE = "a duplicate of an earlier trial with the same label (two processes enqueued it at once); not run"
 BASELINE_NONE = NO_DROPOUT
 BASELINE_AS_WRITTEN = "as written"
+SEGMENT_EPOCHS_ATTR = "pbt_epochs"  # trial attribute of a PBT segment: its [start, end) epochs
 PBT_ATTR = "pbt"  # the label of a population-based training segment ("pbt g003 m01"; tune/pbt.py)
 # study attribute: the result of population-based training ({label, plan: the scheduled plan's YAML, ...})
 PBT_RESULT_ATTR = "pbt_result"
@@ -112,6 +124,22 @@ NOTHING_TRAINED = (
 REPEATS = 3  # failures alike, with no trial complete, after which a study stops (`repeated_failure`)
 _OPEN_TRIES = 6  # creating the tables of a fresh database: the tries when several processes race
 HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
+
+
+def study_metric(study: optuna.Study) -> str:
+    """The metric the study optimizes, as `tune` recorded it (``value`` for a study made elsewhere)."""
+    return str(study.user_attrs.get(METRIC_ATTR, "value"))
+
+
+def winner_rule(study: optuna.Study) -> str:
+    """How the study's race picks its winner, as `tune` recorded it (``one_se`` by default)."""
+    return str(study.user_attrs.get(WINNER_RULE_ATTR, "one_se"))
+
+
+def value_rule(study: optuna.Study) -> str | None:
+    """How a trial's value summarizes its curve (``study.value``), if `tune` recorded it."""
+    rule = study.user_attrs.get(VALUE_RULE_ATTR)
+    return str(rule) if rule else None
 
 
 def counts(trial: optuna.trial.FrozenTrial) -> bool:
@@ -346,7 +374,7 @@ def _chosen(study: optuna.Study) -> Candidate | None:
     if not reruns:
         return None
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    return choose_winner(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se")))
+    return choose_winner(reruns, maximize, winner_rule(study))
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
@@ -438,8 +466,8 @@ def _winner_note(
     study: optuna.Study, trial: optuna.trial.FrozenTrial, label: str, chosen: Candidate | None
 ) -> str:
     """The study note (Markdown) on the winner and Optuna's best trial."""
-    metric = str(study.user_attrs.get("metric", "value"))
-    rule = str(study.user_attrs.get("winner_rule", "one_se"))
+    metric = study_metric(study)
+    rule = winner_rule(study)
     best = _best_trial(study)
     heading = label if label.startswith(f"trial {trial.number} ") else f"trial {trial.number}, {label}"
     lines = [_NOTE_MARK, f"## Winner: {heading}", ""]

@@ -43,7 +43,10 @@ from lightning_dropout.tune.records import (
     METRICS_ATTR,
     PLAN_ATTR,
     rerun_candidates,
+    study_metric,
+    value_rule,
     winner,
+    winner_rule,
 )
 from lightning_dropout.tune.selection import Comparison, compare
 
@@ -75,12 +78,12 @@ class FigureSkipped(ValueError):
 
 
 def _metric(study: optuna.Study) -> str:
-    return str(study.user_attrs.get("metric", "value"))
+    return study_metric(study)
 
 
 def _value_label(study: optuna.Study) -> str:
     """``"trial value (ema)"``: what a trial's value is (``study.value``), as every table and axis labels it."""
-    rule = study.user_attrs.get("value")
+    rule = value_rule(study)
     return f"trial value ({rule})" if rule else "trial value"
 
 
@@ -292,7 +295,7 @@ def plan_summary(plan: DropoutPlan, sep: str = "; ") -> str:
 def _comparisons(study: optuna.Study) -> list[Comparison]:
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     reruns = rerun_candidates(study)
-    return compare(reruns, maximize, str(study.user_attrs.get("winner_rule", "one_se"))) if reruns else []
+    return compare(reruns, maximize, winner_rule(study)) if reruns else []
 
 
 def markdown_results(study: optuna.Study) -> str:

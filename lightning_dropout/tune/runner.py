@@ -70,11 +70,14 @@ from lightning_dropout.tune.records import (
     FAIL_ATTR,
     FIXED_PLAN_ATTR,
     INTERRUPTED,
+    METRIC_ATTR,
     METRICS_ATTR,
     NOTHING_TRAINED,
     PLAN_ATTR,
     SEARCH_ATTR,
     STEPS_METRIC,
+    VALUE_RULE_ATTR,
+    WINNER_RULE_ATTR,
     config_summary,
     finished_trials,
     fixed_label,
@@ -272,9 +275,9 @@ class Tuner:
         # ... and optuna-dashboard shows it readably, one line per section (computed when the config changed)
         summary = self._config_summary(study, config) if study.user_attrs.get(CONFIG_ATTR) != config else {}
         for key, value in (
-            ("metric", cfg.metric),
-            ("winner_rule", cfg.winner),
-            ("value", cfg.value),
+            (METRIC_ATTR, cfg.metric),
+            (WINNER_RULE_ATTR, cfg.winner),
+            (VALUE_RULE_ATTR, cfg.value),
             (CONFIG_ATTR, config),
             *summary.items(),
         ):
