@@ -323,3 +323,41 @@ def test_a_read_only_storage_is_one_line_and_left_as_it_was(tmp_path, data_dir):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.count("\n") == 1 and "read-only" in done.stderr
     assert db.read_bytes() == before
+
+
+def test_a_full_disk_stops_population_based_training_in_one_line(tmp_path, data_dir):
+    """The same for `study.method: pbt`, whose segments save checkpoints: the first write past the limit ends the
+    run in one line instead of failing every later segment."""
+    population = {"size": 2, "interval": 0.25, "quantile": 0.5}
+    config = write_config(
+        tmp_path,
+        trainer={"max_epochs": 8},
+        study={"method": "pbt", "population": population, "value": "last", "workers": 1},
+    )
+    limit = 150_000  # bytes per file: the study's database outgrows it within a few segments
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_dropout.cli",
+            "tune",
+            str(config),
+            f"--study.storage=sqlite:///{tmp_path / 'study.db'}",
+            f"--study.run_dir={tmp_path / 'runs'}",
+            f"--data.init_args.cache_dir={data_dir}",
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=cap,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("lightning-dropout: error:")]
+    assert "cannot write" in line, line
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials()
+    assert sum(t.state == TrialState.FAIL for t in trials) <= 1

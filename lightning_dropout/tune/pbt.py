@@ -52,7 +52,7 @@ from torch import nn
 
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.config import quiet_lightning
-from lightning_dropout.errors import DropoutConfigError, Interrupted
+from lightning_dropout.errors import DropoutConfigError, Interrupted, unwritable
 from lightning_dropout.inject import resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.redaction import redact
@@ -412,6 +412,9 @@ class Population:
             trial.set_user_attr(FAIL_ATTR, INTERRUPTED)  # enqueued again when the study resumes
             raise
         except Exception as err:
+            if unwritable(err) is not None:  # a full disk: every later segment would fail alike (runner.py)
+                self.fatal = self.tuner.unwritable_error(err)
+                raise
             trial.set_user_attr(FAIL_ATTR, f"{type(err).__name__}: {err}"[:2000])
             if isinstance(err, MetricNotLoggedError):
                 self.fatal = err
@@ -545,7 +548,12 @@ def run_population(tuner: Tuner, study: optuna.Study | None = None, poll: float 
             return
         if _waiting(study):
             with ctrl_c.held():  # Ctrl-C stops a training, not Optuna's bookkeeping (tune/ctrl_c.py)
-                study.optimize(population.objective, n_trials=1, catch=(Exception,))
+                try:
+                    study.optimize(population.objective, n_trials=1, catch=(Exception,))
+                except Exception as err:  # Optuna's own writes on a full disk
+                    if unwritable(err) is None:
+                        raise
+                    raise tuner.unwritable_error(err) from err
             if population.fatal is not None:
                 raise population.fatal
             continue
