@@ -167,6 +167,26 @@ def test_table_and_verdict_say_when_the_gain_is_within_the_noise():
     assert "+0.1000 ± 0.0000 *" in text  # the gain vs no dropout, its interval, more than the noise
 
 
+def test_the_rich_table_shows_the_shared_comparison_rows():
+    """One ``comparison_rows`` feeds `tune`'s table, the Markdown results and the HTML report: the same
+    columns and cells (a NaN mean shows as ``-`` in all three; a dropped candidate says so in all three)."""
+    from lightning_dropout.tune.report import comparison_rows
+    from lightning_dropout.tune.selection import compare
+
+    none = _candidate("no dropout", [0.5, 0.6, 0.7], 0.0)
+    tuned = Candidate("trial 7", 7, DropoutPlan(), [0.6, 0.7, 0.8], 0.2)
+    broken = Candidate("trial 9", 9, DropoutPlan(), [math.nan, math.nan], 0.3, dropped_after=2)
+    ranked = [tuned, none, broken]
+    header, rows = comparison_rows(compare(ranked, True, "one_se"), "")
+    console = Console(width=400, record=True)
+    console.print(results_table(ranked, "val_acc", maximize=True))
+    text = console.export_text()
+    for cell in [*header[1:], *(c for row in rows for c in row if c)]:
+        assert cell.strip() in text, cell
+    assert rows[-1][2] == "-" and rows[-1][4] == "2 (dropped)"
+    assert rows[0][0] == "trial 7 (winner)"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The warm-start grid
 # ----------------------------------------------------------------------------------------------------------

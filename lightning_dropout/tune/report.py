@@ -298,26 +298,56 @@ def _comparisons(study: optuna.Study) -> list[Comparison]:
     return compare(reruns, maximize, winner_rule(study)) if reruns else []
 
 
+def comparison_rows(
+    comparisons: list[Comparison],
+    value: str,
+    *,
+    per_seed: bool = False,
+    sites_sep: str = "; ",
+    mark: Callable[[str], str] = lambda label: f"{label} (winner)",
+) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the re-run comparison, one source for the Rich table (`tune`), the Markdown one
+    (TensorBoard, MLflow) and the HTML report: each candidate's label (``mark`` on the winner), trial, mean and
+    std of ``value`` over seeds (``-`` for NaN), its seeds (and whether the race dropped it), optionally each
+    seed's value, the paired gains over no dropout and over the best uniform rate, and its sites.
+
+    Example:
+        >>> header, rows = comparison_rows([], "trial value (best)")
+        >>> header[:3], rows
+        (['plan', 'trial', 'mean trial value (best)'], [])
+    """
+    header = ["plan", "trial", f"mean {value}", "std", "seeds"]
+    header += [f"{value} per seed"] if per_seed else []
+    header += ["gain vs no dropout", "gain vs best uniform", "sites"]
+    rows = []
+    for row in comparisons:
+        c = row.candidate
+        seeds = str(len(c.values)) if c.dropped_after is None else f"{len(c.values)} (dropped)"
+        cells = [mark(c.label) if row.winner else c.label, str(c.trial), _fmt(c.mean), _fmt(c.std), seeds]
+        cells += [", ".join(_fmt(v) for v in c.values)] if per_seed else []
+        cells += [
+            Comparison.format(row.vs_none),
+            Comparison.format(row.vs_uniform),
+            plan_summary(c.plan, sites_sep),
+        ]
+        rows.append(cells)
+    return header, rows
+
+
 def markdown_results(study: optuna.Study) -> str:
     """The winner and the re-run comparison table, as Markdown (TensorBoard's text, MLflow's ``results.md``)."""
     try:
         head = f"Winner: **{winner(study)[1]}**\n\n"
     except ValueError:  # no completed trial yet
         head = ""
-    rows = [
-        f"| plan | trial | mean {_value_label(study)} | std | seeds | gain vs no dropout | gain vs best uniform |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in _comparisons(study):
-        c = row.candidate
-        label = f"**{c.label}** (winner)" if row.winner else c.label
-        rows.append(
-            f"| {label} | {c.trial} | {c.mean:.4f} | {c.std:.4f} | {len(c.values)} | "
-            f"{Comparison.format(row.vs_none)} | {Comparison.format(row.vs_uniform)} |"
-        )
-    if len(rows) == 2:
+    header, rows = comparison_rows(
+        _comparisons(study), _value_label(study), mark=lambda label: f"**{label}** (winner)"
+    )
+    if not rows:
         return head + "No re-runs over seeds yet."
-    return head + "\n".join(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return head + "\n".join(lines)
 
 
 def _png(fig: Figure) -> str:
@@ -376,31 +406,7 @@ def write_report(study: optuna.Study, out: str | Path, storage: str = "") -> Pat
     comparisons = _comparisons(study)
     parts.append(f"<h2>Best plans and baselines over seeds ({html.escape(metric)})</h2>")
     if comparisons:
-        rows = [
-            [
-                f"{row.candidate.label} (winner)" if row.winner else row.candidate.label,
-                row.candidate.trial,
-                _fmt(row.candidate.mean),
-                _fmt(row.candidate.std),
-                len(row.candidate.values),
-                ", ".join(_fmt(v) for v in row.candidate.values),
-                Comparison.format(row.vs_none),
-                Comparison.format(row.vs_uniform),
-                plan_summary(row.candidate.plan),
-            ]
-            for row in comparisons
-        ]
-        header = [
-            "plan",
-            "trial",
-            f"mean {_value_label(study)}",
-            "std",
-            "seeds",
-            f"{_value_label(study)} per seed",
-            "gain vs no dropout",
-            "gain vs best uniform",
-        ]
-        parts.append(_table([*header, "sites"], rows))
+        parts.append(_table(*comparison_rows(comparisons, _value_label(study), per_seed=True)))
         parts.append(
             "<p class='note'>gain: the mean paired difference over the same seeds ± the half-width of its 95 % "
             "interval; * marks a gain beyond the noise.</p>"

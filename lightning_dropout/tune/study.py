@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
-import math
 import shlex
 import threading
 from collections.abc import Sequence
@@ -49,13 +48,12 @@ from lightning_dropout.tune.records import (
     stored_plan,
     winner,
 )
-from lightning_dropout.tune.report import plan_summary, write_study_images
+from lightning_dropout.tune.report import comparison_rows, plan_summary, write_study_images
 from lightning_dropout.tune.reruns import rerun_jobs
 from lightning_dropout.tune.retrain import winner_lines
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import (
     Candidate,
-    Comparison,
     choose_winner,
     compare,
     paired_gain,
@@ -376,29 +374,11 @@ def results_table(ranked: list[Candidate], metric: str, maximize: bool = True, r
         title=f"{metric} over seeds, best first (gain: paired difference ± 95 % interval, * beyond the noise; "
         "dropped: the race found it worse than the leader)"
     )
-    for column in (
-        "plan",
-        "trial",
-        "mean",
-        "std",
-        "seeds",
-        "gain vs no dropout",
-        "gain vs best uniform",
-        "sites",
-    ):
-        table.add_column(column)
-    for row in compare(ranked, maximize, rule):
-        c = row.candidate
-        table.add_row(
-            f"{c.label} (winner)" if row.winner else c.label,
-            str(c.trial),
-            "nan" if math.isnan(c.mean) else f"{c.mean:.4f}",
-            f"{c.std:.4f}",
-            str(len(c.values)) if c.dropped_after is None else f"{len(c.values)} (dropped)",
-            Comparison.format(row.vs_none),
-            Comparison.format(row.vs_uniform),
-            plan_summary(c.plan, sep="\n"),  # one line per run of alike sites
-        )
+    header, rows = comparison_rows(compare(ranked, maximize, rule), "", sites_sep="\n")  # a line per site run
+    for column in header:
+        table.add_column(column.strip())
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
