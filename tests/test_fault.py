@@ -361,3 +361,16 @@ def test_a_full_disk_stops_population_based_training_in_one_line(tmp_path, data_
     assert "cannot write" in line, line
     trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials()
     assert sum(t.state == TrialState.FAIL for t in trials) <= 1
+
+
+def test_failing_stale_trials_prints_no_experimental_warning(tmp_path):
+    """`tune` fails a killed process's trials while it waits for them: Optuna's heartbeat API is experimental
+    and warned on every call, a line in the middle of the user's output."""
+    import warnings
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1)
+    study = optuna.create_study(storage=storage)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records.fail_stale(study)
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]

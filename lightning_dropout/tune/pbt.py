@@ -78,6 +78,7 @@ from lightning_dropout.tune.records import (
     PBT_RESULT_ATTR,
     PLAN_ATTR,
     SEGMENT_EPOCHS_ATTR,
+    fail_stale,
 )
 from lightning_dropout.tune.report import write_study_images
 from lightning_dropout.tune.runner import DuplicateTrialError, Tuner, fit
@@ -557,7 +558,7 @@ def run_population(tuner: Tuner, study: optuna.Study | None = None, poll: float 
             if population.fatal is not None:
                 raise population.fatal
             continue
-        optuna.storages.fail_stale_trials(study)  # a killed worker's segment: failed, then retried
+        fail_stale(study)  # a killed worker's segment: failed, then retried
         time.sleep(poll)
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "candidates",
     "config_summary",
     "counts",
+    "fail_stale",
     "finished_trials",
     "fixed_label",
     "name_objective",
@@ -124,6 +125,14 @@ NOTHING_TRAINED = (
 REPEATS = 3  # failures alike, with no trial complete, after which a study stops (`repeated_failure`)
 _OPEN_TRIES = 6  # creating the tables of a fresh database: the tries when several processes race
 HEARTBEAT_INTERVAL = 10  # seconds; a trial whose heartbeat is older than 2x this is failed and retried
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the study's trials whose heartbeat went stale (a killed process's), so Optuna queues their retries;
+    without the warning Optuna's still-experimental heartbeat API prints on every call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def study_metric(study: optuna.Study) -> str:

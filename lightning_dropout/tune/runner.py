@@ -79,6 +79,7 @@ from lightning_dropout.tune.records import (
     VALUE_RULE_ATTR,
     WINNER_RULE_ATTR,
     config_summary,
+    fail_stale,
     finished_trials,
     fixed_label,
     name_objective,
@@ -652,4 +653,4 @@ class Tuner:
                 return bool(trials)
             ctrl_c.check()
             time.sleep(poll)
-            optuna.storages.fail_stale_trials(study)
+            fail_stale(study)
