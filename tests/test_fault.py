@@ -255,47 +255,50 @@ def test_a_study_killed_and_resumed_at_once_reaches_exactly_n_trials(backend, re
     assert records.finished_trials(study) == n_trials, [(t.number, t.state.name) for t in after]
 
 
+def _tune(
+    config: Path, storage: str, tmp_path: Path, data_dir: Path, *extra: str, file_limit: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``lightning-dropout tune`` of ``config`` on ``storage`` in its own process; with ``file_limit`` no file
+    it writes may grow past that many bytes (RLIMIT_FSIZE: a full disk, as SQLite and the OS report it)."""
+
+    def cap() -> None:
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    cmd = [sys.executable, "-m", "lightning_dropout.cli", "tune", str(config), f"--study.storage={storage}"]
+    cmd += [f"--study.run_dir={tmp_path / 'runs'}", f"--data.init_args.cache_dir={data_dir}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=cap)
+
+
+def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The run's one error line (exit 2, no traceback)."""
+    assert done.returncode == 2 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-3000:])
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("lightning-dropout: error:")]
+    return line
+
+
 def test_a_full_disk_stops_the_study_in_one_line_keeping_what_is_stored(tmp_path, data_dir):
     """A storage that can no longer grow (here: a file-size limit on the study's process, which SQLite reports as
     a disk I/O error, as it reports a full disk) stops the study at its first failed write, in one line; the
     trials stored before are kept, and the same command resumes once there is room."""
     config = write_config(tmp_path, study={"n_trials": 2, "workers": 1})
     db = tmp_path / "study.db"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lightning_dropout.cli",
-        "tune",
-        str(config),
-        f"--study.storage=sqlite:///{db}",
-        f"--study.run_dir={tmp_path / 'runs'}",
-        f"--data.init_args.cache_dir={data_dir}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    url = f"sqlite:///{db}"
+    assert _tune(config, url, tmp_path, data_dir).returncode == 0
     limit = db.stat().st_size + 16384  # room for a few more trials, not for 30
 
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    full = subprocess.run(
-        [*cmd, "--study.n_trials=30"], env=env, capture_output=True, text=True, timeout=300, preexec_fn=cap
-    )
-    assert full.returncode == 2, full.stderr[-3000:]
-    assert "Traceback" not in full.stderr, full.stderr[-3000:]
-    (line,) = [x for x in full.stderr.splitlines() if x.startswith("lightning-dropout: error:")]
+    line = _one_error_line(_tune(config, url, tmp_path, data_dir, "--study.n_trials=30", file_limit=limit))
     assert "cannot write" in line and "resume" in line
-    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{db}").get_trials()
+    trials = optuna.load_study(study_name="s", storage=url).get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(done) >= 2 and len(trials) < 30  # the stored trials are kept; the study stopped early
     assert sum(t.state == TrialState.FAIL for t in trials) <= 1  # at the first failed write, not after each
 
     more = len(trials) + 1
-    resumed = subprocess.run(
-        [*cmd, f"--study.n_trials={more}"], env=env, capture_output=True, text=True, timeout=300
-    )
+    resumed = _tune(config, url, tmp_path, data_dir, f"--study.n_trials={more}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = optuna.load_study(study_name="s", storage=f"sqlite:///{db}").get_trials()
+    after = optuna.load_study(study_name="s", storage=url).get_trials()
     assert len(after) == more and sum(t.state == TrialState.COMPLETE for t in after) == len(done) + 1
 
 
@@ -304,62 +307,26 @@ def test_a_read_only_storage_is_one_line_and_left_as_it_was(tmp_path, data_dir):
     db = tmp_path / "study.db"
     optuna.create_study(study_name="other", storage=f"sqlite:///{db}")  # a database with no table to spare
     before = db.read_bytes()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_dropout.cli",
-            "tune",
-            str(config),
-            f"--study.storage=sqlite:///file:{db}?mode=ro&uri=true",
-            f"--study.run_dir={tmp_path / 'runs'}",
-            f"--data.init_args.cache_dir={data_dir}",
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert done.stderr.count("\n") == 1 and "read-only" in done.stderr
+    done = _tune(config, f"sqlite:///file:{db}?mode=ro&uri=true", tmp_path, data_dir)
+    assert "read-only" in _one_error_line(done) and done.stderr.count("\n") == 1
     assert db.read_bytes() == before
 
 
 def test_a_full_disk_stops_population_based_training_in_one_line(tmp_path, data_dir):
-    """The same for `study.method: pbt`, whose segments save checkpoints: the first write past the limit ends the
-    run in one line instead of failing every later segment."""
+    """The same for `study.method: pbt`, whose segments save checkpoints: the first write past the limit (here
+    the first segment's checkpoint, 9 MB, against a 2 MB limit) ends the run in one line instead of failing every
+    later segment."""
     population = {"size": 2, "interval": 0.25, "quantile": 0.5}
     config = write_config(
         tmp_path,
+        model={"init_args": {"hidden": 1500}},  # 2.3 M parameters: a 9 MB checkpoint
         trainer={"max_epochs": 8},
         study={"method": "pbt", "population": population, "value": "last", "workers": 1},
     )
-    limit = 150_000  # bytes per file: the study's database outgrows it within a few segments
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_dropout.cli",
-            "tune",
-            str(config),
-            f"--study.storage=sqlite:///{tmp_path / 'study.db'}",
-            f"--study.run_dir={tmp_path / 'runs'}",
-            f"--data.init_args.cache_dir={data_dir}",
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=cap,
-    )
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    (line,) = [x for x in done.stderr.splitlines() if x.startswith("lightning-dropout: error:")]
-    assert "cannot write" in line, line
-    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials()
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    line = _one_error_line(_tune(config, url, tmp_path, data_dir, file_limit=2_000_000))
+    assert "cannot write" in line and "a file grew past the size limit" in line, line
+    trials = optuna.load_study(study_name="s", storage=url).get_trials()
     assert sum(t.state == TrialState.FAIL for t in trials) <= 1
 
 
