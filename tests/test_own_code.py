@@ -124,7 +124,9 @@ def test_a_worker_that_dies_is_reported_with_the_workers_left(monkeypatch, caplo
         reported_while_running.append("workers left" in caplog.text)
 
     tuner = types.SimpleNamespace(
-        study_config=types.SimpleNamespace(workers=2, seeds=0), args=[], run_worker=run_worker
+        study_config=types.SimpleNamespace(workers=2, seeds=0, method="trials"),
+        args=[],
+        run_worker=run_worker,
     )
     caplog.set_level(logging.WARNING, logger="lightning_dropout.tune.workers")
     with workers.Workers(tuner, poll=0.01) as pool:  # type: ignore[arg-type]
@@ -179,7 +181,9 @@ def test_a_worker_that_ignores_ctrl_c_is_terminated_instead_of_hanging_the_exit(
         raise KeyboardInterrupt
 
     tuner = types.SimpleNamespace(
-        study_config=types.SimpleNamespace(workers=2, seeds=0), args=[], run_worker=run_worker
+        study_config=types.SimpleNamespace(workers=2, seeds=0, method="trials"),
+        args=[],
+        run_worker=run_worker,
     )
     try:
         with workers.Workers(tuner, poll=0.01) as pool:  # type: ignore[arg-type]

@@ -575,11 +575,6 @@ class Tuner:
         segments until its last generation); ``index`` tells workers apart (worker 0 may pass the study it already
         opened)."""
         cfg = self.study_config
-        if cfg.method == "pbt":  # the segments of population-based training instead of sampled trials
-            from lightning_dropout.tune.pbt import run_population  # imports this module
-
-            run_population(self, study)
-            return
         self.pin_threads()
         study = study if study is not None else self.study()
 

@@ -33,7 +33,7 @@ from lightning_dropout.tune.budget import BudgetPlan, compute_used, rerun_runs
 from lightning_dropout.tune.config import STORAGE_ENV, StudyConfig, resolve_storage
 from lightning_dropout.tune.launched import Channel, launched_rank
 from lightning_dropout.tune.loggers import publish_study, uses_tensorboard
-from lightning_dropout.tune.pbt import tune_population
+from lightning_dropout.tune.pbt_command import tune_population
 from lightning_dropout.tune.records import (
     DUPLICATE,
     FAIL_ATTR,

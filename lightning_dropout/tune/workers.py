@@ -31,11 +31,12 @@ from lightning_dropout._worker_start import start_worker
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.redaction import redact
 from lightning_dropout.tune.devices import VISIBLE_ENV, gpu_environment
+from lightning_dropout.tune.pbt import run_population
 from lightning_dropout.tune.reruns import Claims, rerun, run_claimed_baselines, run_race
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.selection import Candidate
 
-__all__ = ["Workers", "run_workers", "worker_main"]
+__all__ = ["Workers", "run_worker", "run_workers", "worker_main"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def worker_main(
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # as the CLI does
     try:
         tuner = Tuner(args)
-        tuner.run_worker(index)
+        run_worker(tuner, index)
         if trials_done is None or decision is None:
             return
         trials_done.set()
@@ -77,6 +78,15 @@ def worker_main(
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C reaches every worker: its trial is recorded; the parent says so once
         sys.exit(130)
+
+
+def run_worker(tuner: Tuner, index: int = 0, study: optuna.Study | None = None) -> None:
+    """One worker's share of the study: sampled trials (:meth:`Tuner.run_worker`), or with ``study.method: pbt``
+    the population's segments (:func:`~lightning_dropout.tune.pbt.run_population`)."""
+    if tuner.study_config.method == "pbt":
+        run_population(tuner, study)
+    else:
+        tuner.run_worker(index, study)
 
 
 def _await(decision: Any, poll: float = 0.2) -> int:
@@ -241,7 +251,7 @@ class Workers:
         workers' trials are done (this one passes ``study`` if given). With re-runs over seeds, this worker
         runs the baselines' re-runs while it waits for the others' last trials."""
         # the spawned workers need seconds to import: this one asks first, so the startup trials differ
-        self.tuner.run_worker(0, study)
+        run_worker(self.tuner, 0, study)
         if self._procs and (self.tuner.study_config.seeds or 0) > 1:
             study = study if study is not None else self.tuner.study()
             run_claimed_baselines(self.tuner, study, self._early, stop=self._trials_done)
