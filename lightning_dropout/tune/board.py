@@ -38,7 +38,6 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch import nn
 from typing_extensions import override
 
-from lightning_dropout.inject import resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.scalars import site_name
 from lightning_dropout.tune.space import SearchGroup
@@ -108,8 +107,7 @@ def plan_columns(
     ``fc1:weight`` for DropConnect), in model order, with the variant parameter names searched there."""
     columns: dict[str, list[str]] = {}
     for group in groups:
-        for variant in group.variants:
-            plan = resolve(model, [group.rule(variant, group.probe_rate)], example_input)
+        for variant, plan in group.probe(model, example_input).items():
             searched = sorted(group.params.get(variant, {}))
             for site in plan:
                 names = columns.setdefault(site.key, [])

@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.inject import check_plan, resolve
+from lightning_dropout.inject import check_plan
 from lightning_dropout.tune.space import SearchGroup, check_enqueued
 
 __all__ = ["check_enqueue", "check_groups", "check_no_injector", "check_no_plan", "check_run_dir"]
@@ -34,15 +34,11 @@ def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input:
     if not any(True for _ in model.parameters()):
         return
     for group in groups:
-        for variant in group.variants:
-            p = group.probe_rate
-            params = {k: v[0] for k, v in group.params.get(variant, {}).items()}
-            try:
-                check_plan(
-                    model, resolve(model, [group.rule(variant, p, params)], example_input), example_input
-                )
-            except DropoutConfigError as err:
-                raise DropoutConfigError(f"dropout.groups[{group.name!r}]: {err}") from None
+        try:
+            for plan in group.probe(model, example_input).values():
+                check_plan(model, plan, example_input)
+        except DropoutConfigError as err:
+            raise DropoutConfigError(f"dropout.groups[{group.name!r}]: {err}") from None
 
 
 def check_enqueue(

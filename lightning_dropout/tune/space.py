@@ -155,9 +155,20 @@ class SearchGroup:
             select.update(name=[only], regex=None, exclude=None, exclude_output_layer=False)
         return Rule(variant=variant, p=p, params=dict(params or {}), depth_scaling=depth_scaling, **select)
 
+    def probe_plan(self, variant: str, model: nn.Module, example_input: Any = None) -> DropoutPlan:
+        """The sites ``variant`` would get in ``model``: the group at its :attr:`probe_rate` with the first choice
+        of each of the variant's parameters (the one probe behind ``targets``, ``describe``'s sites, the HParams
+        columns and the checks before trial 0)."""
+        params = {k: v[0] for k, v in self.params.get(variant, {}).items()}
+        return resolve(model, [self.rule(variant, self.probe_rate, params)], example_input)
+
+    def probe(self, model: nn.Module, example_input: Any = None) -> dict[str, DropoutPlan]:
+        """:meth:`probe_plan` of every variant of the group, in the group's order."""
+        return {variant: self.probe_plan(variant, model, example_input) for variant in self.variants}
+
     def targets(self, model: nn.Module, example_input: Any = None) -> list[str]:
         """The site targets the group selects in ``model``, in model order."""
-        plan = resolve(model, [self.rule(self.variants[0], self.probe_rate)], example_input)
+        plan = self.probe_plan(self.variants[0], model, example_input)
         return list(dict.fromkeys(s.target for s in plan))
 
 
@@ -362,10 +373,8 @@ def space_dimensions(group: SearchGroup, model: nn.Module, example_input: Any = 
 def _group_sites(group: SearchGroup, model: nn.Module, example_input: Any = None) -> list[str]:
     """Every site key the group can produce (``fc1:output``; ``fc1:weight`` for DropConnect), in model order."""
     keys: dict[str, None] = {}
-    for variant in group.variants:
-        params = {k: v[0] for k, v in group.params.get(variant, {}).items()}
-        for site in resolve(model, [group.rule(variant, group.probe_rate, params)], example_input):
-            keys.setdefault(site.key)
+    for plan in group.probe(model, example_input).values():
+        keys.update(dict.fromkeys(site.key for site in plan))
     return list(keys)
 
 
