@@ -17,7 +17,7 @@ from lightning_dropout._trace import Trace, call_model, output_layer
 from lightning_dropout.errors import DropoutConfigError, check_instance, closest
 from lightning_dropout.plan import DropoutPlan, Site
 from lightning_dropout.rules import Rule, existing_rate, has_float_dropout, is_dropout_module
-from lightning_dropout.variants import DropoutVariant
+from lightning_dropout.variants import DropoutVariant, get_variant
 
 __all__ = [
     "Bypass",
@@ -35,32 +35,12 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------
 # Rules -> plan
 # ----------------------------------------------------------------------------------------------------------
-def _weight_names(module: nn.Module, params: Mapping[str, Any]) -> list[str]:
-    names = params.get("weights")
-    if names is None:
-        if isinstance(module, nn.RNNBase):
-            names = [n for n in module._flat_weights_names if n.startswith("weight_hh")]
-        else:
-            names = ["weight"]
-    present = [n for n, _ in module.named_parameters(recurse=False)]
-    missing = [n for n in names if n not in present]
-    if missing:
-        raise DropoutConfigError(
-            f"variant 'weight' needs parameters {missing} on {type(module).__name__}, which has {present}."
-        )
-    return list(names)
-
-
 def complete_params(
     site_variant: str, where: str, module: nn.Module, params: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Fill the parameters a site can read off its target (RNN layout, weight names)."""
-    out = dict(params)
-    if site_variant == "variational" and "batch_first" not in out and isinstance(module, nn.RNNBase):
-        out["batch_first"] = bool(module.batch_first)
-    if where == "weight":
-        out["weights"] = _weight_names(module, out)
-    return out
+    """Fill the parameters a site can read off its target: the variant's own
+    :meth:`~lightning_dropout.variants.DropoutVariant.params_from_target` (an RNN's layout, weight names)."""
+    return get_variant(site_variant).params_from_target(module, where, params)
 
 
 def _attention_targets(qualname: str, module: nn.Module) -> list[str]:

@@ -1021,3 +1021,35 @@ def test_the_torch_free_catalog_is_the_registry():
         for name, cls in VARIANTS.items()
     }
     assert registry == BUILTIN_VARIANTS
+
+
+def test_a_variant_reads_its_parameters_off_its_target_in_one_classmethod() -> None:
+    """`params_from_target` is the one place a variant fills parameters from the module it is attached to (the
+    injection engine holds no per-variant branch): a new variant only overrides it."""
+    from torch import nn
+
+    from lightning_dropout import Rule, inject
+
+    saved = dict(VARIANTS)
+    try:
+
+        @register_variant("width_probe")
+        class WidthProbe(DropoutVariant):
+            def __init__(self, p: float = 0.5, width: int = 0) -> None:
+                super().__init__(p)
+                self.width = width
+
+            @classmethod
+            def params_from_target(cls, module: nn.Module, where: str, params: Any) -> dict[str, Any]:
+                return {"width": getattr(module, "out_features", 0), **params}
+
+            def forward(self, x: Tensor) -> Tensor:
+                return x
+
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2))
+        plan = inject(model, [Rule(match=nn.Linear, variant="width_probe", p=0.2)])
+        built = [m for m in model.modules() if isinstance(m, WidthProbe)]
+        assert sorted(m.width for m in built) == [3, 6] and len(plan) == 2
+    finally:
+        VARIANTS.clear()
+        VARIANTS.update(saved)

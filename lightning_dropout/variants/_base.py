@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -98,6 +98,13 @@ class DropoutVariant(nn.Module):
         """Keyword parameters the variant takes besides ``p``."""
         sig = inspect.signature(cls.__init__)
         return [n for n in list(sig.parameters)[1:] if n != "p"]
+
+    @classmethod
+    def params_from_target(cls, module: nn.Module, where: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` completed with what the variant reads off the module it is attached to ``where`` (an
+        RNN's layout, the names of its weights); the injection engine calls it for every site. Most variants
+        read nothing."""
+        return dict(params)
 
     def params(self) -> dict[str, Any]:
         """The variant's own parameters (besides ``p``), as given to the constructor."""

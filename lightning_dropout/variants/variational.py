@@ -14,8 +14,11 @@ the mask across the batch and varies it over time), the time axis here follows `
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lightning_dropout.errors import DropoutConfigError, check_rate
@@ -90,6 +93,14 @@ class VariationalDropout(DropoutVariant):
     def __init__(self, p: float = 0.5, batch_first: bool = False) -> None:
         super().__init__(p)
         self.batch_first = bool(batch_first)
+
+    @classmethod
+    def params_from_target(cls, module: nn.Module, where: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``batch_first`` copied from the recurrent module the site follows, unless given."""
+        out = dict(params)
+        if "batch_first" not in out and isinstance(module, nn.RNNBase):
+            out["batch_first"] = bool(module.batch_first)
+        return out
 
     def check_input(self, shape: torch.Size) -> str | None:
         return "needs a sequence (B, T, *) or (T, B, *)" if len(shape) < 3 else None

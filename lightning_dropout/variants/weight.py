@@ -14,11 +14,14 @@ re-registering the parameter (the breakages of awd-lstm-lm #51 and #72).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_dropout.errors import check_rate
+from lightning_dropout.errors import DropoutConfigError, check_rate
 from lightning_dropout.variants._base import DropoutVariant, keep_mask, register_variant
 
 __all__ = ["WeightDropout", "weight_dropout"]
@@ -66,6 +69,28 @@ class WeightDropout(DropoutVariant):
     def __init__(self, p: float = 0.5, weights: list[str] | None = None) -> None:
         super().__init__(p)
         self.weights = list(weights) if weights is not None else None
+
+    @classmethod
+    def params_from_target(cls, module: nn.Module, where: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """On a module's weights (``where="weight"``), ``weights`` defaults to its recurrent weights
+        (``weight_hh_l*``) or its ``weight``; every name must be a parameter of the module."""
+        out = dict(params)
+        if where != "weight":
+            return out
+        names = out.get("weights")
+        if names is None:
+            if isinstance(module, nn.RNNBase):
+                names = [n for n in module._flat_weights_names if n.startswith("weight_hh")]
+            else:
+                names = ["weight"]
+        present = [n for n, _ in module.named_parameters(recurse=False)]
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise DropoutConfigError(
+                f"variant 'weight' needs parameters {missing} on {type(module).__name__}, which has {present}."
+            )
+        out["weights"] = list(names)
+        return out
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self._active(weight):
