@@ -51,6 +51,7 @@ __all__ = ["GapMonitor", "LogCapture", "metric_base_name"]
 
 log = logging.getLogger(__name__)
 
+GAP_PREFIX = "gap/"  # the tag of each metric's gap: gap/<metric base name>
 TIMING_TAG = "timing/gap_seconds"  # the extra passes' time: not a gap, so not under `gap/`
 _VAL_PREFIXES = ("validation_", "validation/", "valid_", "valid/", "val_", "val/", "val-")
 _REDUCE = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
@@ -286,7 +287,7 @@ class GapMonitor(Callback):
             values[f"train_clean/{base}"] = value
             val = trainer.callback_metrics.get(name)
             if val is not None and val.numel() == 1:
-                values[f"gap/{base}"] = float(val) - value
+                values[f"{GAP_PREFIX}{base}"] = float(val) - value
                 overlays[base] = name
             if name in noisy:
                 values[f"train_dropout/{base}"] = noisy[name]
@@ -304,6 +305,13 @@ class GapMonitor(Callback):
                     charts = gap_layout(overlays, dropout_on=self.train_mode)
                     write_layout(logger.experiment, GAP_CATEGORY, charts)
             self._layout_written = True
+
+    def gaps_at(self, index: int) -> dict[str, float]:
+        """The gaps of the ``index``-th validation of the fit, by metric base name (``{"loss": 0.21, "acc":
+        -0.05}``); ``{}`` when there is none (what a tuner records at its best epoch)."""
+        if not -len(self.history) <= index < len(self.history):
+            return {}
+        return {k[len(GAP_PREFIX) :]: v for k, v in self.history[index].items() if k.startswith(GAP_PREFIX)}
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -824,3 +824,14 @@ def test_the_former_path_of_uncertainty_monitor_still_imports_with_a_deprecation
     assert "UncertaintyMonitor" not in monitor.__all__
     with pytest.raises(AttributeError):
         monitor.NoSuchMonitor  # noqa: B018
+
+
+def test_gaps_at_gives_one_validations_gaps_by_metric_name():
+    monitor = GapMonitor(8)
+    monitor.history = [
+        {"epoch": 0.0, "train_clean/loss": 0.5, "gap/loss": 0.1, "gap/acc": -0.02, "timing/gap_seconds": 0.3},
+        {"epoch": 1.0, "train_clean/loss": 0.4, "gap/loss": 0.2},
+    ]
+    assert monitor.gaps_at(0) == {"loss": 0.1, "acc": -0.02}  # neither the timing nor the clean values
+    assert monitor.gaps_at(1) == {"loss": 0.2} and monitor.gaps_at(-1) == {"loss": 0.2}
+    assert monitor.gaps_at(2) == {}

@@ -352,11 +352,8 @@ class Tuner:
             metrics[STEPS_METRIC] = float(cli.trainer.global_step)
             if best is not None:
                 metrics["best_epoch"] = float(pruning.epochs[best])
-                if gap is not None and best < len(gap.history):
-                    at_best = gap.history[best]
-                    metrics.update(
-                        {f"gap_at_best/{k[4:]}": v for k, v in at_best.items() if k.startswith("gap/")}
-                    )
+                if gap is not None:
+                    metrics.update({f"gap_at_best/{k}": v for k, v in gap.gaps_at(best).items()})
             result = TrialResult(None if best is None else value, metrics, pruning.pruned)
         finally:
             params: dict[str, Any] = {
