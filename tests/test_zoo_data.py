@@ -13,6 +13,7 @@ import torch
 from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_dropout.data import CACHE_ENV_VAR, MNIST1DDataModule, default_cache_dir
+from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.zoo import CNN, GRU, MLP, MNIST1DClassifier, TransformerEncoderClassifier
 
 MODELS = [MLP, CNN, GRU, TransformerEncoderClassifier]
@@ -184,3 +185,22 @@ def test_bad_model_args_raise() -> None:
         TransformerEncoderClassifier(d_model=30, nhead=4)
     with pytest.raises(ValueError, match="`lr` must be a number > 0"):
         MLP(lr=0.0)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: MNIST1DDataModule(batch_size=0),
+            "`batch_size` must be an integer >= 1, but got batch_size=0.",
+        ),
+        (lambda: MNIST1DDataModule(num_workers=-1), "`num_workers` must be an integer >= 0"),
+        (lambda: MNIST1DDataModule(num_samples=5), "`num_samples` must be an integer >= 10"),
+        (lambda: MLP(lr=0), "`lr` must be a number > 0, but got lr=0."),
+        (lambda: MLP(weight_decay=-1.0), "`weight_decay` must be a number >= 0"),
+    ],
+)
+def test_the_zoo_and_the_data_module_raise_the_one_user_error_type(build, message):
+    with pytest.raises(DropoutConfigError) as info:
+        build()
+    assert str(info.value).startswith(message)

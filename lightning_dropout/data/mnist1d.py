@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from typing_extensions import override
 
 from lightning_dropout.data.resumable import ResumableLoader
+from lightning_dropout.errors import DropoutConfigError, check_int
 
 __all__ = ["CACHE_ENV_VAR", "EpochShuffle", "MNIST1DDataModule", "default_cache_dir"]
 
@@ -132,24 +133,23 @@ class MNIST1DDataModule(L.LightningDataModule):
         train_split: float = 0.8,
     ) -> None:
         super().__init__()
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, but got {batch_size=}.")
+        check_int(batch_size, "batch_size", 1)
         if not _is_real(val_fraction) or not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must satisfy 0 <= val_fraction < 1, but got {val_fraction=}.")
-        if not _is_int(seed):
-            raise ValueError(f"`seed` must be an integer, but got {seed=}.")
-        if not _is_int(num_workers) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, but got {num_workers=}.")
-        if not _is_int(num_samples) or num_samples < 10:
-            raise ValueError(
-                f"`num_samples` must be an integer >= 10 (one tenth per class), but got {num_samples=}."
+            raise DropoutConfigError(
+                f"`val_fraction` must satisfy 0 <= val_fraction < 1, but got {val_fraction=}."
             )
+        if not _is_int(seed):
+            raise DropoutConfigError(f"`seed` must be an integer, but got {seed=}.")
+        check_int(num_workers, "num_workers", 0)
+        check_int(num_samples, "num_samples", 10)  # one sequence per class at least
         if not _is_real(train_split) or not 0.0 < train_split < 1.0:
-            raise ValueError(f"`train_split` must satisfy 0 < train_split < 1, but got {train_split=}.")
+            raise DropoutConfigError(
+                f"`train_split` must satisfy 0 < train_split < 1, but got {train_split=}."
+            )
         total = (num_samples // self.num_classes) * self.num_classes
         n_train = int(total * train_split)
         if not 0 < n_train < total:
-            raise ValueError(
+            raise DropoutConfigError(
                 f"`num_samples` and `train_split` must leave at least one training and one test sequence, "
                 f"but got {num_samples=} and {train_split=} ({n_train} of {total} for training)."
             )

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_dropout.errors import check_int
+from lightning_dropout.errors import DropoutConfigError, check_int, check_number
 
 __all__ = ["CNN", "GRU", "MLP", "MNIST1DClassifier", "TransformerEncoderClassifier"]
 
@@ -45,10 +45,8 @@ def _check_positive_int(**values: object) -> None:
 
 
 def _check_optim(lr: object, weight_decay: object) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"`lr` must be a number > 0, but got lr={lr!r}.")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ValueError(f"`weight_decay` must be a number >= 0, but got weight_decay={weight_decay!r}.")
+    check_number(lr, "lr", 0)
+    check_number(weight_decay, "weight_decay", 0, inclusive=True)
 
 
 class MNIST1DClassifier(L.LightningModule):
@@ -215,7 +213,9 @@ class GRU(MNIST1DClassifier):
         _check_positive_int(hidden=hidden)
         _check_optim(lr, weight_decay)
         if not isinstance(bidirectional, bool):
-            raise ValueError(f"`bidirectional` must be a bool, but got bidirectional={bidirectional!r}.")
+            raise DropoutConfigError(
+                f"`bidirectional` must be a bool, but got bidirectional={bidirectional!r}."
+            )
         super().__init__()
         self.save_hyperparameters()
         self.gru = nn.GRU(1, hidden, batch_first=True, bidirectional=bidirectional)
@@ -269,7 +269,7 @@ class TransformerEncoderClassifier(MNIST1DClassifier):
         )
         _check_optim(lr, weight_decay)
         if d_model % nhead:
-            raise ValueError(f"`nhead` must divide `d_model`, but got {d_model=} and {nhead=}.")
+            raise DropoutConfigError(f"`nhead` must divide `d_model`, but got {d_model=} and {nhead=}.")
         super().__init__()
         self.save_hyperparameters()
         self.embed = nn.Linear(1, d_model)
