@@ -213,9 +213,14 @@ class DropoutInjector(Callback):
             log.debug("calling %s.configure_model() before injecting", type(pl_module).__name__)
             pl_module.configure_model()
         if self._provider is not None and self._given_plan is None:
-            # only rank 0 asks the provider (it may talk to a study); every rank applies the plan it chose
-            chosen = self._provider(pl_module).to_yaml() if trainer.is_global_zero else None
-            self._given_plan = DropoutPlan.from_yaml(str(trainer.strategy.broadcast(chosen, src=0)))
+            # only rank 0 asks the provider (it may talk to a study); every rank applies the plan it chose,
+            # sent as a plain dict (pickled by the broadcast; a single process keeps the plan itself)
+            chosen = self._provider(pl_module) if trainer.is_global_zero else None
+            if trainer.world_size > 1:
+                sent = trainer.strategy.broadcast(chosen.to_dict() if chosen is not None else None, src=0)
+                chosen = DropoutPlan.from_dict(sent)
+            assert chosen is not None
+            self._given_plan = chosen
         already = self.plan
         self._check_shared_sites(trainer, pl_module)
         self.inject(pl_module)
