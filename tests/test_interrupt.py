@@ -140,6 +140,16 @@ def test_a_worker_interrupted_while_it_imports_leaves_quietly(tmp_path):
     assert proc.returncode == 130, (proc.returncode, err)
 
 
+def _tune_small_study(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """`tune` of the tiny 3-trial study in this process: its exit status and what it printed on stderr."""
+    config = {**BASE, "study": {**BASE["study"], "run_dir": str(tmp_path / "runs"), "n_trials": 3}}
+    config["data"] = {**BASE["data"], "init_args": {**BASE["data"]["init_args"], "cache_dir": str(data_dir)}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    rc = main(["tune", str(path)])
+    return rc, capsys.readouterr().err
+
+
 def test_a_ctrl_c_inside_optunas_tell_stops_the_study_cleanly(tmp_path, data_dir, monkeypatch, capsys):
     """The signal lands while Optuna tells the storage a trial's result: before tune/ctrl_c.py, Optuna's
     ``finally`` read an unset variable (``UnboundLocalError``, exit 1, a traceback)."""
@@ -152,12 +162,7 @@ def test_a_ctrl_c_inside_optunas_tell_stops_the_study_cleanly(tmp_path, data_dir
         return tell(*args, **kwargs)
 
     monkeypatch.setattr(optimize, "_tell_with_warning", tell_and_ctrl_c)
-    config = {**BASE, "study": {**BASE["study"], "run_dir": str(tmp_path / "runs"), "n_trials": 3}}
-    config["data"] = {**BASE["data"], "init_args": {**BASE["data"]["init_args"], "cache_dir": str(data_dir)}}
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(config))
-    rc = main(["tune", str(path)])
-    err = capsys.readouterr().err
+    rc, err = _tune_small_study(tmp_path, data_dir, capsys)
     assert rc == 130, err[-2000:]
     assert "Traceback" not in err and "UnboundLocalError" not in err, err[-2000:]
     assert "lightning-dropout: interrupted; 1 trial kept; re-run to resume" in err
@@ -182,12 +187,7 @@ def test_a_ctrl_c_during_the_start_up_storage_writes_lets_them_finish(
         written.append(key)
 
     monkeypatch.setattr(RDBStorage, "set_study_user_attr", write_and_ctrl_c)
-    config = {**BASE, "study": {**BASE["study"], "run_dir": str(tmp_path / "runs"), "n_trials": 3}}
-    config["data"] = {**BASE["data"], "init_args": {**BASE["data"]["init_args"], "cache_dir": str(data_dir)}}
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(config))
-    rc = main(["tune", str(path)])
-    err = capsys.readouterr().err
+    rc, err = _tune_small_study(tmp_path, data_dir, capsys)
     assert rc == 130 and "Traceback" not in err, err[-2000:]
     assert "lightning-dropout: interrupted; re-run to resume" in err
     study = load(tmp_path)
