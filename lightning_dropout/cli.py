@@ -605,7 +605,7 @@ def user_error(err: BaseException) -> str | None:
             f"a file must be UTF-8 text, but byte {err.object[err.start]:#04x} at offset {err.start} is not."
         )
     full = unwritable(err)
-    if full is not None and not isinstance(err, DropoutConfigError):  # a full disk after the trials
+    if full is not None:  # a full disk outside the trials (the study's figures, a report)
         where = f" `{err.filename}`" if isinstance(err, OSError) and err.filename else ""
         return f"stopped: cannot write{where}: {full}. What is stored is kept: make room (or make it writable) and run it again."
     if isinstance(err, OSError) and err.filename is not None:

@@ -568,9 +568,9 @@ class Tuner:
             enqueue_fixed(study, self.study_config, self.space, model)
 
     def run_worker(self, index: int = 0, study: optuna.Study | None = None) -> None:
-        """Run trials until the study holds ``n_trials`` finished ones (with ``study.method: pbt``, the population's
-        segments until its last generation); ``index`` tells workers apart (worker 0 may pass the study it already
-        opened)."""
+        """Run sampled trials until the study holds ``n_trials`` finished ones (or its budget is used); ``index``
+        tells workers apart (worker 0 may pass the study it already opened). ``study.method: pbt`` runs the
+        population's segments instead: :func:`~lightning_dropout.tune.workers.run_worker` chooses."""
         cfg = self.study_config
         self.pin_threads()
         study = study if study is not None else self.study()
