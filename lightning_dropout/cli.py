@@ -528,13 +528,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _quiet_unwritable_threads() -> None:
     """A full disk also fails the background writers (TensorBoard's event thread): the main thread says it in
-    one line, so those threads' tracebacks are not printed."""
+    one line, so those threads' tracebacks are not printed. Installed once per process (``main`` may run many
+    times in one, as in the tests)."""
+    if getattr(threading.excepthook, "_quiet_unwritable", False):
+        return
     default = threading.excepthook
 
     def hook(args: threading.ExceptHookArgs) -> None:
         if args.exc_value is None or unwritable(args.exc_value) is None:
             default(args)
 
+    hook._quiet_unwritable = True  # type: ignore[attr-defined]
     threading.excepthook = hook
 
 

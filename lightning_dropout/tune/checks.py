@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ def check_groups(groups: Sequence[SearchGroup], model: nn.Module, example_input:
     """Raise when a group selects no site of ``model`` or one of its variants cannot go on a selected site
     (the same check, and message, as ``fit``/``describe`` for a rule). A model that builds its layers later
     (in ``configure_model``) has nothing to check yet."""
-    if not any(True for _ in model.parameters()):
+    if _builds_later(model):
         return
     for group in groups:
         try:
@@ -46,17 +46,20 @@ def check_enqueue(
     groups: Sequence[SearchGroup],
     model: nn.Module,
     example_input: Any = None,
-    search: Collection[str] = (),
 ) -> None:
     """Raise unless every ``study.enqueue`` item given as Optuna parameters names dimensions of the search
-    space (or ``search:`` keys) with values in their domains: a bad one is found here, not when its trial runs.
-    A model that builds its layers later (in ``configure_model``) has no sites to check yet."""
-    if not any(True for _ in model.parameters()):
+    space with values in their domains: a bad one is found here, not when its trial runs. A model that builds
+    its layers later (in ``configure_model``) has no sites to check yet."""
+    if _builds_later(model):
         return
     for i, item in enumerate(enqueue):
         if "params" in item:
-            params = {k: v for k, v in item["params"].items() if k not in search}
-            check_enqueued(groups, model, params, f"study.enqueue[{i}]", example_input)
+            check_enqueued(groups, model, item["params"], f"study.enqueue[{i}]", example_input)
+
+
+def _builds_later(model: nn.Module) -> bool:
+    """Whether ``model`` has no parameters yet (it builds its layers in ``configure_model``)."""
+    return not any(True for _ in model.parameters())
 
 
 def check_run_dir(run_dir: str | os.PathLike[str]) -> None:

@@ -100,7 +100,6 @@ START_ATTR = "pbt_start"  # the checkpoint it starts from ("" in generation 0)
 COPIED_ATTR = (
     "pbt_copied_from"  # the member whose checkpoint it continues (itself unless it exploited; -1 at 0)
 )
-EPOCHS_ATTR = SEGMENT_EPOCHS_ATTR  # [start, end) epochs (tune/budget.py counts them)
 END_ATTR = "pbt_checkpoint"  # the checkpoint it saved (set when it completes)
 SETTINGS_ATTR = "pbt_settings"  # study attribute: Population.settings() of the study's first run
 NOT_A_SEGMENT = "no population segment was waiting (another worker took the last one); not run"
@@ -189,7 +188,7 @@ class Segment:
             PBT_ATTR: self.label,
             MEMBER_ATTR: self.member,
             GENERATION_ATTR: self.generation,
-            EPOCHS_ATTR: [self.start_epoch, self.end_epoch],
+            SEGMENT_EPOCHS_ATTR: [self.start_epoch, self.end_epoch],
             RATES_ATTR: dict(self.rates),
             START_ATTR: self.start or "",
             COPIED_ATTR: -1 if self.copied_from is None else self.copied_from,
@@ -201,7 +200,7 @@ class Segment:
         attrs = trial.user_attrs
         if PBT_ATTR not in attrs:
             return None
-        start, end = attrs[EPOCHS_ATTR]
+        start, end = attrs[SEGMENT_EPOCHS_ATTR]
         copied = int(attrs[COPIED_ATTR])
         return cls(
             int(attrs[MEMBER_ATTR]),
@@ -540,13 +539,9 @@ def run_population(tuner: Tuner, study: optuna.Study | None = None, poll: float 
         if deadline is not None and time.monotonic() > deadline:
             return
         if _waiting(study):
-            with ctrl_c.held():  # Ctrl-C stops a training, not Optuna's bookkeeping (tune/ctrl_c.py)
-                try:
-                    study.optimize(population.objective, n_trials=1, catch=(Exception,))
-                except Exception as err:  # Optuna's own writes on a full disk
-                    if unwritable(err) is None:
-                        raise
-                    raise tuner.unwritable_error(err) from err
+            # Ctrl-C stops a training, not Optuna's bookkeeping (tune/ctrl_c.py); a full disk stops the run
+            with ctrl_c.held(), tuner.stopping_on_full_disk():
+                study.optimize(population.objective, n_trials=1, catch=(Exception,))
             if population.fatal is not None:
                 raise population.fatal
             continue

@@ -77,10 +77,6 @@ class FigureSkipped(ValueError):
     """A figure the study's trials do not allow; its message says why (shown in the report)."""
 
 
-def _metric(study: optuna.Study) -> str:
-    return study_metric(study)
-
-
 def _value_label(study: optuna.Study) -> str:
     """``"trial value (ema)"``: what a trial's value is (``study.value``), as every table and axis labels it."""
     rule = value_rule(study)
@@ -90,7 +86,7 @@ def _value_label(study: optuna.Study) -> str:
 def metric_labels(study: optuna.Study) -> dict[str, str]:
     """The label of each HParams metric of the study's runs (``hp/value``: the trial value, ``hp/best_<metric>``:
     the best epoch's value), as TensorBoard shows them."""
-    metric = _metric(study)
+    metric = study_metric(study)
     return {
         "hp/value": f"{metric}: {_value_label(study)}",
         f"hp/best_{metric}": f"{metric} at the best epoch",
@@ -113,7 +109,7 @@ def _quiet(fn: Callable[[], Any]) -> Any:
 
 def _history(study: optuna.Study) -> Figure:
     ax = _quiet(lambda: optuna.visualization.matplotlib.plot_optimization_history(study))
-    ax.set_ylabel(f"{_metric(study)}: {_value_label(study)}")
+    ax.set_ylabel(f"{study_metric(study)}: {_value_label(study)}")
     _title(ax, f"Optimization history ({_value_label(study)} of each trial)")
     return _fit(ax.figure)
 
@@ -128,7 +124,7 @@ def _fit(fig: Figure) -> Figure:
 def _intermediate(study: optuna.Study) -> Figure:
     ax = _quiet(lambda: optuna.visualization.matplotlib.plot_intermediate_values(study))
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{_metric(study)} at each epoch")
+    ax.set_ylabel(f"{study_metric(study)} at each epoch")
     legend = ax.get_legend()
     if legend is not None:
         legend.remove()  # one entry per trial: unreadable beyond a few trials
@@ -197,7 +193,7 @@ def _best_rates(study: optuna.Study) -> Figure:
 
 
 def _gap_vs_value(study: optuna.Study) -> Figure:
-    metric = _metric(study)
+    metric = study_metric(study)
     base = metric_base_name(metric)
     fig, ax = plt.subplots(figsize=(7, 5))
     plotted = 0
@@ -380,7 +376,7 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 
 def write_report(study: optuna.Study, out: str | Path, storage: str = "") -> Path:
     """Write a self-contained HTML page (figures embedded as PNG) about ``study`` to ``out``."""
-    metric = _metric(study)
+    metric = study_metric(study)
     base = metric_base_name(metric)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}

@@ -16,12 +16,13 @@ storage a heartbeat marks trials of a killed worker as failed and re-queues them
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -178,7 +179,7 @@ class Tuner:
         check_groups(self.space.groups, self.cli.model, example)
         _ = self.budget  # a budget needs trainer.max_epochs: fail before trial 0
         self.search: dict[str, Distribution] = parse_search(self.cli.config.get("search"), self.cli.config)
-        check_enqueue(self.study_config.enqueue, self.space.groups, self.cli.model, example, self.search)
+        check_enqueue(self.study_config.enqueue, self.space.groups, self.cli.model, example)
 
     def pin_threads(self) -> int:
         """Set this process's torch threads to ``study.threads`` (see
@@ -600,7 +601,7 @@ class Tuner:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                try:
+                with self.stopping_on_full_disk():  # Optuna's own writes: a trial's start, its result
                     study.optimize(
                         self.objective,
                         n_trials=None,
@@ -608,16 +609,23 @@ class Tuner:
                         catch=(Exception,),
                         callbacks=[stop, ctrl_c.check],
                     )
-                except Exception as err:  # Optuna's own writes (a trial's start, its result) on a full disk
-                    if unwritable(err) is None:
-                        raise
-                    raise self.unwritable_error(err) from err
                 if self._fatal is not None:
                     raise self._fatal
                 if self._launched_failure is not None:
                     raise self._launched_failure
                 if not self._await_running(study):
                     break
+
+    @contextlib.contextmanager
+    def stopping_on_full_disk(self) -> Iterator[None]:
+        """Turn a storage or file write that failed for lack of room (:func:`~lightning_dropout.errors.unwritable`)
+        into the study's one-line :meth:`unwritable_error`; any other error passes through."""
+        try:
+            yield
+        except Exception as err:
+            if unwritable(err) is None:
+                raise
+            raise self.unwritable_error(err) from err
 
     def unwritable_error(self, err: BaseException) -> UnwritableError:
         """The one line for a study that cannot write its storage or its files any more."""

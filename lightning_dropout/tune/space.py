@@ -221,10 +221,14 @@ class Dimension:
 
     def admits(self, value: Any) -> bool:
         """Whether ``value`` is in the domain (what an enqueued trial may give)."""
+        dist = self.distribution
         try:
-            return bool(self.distribution._contains(self.distribution.to_internal_repr(value)))
+            internal = dist.to_internal_repr(value)  # a categorical's index: raises for another value
         except (TypeError, ValueError):
             return False
+        if isinstance(dist, optuna.distributions.FloatDistribution):
+            return bool(dist.low <= internal <= dist.high)
+        return True
 
 
 def _dimensions(group: SearchGroup, prefix: str) -> list[Dimension]:
