@@ -246,7 +246,7 @@ def _tuner(name: str, plan: Plan, tmp: Path, *extra: str) -> Any:
 def _plans(name: str, plan: Plan, tuner: Any, stages: Stages) -> dict[str, Any]:
     """cell key -> the DropoutPlan to retrain (the cells selected so far, plus (a) and (e))."""
     from lightning_dropout import DropoutPlan, Rule
-    from lightning_dropout.inject import resolve
+    from lightning_dropout.injection import resolve
 
     model = tuner.cli.fresh().model
     example = getattr(model, "example_input_array", None)

@@ -90,7 +90,7 @@ def configurations(name: str, tuner: Any, n_random: int) -> list[tuple[str, Any]
     import optuna
 
     from lightning_dropout import DropoutPlan, Rule
-    from lightning_dropout.inject import resolve
+    from lightning_dropout.injection import resolve
     from lightning_dropout.tune.space import suggest_plan
 
     model = tuner.cli.fresh().model

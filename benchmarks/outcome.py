@@ -448,7 +448,7 @@ def arm_grid(name: str, budget: Budget, tuner: Any, stages: Stages) -> None:
 
 def run_model(name: str, budget: Budget, work: Path, tmp: Path) -> dict[str, Any]:
     from lightning_dropout import DropoutPlan, Rule
-    from lightning_dropout.inject import resolve
+    from lightning_dropout.injection import resolve
     from lightning_dropout.tune.study import plan_summary
 
     stages = Stages(work / f"{name}_stages.json", budget)

@@ -1,7 +1,7 @@
 """lightning-dropout: the right dropout in the right places of any PyTorch Lightning model.
 
 The layers, with arrows pointing one way: :mod:`~lightning_dropout.variants`, :mod:`~lightning_dropout.plan`,
-the injection engine (:mod:`~lightning_dropout.inject`, which re-exports the public names of the modules it is
+the injection engine (:mod:`~lightning_dropout.injection`, which re-exports the public names of the modules it is
 built from: ``rules``, ``handles`` and private ones), :mod:`~lightning_dropout.schedules` and
 :mod:`~lightning_dropout.mc` know only torch; :mod:`~lightning_dropout.callback` knows Lightning; the CLI alone
 reads argv.
@@ -12,12 +12,13 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from lightning_dropout.errors import DropoutConfigError
 
 if TYPE_CHECKING:
-    from lightning_dropout.inject import (
+    from lightning_dropout.injection import (
         Rule,
         applied_plan,
         apply_plan,
@@ -50,7 +51,7 @@ _LAZY = {
             "site_handles",
             "undo",
         ),
-        "lightning_dropout.inject",
+        "lightning_dropout.injection",
     ),
     **dict.fromkeys(("DropoutPlan", "Site"), "lightning_dropout.plan"),
     **dict.fromkeys(
@@ -71,21 +72,28 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-class _Package(types.ModuleType):
-    """``lightning_dropout.inject`` is the function (as with eager imports), not the submodule of that name
-    the import system sets on the package when ``lightning_dropout.inject`` is first imported."""
+class _MovedModule(types.ModuleType):
+    """The old module path ``lightning_dropout.inject``, kept for one release: the injection engine is
+    :mod:`lightning_dropout.injection` now, so ``lightning_dropout.inject`` is only the function.
+    ``from lightning_dropout.inject import X`` still works and warns once per name and place."""
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if (
-            name == "inject"
-            and isinstance(value, types.ModuleType)
-            and value.__name__ == f"{__name__}.inject"
-        ):
-            value = value.inject
-        super().__setattr__(name, value)
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith(
+            "__"
+        ):  # module protocol lookups (``__path__``, ``__file__``): not the engine's names
+            raise AttributeError(name)
+        warnings.warn(
+            f"the module path `lightning_dropout.inject` is deprecated and goes in 0.2: import {name} from "
+            "`lightning_dropout.injection` (or, for the public names, from `lightning_dropout`).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(f"{__name__}.injection"), name)
 
 
-sys.modules[__name__].__class__ = _Package
+# In sys.modules before any import of the old path, so the import system finds it there and never sets a
+# submodule named `inject` on the package over the function.
+sys.modules.setdefault(f"{__name__}.inject", _MovedModule(f"{__name__}.inject", _MovedModule.__doc__))
 
 __version__ = "0.1.0"
 

@@ -89,6 +89,15 @@ def _original_rate(
     return float(getattr(module, attr)) if attr is not None else existing_rate(module)
 
 
+def _site(rule: Rule, target: str, where: str, p: float, params: Mapping[str, Any] | None = None) -> Site:
+    """A site of ``rule``'s variant: taken as checked when its rate and parameters are the rule's own (which
+    the Rule checked once for every site it selects), else checked as any Site."""
+    params = rule.params if params is None else params
+    if p == rule.p and params == rule.params:
+        return Site.checked(target, where, rule.variant, p, params)
+    return Site(target, where, rule.variant, p, params)
+
+
 def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]:
     assert rule.p is not None  # guaranteed by Rule.__post_init__ for injecting rules
     if rule.variant == "attention":
@@ -98,16 +107,10 @@ def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]
                 f"variant 'attention' applies to nn.MultiheadAttention or a layer holding one (nn.Transformer*Layer),"
                 f" but {rule.label()} selected {qualname!r} ({type(module).__name__})."
             )
-        return [Site(t, "attribute", "attention", rule.p) for t in targets]
+        return [_site(rule, t, "attribute", rule.p) for t in targets]
     if rule.variant == "weight":
         return [
-            Site(
-                qualname,
-                "weight",
-                "weight",
-                rule.p,
-                complete_params("weight", "weight", module, rule.params),
-            )
+            _site(rule, qualname, "weight", rule.p, complete_params("weight", "weight", module, rule.params))
         ]
     places = ("input", "output") if rule.where == "both" else (rule.where,)
     if "input" in places and isinstance(module, nn.Sequential):
@@ -115,7 +118,7 @@ def _injection_sites(rule: Rule, qualname: str, module: nn.Module) -> list[Site]
             f"where='input' is not supported on nn.Sequential {qualname!r}: target its first module instead."
         )
     params = complete_params(rule.variant, rule.where, module, rule.params)
-    return [Site(qualname, w, rule.variant, rule.p, params) for w in places]
+    return [_site(rule, qualname, w, rule.p, params) for w in places]
 
 
 def _replacement_sites(
@@ -144,13 +147,7 @@ def _replacement_sites(
         return [Site(qualname, "attribute", kind, p)]
     p = rule.p if rule.p is not None else (existing_rate(module) or 0.0)
     return [
-        Site(
-            qualname,
-            "replace",
-            rule.variant,
-            p,
-            complete_params(rule.variant, "replace", module, rule.params),
-        )
+        _site(rule, qualname, "replace", p, complete_params(rule.variant, "replace", module, rule.params))
     ]
 
 
@@ -363,7 +360,7 @@ def resolve(
         example_input: optional input (tensor, tuple of positional args, or dict of kwargs); when given, the
             output layer is found by execution order.
         eager: whether the plan will be applied with ``eager=True`` (see
-            :func:`~lightning_dropout.inject.apply_plan`): bypassed modules whose owner's eager path calls
+            :func:`~lightning_dropout.injection.apply_plan`): bypassed modules whose owner's eager path calls
             them are kept.
 
     Raises:
@@ -421,7 +418,7 @@ def resolve(
             )
         if rule.depth_scaling == "linear" and len(new) > 1:
             n = len(new)
-            new = [Site(s.target, s.where, s.variant, s.p * i / (n - 1), s.params) for i, s in enumerate(new)]
+            new = [s.scaled(i / (n - 1)) for i, s in enumerate(new)]
         sites.extend(new)
     plan = DropoutPlan(sites)
     log.debug("resolved %d rules into %d sites", len(rules), len(plan))

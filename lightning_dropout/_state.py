@@ -1,7 +1,7 @@
 """The records of what lightning-dropout applied to a model, and the module each site acts on (torch only).
 
 Every application is recorded on the root module (``_lightning_dropout_records``), so :func:`undo
-<lightning_dropout.inject.undo>` restores the original tree exactly, applying the same plan twice changes
+<lightning_dropout.injection.undo>` restores the original tree exactly, applying the same plan twice changes
 nothing, and resolving rules again looks through what was replaced. Rules, apply/undo and the inspection
 helpers all read these records; keeping them here means none of those modules imports another for them.
 """

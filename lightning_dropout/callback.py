@@ -1,6 +1,6 @@
 """DropoutInjector: a Lightning callback that puts dropout into any LightningModule (the Lightning layer).
 
-The algorithm lives in :mod:`lightning_dropout.inject`; this callback only decides *when*:
+The algorithm lives in :mod:`lightning_dropout.injection`; this callback only decides *when*:
 
 * ``setup()`` injects: it runs before ``configure_model``'s result is used, before checkpoint weights are
   restored, before ``configure_optimizers`` and before DDP wraps the model (``Trainer._run`` order), so
@@ -42,7 +42,7 @@ from typing_extensions import override
 from lightning_dropout.checkpoints import load_checkpoint
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.handles import bind_schedules
-from lightning_dropout.inject import (
+from lightning_dropout.injection import (
     Rule,
     SiteHandle,
     describe,
@@ -95,7 +95,7 @@ class DropoutInjector(Callback):
     """Inject dropout into the trained LightningModule without editing it.
 
     Args:
-        rules: where dropout goes (:class:`~lightning_dropout.inject.Rule`, or mappings with its fields, as
+        rules: where dropout goes (:class:`~lightning_dropout.injection.Rule`, or mappings with its fields, as
             a LightningCLI YAML gives them); resolved against the model in ``setup``.
         plan: an explicit :class:`~lightning_dropout.plan.DropoutPlan` (or a path to its YAML, as
             ``lightning-dropout best`` writes, or a mapping) instead of ``rules``; or a plan provider, a callable
@@ -123,7 +123,7 @@ class DropoutInjector(Callback):
             dropout of attention and RNN kernels (``where="attribute"``) cannot take a generator.
         eager: when a non-standard variant replaces a dropout module that a fused attention kernel bypasses
             (timm ``fused_attn``, Hugging Face SDPA read its ``.p``), switch that attention to its eager path
-            instead of refusing the site (see :func:`~lightning_dropout.inject.apply_plan`).
+            instead of refusing the site (see :func:`~lightning_dropout.injection.apply_plan`).
         name: tells several injectors on one Trainer apart (e.g. one for the encoder, one for the head): each
             needs its own ``name``, which keys its checkpoint state (:attr:`state_key`) and its
             ``dropout/<name>/mean_rate``. Each injector owns the sites of its own rules or plan (schedules, rate
@@ -287,7 +287,7 @@ class DropoutInjector(Callback):
                 raise DropoutConfigError(
                     "concrete dropout adds its regularizer to the loss `training_step` returns, which needs "
                     "automatic_optimization=True; with manual optimization add "
-                    "`lightning_dropout.inject.regularization(self)` to your loss yourself."
+                    "`regularization(self)` (from `lightning_dropout.injection`) to your loss yourself."
                 )
             if not isinstance(pl_module.__dict__.get("training_step"), _RegularizedTrainingStep):
                 pl_module.training_step = _RegularizedTrainingStep(pl_module)  # type: ignore[method-assign]

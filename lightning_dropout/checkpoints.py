@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.inject import apply_plan
+from lightning_dropout.injection import apply_plan
 from lightning_dropout.plan import DropoutPlan
 
 __all__ = ["STATE_KEY_PREFIX", "checkpoint_plan", "load_checkpoint"]

@@ -358,7 +358,7 @@ def _fail(message: str, config: str | None = None) -> int:
 def _describe(args: list[str], existing: bool = False) -> int:
     from lightning_dropout.callback import DropoutInjector
     from lightning_dropout.config import quiet_lightning
-    from lightning_dropout.inject import describe, existing_dropout, format_sites
+    from lightning_dropout.injection import describe, existing_dropout, format_sites
 
     cli = _load(args)
     model = cli.model

@@ -2,7 +2,7 @@
 
 A plan is an ordered list of :class:`Site` entries. It names modules by their qualified names, so the same
 plan gives the same injection in any process (every DDP rank builds the same module tree) and round-trips
-through YAML unchanged. Rules (see :mod:`lightning_dropout.inject`) are resolved against a model into a
+through YAML unchanged. Rules (see :mod:`lightning_dropout.injection`) are resolved against a model into a
 plan; the tuner writes plans; the callback and ``lightning-dropout fit`` apply them.
 
 Example:
@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -24,7 +25,7 @@ import yaml
 
 from lightning_dropout._yaml import load_yaml
 from lightning_dropout.errors import DropoutConfigError, check_rate, closest
-from lightning_dropout.variants import build_variant, get_variant
+from lightning_dropout.variants import get_variant
 
 __all__ = ["WHERE", "DropoutPlan", "Site", "as_plan"]
 
@@ -71,12 +72,38 @@ class Site:
             raise DropoutConfigError(f"`target` must be a module name (str), but got target={self.target!r}.")
         if self.where not in WHERE:
             raise DropoutConfigError(f"`where` must be one of {list(WHERE)}, but got where={self.where!r}.")
-        get_variant(self.variant)
-        object.__setattr__(self, "p", check_rate(self.p))
-        object.__setattr__(self, "params", dict(self.params))
-        build_variant(self.variant, self.p, **self.params)  # validates the parameters once, here
+        if not isinstance(self.params, Mapping):
+            raise DropoutConfigError(f"`params` must be a mapping, but got params={self.params!r}.")
+        # the rate and the parameters checked once, here, without building the module (apply_plan builds it)
+        p, params = get_variant(self.variant).check_params(self.p, self.params)
+        object.__setattr__(self, "p", p)
+        object.__setattr__(self, "params", params)
         if self.rates is not None:
             object.__setattr__(self, "rates", _check_rates(self.rates, self.p, self.variant))
+
+    @classmethod
+    def checked(cls, target: str, where: str, variant: str, p: float, params: Mapping[str, Any]) -> Site:
+        """A site built from values already checked for ``variant`` (``p`` and ``params`` as
+        :meth:`~lightning_dropout.variants.DropoutVariant.check_params` returned them, ``where`` one of
+        :data:`WHERE`): the injection engine's sites from a :class:`~lightning_dropout.Rule`, which checked its
+        rate and parameters once for all the sites it selects. Not checked again."""
+        site = object.__new__(cls)
+        for name, value in zip(_SITE_KEYS, (target, where, variant, p, dict(params), None), strict=True):
+            object.__setattr__(site, name, value)
+        return site
+
+    def scaled(self, factor: float) -> Site:
+        """This site with its rate multiplied by ``factor`` in ``[0, 1]`` (depth scaling). A rate in ``(0, p]``
+        stays valid for every variant, so it is not checked again; a rate of 0 is (``concrete`` refuses it)."""
+        if not 0.0 <= factor <= 1.0 or self.rates is not None:
+            raise ValueError(
+                f"scaled() takes a factor in [0, 1] of a site without a schedule, got {factor!r}"
+            )
+        if factor == 0.0:
+            return Site(self.target, self.where, self.variant, 0.0, self.params)
+        site = copy.copy(self)
+        object.__setattr__(site, "p", self.p * factor)
+        return site
 
     def rate_at(self, epoch: int) -> float:
         """The rate in ``epoch``: from the ``rates`` schedule (its last entry at or before ``epoch``), else ``p``."""

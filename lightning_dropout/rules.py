@@ -1,7 +1,7 @@
 """Rules: what counts as dropout in a model we did not write, and :class:`Rule`, which says where dropout
 goes, which variant and which rate (torch only).
 
-Rules are turned into a plan by :func:`~lightning_dropout.inject.resolve` (in
+Rules are turned into a plan by :func:`~lightning_dropout.injection.resolve` (in
 :mod:`lightning_dropout._resolve`).
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from lightning_dropout.errors import DropoutConfigError, check_rate, closest, strict_init
-from lightning_dropout.variants import DropoutVariant, build_variant, get_variant
+from lightning_dropout.errors import DropoutConfigError, closest, strict_init
+from lightning_dropout.variants import DropoutVariant, get_variant
 
 __all__ = ["Rule", "as_rules", "existing_rate", "has_float_dropout", "is_dropout_module", "is_leaf"]
 
@@ -167,14 +167,20 @@ class Rule:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        get_variant(self.variant)
+        variant = get_variant(self.variant)
         for key in ("strict", "exclude_output_layer"):  # a string 'false' would read as true
             if not isinstance(getattr(self, key), bool):
                 raise DropoutConfigError(
                     f"`{key}` must be true or false (not a string), but got {key}={getattr(self, key)!r}."
                 )
-        if self.p is not None:
-            self.p = check_rate(self.p)
+        if not isinstance(self.params, Mapping):
+            raise DropoutConfigError(f"`params` must be a mapping, but got params={self.params!r}.")
+        # the rate and the variant's parameters checked once, here, without building a module; a replacing
+        # rule without `p` keeps each site's own rate, checked by its Site
+        if self.p is None:
+            self.params = variant.check_params(0.1, self.params)[1]
+        else:
+            self.p, self.params = variant.check_params(self.p, self.params)
         self.match = _as_types(self.match, "match") if self.match is not None else None
         self.name = _as_globs(self.name, "name") or None
         self.exclude = _as_globs(self.exclude, "exclude")
@@ -208,10 +214,6 @@ class Rule:
             raise DropoutConfigError(
                 f"`depth_scaling` must be one of {list(_DEPTH_SCALINGS)}, but got depth_scaling={self.depth_scaling!r}."
             )
-        if not isinstance(self.params, Mapping):
-            raise DropoutConfigError(f"`params` must be a mapping, but got params={self.params!r}.")
-        self.params = dict(self.params)
-        build_variant(self.variant, self.p or 0.1, **self.params)  # validates the variant's parameters now
 
     def label(self) -> str:
         """A short human description used in messages."""

@@ -109,7 +109,7 @@ def test_concrete_regularizer_changes_the_returned_loss():
     torch.manual_seed(1)
     plain = type(model).training_step(model, batch, 0)
     assert not torch.allclose(with_reg, plain)
-    from lightning_dropout.inject import regularization
+    from lightning_dropout.injection import regularization
 
     assert torch.allclose(with_reg - plain, regularization(model), atol=1e-5)
 

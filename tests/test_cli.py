@@ -112,16 +112,35 @@ def test_help_and_variants_import_nothing_heavy():
 
 
 def test_lazy_package_names_are_the_public_objects():
-    # in a fresh interpreter, where importing the submodule `lightning_dropout.inject` sets it on the package
+    # a fresh interpreter: the engine's module imported first, then the package's lazy names
     code = (
-        "import lightning_dropout.inject, lightning_dropout as ld\n"
+        "import lightning_dropout.injection, lightning_dropout as ld\n"
         "from lightning_dropout import DropoutPlan, inject\n"
         "from lightning_dropout.plan import DropoutPlan as P\n"
         "print(callable(inject), inject is ld.inject, inject.__module__, DropoutPlan is P,"
         " set(ld.__all__) <= set(dir(ld)), hasattr(ld, 'nope'))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert proc.stdout.split() == ["True", "True", "lightning_dropout.inject", "True", "True", "False"]
+    assert proc.stdout.split() == ["True", "True", "lightning_dropout.injection", "True", "True", "False"]
+
+
+def test_the_old_module_path_of_the_engine_still_imports_with_a_deprecation_warning():
+    code = (
+        "import warnings\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    import lightning_dropout.inject\n"
+        "    from lightning_dropout.inject import Rule, register_rate_attribute\n"
+        "import lightning_dropout as ld, lightning_dropout.injection as engine\n"
+        "print(Rule is engine.Rule, register_rate_attribute is engine.register_rate_attribute,"
+        " ld.inject is engine.inject, len(seen), all(w.category is DeprecationWarning for w in seen),"
+        " all(w.filename == '<string>' for w in seen))\n"
+        "print(seen[0].message)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    flags, message = proc.stdout.splitlines()[:2]
+    assert flags.split() == ["True", "True", "True", "2", "True", "True"]
+    assert "`lightning_dropout.injection`" in message and "deprecated" in message
 
 
 @pytest.mark.parametrize(

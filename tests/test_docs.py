@@ -140,7 +140,7 @@ def test_api_reference_and_guides_are_built(site):
         "lightning_dropout": "DropoutConfigError",
         "variants": "DropoutVariant",
         "plan": "DropoutPlan",
-        "inject": "Rule",
+        "injection": "Rule",
         "callback": "DropoutInjector",
         "schedules": "EarlyDropout",
         "mc": "mc_predict",

@@ -1,4 +1,4 @@
-"""Behaviour of the injection engine end to end (``lightning_dropout.inject``): rules -> plan -> sites on real torch
+"""Behaviour of the injection engine end to end (``lightning_dropout.injection``): rules -> plan -> sites on real torch
 modules, undo, describe, the BatchNorm warning, errors at each entry point. Rules, tracing, hooks and inspection
 have their own tests/test_inject_*.py; the models they share are in tests/inject_models.py."""
 

@@ -13,7 +13,7 @@ from lightning_dropout import (
     inject,
     undo,
 )
-from lightning_dropout.inject import regularization, resolve
+from lightning_dropout.injection import regularization, resolve
 from lightning_dropout.variants import ConcreteDropout
 
 pytestmark = pytest.mark.usefixtures("one_thread")

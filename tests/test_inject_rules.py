@@ -26,7 +26,7 @@ from lightning_dropout import (
     site_handles,
     undo,
 )
-from lightning_dropout.inject import is_dropout_module
+from lightning_dropout.injection import is_dropout_module
 from lightning_dropout.variants import DropoutVariant, GaussianDropout
 
 pytestmark = pytest.mark.usefixtures("one_thread")

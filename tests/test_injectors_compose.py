@@ -19,7 +19,7 @@ from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.checkpoints import checkpoint_plan, load_checkpoint
 from lightning_dropout.cli import main
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.inject import Rule, applied_plan
+from lightning_dropout.injection import Rule, applied_plan
 from lightning_dropout.plan import DropoutPlan, Site
 from lightning_dropout.schedules import Linear
 

@@ -95,7 +95,7 @@ def test_optional_packages_are_dev_extras():
 
 def test_the_plain_callback_does_not_import_the_tuner():
     code = (
-        "import sys, lightning_dropout.callback, lightning_dropout.monitor, lightning_dropout.inject\n"
+        "import sys, lightning_dropout.callback, lightning_dropout.monitor, lightning_dropout.injection\n"
         "print(sorted(m for m in ('optuna', 'sqlalchemy', 'jsonargparse') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

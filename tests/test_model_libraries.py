@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lightning_dropout import DropoutConfigError, DropoutPlan, Rule, Site, apply_plan, describe, inject, undo
 from lightning_dropout import _attr_sites as attr_sites
 from lightning_dropout.callback import DropoutInjector
-from lightning_dropout.inject import resolve, site_handles
+from lightning_dropout.injection import resolve, site_handles
 from lightning_dropout.tune import SearchGroup, suggest_plan
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -21,7 +21,7 @@ from studies import load, tune, write_config
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.data import MNIST1DDataModule
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.inject import site_handles
+from lightning_dropout.injection import site_handles
 from lightning_dropout.plan import DropoutPlan, Site
 from lightning_dropout.schedules import Linear
 from lightning_dropout.tune import Tuner

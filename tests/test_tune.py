@@ -25,7 +25,7 @@ from torch import nn
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.cli import main
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.inject import Rule
+from lightning_dropout.injection import Rule
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune import SearchGroup, Tuner, open_study, redact, suggest_plan, winner
 from lightning_dropout.zoo import CNN, MLP, TransformerEncoderClassifier

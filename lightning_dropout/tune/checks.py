@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.errors import DropoutConfigError
-from lightning_dropout.inject import check_plan
+from lightning_dropout.injection import check_plan
 from lightning_dropout.tune.space import SearchGroup, check_enqueued
 
 __all__ = ["check_enqueue", "check_groups", "check_no_injector", "check_no_plan", "check_run_dir"]

@@ -19,7 +19,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from lightning_dropout.inject import Rule, existing_rate, is_dropout_module, resolve
+from lightning_dropout.injection import Rule, existing_rate, is_dropout_module, resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.tune.budget import grid_points, grid_size
 from lightning_dropout.tune.config import DropoutSpace, StudyConfig

@@ -49,7 +49,7 @@ from torch import nn
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.config import quiet_lightning
 from lightning_dropout.errors import DropoutConfigError, unwritable
-from lightning_dropout.inject import resolve
+from lightning_dropout.injection import resolve
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.redaction import redact
 from lightning_dropout.tune import ctrl_c
@@ -71,6 +71,13 @@ from lightning_dropout.tune.records import (
     INTERRUPTED,
     METRICS_ATTR,
     PBT_ATTR,
+    PBT_COPIED_ATTR,
+    PBT_END_ATTR,
+    PBT_GENERATION_ATTR,
+    PBT_MEMBER_ATTR,
+    PBT_RATES_ATTR,
+    PBT_SETTINGS_ATTR,
+    PBT_START_ATTR,
     PLAN_ATTR,
     SEGMENT_EPOCHS_ATTR,
     fail_stale,
@@ -81,7 +88,6 @@ from lightning_dropout.tune.value import trial_value
 from lightning_dropout.variants import get_variant
 
 __all__ = [
-    "MEMBER_ATTR",
     "NOT_A_SEGMENT",
     "Population",
     "PopulationResult",
@@ -93,15 +99,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MEMBER_ATTR = "pbt_member"
-GENERATION_ATTR = "pbt_generation"
-RATES_ATTR = "pbt_rates"  # {dimension: rate} of the segment
-START_ATTR = "pbt_start"  # the checkpoint it starts from ("" in generation 0)
-COPIED_ATTR = (
-    "pbt_copied_from"  # the member whose checkpoint it continues (itself unless it exploited; -1 at 0)
-)
-END_ATTR = "pbt_checkpoint"  # the checkpoint it saved (set when it completes)
-SETTINGS_ATTR = "pbt_settings"  # study attribute: Population.settings() of the study's first run
 NOT_A_SEGMENT = "no population segment was waiting (another worker took the last one); not run"
 _MAX_ATTEMPTS = 3  # a segment killed this many times (no reason recorded) is given up
 
@@ -186,12 +183,12 @@ class Segment:
     def attrs(self) -> dict[str, Any]:
         return {
             PBT_ATTR: self.label,
-            MEMBER_ATTR: self.member,
-            GENERATION_ATTR: self.generation,
+            PBT_MEMBER_ATTR: self.member,
+            PBT_GENERATION_ATTR: self.generation,
             SEGMENT_EPOCHS_ATTR: [self.start_epoch, self.end_epoch],
-            RATES_ATTR: dict(self.rates),
-            START_ATTR: self.start or "",
-            COPIED_ATTR: -1 if self.copied_from is None else self.copied_from,
+            PBT_RATES_ATTR: dict(self.rates),
+            PBT_START_ATTR: self.start or "",
+            PBT_COPIED_ATTR: -1 if self.copied_from is None else self.copied_from,
         }
 
     @classmethod
@@ -201,14 +198,14 @@ class Segment:
         if PBT_ATTR not in attrs:
             return None
         start, end = attrs[SEGMENT_EPOCHS_ATTR]
-        copied = int(attrs[COPIED_ATTR])
+        copied = int(attrs[PBT_COPIED_ATTR])
         return cls(
-            int(attrs[MEMBER_ATTR]),
-            int(attrs[GENERATION_ATTR]),
+            int(attrs[PBT_MEMBER_ATTR]),
+            int(attrs[PBT_GENERATION_ATTR]),
             int(start),
             int(end),
-            {k: float(v) for k, v in attrs[RATES_ATTR].items()},
-            attrs[START_ATTR] or None,
+            {k: float(v) for k, v in attrs[PBT_RATES_ATTR].items()},
+            attrs[PBT_START_ATTR] or None,
             None if copied < 0 else copied,
         )
 
@@ -289,7 +286,7 @@ class Population:
     def bind(self, study: optuna.Study) -> None:
         """Store :meth:`settings` on a new study; refuse to continue a study started with other settings, or one
         that holds trials of another method (its generations would not fit together)."""
-        stored = study.user_attrs.get(SETTINGS_ATTR)
+        stored = study.user_attrs.get(PBT_SETTINGS_ATTR)
         settings = self.settings()
         if stored is None:
             others = [
@@ -302,7 +299,7 @@ class Population:
                     f"`study.method: pbt` needs a study of its own, but study {study.study_name!r} already holds "
                     f"{len(others)} trials of `study.method: trials`; choose another `study.name`."
                 )
-            study.set_user_attr(SETTINGS_ATTR, settings)
+            study.set_user_attr(PBT_SETTINGS_ATTR, settings)
         elif stored != settings:
             changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
             raise DropoutConfigError(
@@ -460,7 +457,7 @@ class Population:
             assert injector.plan is not None  # set in setup()
             trial.set_user_attr(PLAN_ATTR, injector.plan.to_yaml())
             trial.set_user_attr(METRICS_ATTR, metrics)
-            trial.set_user_attr(END_ATTR, str(end))
+            trial.set_user_attr(PBT_END_ATTR, str(end))
         finally:
             if last:
                 state = "failed" if value is None or math.isnan(value) else "complete"

@@ -41,6 +41,13 @@ __all__ = [
     "NOTHING_TRAINED",
     "PARENT_RUNS_ATTR",
     "PBT_ATTR",
+    "PBT_COPIED_ATTR",
+    "PBT_END_ATTR",
+    "PBT_GENERATION_ATTR",
+    "PBT_MEMBER_ATTR",
+    "PBT_RATES_ATTR",
+    "PBT_SETTINGS_ATTR",
+    "PBT_START_ATTR",
     "PBT_RESULT_ATTR",
     "PLAN_ATTR",
     "RERUNS_ATTR",
@@ -108,6 +115,14 @@ RERUNS_ATTR = "reruns"  # study attribute: {trial number: {label, values, seeds,
 # study attributes "rerun_value:<trial>:<seed index>": one re-run's value, written by whichever worker ran it
 # (one key per run, so workers never overwrite each other's), gathered into RERUNS_ATTR by `tune`
 RERUN_VALUE_PREFIX = "rerun_value:"
+# population-based training: each trial is one member's segment of generations (tune/pbt.py)
+PBT_MEMBER_ATTR = "pbt_member"
+PBT_GENERATION_ATTR = "pbt_generation"
+PBT_RATES_ATTR = "pbt_rates"  # {dimension: rate} of the segment
+PBT_START_ATTR = "pbt_start"  # the checkpoint it starts from ("" in generation 0)
+PBT_COPIED_ATTR = "pbt_copied_from"  # the member whose checkpoint it continues (itself unless it exploited; -1 at 0)
+PBT_END_ATTR = "pbt_checkpoint"  # the checkpoint it saved (set when it completes)
+PBT_SETTINGS_ATTR = "pbt_settings"  # study attribute: Population.settings() of the study's first run
 # study attribute: {index of the logger in `trainer.logger`: the study's parent run id} (MLflow)
 PARENT_RUNS_ATTR = "logger_parent_runs"
 INTERRUPTED = "interrupted (Ctrl-C)"

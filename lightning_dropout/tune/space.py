@@ -1,6 +1,6 @@
 """The search space: groups of dropout sites, sampled define-by-run into a DropoutPlan (the Optuna layer).
 
-Each :class:`SearchGroup` selects sites like a :class:`~lightning_dropout.inject.Rule` and says what may go
+Each :class:`SearchGroup` selects sites like a :class:`~lightning_dropout.injection.Rule` and says what may go
 there. For every group the trial first chooses the variant, then that variant's rate and its own parameters
 (a conditional space: ``dropblock``'s ``block_size`` exists only when ``dropblock`` was chosen). A group shares
 one choice across its sites (so a 50-site model is not a 100-dimensional search), or chooses per site with
@@ -20,9 +20,9 @@ import optuna
 from torch import nn
 
 from lightning_dropout.errors import DropoutConfigError, check_instance, check_rate, closest, strict_init
-from lightning_dropout.inject import Rule, resolve
+from lightning_dropout.injection import Rule, resolve
 from lightning_dropout.plan import DropoutPlan
-from lightning_dropout.variants import build_variant, get_variant
+from lightning_dropout.variants import get_variant
 
 __all__ = [
     "Dimension",
@@ -45,7 +45,7 @@ class SearchGroup:
 
     Args:
         name: the group's name, used in Optuna parameter names and reports.
-        select: the site selectors of a :class:`~lightning_dropout.inject.Rule` (``match``, ``name``, ``regex``,
+        select: the site selectors of a :class:`~lightning_dropout.injection.Rule` (``match``, ``name``, ``regex``,
             ``exclude``, ``replace``, ``where``, ``exclude_output_layer``).
         variants: the variants to choose from (first chosen, then its parameters).
         p: ``[low, high]`` range of the rate; ``low`` may be 0 (no dropout in this group).
@@ -122,14 +122,14 @@ class SearchGroup:
         self.rule(self.variants[0], self.probe_rate)  # selectors validated once, here
 
     def _check_choices(self, where: str, variant: str, choices: Mapping[str, list[Any]]) -> None:
-        """Every choice of every parameter builds the variant (beside the first choice of the others): a bad
-        choice is found here, not when a trial happens to draw it."""
+        """Every choice of every parameter passes the variant's check (beside the first choice of the others): a
+        bad choice is found here, not when a trial happens to draw it."""
         first = {k: v[0] for k, v in choices.items()}
         for param, values in choices.items():
             for i, value in enumerate(values):
                 try:
-                    build_variant(variant, self.probe_rate, **{**first, param: value})
-                except (DropoutConfigError, TypeError, ValueError) as err:
+                    get_variant(variant).check_params(self.probe_rate, {**first, param: value})
+                except DropoutConfigError as err:
                     raise DropoutConfigError(
                         f"{where}: `params.{variant}.{param}[{i}]` must be a value variant {variant!r} accepts "
                         f"({str(err).rstrip('.')}), but got {value!r}."

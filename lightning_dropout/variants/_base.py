@@ -54,12 +54,7 @@ def get_variant(name: str) -> type[DropoutVariant]:
 def build_variant(name: str, p: float, **params: Any) -> DropoutVariant:
     """Instantiate variant ``name`` with rate ``p`` and its own ``params`` (validated against its signature)."""
     cls = get_variant(name)
-    allowed = cls.param_names()
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise DropoutConfigError(
-            f"variant {name!r} takes the parameters {allowed or '(none)'}, but got unknown {unknown}."
-        )
+    cls.check_param_names(params)
     return cls(p, **params)
 
 
@@ -88,7 +83,7 @@ class DropoutVariant(nn.Module):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        self.p = check_rate(p)
+        self.p = self.checked_rate(p)
         self.track = False
         self.drop_fraction: Tensor | None = None
         self.generator: torch.Generator | None = None
@@ -98,6 +93,43 @@ class DropoutVariant(nn.Module):
         """Keyword parameters the variant takes besides ``p``."""
         sig = inspect.signature(cls.__init__)
         return [n for n in list(sig.parameters)[1:] if n != "p"]
+
+    @classmethod
+    def check_param_names(cls, params: Mapping[str, Any]) -> None:
+        """Raise unless every key of ``params`` is one of :meth:`param_names`."""
+        allowed = cls.param_names()
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise DropoutConfigError(
+                f"variant {cls.variant_name!r} takes the parameters {allowed or '(none)'}, but got unknown {unknown}."
+            )
+
+    @classmethod
+    def checked_rate(cls, p: object) -> float:
+        """The rate ``p`` validated for this variant (``0 <= p < 1``); the constructor and
+        :meth:`check_params` both use it."""
+        return check_rate(p)
+
+    @classmethod
+    def checked_param(cls, name: str, value: Any) -> Any:
+        """Parameter ``name``'s ``value`` validated (and normalized) as the constructor stores it; a variant
+        with parameters overrides it, and its constructor stores what it returns. Most take any value."""
+        return value
+
+    @classmethod
+    def check_params(cls, p: object, params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+        """``(p, params)`` validated without building a module: the rate, the parameter names and each value
+        (through :meth:`checked_rate` and :meth:`checked_param`, as the constructor checks them). A
+        :class:`~lightning_dropout.Rule` and a :class:`~lightning_dropout.Site` check with it; the injection
+        engine builds one module per site.
+
+        Example:
+            >>> from lightning_dropout.variants import DropBlock
+            >>> DropBlock.check_params(0.1, {"block_size": 5})
+            (0.1, {'block_size': 5})
+        """
+        cls.check_param_names(params)
+        return cls.checked_rate(p), {name: cls.checked_param(name, value) for name, value in params.items()}
 
     @classmethod
     def params_from_target(cls, module: nn.Module, where: str, params: Mapping[str, Any]) -> dict[str, Any]:

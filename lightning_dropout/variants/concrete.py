@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -93,16 +94,26 @@ class ConcreteDropout(DropoutVariant):
         weight_regularizer: float = 1e-6,
         dropout_regularizer: float = 1e-5,
     ) -> None:
-        if check_rate(p) == 0.0:
+        super().__init__(p)
+        self.temperature = self.checked_param("temperature", temperature)
+        self.weight_regularizer = self.checked_param("weight_regularizer", weight_regularizer)
+        self.dropout_regularizer = self.checked_param("dropout_regularizer", dropout_regularizer)
+        self.input_features = 0  # K, set by the last training forward
+
+    @classmethod
+    def checked_rate(cls, p: object) -> float:
+        rate = check_rate(p)
+        if rate == 0.0:
             raise DropoutConfigError(
                 f"`p` must satisfy 0 < p < 1 for variant 'concrete' (its logit), but got {p=}."
             )
-        check_number(temperature, "temperature")
-        super().__init__(p)
-        self.temperature = float(temperature)
-        self.weight_regularizer = float(weight_regularizer)
-        self.dropout_regularizer = float(dropout_regularizer)
-        self.input_features = 0  # K, set by the last training forward
+        return rate
+
+    @classmethod
+    def checked_param(cls, name: str, value: Any) -> Any:
+        if name == "temperature":
+            return float(check_number(value, name))
+        return float(check_number(value, name, inclusive=True))  # a regularizer of 0 switches its term off
 
     @property
     def p(self) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,8 +122,12 @@ class DropBlock(DropoutVariant):
 
     def __init__(self, p: float = 0.1, block_size: int = 3, share_channels: bool = False) -> None:
         super().__init__(p)
-        self.block_size = _check_block_size(block_size)
-        self.share_channels = bool(share_channels)
+        self.block_size = self.checked_param("block_size", block_size)
+        self.share_channels = self.checked_param("share_channels", share_channels)
+
+    @classmethod
+    def checked_param(cls, name: str, value: Any) -> Any:
+        return _check_block_size(value) if name == "block_size" else bool(value)
 
     def check_input(self, shape: torch.Size) -> str | None:
         return "needs a 1d or 2d feature map (N, C, L) or (N, C, H, W)" if len(shape) not in (3, 4) else None

@@ -12,6 +12,8 @@ rule option of the injection engine (``depth_scaling="linear"``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -60,7 +62,11 @@ class DropPath(DropoutVariant):
 
     def __init__(self, p: float = 0.1, scale_by_keep: bool = True) -> None:
         super().__init__(p)
-        self.scale_by_keep = bool(scale_by_keep)
+        self.scale_by_keep = self.checked_param("scale_by_keep", scale_by_keep)
+
+    @classmethod
+    def checked_param(cls, name: str, value: Any) -> Any:
+        return bool(value)
 
     def check_input(self, shape: torch.Size) -> str | None:
         return "needs a batched input (N, *)" if len(shape) < 1 else None

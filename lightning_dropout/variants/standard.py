@@ -13,6 +13,8 @@ Every element is kept with probability ``1 - p`` (mask shape = input shape).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -98,7 +100,11 @@ class Dropout(DropoutVariant):
 
     def __init__(self, p: float = 0.5, scaling: str = "inverted") -> None:
         super().__init__(p)
-        self.scaling = _check_scaling(scaling)
+        self.scaling = self.checked_param("scaling", scaling)
+
+    @classmethod
+    def checked_param(cls, name: str, value: Any) -> Any:
+        return _check_scaling(value) if name == "scaling" else value
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._active(x):

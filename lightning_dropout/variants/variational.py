@@ -92,7 +92,11 @@ class VariationalDropout(DropoutVariant):
 
     def __init__(self, p: float = 0.5, batch_first: bool = False) -> None:
         super().__init__(p)
-        self.batch_first = bool(batch_first)
+        self.batch_first = self.checked_param("batch_first", batch_first)
+
+    @classmethod
+    def checked_param(cls, name: str, value: Any) -> Any:
+        return bool(value)
 
     @classmethod
     def params_from_target(cls, module: nn.Module, where: str, params: Mapping[str, Any]) -> dict[str, Any]:

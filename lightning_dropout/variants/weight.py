@@ -68,7 +68,21 @@ class WeightDropout(DropoutVariant):
 
     def __init__(self, p: float = 0.5, weights: list[str] | None = None) -> None:
         super().__init__(p)
-        self.weights = list(weights) if weights is not None else None
+        self.weights = self.checked_param("weights", weights)
+
+    @classmethod
+    def checked_param(cls, name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        if (
+            isinstance(value, str)
+            or not isinstance(value, (list, tuple))
+            or not all(isinstance(w, str) for w in value)
+        ):
+            raise DropoutConfigError(
+                f"`weights` must be a list of parameter names (str) or None, but got weights={value!r}."
+            )
+        return list(value)
 
     @classmethod
     def params_from_target(cls, module: nn.Module, where: str, params: Mapping[str, Any]) -> dict[str, Any]:

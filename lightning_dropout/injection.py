@@ -91,7 +91,7 @@ from lightning_dropout.variants import DropoutVariant, build_variant
 # The engine is split by concern (see docs/architecture.md): rules.py (Rule, what counts as dropout),
 # _trace.py (tracing an example input), _resolve.py (rules -> plan), _hooks.py (the hooks), _state.py (the
 # records of what was applied), handles.py (inspection); this module applies and undoes plans and re-exports
-# the public names of the others, so `from lightning_dropout.inject import ...` keeps working.
+# the public names of the others, so `from lightning_dropout.injection import ...` keeps working.
 __all__ = [
     "Rule",
     "SiteHandle",
@@ -168,19 +168,27 @@ def _is_rate_path(model: nn.Module, site: Site) -> bool:
     return False
 
 
-def _check_shapes(plan: DropoutPlan, trace: Trace) -> None:
-    for site in plan:
-        shape = {"output": trace.out_shapes, "input": trace.in_shapes, "replace": trace.in_shapes}.get(
-            site.where, {}
-        ).get(site.target)
-        if shape is None:
-            continue
-        reason = build_variant(site.variant, site.p, **site.params).check_input(torch.Size(shape))
-        if reason is not None:
-            raise DropoutConfigError(
-                f"site {site.key!r}: variant {site.variant!r} {reason}, but the site sees shape "
-                f"{shape}; choose a variant that fits, or another site."
-            )
+def _build(model: nn.Module, site: Site, trace: Trace | None) -> DropoutVariant | None:
+    """The one module ``site`` keeps (``None`` for an attribute site, which sets a float), its parameters
+    completed from its target, checked against the shape the site sees in ``trace``."""
+    module = site_module(model, site.target, site)
+    _check_site(model, site, module)
+    if site.where == "attribute":
+        return None
+    drop = build_variant(
+        site.variant, site.p, **complete_params(site.variant, site.where, module, site.params)
+    )
+    shape = None
+    if trace is not None:
+        shapes = {"output": trace.out_shapes, "input": trace.in_shapes, "replace": trace.in_shapes}
+        shape = shapes.get(site.where, {}).get(site.target)
+    reason = drop.check_input(torch.Size(shape)) if shape is not None else None
+    if reason is not None:
+        raise DropoutConfigError(
+            f"site {site.key!r}: variant {site.variant!r} {reason}, but the site sees shape "
+            f"{shape}; choose a variant that fits, or another site."
+        )
+    return drop
 
 
 def _warn_before_batchnorm(model: nn.Module, plan: DropoutPlan, order: list[str]) -> None:
@@ -208,16 +216,15 @@ def _warn_before_batchnorm(model: nn.Module, plan: DropoutPlan, order: list[str]
             )
 
 
-def _attach(model: nn.Module, site: Site) -> SiteRecord:
-    module = site_module(model, site.target, site)
-    _check_site(model, site, module)
+def _attach(model: nn.Module, site: Site, drop: DropoutVariant | None) -> SiteRecord:
+    """Put ``site`` in place with ``drop``, the module :func:`_build` made for it."""
     if site.where == "attribute":
         owner, attr = float_slot(model, site)
         record = SiteRecord(site, getattr(owner, attr))
         setattr(owner, attr, site.p)
         return record
-    params = complete_params(site.variant, site.where, module, site.params)
-    drop = build_variant(site.variant, site.p, **params)
+    assert drop is not None
+    module = model.get_submodule(site.target)
     if site.where == "replace":
         parent_name, _, child = site.target.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -299,10 +306,7 @@ def apply_plan(
         return applied_plan(model)
     trace = _traced if _traced is not None or example_input is None else trace_input(model, example_input)
     pending = DropoutPlan(todo)
-    if trace is not None:
-        _check_shapes(pending, trace)
-    for site in pending:  # validate every site before touching the model
-        _check_site(model, site, site_module(model, site.target, site))
+    built = {site.key: _build(model, site, trace) for site in pending}  # every site checked before any change
     _warn_before_batchnorm(model, pending, trace.order if trace else definition_order(model))
     previous: dict[str, SiteRecord] = {}
     order = list(records)
@@ -310,7 +314,7 @@ def apply_plan(
         if site.key in records:
             previous[site.key] = records.pop(site.key)
             _detach(model, previous[site.key])
-        records[site.key] = _attach(model, site)
+        records[site.key] = _attach(model, site, built[site.key])
     try:
         _check_runs(
             model,
@@ -322,7 +326,8 @@ def apply_plan(
         for site in reversed(list(pending)):  # leave the model as it was
             _detach(model, records.pop(site.key))
             if site.key in previous:
-                records[site.key] = _attach(model, previous[site.key].site)
+                old = previous[site.key].site
+                records[site.key] = _attach(model, old, _build(model, old, None))
         kept = {key: records[key] for key in order if key in records}
         records.clear()
         records.update(kept)
@@ -350,10 +355,9 @@ def check_plan(model: nn.Module, plan: DropoutPlan, example_input: Any = None) -
     """Raise the :class:`DropoutConfigError` that ``apply_plan(model, plan, example_input)`` would raise (a
     site that does not exist, a variant that does not fit the module or the shape it sees); ``model`` is left
     unchanged."""
-    if example_input is not None:
-        _check_shapes(plan, trace_input(model, example_input))
+    trace = trace_input(model, example_input) if example_input is not None else None
     for site in plan:
-        _check_site(model, site, site_module(model, site.target, site))
+        _build(model, site, trace)
 
 
 def inject(
