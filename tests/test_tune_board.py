@@ -350,6 +350,19 @@ def test_gap_samples_zero_drops_the_monitor_and_its_columns(tmp_path, data_dir):
     assert not [t for t in run.tags if t.startswith(("gap/", "train_clean/"))]
 
 
+def test_a_searched_choice_that_is_no_sites_own_has_its_hparams_column(tmp_path, data_dir):
+    group = {**GROUP, "per_layer": False, "params": {}, "depth_scaling": ["none", "linear"]}
+    config = write_config(tmp_path, dropout={"groups": [group]}, study={"n_trials": 3, "gap_samples": 0})
+    assert tune(config, tmp_path, data_dir) == 0
+    study = load(tmp_path)
+    for trial in study.trials:
+        hp = Run(tmp_path / "runs" / "s" / "trials" / f"trial_{trial.number:04d}").hparams
+        assert hp["dropout/hidden/depth_scaling"] == trial.params.get("hidden/depth_scaling", "-")
+    assert study.trials[0].user_attrs["baseline"] and "hidden/depth_scaling" in study.trials[1].params
+    experiment = Run(tmp_path / "runs" / "s" / "study").experiment
+    assert "dropout/hidden/depth_scaling" in {display_name(h.name) for h in experiment.hparam_infos}
+
+
 def test_mc_samples_logs_calibration_and_entropy(tmp_path, data_dir):
     config = write_config(tmp_path, study={"n_trials": 1, "mc_samples": 3, "baselines": False})
     assert tune(config, tmp_path, data_dir) == 0

@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,19 @@ from typing_extensions import override
 
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.scalars import site_name
-from lightning_dropout.tune.space import SearchGroup
+from lightning_dropout.tune.space import SearchGroup, all_dimensions
 
-__all__ = ["TrialLogger", "column_name", "display_name", "plan_columns", "plan_hparams", "write_experiment"]
+__all__ = [
+    "Columns",
+    "TrialLogger",
+    "column_name",
+    "display_name",
+    "plan_columns",
+    "plan_hparams",
+    "study_columns",
+    "trial_hparams",
+    "write_experiment",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +124,47 @@ def plan_columns(
                 names = columns.setdefault(site.key, [])
                 names.extend(n for n in searched if n not in names)
     return columns
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A study's HParams dropout columns, the same for all its runs.
+
+    Attributes:
+        sites: every site key the search space can produce, with the variant parameters searched there
+            (:func:`plan_columns`): a site's ``variant``, ``p`` and parameters come from the trial's plan.
+        choices: the Optuna names of the searched choices that are not a site's (``hidden/depth_scaling``):
+            every dimension of the space that belongs to no variant, other than the variant itself.
+    """
+
+    sites: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    choices: Sequence[str] = ()
+
+
+def study_columns(groups: Sequence[SearchGroup], model: nn.Module, example_input: Any = None) -> Columns:
+    """The :class:`Columns` of a study of ``groups`` on ``model``."""
+    choices = [
+        dim.name
+        for dim in all_dimensions(groups, model, example_input)
+        if dim.variant is None and dim.key != "variant" and not dim.fixed
+    ]
+    return Columns(plan_columns(groups, model, example_input), choices)
+
+
+def trial_hparams(plan: DropoutPlan, columns: Columns, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's dropout hyperparameters: its ``plan`` over the site columns (:func:`plan_hparams`), and each
+    choice column as ``dropout/<name>`` with the value the trial's Optuna ``params`` hold (as text, ``"-"``
+    when it has none: a baseline, an enqueued plan).
+
+    >>> from lightning_dropout.plan import Site
+    >>> plan = DropoutPlan([Site("fc1", "output", "standard", 0.2)])
+    >>> trial_hparams(plan, Columns({"fc1:output": []}, ["hidden/depth_scaling"]), {"hidden/depth_scaling": "linear"})
+    {'dropout/fc1.output/variant': 'standard', 'dropout/fc1.output/p': 0.2, 'dropout/hidden/depth_scaling': 'linear'}
+    """
+    out = plan_hparams(plan, columns.sites)
+    for name in columns.choices:
+        out[f"dropout/{name}"] = str(params[name]) if name in params else NO_PARAM
+    return out
 
 
 def plan_hparams(plan: DropoutPlan, columns: Mapping[str, Sequence[str]]) -> dict[str, Any]:

@@ -463,7 +463,9 @@ class Population:
                 state = "failed" if value is None or math.isnan(value) else "complete"
                 params: dict[str, Any] = {"trial": trial.number, "kind": "pbt", "member": segment.member}
                 params["state"] = state
-                params.update(plan_hparams(injector.plan or DropoutPlan(), tuner._columns(cli.model)))
+                params.update(
+                    plan_hparams(injector.plan or DropoutPlan(), tuner.hparam_columns(cli.model).sites)
+                )
                 finish_loggers(loggers, params, {"hp/value": math.nan if value is None else value})
             else:
                 _close(loggers)

@@ -46,9 +46,9 @@ __all__ = [
     "PBT_GENERATION_ATTR",
     "PBT_MEMBER_ATTR",
     "PBT_RATES_ATTR",
+    "PBT_RESULT_ATTR",
     "PBT_SETTINGS_ATTR",
     "PBT_START_ATTR",
-    "PBT_RESULT_ATTR",
     "PLAN_ATTR",
     "RERUNS_ATTR",
     "RERUN_VALUE_PREFIX",
@@ -120,7 +120,9 @@ PBT_MEMBER_ATTR = "pbt_member"
 PBT_GENERATION_ATTR = "pbt_generation"
 PBT_RATES_ATTR = "pbt_rates"  # {dimension: rate} of the segment
 PBT_START_ATTR = "pbt_start"  # the checkpoint it starts from ("" in generation 0)
-PBT_COPIED_ATTR = "pbt_copied_from"  # the member whose checkpoint it continues (itself unless it exploited; -1 at 0)
+PBT_COPIED_ATTR = (
+    "pbt_copied_from"  # the member whose checkpoint it continues (itself unless it exploited; -1 at 0)
+)
 PBT_END_ATTR = "pbt_checkpoint"  # the checkpoint it saved (set when it completes)
 PBT_SETTINGS_ATTR = "pbt_settings"  # study attribute: Population.settings() of the study's first run
 # study attribute: {index of the logger in `trainer.logger`: the study's parent run id} (MLflow)

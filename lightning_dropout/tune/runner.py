@@ -31,18 +31,16 @@ import lightning.pytorch as pl
 import optuna
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from optuna.trial import TrialState
 
 from lightning_dropout.callback import DropoutInjector
 from lightning_dropout.config import ConfigCLI, load_config, quiet_lightning
 from lightning_dropout.errors import DropoutConfigError, UnwritableError, unwritable
-from lightning_dropout.monitor import GapMonitor, metric_base_name
 from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.redaction import redact
 from lightning_dropout.tune import ctrl_c, trial_io
-from lightning_dropout.tune.board import plan_columns, plan_hparams
+from lightning_dropout.tune.board import Columns, study_columns, trial_hparams
 from lightning_dropout.tune.budget import BudgetPlan
 from lightning_dropout.tune.checks import (
     check_enqueue,
@@ -61,6 +59,7 @@ from lightning_dropout.tune.loggers import (
     open_parent_runs,
     trial_loggers,
 )
+from lightning_dropout.tune.monitors import TrialMonitors
 from lightning_dropout.tune.pruning import MetricNotLoggedError, TrialPruning
 from lightning_dropout.tune.records import (
     BASELINE_ATTR,
@@ -91,7 +90,6 @@ from lightning_dropout.tune.search import Distribution, parse_search, search_val
 from lightning_dropout.tune.seeding import seeded_sampler
 from lightning_dropout.tune.space import suggest_plan
 from lightning_dropout.tune.value import trial_value
-from lightning_dropout.uncertainty import UncertaintyMonitor
 
 __all__ = ["DuplicateTrialError", "TrialResult", "Tuner"]
 
@@ -158,7 +156,7 @@ class Tuner:
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self._fatal: DropoutConfigError | None = None
         self._launched_failure: RuntimeError | None = None  # a failed trial under torchrun/srun ends the job
-        self._site_columns: dict[str, list[str]] | None = None
+        self._site_columns: Columns | None = None
         self._budget: BudgetPlan | None = None
         self._layout: DeviceLayout | None = None
         # under torchrun/srun, on global rank 0: where each job goes to the other ranks (tune/launched.py)
@@ -326,21 +324,18 @@ class Tuner:
         fixed = trial is not None and fixed_label(trial) is not None
         pruning = TrialPruning(trial, cfg.metric, cfg.direction, cfg.prune_after, prunable=not fixed)
         injector = DropoutInjector(plan=plan, dropout_seed=cfg.dropout_seed)
-        gap = GapMonitor(cfg.gap_samples, seed=cfg.seed) if cfg.gap_samples else None
-        monitors: list[Callback] = [m for m in (gap,) if m is not None]
-        if cfg.mc_samples:
-            monitors.append(UncertaintyMonitor(cfg.mc_samples))
+        monitors = TrialMonitors(cfg)
         number = trial.number if trial is not None else number
         loggers = trial_loggers(self.logger_specs, Path(cfg.run_dir), cfg.name, version, kind, number)
         cli = self.cli.fresh(
-            [injector, *monitors, pruning],
+            [injector, *monitors.callbacks, pruning],
             values=values,
             logger=loggers or False,
             enable_checkpointing=self.cli.asks_for_checkpoints(),  # no .ckpt per run unless asked
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        columns = self._columns(cli.model)
+        columns = self.hparam_columns(cli.model)
         result: TrialResult | None = None
         try:
             fit(cli)
@@ -353,8 +348,7 @@ class Tuner:
             metrics[STEPS_METRIC] = float(cli.trainer.global_step)
             if best is not None:
                 metrics["best_epoch"] = float(pruning.epochs[best])
-                if gap is not None:
-                    metrics.update({f"gap_at_best/{k}": v for k, v in gap.gaps_at(best).items()})
+            metrics.update(monitors.at_best(best))
             result = TrialResult(None if best is None else value, metrics, pruning.pruned)
         finally:
             params: dict[str, Any] = {
@@ -365,40 +359,35 @@ class Tuner:
                 "state": "failed" if result is None else result.state(),
             }
             chosen = injector.plan if injector.plan is not None else DropoutPlan()
-            params.update(plan_hparams(chosen, columns))
+            params.update(trial_hparams(chosen, columns, trial.params if trial is not None else {}))
             params.update({f"search/{k}": v for k, v in (values or {}).items()})
             if cli.trainer.global_rank == 0:  # the others' loggers write nothing (Lightning's rank-zero rule)
-                finish_loggers(loggers, params, self._hparam_metrics(result, gap is not None))
+                finish_loggers(loggers, params, self._hparam_metrics(result, monitors))
         assert injector.plan is not None and result is not None  # set in setup() / after fit
         return result, injector.plan
 
-    def _columns(self, model: torch.nn.Module) -> dict[str, list[str]]:
-        """The study's HParams site columns, resolved on the first (fresh) model and kept: every trial builds
+    def hparam_columns(self, model: torch.nn.Module) -> Columns:
+        """The study's HParams dropout columns, resolved on the first (fresh) model and kept: every trial builds
         the same model from the same config."""
         if self._site_columns is None:
             try:
-                self._site_columns = plan_columns(
+                self._site_columns = study_columns(
                     self.space.groups, model, getattr(model, "example_input_array", None)
                 )
             except Exception as err:  # a model only the injector's configure_model builds: plan keys only
                 log.debug("HParams site columns from the plan only: %s", err)
-                self._site_columns = {}
+                self._site_columns = Columns()
         return self._site_columns
 
-    def _hparam_metrics(self, result: TrialResult | None, with_gap: bool) -> dict[str, float]:
+    def _hparam_metrics(self, result: TrialResult | None, monitors: TrialMonitors) -> dict[str, float]:
         """The HParams metrics, the same keys for every run of the study (NaN when unknown)."""
-        metric = self.study_config.metric
         metrics = result.metrics if result is not None else {}
-        out = {
-            f"hp/best_{metric}": metrics.get("best_value", math.nan),
+        return {
+            f"hp/best_{self.study_config.metric}": metrics.get("best_value", math.nan),
             "hp/best_epoch": metrics.get("best_epoch", math.nan),
             "hp/value": metrics.get("value", math.nan),
+            **monitors.hparam_metrics(metrics),
         }
-        if with_gap:
-            base = metric_base_name(metric)
-            for name in sorted({base, "loss"}):
-                out[f"hp/gap_at_best/{name}"] = metrics.get(f"gap_at_best/{name}", math.nan)
-        return out
 
     @property
     def multiprocess(self) -> bool:
