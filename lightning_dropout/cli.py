@@ -396,8 +396,14 @@ def _describe(args: list[str], existing: bool = False) -> int:
     return 0
 
 
-def _variants() -> int:
+def _variants(rest: list[str]) -> int:
     from lightning_dropout.catalog import BUILTIN_VARIANTS  # torch-free: the registry's names and summaries
+
+    if rest:
+        raise DropoutConfigError(
+            f"`variants` takes no arguments (it lists every variant), but got {rest}; the variants: "
+            f"{sorted(BUILTIN_VARIANTS)}."
+        )
 
     width = max(map(len, BUILTIN_VARIANTS))
     for name in sorted(BUILTIN_VARIANTS):
@@ -460,7 +466,7 @@ _VERBS: dict[str, _Verb] = {
         takes_config=True,
         help=_DESCRIBE_HELP,
     ),
-    "variants": _Verb("variants", "list the dropout variants", lambda rest: _variants(), help=_VARIANTS_HELP),
+    "variants": _Verb("variants", "list the dropout variants", _variants, help=_VARIANTS_HELP),
 }
 
 

@@ -3,6 +3,7 @@ studies through the CLI, shared by the study tests."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,18 @@ BASE: dict[str, Any] = {
 }
 
 
-def write_config(tmp_path: Path, name: str = "study.yaml", **sections: dict[str, Any]) -> Path:
-    """BASE with each given section's keys replaced (shallowly), written as YAML."""
-    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
+    """BASE with each given section's keys replaced (shallowly); BASE itself is left as it is."""
+    config = copy.deepcopy(BASE)
     for key, value in sections.items():
         config[key] = {**config[key], **value}
+    return config
+
+
+def write_config(tmp_path: Path, name: str = "study.yaml", **sections: dict[str, Any]) -> Path:
+    """:func:`tiny_config` written as YAML."""
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(yaml.safe_dump(tiny_config(**sections), sort_keys=False))
     return path
 
 
@@ -83,3 +89,24 @@ def sqlite_url(tmp_path: Path, name: str = "s") -> str:
 
 def load(tmp_path: Path, name: str = "s") -> optuna.Study:
     return open_study(name, sqlite_url(tmp_path, name))
+
+
+def error_line(
+    err: str, *, rc: int | None = None, out: str = "", expect: tuple[str, ...] = (), ours_only: bool = True
+) -> str:
+    """The one error line a user error prints (``lightning-dropout: error: ...``), checked: exit status ``rc`` 2
+    when given, no traceback, each of ``expect`` in it. With ``ours_only`` the other lines of ``err`` (the
+    study's header and progress, Lightning's and Optuna's logging) are left out; without, ``err`` must be that
+    line alone."""
+    if rc is not None:
+        assert rc == 2, (rc, err[-3000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    lines = err.strip().splitlines()
+    if ours_only:
+        lines = [line for line in lines if line.startswith("lightning-dropout:")]
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert line.startswith("lightning-dropout: error: "), line
+    missing = [text for text in expect if text not in line]
+    assert not missing, f"{missing} not in: {line}"
+    return line

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from studies import BASE
+from studies import BASE, error_line
 
 from lightning_dropout.cli import main
 from lightning_dropout.errors import DropoutConfigError
@@ -90,6 +90,25 @@ ALIAS_BOMB = b"".join(
 
 
 CONFIG_CASES = [
+    # a setting given on the command line instead of in the file: the parser's own errors name no file
+    ConfigCase(
+        "override-study-key-typo", None, ("n_trails",), extra=("--study.n_trails=3",), names_file=False
+    ),
+    ConfigCase(
+        "override-storage-scheme",
+        None,
+        ("`study.storage`", "journal:"),
+        extra=("--study.storage=redis://host/0",),
+        names_file=False,
+    ),
+    ConfigCase(
+        "override-group-variant-typo",
+        None,
+        ("'standrd'", "Did you mean 'standard'"),
+        extra=(
+            '--dropout.groups=[{"name": "hidden", "select": {"match": "Linear"}, "variants": ["standrd"]}]',
+        ),
+    ),
     # -- the model, data and trainer sections --------------------------------------------------------------
     ConfigCase(
         "model-init-arg-type", _set("model.init_args.hidden", "abc"), ("model.init_args.hidden", "abc")
@@ -349,6 +368,17 @@ class CliCase:
 
 
 CLI_CASES = [
+    CliCase(
+        "variants-extra-argument", ("variants", "gaussian"), ("`variants` takes no arguments", "'gaussian'")
+    ),
+    CliCase(
+        "report-no-study", ("report", "nope", "--storage", "sqlite:///{tmp}/nope.db"), ("'nope'", "nope.db")
+    ),
+    CliCase("validate-config-missing", ("validate", "{tmp}/nope.yaml"), ("nope.yaml", "does not exist")),
+    CliCase(
+        "test-plan-missing", ("test", "{config}", "--plan", "{tmp}/nope.yaml"), ("plan file", "nope.yaml")
+    ),
+    CliCase("predict-no-config", ("predict",), ("must give ['data', 'model']",)),
     CliCase("unknown-command", ("tunee",), ("command", "tunee", "'tune'")),
     CliCase("tune-no-config", ("tune",), ("config",)),
     CliCase("config-missing", ("tune", "{tmp}/nope.yaml"), ("nope.yaml", "does not exist")),
@@ -514,17 +544,8 @@ def _api_cases() -> list[tuple[str, Callable[[], Any], tuple[str, ...]]]:
 
 
 def _check_one_line(rc: int, out: str, err: str, expect: tuple[str, ...], progress: bool = False) -> str:
-    lines = err.strip().splitlines()
-    if progress:  # the study's own lines (header, progress bar) may precede the error
-        lines = [line for line in lines if line.startswith("lightning-dropout:")]
-    assert rc == 2, (rc, err[-3000:])
-    assert "Traceback" not in out + err, err[-3000:]
-    assert len(lines) == 1, lines
-    line = lines[0]
-    assert line.startswith("lightning-dropout: error: "), line
-    missing = [text for text in expect if text not in line]
-    assert not missing, f"{missing} not in: {line}"
-    return line
+    # the study's own lines (header, progress bar) may precede the error; otherwise it is all there is
+    return error_line(err, rc=rc, out=out, expect=expect, ours_only=progress)
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES, ids=[c.id for c in CONFIG_CASES])
@@ -549,6 +570,8 @@ def test_bad_config(
     line = _check_one_line(rc, captured.out, captured.err, case.expect, case.progress)
     if case.names_file:
         assert str(path) in line, line
+    if case.command == "tune" and not case.progress:
+        assert not (tmp_path / "runs").exists()  # nothing was created: the config failed before the study
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
@@ -583,5 +606,14 @@ def test_bad_api_call(index: int) -> None:
     assert not missing, f"{missing} not in: {message}"
 
 
-def test_the_table_is_big_enough() -> None:
-    assert len(CONFIG_CASES) + len(CLI_CASES) + len(API_IDS) >= 60
+def test_the_table_covers_every_command_and_every_config_section() -> None:
+    from lightning_dropout.cli import _VERBS
+
+    for ids in ([c.id for c in CONFIG_CASES], [c.id for c in CLI_CASES], API_IDS):
+        assert len(ids) == len(set(ids)), "a table's case ids must be unique"
+    commands = {c.argv[0] for c in CLI_CASES if c.argv[0] in _VERBS} | {c.command for c in CONFIG_CASES}
+    assert commands == set(_VERBS), f"commands without a bad input: {set(_VERBS) - commands}"
+    edited = {c.id.split("-")[0] for c in CONFIG_CASES if c.edit is not None}
+    assert set(BASE) - {"seed_everything"} <= edited, (
+        f"config sections without a bad value: {set(BASE) - edited}"
+    )

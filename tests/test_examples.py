@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from studies import sqlite_url
 
 from lightning_dropout.plan import DropoutPlan
 
@@ -115,7 +116,7 @@ def test_scale_out_example(tmp_path, data_dir):
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) >= 3
     assert all("plan" in t.user_attrs for t in finished)
-    assert out["storage"] == (storage or f"sqlite:///{tmp_path / 'runs' / args[-1] / 'study.db'}")
+    assert out["storage"] == (storage or sqlite_url(tmp_path, args[-1]))
 
 
 def test_tune_from_python_example(tmp_path, data_dir, capsys):
@@ -135,7 +136,7 @@ def test_tune_from_python_example(tmp_path, data_dir, capsys):
     assert "winner over 3 trials" in capsys.readouterr().out
     # the written config is the study's: `best` on it reads the same winner back
     assert out["config"] == tmp_path / "runs" / "python_api" / "config.yaml"
-    storage = f"sqlite:///{tmp_path / 'runs' / 'python_api' / 'study.db'}"
+    storage = sqlite_url(tmp_path, "python_api")
     assert main(["best", "python_api", "--storage", storage, "--out", str(tmp_path / "plan.yaml")]) == 0
     assert DropoutPlan.load(tmp_path / "plan.yaml") == out["plan"]
 

@@ -13,6 +13,7 @@ import uuid
 import pytest
 import yaml
 from sqlalchemy.engine import make_url
+from studies import BASE, write_config
 
 from lightning_dropout.cli import main
 
@@ -24,22 +25,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.excep
 MARK = "Cn7Xq0Z"
 CANARY = "Cn7Xq0Z1?Cn7Xq0Z2 Cn7Xq0Z3'Cn7Xq0Z4\"Cn7Xq0Z5<Cn7Xq0Z6/Cn7Xq0Z7%40Cn7Xq0Z8"
 
-CONFIG = {
-    "model": {"class_path": "lightning_dropout.zoo.MLP"},
-    "data": {"class_path": "lightning_dropout.data.MNIST1DDataModule", "init_args": {"batch_size": 100}},
-    "trainer": {
-        "accelerator": "cpu",
-        "devices": 2,
-        "strategy": "ddp",
-        "max_epochs": 1,
-        "limit_train_batches": 2,
-        "limit_val_batches": 1,
-        "limit_test_batches": 1,
-        "enable_checkpointing": False,
-    },
-    "dropout": {"groups": [{"name": "hidden", "select": {"match": "Linear"}, "variants": ["standard"]}]},
-    "study": {"metric": "val_loss", "direction": "minimize", "n_trials": 2, "seeds": 0, "pruner": None},
-}
+# the tiny study on 2 CPU processes (its trials' arguments and environment carry the URL to each rank)
+DDP = {"devices": 2, "strategy": "ddp", "max_epochs": 1, "limit_train_batches": 2, "limit_test_batches": 1}
+GROUP = {**BASE["dropout"]["groups"][0], "variants": ["standard"], "per_layer": False}
 
 
 def test_the_storage_password_reaches_no_file_and_no_output(
@@ -50,13 +38,19 @@ def test_the_storage_password_reaches_no_file_and_no_output(
     url = f"{parts.drivername}://{parts.username}:{CANARY}@{parts.host}:{parts.port}/{parts.database}"
     assert make_url(url).password == CANARY.replace("%40", "@")  # what the driver receives
     name = f"canary-{uuid.uuid4().hex[:12]}"  # a study of its own in a database other runs may share
-    config = {**CONFIG, "study": {**CONFIG["study"], "name": name, "storage": url, "run_dir": "runs"}}
-    config["data"] = {
-        **config["data"],
-        "init_args": {**config["data"]["init_args"], "cache_dir": str(data_dir)},
-    }
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_config(
+        tmp_path,
+        trainer=DDP,
+        dropout={"groups": [GROUP]},
+        data={"init_args": {**BASE["data"]["init_args"], "cache_dir": str(data_dir)}},
+        study={
+            "name": name,
+            "storage": url,
+            "run_dir": "runs",
+            "metric": "val_loss",
+            "direction": "minimize",
+        },
+    )
 
     # the storage also on the command line: the arguments a DDP trial process gets hold it
     assert main(["tune", str(path), "--storage", url]) == 0  # 2 trials, each a 2-process DDP run

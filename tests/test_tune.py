@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import TinyNet, loader, trainer
 from optuna.trial import TrialState
-from studies import load, sqlite_url, tune, write_config
+from studies import error_line, load, sqlite_url, tune, write_config
 from torch import nn
 
 from lightning_dropout.callback import DropoutInjector
@@ -41,90 +41,14 @@ def our_lines(text: str) -> list[str]:
 
 
 def one_error(capsys: pytest.CaptureFixture[str]) -> str:
-    lines = our_lines(capsys.readouterr().err)
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("lightning-dropout: error: "), lines
-    return lines[0]
+    captured = capsys.readouterr()
+    return error_line(captured.err, out=captured.out)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Config validation: exit status 2 and one line naming what is wrong
+# 1. Config validation: exit status 2 and one line naming what is wrong (the table of bad configs and command
+#    lines is tests/test_bad_inputs.py)
 # ----------------------------------------------------------------------------------------------------------
-# Errors raised while building the config's classes (our validation) name the config file; those of the parser
-# itself (an unknown key, a class that cannot be imported) and the storage URL check do not.
-@pytest.mark.parametrize(
-    ("extra", "expected", "names_file"),
-    [
-        pytest.param(["--study.n_trails=3"], ["n_trails"], False, id="unknown-study-key"),
-        pytest.param(["--study.direction=up"], ["['minimize', 'maximize']", "'up'"], True, id="direction"),
-        pytest.param(
-            ['--study.sampler={"class_path": "TPESamplr"}'],
-            ["`study.sampler.class_path`", "'TPESamplr'", "nearest: ['optuna.samplers.TPESampler'"],
-            True,
-            id="sampler-typo",
-        ),
-        pytest.param(
-            ['--study.pruner={"class_path": "optuna.pruners.ThresholdPrunr", "init_args": {"lower": 0.5}}'],
-            ["`study.pruner.class_path`", "nearest: ['optuna.pruners.ThresholdPruner'"],
-            True,
-            id="pruner-typo",
-        ),
-        pytest.param(["--study.n_trials=0"], ["`study.n_trials`", "n_trials=0"], True, id="n-trials"),
-        pytest.param(
-            ['--dropout.groups=[{"name": "hidden", "select": {"match": "Linear"}, "variants": ["standrd"]}]'],
-            ["'standrd'", "Did you mean 'standard'"],
-            True,
-            id="unknown-variant",
-        ),
-        pytest.param(
-            ['--dropout.groups=[{"name": "hidden", "select": {"match": "Linear"}, "p": [0.6, 0.1]}]'],
-            ["low <= high", "p=[0.6, 0.1]"],
-            True,
-            id="p-reversed",
-        ),
-        pytest.param(
-            [
-                '--dropout.groups=[{"name": "hidden", "select": {"match": "Linear"}, "variants": ["standard"], '
-                '"params": {"dropblock": {"block_size": [3, 5]}}}]'
-            ],
-            ["dropout.groups['hidden']", "'dropblock'", "not in `variants` ['standard']"],
-            True,
-            id="params-for-unlisted-variant",
-        ),
-        pytest.param(
-            ['--dropout.groups=[{"name": "hidden", "select": {"match": "Linar"}}]'],
-            ["'Linar'", "'Linear'"],
-            True,
-            id="select-typo",
-        ),
-        pytest.param(
-            ["--model.class_path=nope.Nope"],
-            ["`model.class_path` must name an importable class", "'nope.Nope'", "No module named 'nope'"],
-            True,
-            id="missing-model-module",
-        ),
-        pytest.param(
-            ["--model.class_path=lightning_dropout.zoo.MLPP"],
-            ["`model.class_path`", "'lightning_dropout.zoo.MLPP'", "nearest: ['MLP'"],
-            True,
-            id="missing-model-class",
-        ),
-        pytest.param(
-            ["--study.storage=redis://host/0"], ["`study.storage`", "journal:"], False, id="storage-scheme"
-        ),
-    ],
-)
-def test_bad_config_exits_2_with_one_line(tmp_path, data_dir, capsys, extra, expected, names_file):
-    config = write_config(tmp_path)
-    assert tune(config, tmp_path, data_dir, *extra) == 2
-    line = one_error(capsys)
-    for text in expected:
-        assert text in line
-    if names_file:
-        assert f"error: {config}: " in line
-    assert not (tmp_path / "runs").exists()  # nothing was created: the config failed before the study
-
-
 def test_typo_in_the_yaml_file_names_the_key(tmp_path, data_dir, capsys):
     config = write_config(tmp_path)
     config.write_text(config.read_text().replace("n_trials:", "n_trails:"))

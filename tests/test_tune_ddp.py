@@ -6,63 +6,30 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
+from studies import BASE, load, tune, write_config
 
 from lightning_dropout import DropoutPlan
-from lightning_dropout.cli import main
 
-CONFIG = {
-    "model": {"class_path": "lightning_dropout.zoo.MLP"},
-    "data": {"class_path": "lightning_dropout.data.MNIST1DDataModule", "init_args": {"batch_size": 100}},
-    "trainer": {
-        "accelerator": "cpu",
-        "devices": 2,
-        "strategy": "ddp",
-        "max_epochs": 2,
-        "limit_train_batches": 3,
-        "limit_val_batches": 2,
-        "enable_checkpointing": False,
-    },
-    "dropout": {
-        "groups": [
-            {
-                "name": "hidden",
-                "select": {"match": "Linear"},
-                "variants": ["standard", "gaussian"],
-                "p": [0.05, 0.5],
-            }
-        ]
-    },
-    "study": {
-        "name": "ddp",
-        "metric": "val_loss",
-        "direction": "minimize",
-        "n_trials": 2,
-        "seeds": 0,
-        "pruner": None,
-    },
-}
+# the tiny study on 2 CPU processes, one group over both hidden layers
+DDP = {"devices": 2, "strategy": "ddp", "max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 2}
+GROUP = {**BASE["dropout"]["groups"][0], "per_layer": False}
 
 
-def _run(tmp_path: Path, **study: object) -> optuna.Study:
-    config = {**CONFIG, "study": {**CONFIG["study"], **study, "run_dir": str(tmp_path / "runs")}}
-    config["data"]["init_args"]["cache_dir"] = str(tmp_path / "data")
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["tune", str(path)]) == 0
-    return optuna.load_study(
-        study_name=config["study"]["name"],
-        storage=f"sqlite:///{tmp_path / 'runs' / config['study']['name'] / 'study.db'}",
-    )
+def _run(tmp_path: Path, data_dir: Path, **study: object) -> optuna.Study:
+    settings = {"name": "ddp", "metric": "val_loss", "direction": "minimize", "n_trials": 2, **study}
+    config = write_config(tmp_path, trainer=DDP, dropout={"groups": [GROUP]}, study=settings)
+    assert tune(config, tmp_path, data_dir) == 0
+    return load(tmp_path, "ddp")
 
 
 @pytest.mark.slow
-def test_ddp_trials_are_one_optuna_trial_for_all_ranks_and_pruning_reaches_every_rank(tmp_path):
+def test_ddp_trials_are_one_optuna_trial_for_all_ranks_and_pruning_reaches_every_rank(tmp_path, data_dir):
     # val_loss of this model is far above 0.01, so the pruner stops every trial after its first validation
     # (of 2 epochs). Rank 1 learns it by broadcast: without that it would wait forever in the next collective.
     study = _run(
         tmp_path,
+        data_dir,
         pruner={"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"upper": 0.01}},
         warm_start=False,
     )
