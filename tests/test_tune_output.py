@@ -33,7 +33,7 @@ from lightning_dropout.tune.records import (
     winner,
     winner_trial,
 )
-from lightning_dropout.tune.report import plan_summary
+from lightning_dropout.tune.report import output_console, plan_summary
 from lightning_dropout.tune.selection import Candidate
 from lightning_dropout.tune.study import (
     TimeLeftColumn,
@@ -183,6 +183,18 @@ def test_each_finished_trial_gets_one_line(finished):
     assert len(lines) == 3, finished["err"]
     assert lines[0].startswith("trial 0 (no dropout)  val_acc 0.") and lines[0].endswith("(no sites)")
     assert all("(best epoch)" in line for line in lines)  # the value is labelled (study.value: best)
+
+
+def test_in_a_log_the_results_are_not_wrapped_at_80_columns(finished, monkeypatch):
+    # stdout and stderr were files: Rich would have drawn 80 columns and cut these lines in two
+    compute = [line for line in finished["out"].splitlines() if line.startswith("compute: used")]
+    assert len(compute) == 1 and compute[0].endswith(" epochs)"), finished["out"]
+    header = finished["err"].splitlines()[0]
+    assert header.startswith("study ") and header.endswith(" worker(s)"), finished["err"]
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert output_console().width == 120 and output_console(stderr=True).width == 120
+    monkeypatch.setenv("COLUMNS", "100")  # the user's choice wins
+    assert output_console().width == 100
 
 
 def test_a_failed_trial_is_told_once(tmp_path, data_dir, capsys, caplog):

@@ -19,7 +19,7 @@ from lightning_dropout.redaction import redact
 from lightning_dropout.tune.loggers import uses_tensorboard
 from lightning_dropout.tune.pbt import Population, PopulationResult, PopulationSpace, _segment_trials, _state
 from lightning_dropout.tune.records import PBT_RESULT_ATTR
-from lightning_dropout.tune.report import write_study_images
+from lightning_dropout.tune.report import output_console, write_study_images
 from lightning_dropout.tune.runner import Tuner
 from lightning_dropout.tune.workers import Workers
 
@@ -63,7 +63,7 @@ def tune_population(
             "checkpoint": str(result.checkpoint),
         },
     )
-    out = Console()
+    out = output_console()
     out.print(member_table(result, cfg.metric, population.space))
     out.print(
         f"winner: {name}, {cfg.metric} {result.values[result.best]:.4f}; its rate schedule written to {path} "

@@ -19,6 +19,7 @@ import html
 import io
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
 
 from lightning_dropout.monitor import metric_base_name
 from lightning_dropout.plan import DropoutPlan
@@ -54,6 +56,7 @@ __all__ = [
     "FigureSkipped",
     "markdown_results",
     "metric_labels",
+    "output_console",
     "plan_summary",
     "study_figures",
     "write_report",
@@ -61,6 +64,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_LOG_WIDTH = 120  # the results' width when stdout is not a terminal
 
 _STATE_STYLE = {
     TrialState.COMPLETE: ("tab:blue", "o", "complete"),
@@ -292,6 +297,19 @@ def _comparisons(study: optuna.Study) -> list[Comparison]:
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     reruns = rerun_candidates(study)
     return compare(reruns, maximize, winner_rule(study)) if reruns else []
+
+
+def output_console(stderr: bool = False) -> Console:
+    """A console for what a study prints (its results on stdout; its header, trial lines and progress on stderr):
+    a terminal's own width; in a log or a pipe, where Rich would assume 80 columns and wrap the results
+    table's sites one word per line, tables ``$COLUMNS`` or 120 wide and lines of text never cut (a path or a
+    command stays one line to copy)."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(
+            stderr=stderr, width=None if os.environ.get("COLUMNS") else _LOG_WIDTH, soft_wrap=True
+        )
+    return console
 
 
 def comparison_rows(

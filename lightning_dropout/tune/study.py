@@ -48,7 +48,7 @@ from lightning_dropout.tune.records import (
     stored_plan,
     winner,
 )
-from lightning_dropout.tune.report import comparison_rows, plan_summary, write_study_images
+from lightning_dropout.tune.report import comparison_rows, output_console, plan_summary, write_study_images
 from lightning_dropout.tune.reruns import rerun_jobs
 from lightning_dropout.tune.retrain import winner_lines
 from lightning_dropout.tune.runner import Tuner
@@ -83,7 +83,7 @@ def tune(
 ) -> tuple[DropoutPlan | None, list[Candidate], Path | None]:
     """Run (or resume) the study of the config ``args``; return the winning plan, the re-run table and the path
     the plan was written to (``None`` and ``None`` when no trial completed, e.g. all were pruned or failed)."""
-    console = console or Console(stderr=True)
+    console = console or output_console(stderr=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress bar, table, one line per failed trial
     tuner = Tuner(args)
     rank = launched_rank(tuner)
@@ -112,7 +112,7 @@ def _tune(
     study = tuner.study()
     if cfg.method == "pbt":  # population-based training: its own segments, no baselines or re-runs
         outcome = tune_population(tuner, study, console)
-        Console().print(compute_line(tuner, study))
+        output_console().print(compute_line(tuner, study))
         return outcome
     tuner.enqueue_fixed(study)
     budget = tuner.budget
@@ -151,7 +151,7 @@ def _tune(
     path = plan.save(Path(cfg.run_dir) / cfg.name / "best_plan.yaml")
     write_study_images(study, images)
     publish_study(tuner.logger_specs, study, path)  # MLflow: the study's parent run
-    results = Console()  # the result goes to stdout; progress and status to stderr
+    results = output_console()  # the result goes to stdout; progress and status to stderr
     maximize = cfg.direction == "maximize"
     if ranked:
         results.print(results_table(ranked, cfg.metric, maximize, cfg.winner))
