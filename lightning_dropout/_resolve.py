@@ -259,14 +259,14 @@ def _selected(
             if qualname in excluded or is_dropout_module(module) or (qualname == "" and rule.name is None):
                 continue
         elif rule.replace is True or (owned and isinstance(module, rule.replace)):
-            picked.extend((path, module, attr) for path, module, attr in owned if rule._selects(path, module))
+            picked.extend((path, module, attr) for path, module, attr in owned if rule.selects(path, module))
             if not (is_dropout_module(module) or has_float_dropout(module)):
                 continue
         elif not isinstance(module, rule.replace):
             continue
         if rule.replace is not None and qualname == "":
             continue
-        if rule._selects(qualname, module):
+        if rule.selects(qualname, module):
             picked.append((qualname, module, None))
     return picked
 

@@ -153,6 +153,9 @@ class Rule:
         (<class 'torch.nn.modules.linear.Linear'>,)
     """
 
+    # The selectors are typed `Any` because jsonargparse reads these annotations to parse a YAML `rules:` list,
+    # where a class is written by name ("Linear") and one value may stand for a list; __post_init__ turns them
+    # into the forms `selects` reads: match and replace a tuple of module classes, name and exclude of globs.
     variant: str = "standard"
     p: float | None = None
     match: Any = None
@@ -232,14 +235,26 @@ class Rule:
             parts.append("strict=True")
         return f"Rule({', '.join(parts)}, variant={self.variant!r})"
 
-    def _selects(self, qualname: str, module: nn.Module) -> bool:
-        if self.match is not None and not isinstance(module, self.match):
+    def selects(self, qualname: str, module: nn.Module) -> bool:
+        """Whether ``module``, named ``qualname`` in its model, passes this rule's selectors (``match``, ``name``,
+        ``regex``, ``exclude``); what a ``replace`` rule replaces and which layer is the output layer are the
+        engine's to decide (:func:`~lightning_dropout.injection.resolve`).
+
+        Example:
+            >>> rule = Rule(match="Linear", exclude="head", p=0.1)
+            >>> rule.selects("fc1", nn.Linear(2, 2)), rule.selects("head", nn.Linear(2, 2))
+            (True, False)
+        """
+        match: tuple[type[nn.Module], ...] | None = self.match
+        names: tuple[str, ...] | None = self.name
+        excluded: tuple[str, ...] = self.exclude
+        if match is not None and not isinstance(module, match):
             return False
-        if self.name is not None and not any(fnmatch.fnmatchcase(qualname, g) for g in self.name):
+        if names is not None and not any(fnmatch.fnmatchcase(qualname, g) for g in names):
             return False
         if self.regex is not None and not self._regex.fullmatch(qualname):
             return False
-        return not any(fnmatch.fnmatchcase(qualname, g) for g in self.exclude)
+        return not any(fnmatch.fnmatchcase(qualname, g) for g in excluded)
 
 
 def as_rules(rules: Sequence[Rule | Mapping[str, Any]] | Rule) -> list[Rule]:

@@ -42,6 +42,7 @@ import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.plan import DropoutPlan
 
 __all__ = [
@@ -155,7 +156,9 @@ def t_upper(level: float, df: int) -> float:
         2.776
     """
     if not 0.0 < level < 0.5 or df < 1:
-        raise ValueError(f"`level` must satisfy 0 < level < 0.5 and `df` >= 1, but got {level=}, {df=}.")
+        raise DropoutConfigError(
+            f"`level` must satisfy 0 < level < 0.5 and `df` >= 1, but got {level=}, {df=}."
+        )
     low, high = 0.0, 1.0
     while t_sf(high, df) > level:
         high *= 2.0
@@ -260,9 +263,9 @@ def rank_candidates(candidates: Sequence[Candidate], maximize: bool) -> list[Can
 def choose_winner(candidates: Sequence[Candidate], maximize: bool, rule: str = "one_se") -> Candidate:
     """The winner under ``rule`` (see the module docstring); ``candidates`` must not be empty."""
     if rule not in WINNER_RULES:
-        raise ValueError(f"`rule` must be one of {list(WINNER_RULES)}, but got {rule!r}.")
+        raise DropoutConfigError(f"`rule` must be one of {list(WINNER_RULES)}, but got {rule!r}.")
     if not candidates:
-        raise ValueError("`candidates` must not be empty.")
+        raise DropoutConfigError("`candidates` must not be empty.")
     # a candidate the race dropped was found worse than another one: it cannot win
     racing = [c for c in candidates if c.dropped_after is None]
     ranked = rank_candidates(racing or list(candidates), maximize)
@@ -391,7 +394,7 @@ def race(
         ({2: 3}, [0, 1], [(0, 3), (1, 3)])
     """
     if min_seeds < 2:
-        raise ValueError(f"`min_seeds` must be >= 2, but got {min_seeds=}.")
+        raise DropoutConfigError(f"`min_seeds` must be >= 2, but got {min_seeds=}.")
     sign = 1.0 if maximize else -1.0
     looks = max(rounds - min_seeds + 1, 1)
     pairs = max(len(order) - 1, 1)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from lightning_dropout.errors import check_int
+from lightning_dropout.errors import DropoutConfigError, check_int
 
 __all__ = ["ESTIMATORS", "best_index", "trial_value"]
 
@@ -69,7 +69,7 @@ def trial_value(values: Sequence[float], estimator: str, maximize: bool, window:
         window: the number of validations averaged by ``window`` and ``tail``, and the span of ``ema``.
     """
     if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, but got {estimator!r}.")
+        raise DropoutConfigError(f"`estimator` must be one of {list(ESTIMATORS)}, but got {estimator!r}.")
     check_int(window, "window")
     index = best_index(values, maximize)
     if index is None:
