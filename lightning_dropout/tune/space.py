@@ -25,6 +25,7 @@ from lightning_dropout.plan import DropoutPlan
 from lightning_dropout.variants import get_variant
 
 __all__ = [
+    "RULE_CHOICES",
     "Dimension",
     "SearchGroup",
     "all_dimensions",
@@ -36,6 +37,12 @@ __all__ = [
 ]
 
 _SELECT_KEYS = ("match", "name", "regex", "exclude", "replace", "where", "exclude_output_layer")
+
+
+RULE_CHOICES = ("depth_scaling",)
+"""The fields of a :class:`SearchGroup` that list choices for the :class:`~lightning_dropout.Rule` field of the
+same name (not a variant's): each with more than one choice is a dimension ``<group>/<field>``, sampled once
+per group, and an HParams column. A new one is its field here and its name in this tuple."""
 
 
 @strict_init
@@ -146,14 +153,16 @@ class SearchGroup:
         variant: str,
         p: float,
         params: Mapping[str, Any] | None = None,
-        depth_scaling: str = "none",
         only: str | None = None,
+        **choices: Any,
     ) -> Rule:
-        """The Rule this group stands for with the given choices (``only``: restrict to one site target)."""
+        """The Rule this group stands for with the given choices: the variant, its rate and parameters, and the
+        group's other searched choices, each a field of :class:`~lightning_dropout.Rule` (``depth_scaling``).
+        ``only``: restrict it to one site target."""
         select = dict(self.select)
         if only is not None:
             select.update(name=[only], regex=None, exclude=None, exclude_output_layer=False)
-        return Rule(variant=variant, p=p, params=dict(params or {}), depth_scaling=depth_scaling, **select)
+        return Rule(variant=variant, p=p, params=dict(params or {}), **choices, **select)
 
     def probe_plan(self, variant: str, model: nn.Module, example_input: Any = None) -> DropoutPlan:
         """The sites ``variant`` would get in ``model``: the group at its :attr:`probe_rate` with the first choice
@@ -242,8 +251,10 @@ def _dimensions(group: SearchGroup, prefix: str) -> list[Dimension]:
             dims.append(Dimension(f"{prefix}/{variant}/p", "p", flt(low, high, log=group.log), variant))
         for key, choices in sorted(group.params.get(variant, {}).items()):
             dims.append(Dimension(f"{prefix}/{variant}/{key}", key, cat(choices), variant))
-    if len(group.depth_scaling) > 1:
-        dims.append(Dimension(f"{prefix}/depth_scaling", "depth_scaling", cat(group.depth_scaling)))
+    for key in RULE_CHOICES:
+        values = getattr(group, key)
+        if len(values) > 1:
+            dims.append(Dimension(f"{prefix}/{key}", key, cat(values)))
     return dims
 
 
@@ -267,16 +278,24 @@ def all_dimensions(
     ]
 
 
-def _choose(trial: optuna.Trial, prefix: str, group: SearchGroup) -> tuple[str, float, dict[str, Any], str]:
-    """Suggest ``group``'s dimensions under ``prefix``: (variant, rate, the variant's parameters, scaling)."""
+def _choose(
+    trial: optuna.Trial, prefix: str, group: SearchGroup
+) -> tuple[str, float, dict[str, Any], dict[str, Any]]:
+    """Suggest ``group``'s dimensions under ``prefix``: (variant, rate, the variant's parameters, the group's
+    other choices by Rule field). A choice with one value has no dimension: its value is the group's field's."""
     dims = _dimensions(group, prefix)
     variant = dims[0].suggest(trial)
-    chosen: dict[str, Any] = {"p": group.p[0], "depth_scaling": group.depth_scaling[0]}
+    p = group.p[0]  # a range of one value
+    params: dict[str, Any] = {}
+    choices: dict[str, Any] = {key: getattr(group, key)[0] for key in RULE_CHOICES}
     for dim in dims[1:]:
-        if dim.variant in (None, variant):
-            chosen[dim.key] = dim.suggest(trial)
-    p, scaling = chosen.pop("p"), chosen.pop("depth_scaling")
-    return variant, p, chosen, scaling
+        if dim.variant is None:
+            choices[dim.key] = dim.suggest(trial)
+        elif dim.variant == variant and dim.key == "p":
+            p = dim.suggest(trial)
+        elif dim.variant == variant:
+            params[dim.key] = dim.suggest(trial)
+    return variant, p, params, choices
 
 
 def check_enqueued(
@@ -319,13 +338,13 @@ def suggest_plan(
     for group in groups:
         if group.per_layer:
             for target in group.targets(model, example_input):
-                variant, p, params, _ = _choose(trial, f"{group.name}/{target}", group)
+                variant, p, params, choices = _choose(trial, f"{group.name}/{target}", group)
                 if p > 0 or group.select.get("replace"):  # a replaced dropout at p=0 is switched off
-                    rules.append(group.rule(variant, p, params, only=target))
+                    rules.append(group.rule(variant, p, params, only=target, **choices))
         else:
-            variant, p, params, scaling = _choose(trial, group.name, group)
+            variant, p, params, choices = _choose(trial, group.name, group)
             if p > 0 or group.select.get("replace"):
-                rules.append(group.rule(variant, p, params, scaling))
+                rules.append(group.rule(variant, p, params, **choices))
     return resolve(model, rules, example_input) if rules else DropoutPlan()
 
 
