@@ -32,6 +32,7 @@ __all__ = [
     "CONFIG_SUMMARY_PREFIX",
     "DUPLICATE",
     "ENQUEUED_ATTR",
+    "ENQUEUED_PARAMS_ATTR",
     "EPOCHS_ATTR",
     "FAIL_ATTR",
     "FIXED_PLAN_ATTR",
@@ -115,6 +116,7 @@ RERUNS_ATTR = "reruns"  # study attribute: {trial number: {label, values, seeds,
 # study attributes "rerun_value:<trial>:<seed index>": one re-run's value, written by whichever worker ran it
 # (one key per run, so workers never overwrite each other's), gathered into RERUNS_ATTR by `tune`
 RERUN_VALUE_PREFIX = "rerun_value:"
+ENQUEUED_PARAMS_ATTR = "fixed_params"  # Optuna's own system attribute: the parameters `enqueue_trial` fixed
 # population-based training: each trial is one member's segment of generations (tune/pbt.py)
 PBT_MEMBER_ATTR = "pbt_member"
 PBT_GENERATION_ATTR = "pbt_generation"

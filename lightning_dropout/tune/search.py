@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 
 from lightning_dropout.errors import DropoutConfigError, closest
+from lightning_dropout.tune.records import ENQUEUED_PARAMS_ATTR
 
 __all__ = ["Distribution", "parse_search", "search_values"]
 
@@ -132,7 +133,7 @@ def search_values(
     given: Mapping[str, Any] = {}
     if fixed:
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-        given = frozen.system_attrs.get("fixed_params", {})
+        given = frozen.system_attrs.get(ENQUEUED_PARAMS_ATTR, {})
     return {
         key: dist.suggest(trial, key) if not fixed or key in given else config[key]
         for key, dist in space.items()
