@@ -96,7 +96,8 @@ _DESCRIBE_HELP = (
     "usage: lightning-dropout describe CONFIG.yaml [--existing] [overrides]\n"
     "Build the model without training and print:\n"
     "  - for a tuning config (`dropout.groups`): each search group, the sites it matches in the model and\n"
-    "    its search dimensions (the Optuna parameters and their domains);\n"
+    "    its search dimensions (the Optuna parameters and their domains), then the values its `search:`\n"
+    "    section samples beside dropout;\n"
     "  - for a config with a DropoutInjector in trainer.callbacks: every dropout site it creates (module,\n"
     "    variant, rate, the shape it sees).\n"
     "  CONFIG.yaml, --config CONFIG.yaml  the config\n"
@@ -381,11 +382,15 @@ def _describe(args: list[str], existing: bool = False) -> int:
             "groups in `dropout.groups` (a tuning config), but it has neither; `describe CONFIG --existing` "
             "lists the dropout the model already has."
         )
-    if groups:  # a tuning config: preview what the search may put where
+    if groups:  # a tuning config: preview what the search may put where, and what else it samples
+        from lightning_dropout.tune.search import format_search, parse_search
         from lightning_dropout.tune.space import format_space
 
         with quiet_lightning():
             sys.stdout.write(format_space(groups, model, example) + "\n")
+        searched = parse_search(cli.config.get("search"), cli.config)
+        if searched:
+            sys.stdout.write(format_search(searched) + "\n")
     if injectors:
         with quiet_lightning():
             for injector in injectors:

@@ -60,7 +60,7 @@ def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
     """BASE with each given section's keys replaced (shallowly); BASE itself is left as it is."""
     config = copy.deepcopy(BASE)
     for key, value in sections.items():
-        config[key] = {**config[key], **value}
+        config[key] = {**config.get(key, {}), **value}
     return config
 
 

@@ -80,6 +80,25 @@ def test_describe_previews_the_search_space_of_a_tuning_config(tmp_path, data_di
     assert "linear3" not in out  # the output layer is never a site
 
 
+def test_describe_previews_the_values_searched_beside_dropout(tmp_path, data_dir, capsys):
+    search = {
+        "model.init_args.lr": {"low": 0.001, "high": 0.03, "log": True},
+        "data.init_args.batch_size": {"type": "int", "low": 25, "high": 100, "step": 25},
+    }
+    config = write_config(tmp_path, search=search)
+    assert main(["describe", str(config), f"--data.init_args.cache_dir={data_dir}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("search: 2 values beside dropout (sampled in every trial)")
+    assert [line.split() for line in out[at + 1 :]] == [
+        ["model.init_args.lr", "[0.001,", "0.03]", "log"],
+        ["data.init_args.batch_size", "int", "[25,", "100]", "step", "25"],
+    ]
+    # a search key that is not in the config: one line, as `tune` says it
+    config = write_config(tmp_path, search={"model.init_args.lrr": {"low": 0.001, "high": 0.03}})
+    assert main(["describe", str(config), f"--data.init_args.cache_dir={data_dir}"]) == 2
+    assert "'model.init_args.lrr' is not" in capsys.readouterr().err
+
+
 def test_describe_with_a_plan_shows_the_plans_sites_not_the_search(tmp_path, data_dir, capsys):
     """``describe CONFIG --plan PLAN`` shows what ``fit CONFIG --plan PLAN`` trains (it showed the config's
     search space, ignoring the plan)."""

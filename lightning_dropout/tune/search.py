@@ -30,7 +30,7 @@ import optuna
 from lightning_dropout.errors import DropoutConfigError, closest
 from lightning_dropout.tune.records import ENQUEUED_PARAMS_ATTR
 
-__all__ = ["Distribution", "parse_search", "search_values"]
+__all__ = ["Distribution", "format_search", "parse_search", "search_values"]
 
 
 _KEYS = {"type", "low", "high", "log", "step", "choices"}
@@ -91,6 +91,18 @@ class Distribution:
             )
         return cls(kind, float(low), float(high), log, None if step is None else float(step))  # type: ignore[arg-type]
 
+    def domain(self) -> str:
+        """``[0.0001, 0.01] log``, ``int [50, 200] step 50``, ``{'relu', 'gelu'}``: as ``describe`` shows it.
+
+        Example:
+            >>> Distribution.from_spec("lr", {"low": 1e-4, "high": 1e-2, "log": True}).domain()
+            '[0.0001, 0.01] log'
+        """
+        if self.kind == "categorical":
+            return "{" + ", ".join(repr(c) for c in self.choices) + "}"
+        text = f"{'int ' if self.kind == 'int' else ''}[{self.low:g}, {self.high:g}]"
+        return text + (" log" if self.log else "") + (f" step {self.step:g}" if self.step is not None else "")
+
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
         if self.kind == "categorical":
             return trial.suggest_categorical(name, list(self.choices))
@@ -119,6 +131,15 @@ def parse_search(raw: Mapping[str, Any] | None, config: Any) -> dict[str, Distri
             )
         space[key] = Distribution.from_spec(key, spec)
     return space
+
+
+def format_search(space: Mapping[str, Distribution]) -> str:
+    """The ``search:`` section as ``describe`` previews it: each value beside dropout with its domain."""
+    width = max(map(len, space), default=0)
+    head = (
+        f"search: {len(space)} value{'s' if len(space) != 1 else ''} beside dropout (sampled in every trial)"
+    )
+    return "\n".join([head, *(f"    {key.ljust(width)}  {dist.domain()}" for key, dist in space.items())])
 
 
 def search_values(
