@@ -140,6 +140,39 @@ def test_a_worker_interrupted_while_it_imports_leaves_quietly(tmp_path):
     assert proc.returncode == 130, (proc.returncode, err)
 
 
+_EARLY_CTRL_C = """
+import multiprocessing, os, signal, sys, time
+from lightning_dropout._worker_start import children_ignore_sigint, start_worker
+
+if __name__ == "__main__":
+    for delay in (0.0, 0.005, 0.01, 0.02, 0.03, 0.05):
+        proc = multiprocessing.get_context("spawn").Process(target=start_worker, args=("time:sleep", 0.5))
+        with children_ignore_sigint():
+            proc.start()
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGINT)  # while its interpreter starts: site, then unpickling the target
+        proc.join(60)
+        print(proc.exitcode, flush=True)
+"""
+
+
+def test_a_ctrl_c_while_a_workers_interpreter_starts_is_ignored_by_it(tmp_path):
+    """Before any code of ours runs in a spawned worker, a Ctrl-C printed Python's own traceback (`Fatal Python
+    error: init_import_site`). A worker now starts with SIGINT ignored and held until its handler is set; the
+    parent, which gets the same Ctrl-C, sends it again to the workers still running (`Workers`)."""
+    script = tmp_path / "early.py"
+    script.write_text(_EARLY_CTRL_C)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Fatal" not in done.stderr, done.stderr[-3000:]
+    # each either left quietly (the Ctrl-C held, then delivered to its handler) or lived on (the Ctrl-C
+    # ignored: the parent sends it again) and ended its target normally
+    codes = done.stdout.split()
+    assert len(codes) == 6 and set(codes) <= {"0", "130"}, codes
+
+
 def _tune_small_study(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """`tune` of the tiny 3-trial study in this process: its exit status and what it printed on stderr."""
     config = {**BASE, "study": {**BASE["study"], "run_dir": str(tmp_path / "runs"), "n_trials": 3}}

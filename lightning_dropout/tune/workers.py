@@ -17,6 +17,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 import optuna
 
-from lightning_dropout._worker_start import start_worker
+from lightning_dropout._worker_start import children_ignore_sigint, start_worker
 from lightning_dropout.errors import DropoutConfigError
 from lightning_dropout.redaction import redact
 from lightning_dropout.tune.devices import VISIBLE_ENV, gpu_environment
@@ -40,6 +41,7 @@ __all__ = ["Workers", "run_worker", "run_workers", "worker_main"]
 
 log = logging.getLogger(__name__)
 
+_CTRL_C_GRACE = 5.0  # seconds the workers get to stop on a Ctrl-C before it is sent to them again
 
 # what this process tells the spawned workers once every worker's trials are done (`decision`)
 _UNDECIDED, _RERUN, _STOP = 0, 1, 2
@@ -165,7 +167,8 @@ class Workers:
                 for i, done in zip(range(1, self.n), self._done, strict=True)
             ]
             for i, proc in enumerate(self._procs, start=1):
-                with gpu_environment(self._gpus(i)):  # the child's environment from its first instruction
+                # the child's environment from its first instruction; a Ctrl-C ignored until its handler is set
+                with gpu_environment(self._gpus(i)), children_ignore_sigint():
                     proc.start()
             self._watcher = threading.Thread(target=self._watch, name="tune-worker-watch", daemon=True)
             self._watcher.start()
@@ -207,6 +210,8 @@ class Workers:
         if kind is None:
             self._join()
         elif issubclass(kind, KeyboardInterrupt):  # the workers got the SIGINT too: they record their trials
+            self._join(timeout=_CTRL_C_GRACE)
+            self._interrupt_alive()  # one still starting when the Ctrl-C came had it ignored
             self._join(timeout=30)
             self._stop_stragglers()  # never wait on one forever (Python's exit would join it: a hang)
         elif issubclass(kind, DropoutConfigError):  # the others stop on it too (a fatal error ends the study)
@@ -224,6 +229,14 @@ class Workers:
         deadline = None if timeout is None else time.monotonic() + timeout
         for proc in self._procs:
             proc.join(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _interrupt_alive(self) -> None:
+        """Send the Ctrl-C again to the workers still running: once each, so one that is recording its own
+        interrupted trial is not interrupted twice."""
+        for proc in self._procs:
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGINT)
 
     def _stop_stragglers(self) -> None:
         """Terminate, then kill, the workers still alive: their running trial stays RUNNING in the storage,
