@@ -4,6 +4,7 @@ class_path does not import, a warning for classes in ``__main__``, and a worker 
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -145,6 +146,7 @@ class _StuckProcess:
 
     def __init__(self, target, args, name):
         self.alive, self.terminated = True, False
+        self.pid = 4_000_000 + len(_StuckProcess.instances)  # never a real process: os.kill is replaced
         _StuckProcess.instances.append(self)
 
     def start(self) -> None:
@@ -175,6 +177,8 @@ def test_a_worker_that_ignores_ctrl_c_is_terminated_instead_of_hanging_the_exit(
     )
     monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: context)
     monkeypatch.setattr(workers.Workers, "_join", lambda self, timeout=None: None)  # the wait is over at once
+    signals: list[tuple[int, int]] = []
+    monkeypatch.setattr(workers.os, "kill", lambda pid, sig: signals.append((pid, sig)))
     _StuckProcess.instances.clear()
 
     def run_worker(index, study=None):
@@ -191,4 +195,5 @@ def test_a_worker_that_ignores_ctrl_c_is_terminated_instead_of_hanging_the_exit(
     except KeyboardInterrupt:
         pass
     (proc,) = _StuckProcess.instances
+    assert signals == [(proc.pid, signal.SIGINT)]  # the Ctrl-C sent once more, before terminating it
     assert proc.terminated and not proc.is_alive()
