@@ -28,6 +28,14 @@ POSTGRES_ENV_VAR = "LIGHTNING_DROPOUT_TEST_POSTGRES"
 CHROMIUM_ENV_VAR = "LIGHTNING_DROPOUT_TEST_CHROMIUM"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules that hold a slow test run first, each kept whole (its module fixtures set up once): the
+    suite's 2 processes then share out the many short tests at the end instead of one of them finishing a
+    minute-long test alone."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in heavy)  # stable: the order within each group stays
+
+
 @pytest.fixture(autouse=True)
 def _environment_as_it_was() -> Iterator[None]:
     """Every test leaves ``os.environ`` as it found it. Lightning's DDP launcher sets ``LOCAL_RANK``,

@@ -49,6 +49,7 @@ def test_the_storage_password_reaches_no_file_and_no_output(
             "run_dir": "runs",
             "metric": "val_loss",
             "direction": "minimize",
+            "n_trials": 2,
         },
     )
 
