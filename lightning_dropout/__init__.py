@@ -78,9 +78,7 @@ class _MovedModule(types.ModuleType):
     ``from lightning_dropout.inject import X`` still works and warns once per name and place."""
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith(
-            "__"
-        ):  # module protocol lookups (``__path__``, ``__file__``): not the engine's names
+        if name.startswith("__"):  # module protocol lookups (``__path__``, ``__file__``), not the engine's
             raise AttributeError(name)
         warnings.warn(
             f"the module path `lightning_dropout.inject` is deprecated and goes in 0.2: import {name} from "

@@ -72,8 +72,6 @@ class Site:
             raise DropoutConfigError(f"`target` must be a module name (str), but got target={self.target!r}.")
         if self.where not in WHERE:
             raise DropoutConfigError(f"`where` must be one of {list(WHERE)}, but got where={self.where!r}.")
-        if not isinstance(self.params, Mapping):
-            raise DropoutConfigError(f"`params` must be a mapping, but got params={self.params!r}.")
         # the rate and the parameters checked once, here, without building the module (apply_plan builds it)
         p, params = get_variant(self.variant).check_params(self.p, self.params)
         object.__setattr__(self, "p", p)

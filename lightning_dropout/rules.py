@@ -176,8 +176,6 @@ class Rule:
                 raise DropoutConfigError(
                     f"`{key}` must be true or false (not a string), but got {key}={getattr(self, key)!r}."
                 )
-        if not isinstance(self.params, Mapping):
-            raise DropoutConfigError(f"`params` must be a mapping, but got params={self.params!r}.")
         # the rate and the variant's parameters checked once, here, without building a module; a replacing
         # rule without `p` keeps each site's own rate, checked by its Site
         if self.p is None:

@@ -164,3 +164,17 @@ def test_check_params_refuses_what_the_constructor_refuses_with_the_same_line(
     with pytest.raises(DropoutConfigError) as built:
         build_variant(variant, p, **params)
     assert str(checked.value) == str(built.value)
+
+
+def test_params_that_are_not_a_mapping_are_refused_by_the_shared_check() -> None:
+    from lightning_dropout import DropoutConfigError, Rule, Site
+    from lightning_dropout.variants import get_variant
+
+    for make in (
+        lambda: get_variant("dropblock").check_params(0.1, [("block_size", 3)]),
+        lambda: Site("fc", "output", "dropblock", 0.1, [("block_size", 3)]),  # type: ignore[arg-type]
+        lambda: Rule(match="Linear", variant="dropblock", p=0.1, params=[("block_size", 3)]),
+        lambda: Rule(match="Dropout", replace=True, variant="dropblock", params="block_size=3"),  # no p
+    ):
+        with pytest.raises(DropoutConfigError, match="`params` must be a mapping"):
+            make()

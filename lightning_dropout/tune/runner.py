@@ -156,7 +156,7 @@ class Tuner:
         init = self.cli.fresh().config_init  # every class in the file is built once here: fail before trial 0
         self._fatal: DropoutConfigError | None = None
         self._launched_failure: RuntimeError | None = None  # a failed trial under torchrun/srun ends the job
-        self._site_columns: Columns | None = None
+        self._columns: Columns | None = None
         self._budget: BudgetPlan | None = None
         self._layout: DeviceLayout | None = None
         # under torchrun/srun, on global rank 0: where each job goes to the other ranks (tune/launched.py)
@@ -369,15 +369,15 @@ class Tuner:
     def hparam_columns(self, model: torch.nn.Module) -> Columns:
         """The study's HParams dropout columns, resolved on the first (fresh) model and kept: every trial builds
         the same model from the same config."""
-        if self._site_columns is None:
+        if self._columns is None:
             try:
-                self._site_columns = study_columns(
+                self._columns = study_columns(
                     self.space.groups, model, getattr(model, "example_input_array", None)
                 )
             except Exception as err:  # a model only the injector's configure_model builds: plan keys only
                 log.debug("HParams site columns from the plan only: %s", err)
-                self._site_columns = Columns()
-        return self._site_columns
+                self._columns = Columns()
+        return self._columns
 
     def _hparam_metrics(self, result: TrialResult | None, monitors: TrialMonitors) -> dict[str, float]:
         """The HParams metrics, the same keys for every run of the study (NaN when unknown)."""

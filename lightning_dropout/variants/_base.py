@@ -128,6 +128,8 @@ class DropoutVariant(nn.Module):
             >>> DropBlock.check_params(0.1, {"block_size": 5})
             (0.1, {'block_size': 5})
         """
+        if not isinstance(params, Mapping):
+            raise DropoutConfigError(f"`params` must be a mapping, but got params={params!r}.")
         cls.check_param_names(params)
         return cls.checked_rate(p), {name: cls.checked_param(name, value) for name, value in params.items()}
 
